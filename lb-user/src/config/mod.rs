@@ -1,0 +1,148 @@
+//! The one TOML config of lb: parse → validate, with no socket bound and no program loaded, so
+//! `lb check` and tests can use it freely.
+mod backend;
+mod xdp;
+
+use std::{net::SocketAddr, path::Path};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+pub use backend::BackendSpec;
+pub use xdp::{HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The XDP (kernel) L4 balancer; absent means no program is loaded.
+    pub xdp: Option<XdpConfig>,
+}
+
+/// Where the admin API listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: default_admin_listen() }
+    }
+}
+
+/// The admin address used when the config names none.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN.parse().expect("valid default")
+}
+
+/// A config that cannot be used, with what to do about it.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {}", .errors.join("\n"))]
+    Invalid { path: String, errors: Vec<String> },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => {
+                ConfigError::Parse { path: path.display().to_string(), message }
+            }
+            ConfigError::Invalid { errors, .. } => {
+                ConfigError::Invalid { path: path.display().to_string(), errors }
+            }
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: String::new(), message: e.to_string() })?;
+        let mut errors = Vec::new();
+        if let Some(xdp) = &config.xdp {
+            xdp.validate(&mut errors);
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid { path: String::new(), errors })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = Config::parse(
+            r#"
+            [admin]
+            listen = "127.0.0.1:9901"
+            [xdp]
+            interfaces = ["eth0", "eth1"]
+            mode = "native"
+            [[xdp.service]]
+            name = "web"
+            vip = "10.0.0.100:80"
+            protocol = "tcp"
+            hash = "source-ip"
+            backends = ["10.1.0.2:80", { addr = "10.1.0.3:80", weight = 2 }]
+            "#,
+        )
+        .unwrap();
+        let xdp = c.xdp.unwrap();
+        assert_eq!(xdp.interfaces, ["eth0", "eth1"]);
+        assert_eq!(xdp.mode, XdpMode::Native);
+        assert_eq!(xdp.services[0].backends[1].weight(), 2);
+        assert_eq!(xdp.services[0].backends[0].weight(), 1);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_its_line() {
+        let err = Config::parse("[admin]\nlisten = \"127.0.0.1:1\"\nlsten = 3\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("unknown field `lsten`"), "{msg}");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported() {
+        let err = Config::parse(
+            r#"
+            [xdp]
+            interfaces = []
+            [[xdp.service]]
+            name = "a"
+            vip = "10.0.0.1:80"
+            backends = []
+            [[xdp.service]]
+            name = "a"
+            vip = "10.0.0.1:80"
+            backends = ["[::1]:80"]
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("xdp.interfaces is empty"), "{err}");
+        assert!(err.contains("duplicate service name \"a\""), "{err}");
+        assert!(err.contains("same VIP"), "{err}");
+        assert!(err.contains("IPv6 backend"), "{err}");
+    }
+}

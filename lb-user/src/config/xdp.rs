@@ -1,0 +1,113 @@
+//! The `[xdp]` section: interfaces, attach mode and the kernel-balanced services.
+use std::{collections::HashSet, net::SocketAddr};
+
+use serde::Deserialize;
+
+use super::BackendSpec;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdpConfig {
+    /// Every interface where client packets or backend replies arrive.
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub mode: XdpMode,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver: fastest; refused by drivers without XDP support.
+    #[default]
+    Native,
+    /// In the kernel's generic path: works everywhere, slower.
+    Generic,
+}
+
+impl XdpMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashMode {
+    /// The client address alone: the same client always reaches the same backend.
+    #[default]
+    SourceIp,
+    /// Addresses, ports and protocol: spreads one client's connections.
+    FiveTuple,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: SocketAddr,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub hash: HashMode,
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+}
+
+impl XdpConfig {
+    /// Appends every problem found; each message names the fix.
+    pub fn validate(&self, errors: &mut Vec<String>) {
+        if self.interfaces.is_empty() {
+            errors.push("xdp.interfaces is empty: list the interfaces where client packets and backend replies arrive, e.g. interfaces = [\"eth0\"]".into());
+        }
+        let max = lb_common::MAX_SERVICES as usize;
+        if self.services.len() > max {
+            errors.push(format!(
+                "{} xdp services configured but the program holds at most {max}: merge services or raise lb_common::MAX_SERVICES",
+                self.services.len()
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut vips = HashSet::new();
+        for s in &self.services {
+            if !names.insert(&s.name) {
+                errors.push(format!(
+                    "duplicate service name {:?}: give each [[xdp.service]] its own name",
+                    s.name
+                ));
+            }
+            if !vips.insert((s.vip, s.protocol)) {
+                errors.push(format!(
+                    "service {:?} uses the same VIP {} and protocol as another service: each (vip, protocol) may appear once",
+                    s.name, s.vip
+                ));
+            }
+            for b in &s.backends {
+                if b.addr().is_ipv4() != s.vip.is_ipv4() {
+                    let fam = if b.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+                    errors.push(format!(
+                        "service {:?}: {fam} backend {} behind VIP {} of the other family: full NAT keeps the family, so use backends of the VIP's family",
+                        s.name,
+                        b.addr(),
+                        s.vip
+                    ));
+                }
+                if b.weight() == 0 {
+                    errors.push(format!("service {:?}: backend {} has weight 0: use drain to stop new flows, or a weight of 1 or more", s.name, b.addr()));
+                }
+            }
+        }
+    }
+}

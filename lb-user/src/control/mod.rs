@@ -1,0 +1,4 @@
+//! The control plane: the admin API the daemon serves and the client the CLI uses.
+pub mod admin;
+pub mod client;
+pub mod state;

@@ -1,0 +1,6 @@
+//! lb: an L4 (XDP) and L7 (HTTP/TLS) load balancer in one daemon.
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;

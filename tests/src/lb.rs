@@ -1,0 +1,115 @@
+//! A running `lb run` inside a namespace, stopped (SIGTERM, then SIGKILL) on drop.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::Netns;
+
+/// The `lb` binary next to the test executable (target/<profile>/lb).
+pub fn lb_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("LB_BIN") {
+        return Ok(p.into());
+    }
+    // Test binaries live in target/<profile>/deps, other binaries in target/<profile>.
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("binary has no directory")?;
+    let candidates = [dir.join("lb"), dir.parent().unwrap_or(dir).join("lb")];
+    candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
+        format!(
+            "{} not found: build it first with `cargo build -p lb-user` (cargo xtask test does)",
+            candidates[1].display()
+        )
+    })
+}
+
+pub struct Lb {
+    child: Child,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    pub ns_name: String,
+}
+
+impl Lb {
+    /// Writes `config` to a temp file and starts `lb run` in `ns`; waits until the admin API
+    /// answers. The config must set `[admin] listen` to `admin`.
+    pub fn start(ns: &Netns, config: &str, admin: SocketAddr) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{}-lb.toml", ns.name));
+        std::fs::write(&path, config)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(lb_binary()?)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawn lb run")?;
+        let mut lb = Self { child, admin, config: path, ns_name: ns.name.clone() };
+        lb.wait_ready(ns)?;
+        Ok(lb)
+    }
+
+    fn wait_ready(&mut self, ns: &Netns) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("lb run exited early with {status}");
+            }
+            if self.cli(ns, &["status"]).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("lb run did not answer on {} within 20 s", self.admin)
+    }
+
+    /// Runs an `lb` client subcommand in `ns` against this daemon and returns its stdout.
+    pub fn cli(&self, ns: &Netns, args: &[&str]) -> anyhow::Result<String> {
+        let lb = lb_binary()?;
+        let admin = self.admin.to_string();
+        let mut full = vec![lb.to_str().context("non-UTF-8 path")?];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--admin", &admin]);
+        ns.exec(&full)
+    }
+
+    /// `lb <args> --json` parsed.
+    pub fn json(&self, ns: &Netns, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut full = args.to_vec();
+        full.push("--json");
+        Ok(serde_json::from_str(&self.cli(ns, &full)?)?)
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it.
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.terminate();
+        }
+        let _ = std::fs::remove_file(&self.config);
+    }
+}

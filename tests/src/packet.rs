@@ -1,0 +1,147 @@
+//! Builds Ethernet frames for packet fixtures, with checksums computed from scratch so they can
+//! check the XDP program's incremental updates independently.
+use std::net::IpAddr;
+
+use lb_common::checksum::{fold, sum};
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+#[derive(Clone, Copy, Debug)]
+pub enum L4 {
+    Tcp { flags: u8 },
+    Udp,
+}
+
+/// A TCP or UDP packet in an Ethernet frame.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Self {
+        Self { src, dst, sport, dport, l4: L4::Tcp { flags }, payload: Vec::new() }
+    }
+
+    pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> Self {
+        Self { src, dst, sport, dport, l4: L4::Udp, payload: payload.to_vec() }
+    }
+
+    /// The frame's bytes: Ethernet (fixed MACs), IP, L4 header with a correct checksum, payload.
+    pub fn bytes(&self) -> Vec<u8> {
+        let l4 = self.l4_bytes();
+        let mut out = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                out.extend_from_slice(&0x0800u16.to_be_bytes());
+                let mut ip = vec![0x45, 0];
+                ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+                ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, self.proto(), 0, 0]);
+                ip.extend_from_slice(&s.octets());
+                ip.extend_from_slice(&d.octets());
+                let c = !fold(sum(&ip, 0));
+                ip[10..12].copy_from_slice(&c.to_ne_bytes());
+                out.extend_from_slice(&ip);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                out.extend_from_slice(&0x86ddu16.to_be_bytes());
+                out.extend_from_slice(&[0x60, 0, 0, 0]);
+                out.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+                out.extend_from_slice(&[self.proto(), 64]);
+                out.extend_from_slice(&s.octets());
+                out.extend_from_slice(&d.octets());
+            }
+            _ => panic!("mixed address families"),
+        }
+        out.extend_from_slice(&l4);
+        out
+    }
+
+    fn proto(&self) -> u8 {
+        match self.l4 {
+            L4::Tcp { .. } => 6,
+            L4::Udp => 17,
+        }
+    }
+
+    fn l4_bytes(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.sport.to_be_bytes());
+        l4.extend_from_slice(&self.dport.to_be_bytes());
+        let check_at = match self.l4 {
+            L4::Tcp { flags } => {
+                l4.extend_from_slice(&1000u32.to_be_bytes());
+                l4.extend_from_slice(&0u32.to_be_bytes());
+                l4.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+                16
+            }
+            L4::Udp => {
+                l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+                l4.extend_from_slice(&[0, 0]);
+                6
+            }
+        };
+        l4.extend_from_slice(&self.payload);
+        let c = l4_checksum(self.src, self.dst, self.proto(), &l4);
+        l4[check_at..check_at + 2].copy_from_slice(&c.to_ne_bytes());
+        l4
+    }
+}
+
+/// The TCP/UDP checksum of `l4` (its checksum field zeroed or not: pass zeroed for a fresh one).
+pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, proto]);
+            pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, proto]);
+        }
+        _ => panic!("mixed address families"),
+    }
+    let c = !fold(sum(l4, sum(&pseudo, 0)));
+    if proto == 17 && c == 0 { 0xffff } else { c }
+}
+
+/// True when every checksum in an IPv4/IPv6 TCP/UDP frame verifies from scratch.
+pub fn checksums_valid(frame: &[u8]) -> bool {
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    let (src, dst, proto, l4): (IpAddr, IpAddr, u8, &[u8]) = match ethertype {
+        0x0800 => {
+            let ip = &frame[14..34];
+            if fold(sum(ip, 0)) != 0xffff {
+                return false;
+            }
+            let s: [u8; 4] = ip[12..16].try_into().unwrap();
+            let d: [u8; 4] = ip[16..20].try_into().unwrap();
+            let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+            (s.into(), d.into(), ip[9], &frame[34..14 + total])
+        }
+        0x86dd => {
+            let ip = &frame[14..54];
+            let s: [u8; 16] = ip[8..24].try_into().unwrap();
+            let d: [u8; 16] = ip[24..40].try_into().unwrap();
+            let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+            (s.into(), d.into(), ip[6], &frame[54..54 + plen])
+        }
+        _ => return false,
+    };
+    let pseudo_and_l4 = l4_checksum(src, dst, proto, l4);
+    // A correct checksum field makes the whole sum come out as zero (0xffff before inversion).
+    pseudo_and_l4 == 0 || (proto == 17 && pseudo_and_l4 == 0xffff)
+}

@@ -1,0 +1,121 @@
+//! Puts a fresh machine of this kind in shape to build and test lb: Debian packages, the nightly
+//! rust-src the eBPF build needs, bpf-linker built against LLVM 22, a mounted bpffs. Every step
+//! checks first and skips what is there; every failure is one sentence that says what is wrong.
+use anyhow::{Context as _, bail};
+
+use crate::cmd::{ok, output, step};
+
+/// Debian packages the build and the tests use, with a file that shows each is installed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
+    ("libzstd-dev", "/usr/include/zstd.h"),
+    ("zlib1g-dev", "/usr/include/zlib.h"),
+    ("iproute2", "/usr/sbin/ip"),
+    ("ethtool", "/usr/sbin/ethtool"),
+    ("nftables", "/usr/sbin/nft"),
+    ("bpftool", "/usr/sbin/bpftool"),
+    ("curl", "/usr/bin/curl"),
+    ("util-linux", "/usr/bin/setpriv"),
+    ("procps", "/usr/sbin/sysctl"),
+];
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+pub fn run() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "bootstrap needs root (it installs packages, mounts bpffs, and the tests create network namespaces): run it as root"
+        );
+    }
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
+        && !std::path::Path::new("/proc/sys/kernel/unprivileged_bpf_disabled").exists()
+    {
+        bail!(
+            "this kernel has no BPF support (no /proc/sys/kernel/unprivileged_bpf_disabled): lb needs a kernel built with CONFIG_BPF_SYSCALL and XDP"
+        );
+    }
+    packages()?;
+    netns_check()?;
+    bpffs()?;
+    rust()?;
+    bpf_linker()?;
+    println!("xtask: bootstrap: ready");
+    Ok(())
+}
+
+fn packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, file)| !std::path::Path::new(file).exists())
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let env = [("DEBIAN_FRONTEND", "noninteractive")];
+    step("apt-get update", &["apt-get", "update", "-qq"], &env).context(
+        "cannot reach Debian's package mirror; check the network or install the packages by hand",
+    )?;
+    let mut args = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    step("install packages", &args, &env)
+}
+
+fn netns_check() -> anyhow::Result<()> {
+    let name = format!("lb-bootstrap-{}", std::process::id());
+    if !ok(&["ip", "netns", "add", &name]) {
+        bail!(
+            "cannot create a network namespace (`ip netns add` failed): the tests need CONFIG_NET_NS and CAP_SYS_ADMIN"
+        );
+    }
+    let _ = ok(&["ip", "netns", "del", &name]);
+    Ok(())
+}
+
+fn bpffs() -> anyhow::Result<()> {
+    if output(&["stat", "-f", "-c", "%T", "/sys/fs/bpf"]).trim() == "bpf_fs" {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").ok();
+    step("mount bpffs", &["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], &[])
+        .context("cannot mount bpffs at /sys/fs/bpf; lb pins its program and maps there")
+}
+
+fn rust() -> anyhow::Result<()> {
+    if !output(&["rustup", "toolchain", "list"]).contains("nightly") {
+        step(
+            "install nightly toolchain",
+            &["rustup", "toolchain", "install", "nightly", "--profile", "minimal"],
+            &[],
+        )
+        .context("the eBPF crate needs a nightly toolchain and rustup could not install one")?;
+    }
+    let installed =
+        output(&["rustup", "component", "list", "--toolchain", "nightly", "--installed"]);
+    for component in ["rust-src", "clippy"] {
+        if !installed.lines().any(|l| l.starts_with(component)) {
+            step(
+                &format!("nightly {component}"),
+                &["rustup", "component", "add", component, "--toolchain", "nightly"],
+                &[],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if ok(&["bpf-linker", "--version"]) {
+        return Ok(());
+    }
+    // bpf-linker's default LLVM (23) is not packaged here; build it against Debian's LLVM 22,
+    // which matches the nightly's LLVM. Its build script reads LLVM_PREFIX.
+    step(
+        "build bpf-linker against LLVM 22 (about 3 minutes)",
+        &["cargo", "install", "bpf-linker", "--no-default-features", "--features", "llvm-22"],
+        &[("LLVM_PREFIX", LLVM_PREFIX), ("LLVM_SYS_221_PREFIX", LLVM_PREFIX)],
+    )
+    .context("bpf-linker did not build; the XDP program cannot be compiled without it")
+}
