@@ -6,11 +6,18 @@
 #![no_std]
 
 pub mod checksum;
+pub mod hash;
 
 use core::mem::size_of;
 
 /// Most services (VIP, port, protocol) the program can hold.
 pub const MAX_SERVICES: u32 = 512;
+
+/// Most backends across all services; backend id 0 means "unset", so ids run 1..MAX_BACKENDS.
+pub const MAX_BACKENDS: u32 = 4096;
+
+/// Slots in each service's Maglev table (prime).
+pub const RING_SIZE: u32 = 65537;
 
 /// Names of the maps in the object, checked to exist right after load.
 pub mod maps {

@@ -4,3 +4,5 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod maglev;
+pub mod upstream;

@@ -1,14 +1,16 @@
 //! The one TOML config of lb: parse → validate, with no socket bound and no program loaded, so
 //! `lb check` and tests can use it freely.
 mod backend;
+mod upstream;
 mod xdp;
 
-use std::{net::SocketAddr, path::Path};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
 use serde::Deserialize;
 use thiserror::Error;
 
 pub use backend::BackendSpec;
+pub use upstream::UpstreamConfig;
 pub use xdp::{HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
 
 /// The whole config file.
@@ -19,6 +21,9 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The XDP (kernel) L4 balancer; absent means no program is loaded.
     pub xdp: Option<XdpConfig>,
+    /// Named backend groups for the L7 and userspace L4 proxies.
+    #[serde(default)]
+    pub upstream: BTreeMap<String, UpstreamConfig>,
 }
 
 /// Where the admin API listens.
