@@ -11,7 +11,7 @@ use thiserror::Error;
 
 pub use backend::BackendSpec;
 pub use upstream::UpstreamConfig;
-pub use xdp::{HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
+pub use xdp::{DEFAULT_PIN_PATH, HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -40,7 +40,7 @@ fn run() -> anyhow::Result<()> {
         backends.join(", ")
     );
     println!("== lb config:\n{config}");
-    let lb = Lb::start(&topo.lb, &config, admin)?;
+    let mut lb = Lb::start(&topo.lb, &config, admin)?;
     println!("== lb status");
     print!("{}", lb.cli(&topo.lb, &["status"])?);
 
