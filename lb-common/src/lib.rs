@@ -175,6 +175,22 @@ pub const FLOW_F_FIN_CLIENT: u32 = 1;
 pub const FLOW_F_FIN_BACKEND: u32 = 2;
 pub const FLOW_F_RST: u32 = 4;
 
+/// A cached next hop: where `bpf_fib_lookup` last said to send a flow's frames. Refreshed after
+/// [`HOP_TTL_NS`], so established flows skip the FIB on most packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Hop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// `bpf_ktime_get_ns` of the lookup; 0 = never looked up.
+    pub at_ns: u64,
+}
+const _: () = assert!(size_of::<Hop>() == 24);
+
+/// How long a cached next hop is trusted (a neighbour's new MAC is picked up within this).
+pub const HOP_TTL_NS: u64 = 1_000_000_000;
+
 /// Where a tracked flow goes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -191,8 +207,10 @@ pub struct FlowState {
     pub flags: u32,
     /// `bpf_ktime_get_ns` of the last packet, either direction.
     pub last_seen_ns: u64,
+    /// Next hop toward the backend.
+    pub hop: Hop,
 }
-const _: () = assert!(size_of::<FlowState>() == 40);
+const _: () = assert!(size_of::<FlowState>() == 64);
 
 /// The backend side of a tracked flow: the reply's (src=backend, dst=SNAT address, ports).
 #[repr(C)]
@@ -220,8 +238,10 @@ pub struct NatState {
     pub flow: FlowKey,
     pub backend_id: u32,
     pub service_id: u32,
+    /// Next hop toward the client.
+    pub hop: Hop,
 }
-const _: () = assert!(size_of::<NatState>() == 48);
+const _: () = assert!(size_of::<NatState>() == 72);
 
 /// The balancer's own addresses on one interface, network byte order; all-zero when absent.
 #[repr(C)]
@@ -312,4 +332,5 @@ mod pod {
     unsafe impl aya::Pod for super::NatState {}
     unsafe impl aya::Pod for super::IfaceAddrs {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::Hop {}
 }

@@ -138,18 +138,26 @@ pub fn backend(id: u32, out: &mut BackendInfo) -> bool {
     }
 }
 
-/// Routes toward `w.be` (from `w.st.snat`, or from the client for a new flow) into `w.hop`.
+/// Routes toward `w.be` (from `w.st.snat`, or from the client for a new flow) into
+/// `w.st.hop`.
 #[inline(always)]
-pub fn route_to_backend(ctx: &XdpContext, w: &mut Work, from_client: bool) -> Result<(), u32> {
+pub fn route_to_backend(
+    ctx: &XdpContext,
+    w: &mut Work,
+    from_client: bool,
+    now: u64,
+) -> Result<(), u32> {
     let src = if from_client { &w.pkt.src } else { &w.st.snat };
-    fib::lookup(ctx, &w.pkt, src, &w.be.addr, &mut w.hop).map_err(|m| match m {
+    fib::lookup(ctx, &w.pkt, src, &w.be.addr, &mut w.st.hop).map_err(|m| match m {
         FibMiss::NoNeigh => drop(stat::DROP_NO_NEIGH),
         FibMiss::Other => drop(stat::DROP_NO_ROUTE),
-    })
+    })?;
+    w.st.hop.at_ns = now;
+    Ok(())
 }
 
 /// A new flow: pick the backend from the Maglev ring, route to it, take a SNAT address and a
-/// free SNAT port, and record both directions. Leaves `w.st`, `w.be`, `w.hop` filled. Not
+/// free SNAT port, and record both directions. Leaves `w.st` and `w.be` filled. Not
 /// inlined, to keep its locals out of the established path's stack frame.
 #[inline(never)]
 pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result<(), u32> {
@@ -168,8 +176,8 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     }
     // Route with the client as source first: it names the egress interface, whose own address
     // becomes the SNAT source.
-    route_to_backend(ctx, w, true)?;
-    let addrs = IFACES.get_ptr(w.hop.ifindex).ok_or_else(|| drop(stat::DROP_NO_SNAT_ADDR))?;
+    route_to_backend(ctx, w, true, now)?;
+    let addrs = IFACES.get_ptr(w.st.hop.ifindex).ok_or_else(|| drop(stat::DROP_NO_SNAT_ADDR))?;
     w.st.snat = [0u8; 16];
     // SAFETY: a valid map value.
     unsafe {
@@ -191,6 +199,8 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.ns.flow = w.key;
     w.ns.backend_id = id;
     w.ns.service_id = vip.service_id;
+    // The client-side hop is looked up on the first reply.
+    w.ns.hop.at_ns = 0;
     alloc_port(w)?;
     w.st.backend_id = id;
     w.st.generation = w.be.generation;

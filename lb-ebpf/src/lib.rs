@@ -15,7 +15,9 @@ pub mod parse;
 pub mod scratch;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
-use lb_common::{FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, PROTO_TCP, VipInfo, VipKey, stat};
+use lb_common::{
+    FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, HOP_TTL_NS, PROTO_TCP, VipInfo, VipKey, stat,
+};
 
 use crate::{
     flow::Tracked,
@@ -84,7 +86,11 @@ fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
             }
             // SAFETY: as above.
             w.st = unsafe { *ptr };
-            flow::route_to_backend(ctx, w, false)?;
+            if now.wrapping_sub(w.st.hop.at_ns) > HOP_TTL_NS {
+                flow::route_to_backend(ctx, w, false, now)?;
+                // SAFETY: as above; a racing refresh writes an equally fresh hop.
+                unsafe { (*ptr).hop = w.st.hop };
+            }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
             flow::touch(unsafe { &mut *ptr }, flow::flags_of(&w.pkt, FLOW_F_FIN_CLIENT), now);
             false
@@ -111,10 +117,10 @@ fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
     w.t.dst = w.be.addr;
     w.t.sport = w.st.nat_port;
     w.t.dport = w.be.port;
-    w.t.smac = w.hop.smac;
-    w.t.dmac = w.hop.dmac;
+    w.t.smac = w.st.hop.smac;
+    w.t.dmac = w.st.hop.dmac;
     rewrite(ctx, &w.pkt, &w.t)?;
-    Ok(fib::send(ctx, w.hop.ifindex))
+    Ok(fib::send(ctx, w.st.hop.ifindex))
 }
 
 /// Backend → balancer (a tracked SNAT port) becomes VIP → client; anything else passes.
@@ -132,20 +138,20 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     w.nk.proto = w.pkt.proto;
     w.nk.family = w.pkt.family;
     w.nk._pad = 0;
-    // SAFETY: the value is plain data, copied out at once.
-    let Some(ns) = (unsafe { NAT.get(&w.nk) }) else {
+    let Some(ns_ptr) = NAT.get_ptr_mut(&w.nk) else {
         count(stat::PASS_NOT_VIP);
         return Ok(xdp_action::XDP_PASS);
     };
-    w.ns = *ns;
+    // SAFETY: a valid map value, copied out.
+    w.ns = unsafe { *ns_ptr };
     count(stat::REPLY);
     if w.pkt.ttl <= 1 {
         count(stat::PASS_TTL);
         return Ok(xdp_action::XDP_PASS);
     }
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     if let Some(st) = FLOWS.get_ptr_mut(&w.ns.flow) {
-        // SAFETY: a helper with no arguments.
-        let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: a valid map value (see flow::touch on concurrent updates).
         flow::touch(unsafe { &mut *st }, flow::flags_of(&w.pkt, FLOW_F_FIN_BACKEND), now);
     }
@@ -157,25 +163,32 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     w.t.dst = w.ns.flow.src;
     w.t.sport = w.ns.flow.dport;
     w.t.dport = w.ns.flow.sport;
-    let pass = match fib::lookup(ctx, &w.pkt, &w.t.src, &w.t.dst, &mut w.hop) {
-        Ok(()) => false,
-        // Translate but let the kernel forward it: it resolves the client's neighbour on the
-        // way, and later replies take the fast path. The frame keeps its MACs (addressed to us).
-        Err(fib::FibMiss::NoNeigh) => {
-            fib::keep_macs(ctx, &mut w.hop)?;
-            true
+    let mut pass = false;
+    if now.wrapping_sub(w.ns.hop.at_ns) > HOP_TTL_NS {
+        match fib::lookup(ctx, &w.pkt, &w.t.src, &w.t.dst, &mut w.ns.hop) {
+            Ok(()) => {
+                w.ns.hop.at_ns = now;
+                // SAFETY: a valid map value; a racing refresh writes an equally fresh hop.
+                unsafe { (*ns_ptr).hop = w.ns.hop };
+            }
+            // Translate but let the kernel forward it: it resolves the client's neighbour on
+            // the way, and later replies take the fast path. The frame keeps its MACs.
+            Err(fib::FibMiss::NoNeigh) => {
+                fib::keep_macs(ctx, &mut w.ns.hop)?;
+                pass = true;
+            }
+            Err(fib::FibMiss::Other) => {
+                count(stat::DROP_NO_ROUTE);
+                return Err(xdp_action::XDP_DROP);
+            }
         }
-        Err(fib::FibMiss::Other) => {
-            count(stat::DROP_NO_ROUTE);
-            return Err(xdp_action::XDP_DROP);
-        }
-    };
-    w.t.smac = w.hop.smac;
-    w.t.dmac = w.hop.dmac;
+    }
+    w.t.smac = w.ns.hop.smac;
+    w.t.dmac = w.ns.hop.dmac;
     rewrite(ctx, &w.pkt, &w.t)?;
     if pass {
         count(stat::PASS_NO_NEIGH);
         return Ok(xdp_action::XDP_PASS);
     }
-    Ok(fib::send(ctx, w.hop.ifindex))
+    Ok(fib::send(ctx, w.ns.hop.ifindex))
 }
