@@ -82,7 +82,7 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
 /// Identifies a virtual service.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VipKey {
     /// Network byte order. IPv4 uses the first 4 bytes; the rest are zero.
@@ -93,8 +93,9 @@ pub struct VipKey {
     pub proto: u8,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(size_of::<VipKey>() == 20);
+const _: () = assert!(size_of::<VipKey>() == 24);
 
 /// `VipInfo::flags`: hash the whole five-tuple instead of the client address alone.
 pub const VIP_F_FIVE_TUPLE: u32 = 1;
@@ -133,7 +134,7 @@ impl Counter {
 pub const BACKEND_F_ACTIVE: u32 = 1;
 
 /// A backend as the program sees it.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendInfo {
     /// Network byte order; IPv4 in the first 4 bytes.
@@ -153,7 +154,7 @@ pub struct BackendInfo {
 const _: () = assert!(size_of::<BackendInfo>() == 32);
 
 /// The client side of a tracked flow: exactly the packet's (src, dst=VIP, ports, proto).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     /// Network byte order.
@@ -213,7 +214,7 @@ pub struct FlowState {
 const _: () = assert!(size_of::<FlowState>() == 64);
 
 /// The backend side of a tracked flow: the reply's (src=backend, dst=SNAT address, ports).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct NatKey {
     /// Backend address, network byte order.
@@ -244,13 +245,14 @@ pub struct NatState {
 const _: () = assert!(size_of::<NatState>() == 72);
 
 /// The balancer's own addresses on one interface, network byte order; all-zero when absent.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct IfaceAddrs {
-    pub v4: [u8; 4],
     pub v6: [u8; 16],
+    pub v4: [u8; 4],
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(size_of::<IfaceAddrs>() == 20);
+const _: () = assert!(size_of::<IfaceAddrs>() == 24);
 
 /// Default capacity of the flow and NAT tables (each); `xdp.max_flows` overrides it.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;

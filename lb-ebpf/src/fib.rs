@@ -38,8 +38,15 @@ pub fn lookup(
     dst: &[u8; 16],
     hop: &mut Hop,
 ) -> Result<(), FibMiss> {
-    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid start.
-    let mut p: FibParams = unsafe { MaybeUninit::zeroed().assume_init() };
+    let mut p = MaybeUninit::<FibParams>::uninit();
+    // Zeroed word by word: `MaybeUninit::zeroed` becomes a call to a byte-loop memset.
+    let zeros = p.as_mut_ptr() as *mut u32;
+    for i in 0..core::mem::size_of::<FibParams>() / 4 {
+        // SAFETY: within the 64-byte parameter block, which is 4-byte aligned.
+        unsafe { zeros.add(i).write_volatile(0) };
+    }
+    // SAFETY: every byte was just zeroed, and all-zero is a valid bpf_fib_lookup.
+    let mut p = unsafe { p.assume_init() };
     p.ifindex = ctx.ingress_ifindex() as u32;
     // The kernel reads tot_len in host byte order (shared/TOOLCHAIN.md).
     p.__bindgen_anon_1.tot_len = pkt.ip_len;

@@ -13,6 +13,7 @@ use lb_common::{
 use crate::{
     fib::{self, FibMiss},
     maps::{BACKENDS, FLOWS, IFACES, NAT, PORT_CURSOR, RING, SETTINGS, count},
+    mem,
     parse::Packet,
     scratch::Work,
 };
@@ -37,7 +38,7 @@ fn drop(reason: u32) -> u32 {
 #[inline(always)]
 pub fn load_settings(s: &mut Settings) {
     match SETTINGS.get(0) {
-        Some(v) if v.nat_port_max != 0 => *s = *v,
+        Some(v) if v.nat_port_max != 0 => mem::copy(s, v),
         _ => {
             s.udp_idle_ns = DEFAULT_UDP_IDLE_NS;
             s.tcp_closed_ns = DEFAULT_TCP_CLOSED_NS;
@@ -51,8 +52,8 @@ pub fn load_settings(s: &mut Settings) {
 /// Fills `w.key` with the packet's client-side flow key.
 #[inline(always)]
 pub fn make_key(w: &mut Work) {
-    w.key.src = w.pkt.src;
-    w.key.dst = w.pkt.dst;
+    mem::copy16(&mut w.key.src, &w.pkt.src);
+    mem::copy16(&mut w.key.dst, &w.pkt.dst);
     w.key.sport = w.pkt.sport;
     w.key.dport = w.pkt.dport;
     w.key.proto = w.pkt.proto;
@@ -107,7 +108,7 @@ pub fn lookup(w: &mut Work, now: u64) -> Tracked {
     };
     if ended {
         // SAFETY: as above.
-        w.st = unsafe { *ptr };
+        mem::copy(&mut w.st, unsafe { &*ptr });
         Tracked::Ended
     } else {
         Tracked::Live(ptr)
@@ -131,7 +132,7 @@ pub fn touch(st: &mut FlowState, add_flags: u32, now: u64) {
 pub fn backend(id: u32, out: &mut BackendInfo) -> bool {
     match BACKENDS.get(id) {
         Some(b) if b.flags & BACKEND_F_ACTIVE != 0 => {
-            *out = *b;
+            mem::copy(out, b);
             true
         }
         _ => false,
@@ -178,25 +179,25 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     // becomes the SNAT source.
     route_to_backend(ctx, w, true, now)?;
     let addrs = IFACES.get_ptr(w.st.hop.ifindex).ok_or_else(|| drop(stat::DROP_NO_SNAT_ADDR))?;
-    w.st.snat = [0u8; 16];
+    crate::parse::zero16(&mut w.st.snat);
     // SAFETY: a valid map value.
     unsafe {
         if w.pkt.family == FAMILY_V4 {
             w.st.snat[..4].copy_from_slice(&(*addrs).v4);
         } else {
-            w.st.snat = (*addrs).v6;
+            mem::copy16(&mut w.st.snat, &(*addrs).v6);
         }
     }
     if w.st.snat == [0u8; 16] {
         return Err(drop(stat::DROP_NO_SNAT_ADDR));
     }
-    w.nk.backend = w.be.addr;
-    w.nk.snat = w.st.snat;
+    mem::copy16(&mut w.nk.backend, &w.be.addr);
+    mem::copy16(&mut w.nk.snat, &w.st.snat);
     w.nk.backend_port = w.be.port;
     w.nk.proto = w.pkt.proto;
     w.nk.family = w.pkt.family;
     w.nk._pad = 0;
-    w.ns.flow = w.key;
+    mem::copy(&mut w.ns.flow, &w.key);
     w.ns.backend_id = id;
     w.ns.service_id = vip.service_id;
     // The client-side hop is looked up on the first reply.
@@ -246,8 +247,8 @@ fn alloc_port(w: &mut Work) -> Result<(), u32> {
 #[inline(always)]
 pub fn forget(w: &mut Work) {
     if backend(w.st.backend_id, &mut w.be) {
-        w.nk.backend = w.be.addr;
-        w.nk.snat = w.st.snat;
+        mem::copy16(&mut w.nk.backend, &w.be.addr);
+        mem::copy16(&mut w.nk.snat, &w.st.snat);
         w.nk.backend_port = w.be.port;
         w.nk.nat_port = w.st.nat_port;
         w.nk.proto = w.pkt.proto;

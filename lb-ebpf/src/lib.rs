@@ -10,6 +10,7 @@
 pub mod fib;
 pub mod flow;
 pub mod maps;
+pub mod mem;
 pub mod nat;
 pub mod parse;
 pub mod scratch;
@@ -43,8 +44,14 @@ pub fn balance(ctx: &XdpContext) -> u32 {
 fn try_balance(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     parse(ctx, &mut w.pkt)?;
     // IPv4 keys carry the address in the first 4 bytes; parse zeroed the rest.
-    let key =
-        VipKey { addr: w.pkt.dst, port: w.pkt.dport, proto: w.pkt.proto, family: w.pkt.family };
+    let mut key = VipKey {
+        addr: [0; 16],
+        port: w.pkt.dport,
+        proto: w.pkt.proto,
+        family: w.pkt.family,
+        _pad: [0; 4],
+    };
+    mem::copy16(&mut key.addr, &w.pkt.dst);
     flow::load_settings(&mut w.s);
     // SAFETY: the value is plain data, copied out at once.
     match unsafe { VIPS.get(&key) } {
@@ -85,11 +92,11 @@ fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
                 return Err(xdp_action::XDP_DROP);
             }
             // SAFETY: as above.
-            w.st = unsafe { *ptr };
+            mem::copy(&mut w.st, unsafe { &*ptr });
             if now.wrapping_sub(w.st.hop.at_ns) > HOP_TTL_NS {
                 flow::route_to_backend(ctx, w, false, now)?;
                 // SAFETY: as above; a racing refresh writes an equally fresh hop.
-                unsafe { (*ptr).hop = w.st.hop };
+                mem::copy(unsafe { &mut (*ptr).hop }, &w.st.hop);
             }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
             flow::touch(unsafe { &mut *ptr }, flow::flags_of(&w.pkt, FLOW_F_FIN_CLIENT), now);
@@ -113,8 +120,8 @@ fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
     let len = frame_len(ctx);
     account(&SERVICE_STATS, vip.service_id, len, new);
     account(&BACKEND_STATS, w.st.backend_id, len, new);
-    w.t.src = w.st.snat;
-    w.t.dst = w.be.addr;
+    mem::copy16(&mut w.t.src, &w.st.snat);
+    mem::copy16(&mut w.t.dst, &w.be.addr);
     w.t.sport = w.st.nat_port;
     w.t.dport = w.be.port;
     w.t.smac = w.st.hop.smac;
@@ -131,8 +138,8 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
         count(stat::PASS_NOT_VIP);
         return Ok(xdp_action::XDP_PASS);
     }
-    w.nk.backend = w.pkt.src;
-    w.nk.snat = w.pkt.dst;
+    mem::copy16(&mut w.nk.backend, &w.pkt.src);
+    mem::copy16(&mut w.nk.snat, &w.pkt.dst);
     w.nk.backend_port = w.pkt.sport;
     w.nk.nat_port = w.pkt.dport;
     w.nk.proto = w.pkt.proto;
@@ -143,7 +150,7 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
         return Ok(xdp_action::XDP_PASS);
     };
     // SAFETY: a valid map value, copied out.
-    w.ns = unsafe { *ns_ptr };
+    mem::copy(&mut w.ns, unsafe { &*ns_ptr });
     count(stat::REPLY);
     if w.pkt.ttl <= 1 {
         count(stat::PASS_TTL);
@@ -159,8 +166,8 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     account(&SERVICE_STATS, w.ns.service_id, len, false);
     account(&BACKEND_STATS, w.ns.backend_id, len, false);
     // Translate toward the client: from the VIP, to the client.
-    w.t.src = w.ns.flow.dst;
-    w.t.dst = w.ns.flow.src;
+    mem::copy16(&mut w.t.src, &w.ns.flow.dst);
+    mem::copy16(&mut w.t.dst, &w.ns.flow.src);
     w.t.sport = w.ns.flow.dport;
     w.t.dport = w.ns.flow.sport;
     let mut pass = false;
@@ -169,7 +176,7 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
             Ok(()) => {
                 w.ns.hop.at_ns = now;
                 // SAFETY: a valid map value; a racing refresh writes an equally fresh hop.
-                unsafe { (*ns_ptr).hop = w.ns.hop };
+                mem::copy(unsafe { &mut (*ns_ptr).hop }, &w.ns.hop);
             }
             // Translate but let the kernel forward it: it resolves the client's neighbour on
             // the way, and later replies take the fast path. The frame keeps its MACs.
