@@ -119,9 +119,11 @@ async fn forward(
     let fault = FaultFlag::default();
     let mut body = Some(RequestBody::new(body, ctx.http.max_body_bytes, fault.clone()));
     let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last_error = None;
     loop {
         let Some(backend) = group.pick(key.as_deref(), &tried) else {
-            return Err(fail(ProxyError::NoBackend));
+            // Nothing left to retry on: the last failure is the answer.
+            return Err(last_error.unwrap_or(fail(ProxyError::NoBackend)));
         };
         let addr = backend.addr;
         tried.push(addr);
@@ -171,6 +173,7 @@ async fn forward(
                 };
                 if connect && retryable && tried.len() < MAX_ATTEMPTS {
                     log::warn!("{}: {err}; retrying on another backend", ctx.listener);
+                    last_error = Some((err, Some(addr)));
                     continue;
                 }
                 return Err((err, Some(addr)));
