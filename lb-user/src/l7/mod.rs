@@ -3,6 +3,7 @@
 mod body;
 mod error;
 mod framing;
+mod h1guard;
 mod headers;
 mod proxy;
 mod route;

@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{
     L7Error,
     body::Active,
+    h1guard::H1Guard,
     proxy::{self, Ctx},
     route::Router,
     upstream::Upstream,
@@ -159,12 +160,18 @@ impl Server {
                 match tokio::time::timeout(self.http.header_timeout(), acceptor.accept(stream))
                     .await
                 {
-                    Ok(Ok(tls)) => self.serve(TokioIo::new(tls), peer, shutdown).await,
+                    Ok(Ok(tls)) => {
+                        let io = H1Guard::new(tls, self.http.max_header_bytes);
+                        self.serve(TokioIo::new(io), peer, shutdown).await
+                    }
                     Ok(Err(e)) => log::debug!("{}: TLS handshake with {peer}: {e}", self.name),
                     Err(_) => log::debug!("{}: TLS handshake with {peer} timed out", self.name),
                 }
             }
-            None => self.serve(TokioIo::new(stream), peer, shutdown).await,
+            None => {
+                let io = H1Guard::new(stream, self.http.max_header_bytes);
+                self.serve(TokioIo::new(io), peer, shutdown).await
+            }
         }
     }
 
