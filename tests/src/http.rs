@@ -55,16 +55,27 @@ pub struct Backend {
 impl Backend {
     pub async fn start(name: &str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
-        Self::serve(listener, name, None)
+        Self::serve(listener, name, None, Duration::ZERO)
+    }
+
+    /// A backend that takes `delay` for every response.
+    pub async fn start_slow(name: &str, delay: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        Self::serve(listener, name, None, delay)
     }
 
     /// A backend speaking TLS with `config` (h1 or h2 by ALPN).
     pub async fn start_tls(name: &str, config: Arc<rustls::ServerConfig>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
-        Self::serve(listener, name, Some(tokio_rustls::TlsAcceptor::from(config)))
+        Self::serve(listener, name, Some(tokio_rustls::TlsAcceptor::from(config)), Duration::ZERO)
     }
 
-    fn serve(listener: TcpListener, name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+    fn serve(
+        listener: TcpListener,
+        name: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        delay: Duration,
+    ) -> Self {
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
@@ -76,8 +87,9 @@ impl Backend {
                 c.fetch_add(1, Ordering::Relaxed);
                 let (r, s, n, tls) = (r.clone(), s.clone(), n.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let svc =
-                        service_fn(move |req| backend_handle(req, n.clone(), r.clone(), s.clone()));
+                    let svc = service_fn(move |req| {
+                        backend_handle(req, n.clone(), r.clone(), s.clone(), delay)
+                    });
                     let builder = auto::Builder::new(TokioExecutor::new());
                     match tls {
                         Some(acc) => {
@@ -115,8 +127,10 @@ async fn backend_handle(
     name: String,
     requests: Arc<AtomicU64>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    delay: Duration,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     requests.fetch_add(1, Ordering::Relaxed);
+    tokio::time::sleep(delay).await;
     let path = req.uri().path().to_string();
     if path == "/ws" {
         let up = hyper::upgrade::on(&mut req);
