@@ -38,7 +38,7 @@ backends = ["{}", "{}"]
 "#,
         a.addr, b.addr
     );
-    let lb = Lb::start(&ns, &config, admin).expect("lb run");
+    let mut lb = Lb::start(&ns, &config, admin).expect("lb run");
     let bodies: Vec<String> = (0..4)
         .map(|_| http_get(&ns, None, listen, Duration::from_secs(5)).expect("GET through lb"))
         .collect();

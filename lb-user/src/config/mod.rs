@@ -13,7 +13,7 @@ use thiserror::Error;
 pub use backend::BackendSpec;
 pub use http::{CertConfig, Cidr, HttpConfig, ListenerConfig, RouteConfig};
 pub use upstream::{Balance, UpstreamConfig, UpstreamTls};
-pub use xdp::{HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
+pub use xdp::{DEFAULT_PIN_PATH, HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize, Default)]
