@@ -4,5 +4,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod l7;
 pub mod maglev;
+pub mod tls;
 pub mod upstream;
