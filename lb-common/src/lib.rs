@@ -317,6 +317,7 @@ pub mod stat {
         DROP_REDIRECT = 23, "drop_redirect";
         DROP_NO_NEIGH = 24, "drop_no_neigh";
         PASS_TTL = 25, "pass_ttl_exceeded";
+        PORT_RECLAIMED = 26, "port_reclaimed";
     }
 }
 

@@ -239,8 +239,41 @@ fn alloc_port(w: &mut Work) -> Result<(), u32> {
         if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
             return Ok(());
         }
+        // Taken. If the flow holding it is over, reclaim the port: delete, then the same
+        // atomic insert-if-absent, so two CPUs reclaiming at once cannot both win.
+        if holder_is_dead(w) {
+            let _ = NAT.remove(&w.nk);
+            if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
+                count(stat::PORT_RECLAIMED);
+                return Ok(());
+            }
+        }
     }
     Err(drop(stat::DROP_NO_PORT))
+}
+
+/// True when the flow that holds the NAT entry `w.nk` has ended: gone from the flow table,
+/// closed for longer than the grace time, or (UDP) idle. Without this, ports of finished
+/// flows would stay taken until LRU eviction.
+#[inline(always)]
+fn holder_is_dead(w: &Work) -> bool {
+    // SAFETY: a valid map value; only its flow key is read.
+    let Some(holder) = (unsafe { NAT.get(&w.nk) }) else {
+        return true;
+    };
+    let Some(st) = FLOWS.get_ptr(&holder.flow) else {
+        return true;
+    };
+    // SAFETY: a valid map value; two fields are read.
+    let (flags, last) = unsafe { ((*st).flags, (*st).last_seen_ns) };
+    let idle = w.now.saturating_sub(last);
+    if holder.flow.proto == PROTO_TCP {
+        let fins = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
+        let closed = flags & FLOW_F_RST != 0 || flags & fins == fins;
+        closed && idle > w.s.tcp_closed_ns
+    } else {
+        idle > w.s.udp_idle_ns
+    }
 }
 
 /// Forgets the reverse entry of the flow that ended (in `w.st`).

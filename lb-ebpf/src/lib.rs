@@ -82,6 +82,7 @@ fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
     flow::make_key(w);
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    w.now = now;
     let new = match flow::lookup(w, now) {
         Tracked::Live(ptr) => {
             count(stat::FLOW_HIT);

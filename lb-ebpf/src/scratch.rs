@@ -16,6 +16,8 @@ pub struct Work {
     pub nk: NatKey,
     pub ns: NatState,
     pub s: Settings,
+    /// `bpf_ktime_get_ns` at the start of this packet (forward path).
+    pub now: u64,
 }
 
 /// Not pinned and not shared with userspace: nothing in it outlives one packet.
