@@ -1,5 +1,6 @@
 //! `cargo xtask`: what cargo alone cannot do: set up a machine, run the whole test suite, run the
 //! demo. Kept free of the workspace's crates so it builds before the eBPF toolchain exists.
+mod bench;
 mod bootstrap;
 mod cmd;
 
@@ -24,6 +25,12 @@ enum Task {
     },
     /// Bootstrap, build, and show traffic through lb in a sandbox of namespaces.
     Demo,
+    /// Bootstrap, install the peers, and measure lb against them; writes BENCHMARKS.md.
+    Bench {
+        /// One short round per contender (a few minutes) instead of three full ones.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() {
@@ -32,6 +39,7 @@ fn main() {
         Task::Bootstrap => bootstrap::run(),
         Task::Test { no_lint } => bootstrap::run().and_then(|()| test(!no_lint)),
         Task::Demo => bootstrap::run().and_then(|()| demo()),
+        Task::Bench { quick } => bootstrap::run().and_then(|()| bench::run(quick)),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");

@@ -1,4 +1,206 @@
-//! End-to-end L4 comparison (filled in next).
-pub fn run(_quick: bool) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+//! End to end through the namespace topology, side by side in one run: plain kernel routing
+//! (no balancing), nftables DNAT with numgen (kube-proxy style), HAProxy in TCP mode, and `lb`'s
+//! XDP full NAT. Contenders alternate round by round; the report gives medians and ratios.
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use lb_tests::{
+    lb::{Lb, pin_path},
+    topology::{Topology, VIP4},
+};
+
+use super::{
+    median, progress,
+    tools::{Wrk, iperf, start_backend, wrk},
+};
+
+const CONTENDERS: [&str; 4] = [
+    "kernel routing (1 backend, no balancing)",
+    "nftables DNAT numgen",
+    "HAProxy 2.6 TCP mode (2 threads)",
+    "lb XDP full NAT",
+];
+
+/// One contender's setup in the balancer namespace; returns the target address and an undo.
+fn setup(topo: &Topology, which: usize) -> anyhow::Result<(String, Option<Lb>, Box<dyn FnOnce()>)> {
+    let lb = &topo.lb;
+    let backends: Vec<String> = topo.backends.iter().map(|b| b.v4.to_string()).collect();
+    match which {
+        0 => Ok((backends[0].clone(), None, Box::new(|| {}))),
+        1 => {
+            let map: Vec<String> =
+                backends.iter().enumerate().map(|(i, b)| format!("{i} : {b}")).collect();
+            // iperf3's control and data connections must meet the same server: the bulk port
+            // hashes the client address (as lb does), the web port round-robins.
+            let (n, map) = (backends.len(), map.join(", "));
+            let rules = format!(
+                "table ip lbbench {{\n  chain pre {{\n    type nat hook prerouting priority -100;\n    \
+                 ip daddr {VIP4} tcp dport 80 dnat to numgen inc mod {n} map {{ {map} }}\n    \
+                 ip daddr {VIP4} tcp dport 5201 dnat to jhash ip saddr mod {n} map {{ {map} }}\n  }}\n}}\n"
+            );
+            let path = std::env::temp_dir().join(format!("{}-nft", lb.name));
+            std::fs::write(&path, rules)?;
+            lb.exec(&["nft", "-f", path.to_str().unwrap_or_default()])?;
+            let name = lb.name.clone();
+            Ok((
+                VIP4.to_string(),
+                None,
+                Box::new(move || {
+                    let _ = std::process::Command::new("ip")
+                        .args(["netns", "exec", &name, "nft", "delete", "table", "ip", "lbbench"])
+                        .status();
+                }),
+            ))
+        }
+        2 => {
+            lb.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
+            let dir = std::env::temp_dir().join(format!("{}-haproxy", lb.name));
+            std::fs::create_dir_all(&dir)?;
+            let servers = |port: u16| -> String {
+                backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| format!("  server b{i} {b}:{port}\n"))
+                    .collect()
+            };
+            let cfg = format!(
+                "global\n  nbthread 2\n  maxconn 8000\n  pidfile {d}/haproxy.pid\n  daemon\n\
+                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+                 frontend web\n  bind {VIP4}:80\n  default_backend web\n\
+                 backend web\n  balance roundrobin\n{}\
+                 frontend bulk\n  bind {VIP4}:5201\n  default_backend bulk\n\
+                 backend bulk\n  balance source\n{}",
+                servers(80),
+                servers(5201),
+                d = dir.display()
+            );
+            let path = dir.join("haproxy.cfg");
+            std::fs::write(&path, cfg)?;
+            lb.exec(&["haproxy", "-f", path.to_str().unwrap_or_default()])?;
+            let (name, pid) = (lb.name.clone(), dir.join("haproxy.pid"));
+            Ok((
+                VIP4.to_string(),
+                None,
+                Box::new(move || {
+                    if let Ok(p) = std::fs::read_to_string(&pid) {
+                        let _ = std::process::Command::new("kill").arg(p.trim()).status();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    let _ = std::process::Command::new("ip")
+                        .args(["-n", &name, "addr", "del", &format!("{VIP4}/32"), "dev", "lo"])
+                        .status();
+                }),
+            ))
+        }
+        _ => {
+            let admin: SocketAddr = "127.0.0.1:9901".parse()?;
+            let ifaces: Vec<String> =
+                topo.lb_interfaces().iter().map(|i| format!("{i:?}")).collect();
+            let list = |port: u16| -> String {
+                backends.iter().map(|b| format!("\"{b}:{port}\"")).collect::<Vec<_>>().join(", ")
+            };
+            let config = format!(
+                "[admin]\nlisten = \"{admin}\"\n[xdp]\ninterfaces = [{}]\npin_path = \"{}\"\n\
+                 [[xdp.service]]\nname = \"web\"\nvip = \"{VIP4}:80\"\nhash = \"five-tuple\"\nbackends = [{}]\n\
+                 [[xdp.service]]\nname = \"bulk\"\nvip = \"{VIP4}:5201\"\nbackends = [{}]\n",
+                ifaces.join(", "),
+                pin_path(),
+                list(80),
+                list(5201)
+            );
+            let lbd = Lb::start(lb, &config, admin)?;
+            let addrs: Vec<&str> = backends.iter().map(String::as_str).collect();
+            lb_tests::topology::wait_neighbours(lb, &addrs)?;
+            Ok((VIP4.to_string(), Some(lbd), Box::new(|| {})))
+        }
+    }
+}
+
+#[derive(Default)]
+struct Samples {
+    keepalive: Vec<f64>,
+    close: Vec<f64>,
+    p99: Vec<f64>,
+    gbps: Vec<f64>,
+    errors: u64,
+}
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    let (rounds, secs) = if quick { (1, 3) } else { (3, 5) };
+    let topo = Topology::new(3)?;
+    topo.lb.sysctl("net.ipv4.ip_forward", "1")?;
+    for (i, b) in topo.backends.iter().enumerate() {
+        start_backend(&b.ns, &format!("backend-{}", i + 1))?;
+    }
+    let mut results: BTreeMap<usize, Samples> = BTreeMap::new();
+    for round in 1..=rounds {
+        for (i, name) in CONTENDERS.iter().enumerate() {
+            if let Ok(only) = std::env::var("LB_BENCH_ONLY")
+                && only.parse() != Ok(i)
+            {
+                continue;
+            }
+            progress(&format!("round {round}/{rounds}: {name}"));
+            let (target, lbd, undo) = setup(&topo, i)?;
+            let url = format!("http://{target}/");
+            // Warm up (ARP, neighbour entries, first connections), then measure.
+            let _ = wrk(&topo.client, &url, 10, 1, false);
+            let ka: Wrk = wrk(&topo.client, &url, 50, secs, false)?;
+            let close: Wrk = wrk(&topo.client, &url, 50, secs, true)?;
+            let gbps = iperf(&topo.client, &target, 5201, secs)?;
+            let s = results.entry(i).or_default();
+            s.keepalive.push(ka.rps);
+            s.close.push(close.rps);
+            s.p99.push(ka.p99_ms);
+            s.gbps.push(gbps);
+            s.errors += ka.errors + close.errors;
+            if let Some(mut l) = lbd {
+                if std::env::var_os("LB_BENCH_DEBUG").is_some() {
+                    eprintln!("{}", l.cli(&topo.lb, &["stats"])?);
+                }
+                l.stop()?;
+                drop(l);
+            }
+            undo();
+        }
+    }
+    let med = |v: &Vec<f64>| median(&mut v.clone());
+    let mut md = format!(
+        "| path (client → balancer → backends) | keep-alive req/s | new connections/s (Connection: close) | keep-alive p99 ms | bulk Gbit/s (iperf3, 1 stream) | errors |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
+    );
+    for (i, s) in &results {
+        md += &format!(
+            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {} |\n",
+            CONTENDERS[*i],
+            med(&s.keepalive),
+            med(&s.close),
+            med(&s.p99),
+            med(&s.gbps),
+            s.errors
+        );
+    }
+    if results.len() < CONTENDERS.len() {
+        println!("{md}");
+        return Ok(());
+    }
+    let lb = &results[&3];
+    md += "\n| `lb` XDP ÷ peer (medians) | keep-alive req/s | new connections/s | bulk |\n| --- | ---: | ---: | ---: |\n";
+    for i in 0..3 {
+        let p = &results[&i];
+        md += &format!(
+            "| ÷ {} | {:.2} | {:.2} | {:.2} |\n",
+            CONTENDERS[i],
+            med(&lb.keepalive) / med(&p.keepalive),
+            med(&lb.close) / med(&p.close),
+            med(&lb.gbps) / med(&p.gbps)
+        );
+    }
+    md += &format!(
+        "\n{rounds} round(s) of {secs} s per measurement, contenders alternating; wrk -t1 -c50 from one \
+         client address; nginx backends (1 worker each). The web VIP balances per connection (lb: \
+         `hash = \"five-tuple\"`, nftables: numgen, HAProxy: roundrobin); the bulk port keeps a \
+         client on one backend (lb: source-ip, nftables: jhash, HAProxy: source) because iperf3's \
+         two connections must meet.\n"
+    );
+    println!("{md}");
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! Benchmark sections; each prints Markdown.
 pub mod l4;
 pub mod micro;
+pub mod tools;
 
 /// The median of `v` (sorted in place).
 pub fn median(v: &mut [f64]) -> f64 {
