@@ -20,8 +20,11 @@ const CONTENDERS: [&str; 4] = [
     "lb XDP full NAT",
 ];
 
-/// One contender's setup in the balancer namespace; returns the target address and an undo.
-fn setup(topo: &Topology, which: usize) -> anyhow::Result<(String, Option<Lb>, Box<dyn FnOnce()>)> {
+/// A contender in place: the address to load, the daemon if it is `lb`, and how to undo it.
+type Contender = (String, Option<Lb>, Box<dyn FnOnce()>);
+
+/// One contender's setup in the balancer namespace.
+fn setup(topo: &Topology, which: usize) -> anyhow::Result<Contender> {
     let lb = &topo.lb;
     let backends: Vec<String> = topo.backends.iter().map(|b| b.v4.to_string()).collect();
     match which {
@@ -164,8 +167,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         }
     }
     let med = |v: &Vec<f64>| median(&mut v.clone());
-    let mut md = format!(
-        "| path (client → balancer → backends) | keep-alive req/s | new connections/s (Connection: close) | keep-alive p99 ms | bulk Gbit/s (iperf3, 1 stream) | errors |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
+    let mut md = String::from(
+        "| path (client → balancer → backends) | keep-alive req/s | new connections/s (Connection: close) | keep-alive p99 ms | bulk Gbit/s (iperf3, 1 stream) | errors |\n| --- | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for (i, s) in &results {
         md += &format!(
