@@ -137,33 +137,38 @@ pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
     if proto == 17 && c == 0 { 0xffff } else { c }
 }
 
-/// True when every checksum in an IPv4/IPv6 TCP/UDP frame verifies from scratch.
+/// True when every checksum in an IPv4/IPv6 TCP/UDP frame verifies from scratch (false for a
+/// frame whose headers do not even fit).
 pub fn checksums_valid(frame: &[u8]) -> bool {
-    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    checksums(frame).unwrap_or(false)
+}
+
+fn checksums(frame: &[u8]) -> Option<bool> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
     let (src, dst, proto, l4): (IpAddr, IpAddr, u8, &[u8]) = match ethertype {
         0x0800 => {
-            let hlen = (frame[14] & 0x0f) as usize * 4;
-            let ip = &frame[14..14 + hlen];
+            let hlen = (frame.get(14)? & 0x0f) as usize * 4;
+            let ip = frame.get(14..14 + hlen.max(20))?;
             if fold(sum(ip, 0)) != 0xffff {
-                return false;
+                return Some(false);
             }
-            let s: [u8; 4] = ip[12..16].try_into().unwrap();
-            let d: [u8; 4] = ip[16..20].try_into().unwrap();
+            let s: [u8; 4] = ip[12..16].try_into().ok()?;
+            let d: [u8; 4] = ip[16..20].try_into().ok()?;
             let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-            (s.into(), d.into(), ip[9], &frame[14 + hlen..14 + total])
+            (s.into(), d.into(), ip[9], frame.get(14 + hlen..14 + total)?)
         }
         0x86dd => {
-            let ip = &frame[14..54];
-            let s: [u8; 16] = ip[8..24].try_into().unwrap();
-            let d: [u8; 16] = ip[24..40].try_into().unwrap();
+            let ip = frame.get(14..54)?;
+            let s: [u8; 16] = ip[8..24].try_into().ok()?;
+            let d: [u8; 16] = ip[24..40].try_into().ok()?;
             let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
-            (s.into(), d.into(), ip[6], &frame[54..54 + plen])
+            (s.into(), d.into(), ip[6], frame.get(54..54 + plen)?)
         }
-        _ => return false,
+        _ => return Some(false),
     };
     let pseudo_and_l4 = l4_checksum(src, dst, proto, l4);
     // A correct checksum field makes the whole sum come out as zero (0xffff before inversion).
-    pseudo_and_l4 == 0 || (proto == 17 && pseudo_and_l4 == 0xffff)
+    Some(pseudo_and_l4 == 0 || (proto == 17 && pseudo_and_l4 == 0xffff))
 }
 
 /// The fields of a TCP/UDP frame the balancer rewrites, read back for assertions.
