@@ -151,13 +151,11 @@ fn hundred_thousand_bad_frames_get_their_documented_action() {
             assert_ne!(action, XDP_ABORTED, "frame {n}: aborted on {input:02x?}");
             actions[action as usize] += 1;
             match action {
-                XDP_PASS => {
-                    // Passed frames are untouched, except a reply translated for the kernel to
-                    // forward while the client's neighbour resolves (source is then a VIP).
-                    if out != input {
-                        let f = fields(&out);
-                        assert!(vips.iter().any(|v| v.0 == f.src), "frame {n}: changed but passed");
-                    }
+                // Passed frames are untouched, except a reply translated for the kernel to
+                // forward while the client's neighbour resolves (source is then a VIP).
+                XDP_PASS if out != input => {
+                    let f = fields(&out);
+                    assert!(vips.iter().any(|v| v.0 == f.src), "frame {n}: changed but passed");
                 }
                 XDP_TX | XDP_REDIRECT => {
                     let i = fields(&input);
