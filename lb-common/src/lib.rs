@@ -275,7 +275,7 @@ const _: () = assert!(size_of::<Settings>() == 24);
 
 /// Defaults for [`Settings`].
 pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
-pub const DEFAULT_TCP_CLOSED_NS: u64 = 10_000_000_000;
+pub const DEFAULT_TCP_CLOSED_NS: u64 = 2_000_000_000;
 pub const DEFAULT_NAT_PORT_MIN: u16 = 1024;
 pub const DEFAULT_NAT_PORT_MAX: u16 = 32767;
 

@@ -1,7 +1,7 @@
 //! Connection tracking and backend choice. Only new flows (TCP SYN, UDP after idle) consult the
 //! Maglev ring; everything else follows its tracked state, so a backend-set change never moves
 //! an established flow.
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_get_smp_processor_id, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_get_prandom_u32, programs::XdpContext};
 use lb_common::{
     BACKEND_F_ACTIVE, BackendInfo, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN,
     DEFAULT_TCP_CLOSED_NS, DEFAULT_UDP_IDLE_NS, FAMILY_V4, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT,
@@ -217,17 +217,29 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
 }
 
 /// Claims a SNAT port for `w.nk` with an atomic insert-if-absent, so two CPUs never share one.
-/// Each CPU walks its own slice of the range to keep them from racing for the same ports.
+///
+/// The first choice is a fixed function of the client's address and port. Backends keep
+/// closed connections in TIME_WAIT for 60 s and accept a new SYN on the same 4-tuple only if
+/// its TCP timestamp is newer; timestamps are consistent per client 4-tuple, so mapping the same
+/// client tuple to the same SNAT port keeps reuse acceptable, where a port handed to a
+/// *different* client tuple would be refused now and then (a 1 s stall for that client). The
+/// fallbacks walk a per-CPU cursor (randomly seeded) over the whole range.
 #[inline(always)]
 fn alloc_port(w: &mut Work) -> Result<(), u32> {
-    let s = &w.s;
-    let cpus = if s.cpus == 0 { 1 } else { s.cpus };
-    let range = (s.nat_port_max as u32).saturating_sub(s.nat_port_min as u32) + 1;
-    let span = if range / cpus == 0 { 1 } else { range / cpus };
-    // SAFETY: a helper with no arguments.
-    let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
-    let base = s.nat_port_min as u32 + cpu * span;
+    let range = (w.s.nat_port_max as u32).saturating_sub(w.s.nat_port_min as u32) + 1;
+    let preferred = source_hash(&w.pkt.src).wrapping_add(u16::from_be(w.pkt.sport) as u32);
+    if try_port(w, preferred % range) {
+        return Ok(());
+    }
     let cursor = PORT_CURSOR.get_ptr_mut(0).ok_or_else(|| drop(stat::DROP_NO_PORT))?;
+    // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
+    unsafe {
+        if *cursor == 0 {
+            // A fresh table starts at a random point, not where a previous instance started:
+            // backends may still hold those ports in TIME_WAIT.
+            *cursor = bpf_get_prandom_u32() | 1;
+        }
+    }
     for _ in 0..MAX_PORT_TRIES {
         // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
         let c = unsafe {
@@ -235,21 +247,30 @@ fn alloc_port(w: &mut Work) -> Result<(), u32> {
             *cursor = c.wrapping_add(1);
             c
         };
-        w.nk.nat_port = ((base + c % span) as u16).to_be();
-        if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
+        if try_port(w, c % range) {
             return Ok(());
-        }
-        // Taken. If the flow holding it is over, reclaim the port: delete, then the same
-        // atomic insert-if-absent, so two CPUs reclaiming at once cannot both win.
-        if holder_is_dead(w) {
-            let _ = NAT.remove(&w.nk);
-            if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
-                count(stat::PORT_RECLAIMED);
-                return Ok(());
-            }
         }
     }
     Err(drop(stat::DROP_NO_PORT))
+}
+
+/// Tries SNAT port `nat_port_min + offset`: free, or held by a finished flow (reclaimed).
+#[inline(always)]
+fn try_port(w: &mut Work, offset: u32) -> bool {
+    w.nk.nat_port = ((w.s.nat_port_min as u32 + offset) as u16).to_be();
+    if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
+        return true;
+    }
+    // Taken. If the flow holding it is over, reclaim the port: delete, then the same atomic
+    // insert-if-absent, so two CPUs reclaiming at once cannot both win.
+    if holder_is_dead(w) {
+        let _ = NAT.remove(&w.nk);
+        if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
+            count(stat::PORT_RECLAIMED);
+            return true;
+        }
+    }
+    false
 }
 
 /// True when the flow that holds the NAT entry `w.nk` has ended: gone from the flow table,

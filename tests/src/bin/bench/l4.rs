@@ -14,7 +14,7 @@ use super::{
 };
 
 const CONTENDERS: [&str; 4] = [
-    "kernel routing (1 backend, no balancing)",
+    "kernel routing (no NAT, no balancing)",
     "nftables DNAT numgen",
     "HAProxy 2.6 TCP mode (2 threads)",
     "lb XDP full NAT",
@@ -23,12 +23,13 @@ const CONTENDERS: [&str; 4] = [
 /// A contender in place: the address to load, the daemon if it is `lb`, and how to undo it.
 type Contender = (String, Option<Lb>, Box<dyn FnOnce()>);
 
-/// One contender's setup in the balancer namespace.
-fn setup(topo: &Topology, which: usize) -> anyhow::Result<Contender> {
+/// One contender's setup in the balancer namespace, balancing over the first `n` backends.
+fn setup(topo: &Topology, which: usize, n: usize) -> anyhow::Result<Contender> {
     let lb = &topo.lb;
-    let backends: Vec<String> = topo.backends.iter().map(|b| b.v4.to_string()).collect();
+    let backends: Vec<String> = topo.backends.iter().take(n).map(|b| b.v4.to_string()).collect();
     match which {
         0 => Ok((backends[0].clone(), None, Box::new(|| {}))),
+        _ if backends.is_empty() => anyhow::bail!("no backends"),
         1 => {
             let map: Vec<String> =
                 backends.iter().enumerate().map(|(i, b)| format!("{i} : {b}")).collect();
@@ -129,21 +130,47 @@ struct Samples {
 
 pub fn run(quick: bool) -> anyhow::Result<()> {
     let (rounds, secs) = if quick { (1, 3) } else { (3, 5) };
-    let topo = Topology::new(3)?;
+    let one = table(1, &[0, 1, 2, 3], rounds, secs)?;
+    let three = table(3, &[1, 2, 3], rounds, secs)?;
+    println!(
+        "One backend: every contender forwards to the same single nginx, so the table compares \
+         the cost of each data path (the routing row is the floor: no NAT, no balancing).\n\n{one}\n\
+         Three backends: the balancers spread over three nginx backends (on the same 2 cores, so \
+         the backends compete with everything else).\n\n{three}\n\
+         {rounds} round(s) of {secs} s per measurement, contenders alternating within a round, each \
+         on a freshly built topology (so no contender inherits another's TIME_WAIT or conntrack \
+         state on the backends); wrk \
+         -t1 -c50 from one client address; nginx backends (1 worker each); HAProxy with 2 threads. \
+         The web VIP balances per connection (lb: `hash = \"five-tuple\"`, nftables: numgen, \
+         HAProxy: roundrobin); the bulk port keeps a client on one backend (lb: source-ip, \
+         nftables: jhash, HAProxy: source) because iperf3's two connections must meet.\n"
+    );
+    Ok(())
+}
+
+/// A client, the balancer namespace and `n` backends running nginx and iperf3.
+fn fresh(n: usize) -> anyhow::Result<Topology> {
+    let topo = Topology::new(n)?;
     topo.lb.sysctl("net.ipv4.ip_forward", "1")?;
     for (i, b) in topo.backends.iter().enumerate() {
         start_backend(&b.ns, &format!("backend-{}", i + 1))?;
     }
+    Ok(topo)
+}
+
+/// Runs `contenders` over `n` backends for `rounds` rounds; returns a Markdown table.
+fn table(n: usize, contenders: &[usize], rounds: usize, secs: u32) -> anyhow::Result<String> {
     let mut results: BTreeMap<usize, Samples> = BTreeMap::new();
     for round in 1..=rounds {
-        for (i, name) in CONTENDERS.iter().enumerate() {
+        for &i in contenders {
             if let Ok(only) = std::env::var("LB_BENCH_ONLY")
                 && only.parse() != Ok(i)
             {
                 continue;
             }
-            progress(&format!("round {round}/{rounds}: {name}"));
-            let (target, lbd, undo) = setup(&topo, i)?;
+            progress(&format!("{n} backend(s), round {round}/{rounds}: {}", CONTENDERS[i]));
+            let topo = &fresh(n)?;
+            let (target, lbd, undo) = setup(topo, i, n)?;
             let url = format!("http://{target}/");
             // Warm up (ARP, neighbour entries, first connections), then measure.
             let _ = wrk(&topo.client, &url, 10, 1, false);
@@ -159,6 +186,34 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             if let Some(mut l) = lbd {
                 if std::env::var_os("LB_BENCH_DEBUG").is_some() {
                     eprintln!("{}", l.cli(&topo.lb, &["stats"])?);
+                    for ns in topo.backends.iter().map(|b| &b.ns).chain([&topo.client]) {
+                        let out = ns.exec(&["nstat", "-az"]).unwrap_or_default();
+                        let keep: Vec<&str> = out
+                            .lines()
+                            .filter(|l| {
+                                [
+                                    "TW",
+                                    "PAWS",
+                                    "Challenge",
+                                    "SynRetrans",
+                                    "ListenDrop",
+                                    "ListenOverflow",
+                                    "PassiveOpens",
+                                    "ActiveOpens",
+                                    "AttemptFails",
+                                    "EstabResets",
+                                    "OutRsts",
+                                    "InErrs",
+                                    "Timeouts",
+                                    "RetransSegs",
+                                ]
+                                .iter()
+                                .any(|k| l.contains(k))
+                            })
+                            .filter(|l| !l.split_whitespace().nth(1).is_some_and(|v| v == "0"))
+                            .collect();
+                        eprintln!("{}: {keep:?}", ns.name);
+                    }
                 }
                 l.stop()?;
                 drop(l);
@@ -181,29 +236,18 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             s.errors
         );
     }
-    if results.len() < CONTENDERS.len() {
-        println!("{md}");
-        return Ok(());
-    }
-    let lb = &results[&3];
+    let Some(lb) = results.get(&3) else {
+        return Ok(md);
+    };
     md += "\n| `lb` XDP ÷ peer (medians) | keep-alive req/s | new connections/s | bulk |\n| --- | ---: | ---: | ---: |\n";
-    for i in 0..3 {
-        let p = &results[&i];
+    for (i, p) in results.iter().filter(|(i, _)| **i != 3) {
         md += &format!(
             "| ÷ {} | {:.2} | {:.2} | {:.2} |\n",
-            CONTENDERS[i],
+            CONTENDERS[*i],
             med(&lb.keepalive) / med(&p.keepalive),
             med(&lb.close) / med(&p.close),
             med(&lb.gbps) / med(&p.gbps)
         );
     }
-    md += &format!(
-        "\n{rounds} round(s) of {secs} s per measurement, contenders alternating; wrk -t1 -c50 from one \
-         client address; nginx backends (1 worker each). The web VIP balances per connection (lb: \
-         `hash = \"five-tuple\"`, nftables: numgen, HAProxy: roundrobin); the bulk port keeps a \
-         client on one backend (lb: source-ip, nftables: jhash, HAProxy: source) because iperf3's \
-         two connections must meet.\n"
-    );
-    println!("{md}");
-    Ok(())
+    Ok(md)
 }
