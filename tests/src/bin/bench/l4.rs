@@ -186,33 +186,13 @@ fn table(n: usize, contenders: &[usize], rounds: usize, secs: u32) -> anyhow::Re
             if let Some(mut l) = lbd {
                 if std::env::var_os("LB_BENCH_DEBUG").is_some() {
                     eprintln!("{}", l.cli(&topo.lb, &["stats"])?);
+                    // TCP counters of every host: SYN retransmits, TIME_WAIT, PAWS rejects.
                     for ns in topo.backends.iter().map(|b| &b.ns).chain([&topo.client]) {
-                        let out = ns.exec(&["nstat", "-az"]).unwrap_or_default();
-                        let keep: Vec<&str> = out
-                            .lines()
-                            .filter(|l| {
-                                [
-                                    "TW",
-                                    "PAWS",
-                                    "Challenge",
-                                    "SynRetrans",
-                                    "ListenDrop",
-                                    "ListenOverflow",
-                                    "PassiveOpens",
-                                    "ActiveOpens",
-                                    "AttemptFails",
-                                    "EstabResets",
-                                    "OutRsts",
-                                    "InErrs",
-                                    "Timeouts",
-                                    "RetransSegs",
-                                ]
-                                .iter()
-                                .any(|k| l.contains(k))
-                            })
-                            .filter(|l| !l.split_whitespace().nth(1).is_some_and(|v| v == "0"))
-                            .collect();
-                        eprintln!("{}: {keep:?}", ns.name);
+                        eprintln!(
+                            "{}: {}",
+                            ns.name,
+                            ns.exec(&["nstat", "-az", "Tcp*"]).unwrap_or_default()
+                        );
                     }
                 }
                 l.stop()?;
