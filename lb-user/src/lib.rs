@@ -8,4 +8,5 @@ pub mod health;
 pub mod l7;
 pub mod maglev;
 pub mod tls;
+pub mod top;
 pub mod upstream;
