@@ -107,3 +107,22 @@ fn a_valid_config_checks_ok_and_a_token_allows_a_public_admin() {
     let _ = std::fs::remove_file(path);
     let _ = std::fs::remove_file(path2);
 }
+
+#[test]
+fn the_shipped_configs_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let plain = std::fs::read_to_string(root.join("deploy/lb.toml")).unwrap();
+    lb_user::config::Config::parse(&plain).expect("deploy/lb.toml");
+    // The ConfigMap's `lb.toml: |` block, unindented.
+    let map = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
+    let block: String = map
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("lb.toml: |"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    assert!(block.contains("[[xdp.service]]"), "{block}");
+    let config = lb_user::config::Config::parse(&block).expect("the ConfigMap's lb.toml");
+    assert!(config.health.contains_key("web"));
+}

@@ -2,6 +2,7 @@
 //! demo. Kept free of the workspace's crates so it builds before the eBPF toolchain exists.
 mod bootstrap;
 mod cmd;
+mod deploy;
 
 use clap::{Parser, Subcommand};
 
@@ -82,6 +83,7 @@ fn test(lint: bool) -> anyhow::Result<()> {
         &["cargo", "build", "--workspace", "--exclude", "lb-ebpf", "--all-targets"],
         &[],
     )?;
+    deploy::validate()?;
     // Root-only tests fail instead of skipping here: the README's command must run them all.
     cmd::step(
         "tests",
