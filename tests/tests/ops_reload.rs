@@ -153,7 +153,7 @@ fn reload_applies_valid_changes_under_load_and_refuses_invalid_ones() {
         config(&topo, &pin, &[(0, 1), (1, 2), (2, 1)], &[(1, 1), (2, 1)], true),
     )
     .unwrap();
-    topo.lb.exec(&["kill", "-HUP", &lb_pid(&topo)]).unwrap();
+    lb_tests::netns::run(&["kill", "-HUP", &lb_pid(&lb.config)]).unwrap();
     assert!(
         wait_until(Duration::from_secs(5), || backends_of(&lb, &topo, "app").len() == 2),
         "SIGHUP did not reload"
@@ -172,11 +172,21 @@ fn reload_applies_valid_changes_under_load_and_refuses_invalid_ones() {
     }
 }
 
-/// The pid of `lb run` in the balancer namespace.
-fn lb_pid(topo: &Topology) -> String {
-    let pids = topo
-        .lb
-        .exec(&["pgrep", "-f", "lb run --config"])
-        .or_else(|_| lb_tests::netns::run(&["ip", "netns", "pids", &topo.lb.name]));
-    pids.unwrap().split_whitespace().next().expect("lb run pid").to_string()
+/// The pid of the `lb run` started with `config` (its path is unique to the test).
+fn lb_pid(config: &std::path::Path) -> String {
+    let want = config.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> =
+                cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let is_lb = args.iter().any(|a| a == "run") && args.iter().any(|a| a == want);
+            // `ip netns exec` execs lb, so the process is lb itself, not ip.
+            (is_lb && !args[0].ends_with("ip")).then(|| pid.to_string())
+        })
+        .next()
+        .expect("lb run pid")
 }
