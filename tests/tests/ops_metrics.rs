@@ -114,5 +114,16 @@ timeout = 0.2
     assert_eq!(sum(&m, "lb_health_up", &["service=\"app\""]), 2.0, "{text}");
     assert!(sum(&m, "lb_health_checks_total", &[]) >= 2.0);
     assert_eq!(m["lb_ready"], 1.0);
+
+    // `lb top --once`: one view with a line per service and backend.
+    let top = lb.cli(&topo.lb, &["top", "--once", "--interval", "0.2"]).expect("lb top");
+    assert!(top.contains("PPS") && top.contains("FLOWS/S") && top.contains("IN-FLIGHT"), "{top}");
+    for b in &topo.backends {
+        assert!(top.contains(&format!("{}:80", b.v4)), "{top}");
+    }
+    assert!(
+        top.lines().any(|l| l.starts_with("web ")) && top.lines().any(|l| l.starts_with("app ")),
+        "{top}"
+    );
     drop(lb);
 }
