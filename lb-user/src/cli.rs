@@ -39,6 +39,23 @@ pub enum Command {
         #[command(subcommand)]
         action: BackendAction,
     },
+    /// Re-read the daemon's config file and apply what changed (as SIGHUP does); an invalid
+    /// config is refused with its errors and the running one stays.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// A live view of services and backends with rates, refreshed in place (Ctrl-C quits).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one view (rates over one interval) and exit.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Remove the pinned XDP program and maps (stops kernel forwarding).
     Detach {
         /// Read the pin directory from this config.
@@ -91,6 +108,9 @@ pub struct AdminArgs {
     /// Take the admin address from this config.
     #[arg(long, short, env = "LB_CONFIG")]
     pub config: Option<PathBuf>,
+    /// The admin API's bearer token [default: the config's [admin] token].
+    #[arg(long, env = "LB_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Print the daemon's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -106,5 +126,16 @@ impl AdminArgs {
             return Ok(crate::config::Config::load(path)?.admin.listen);
         }
         Ok(crate::config::DEFAULT_ADMIN.parse()?)
+    }
+
+    /// The bearer token to send, if any.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.config {
+            Some(path) => Ok(crate::config::Config::load(path)?.admin.token),
+            None => Ok(None),
+        }
     }
 }

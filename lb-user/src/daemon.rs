@@ -1,13 +1,16 @@
 //! `lb run`: build every configured part, serve until SIGINT/SIGTERM, then stop. The XDP
 //! program stays pinned and keeps forwarding after the daemon exits; `lb detach` removes it.
-use std::sync::{Arc, Mutex};
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+};
 
 use anyhow::Context as _;
 use tokio::{signal::unix, sync::watch};
 
 use crate::{
     config::{Config, XdpConfig},
-    control::{admin, state::State},
+    control::{admin, reload, state::State},
     dataplane::{Dataplane, DataplaneError, LoadOptions, host},
     l7, upstream,
 };
@@ -45,9 +48,11 @@ pub fn start_xdp(xdp: &XdpConfig) -> Result<Dataplane, DataplaneError> {
     Ok(dp)
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the daemon until SIGINT/SIGTERM; `config_path` is what SIGHUP and `POST /reload`
+/// read again.
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let dataplane = match &config.xdp {
-        Some(xdp) => Some(Mutex::new(start_xdp(xdp)?)),
+        Some(xdp) => Some(start_xdp(xdp)?),
         None => None,
     };
     // One set of groups for the admin API and L7, so `lb backend ...` changes what L7 uses.
@@ -60,15 +65,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         l7_listeners.push((server, listener));
     }
     let listener = admin::bind(config.admin.listen).await?;
-    log::info!("admin API on http://{}", listener.local_addr()?);
-    let state = Arc::new(State { config, dataplane, groups });
+    let auth = if config.admin.token.is_some() { "bearer token required" } else { "no token" };
+    log::info!("admin API on http://{} ({auth})", listener.local_addr()?);
+    let state = Arc::new(State::new(config, dataplane, groups, config_path));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let admin_task = tokio::spawn(admin::run(listener, state.clone(), shutdown_rx.clone()));
-    let l7_servers: Vec<_> = l7_listeners.iter().map(|(s, _)| s.clone()).collect();
-    let l7_tasks: Vec<_> = l7_listeners
-        .into_iter()
-        .map(|(server, listener)| tokio::spawn(server.run(listener, shutdown_rx.clone())))
-        .collect();
+    let admin_task = tokio::spawn(admin::run(listener, state.clone(), shutdown_rx));
+    {
+        let mut runtime = state.runtime.lock().await;
+        for (server, listener) in l7_listeners {
+            runtime.serve(server, listener)?;
+        }
+        let config = state.config.load_full();
+        runtime.check(&state, &config);
+        if !config.health.is_empty() {
+            log::info!(
+                "health checks on {}",
+                config.health.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    state.ready.store(true, Ordering::Relaxed);
 
     let mut term = unix::signal(unix::SignalKind::terminate()).context("SIGTERM handler")?;
     let mut hup = unix::signal(unix::SignalKind::hangup()).context("SIGHUP handler")?;
@@ -76,22 +92,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { log::info!("SIGINT: shutting down"); break }
             _ = term.recv() => { log::info!("SIGTERM: shutting down"); break }
-            _ = hup.recv() => {
-                // SIGHUP re-reads the L7 certificates; a bad file keeps the old ones.
-                for s in &l7_servers {
-                    match s.reload_tls() {
-                        Ok(()) => log::info!("SIGHUP: certificates of {} reloaded", s.name),
-                        Err(e) => log::error!("SIGHUP: {}: {e}; keeping the old certificates", s.name),
+            _ = hup.recv() => match reload::reload(&state).await {
+                // SIGHUP re-reads the whole config (certificates included).
+                Ok(report) => {
+                    log::info!("SIGHUP: config reloaded");
+                    for c in report.changes {
+                        log::info!("reload: {c}");
                     }
                 }
-            }
+                Err(e) => log::error!("SIGHUP: {e}"),
+            },
         }
     }
+    // Not ready first (load balancers in front stop sending), then drain the listeners
+    // within http.grace_ms, then stop the admin API.
+    state.ready.store(false, Ordering::Relaxed);
+    state.runtime.lock().await.shutdown().await?;
     let _ = shutdown_tx.send(true);
     admin_task.await??;
-    for task in l7_tasks {
-        task.await??; // each drains its connections within http.grace_ms
-    }
     if state.dataplane.is_some() {
         log::info!("stopped; the pinned XDP program keeps forwarding (`lb detach` removes it)");
     } else {

@@ -36,14 +36,21 @@ async fn call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
-    client::call(admin.addr()?, method, path, body).await
+    client::call(admin.addr()?, admin.token()?.as_deref(), method, path, body).await
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
-            lb_user::daemon::run(config).await?;
+        Command::Run { config: path } => {
+            // Refused the same way `lb check` reports it: every error with its line.
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            lb_user::daemon::run(config, Some(path)).await?;
         }
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => println!("{}: ok", config.display()),
@@ -52,6 +59,22 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         },
+        Command::Reload { admin } => {
+            let v = call(&admin, Method::POST, "/reload", None).await?;
+            if admin.json {
+                println!("{v:#}");
+            } else {
+                println!("reloaded");
+                for c in v["changes"].as_array().into_iter().flatten() {
+                    println!("  {}", c.as_str().unwrap_or_default());
+                }
+            }
+        }
+        Command::Top { interval, once, admin } => {
+            let token = admin.token()?;
+            let every = std::time::Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
+            lb_user::top::run(admin.addr()?, token.as_deref(), every, once).await?;
+        }
         Command::Status { admin } => {
             let v = call(&admin, Method::GET, "/status", None).await?;
             output::status(&v, admin.json)?;

@@ -17,6 +17,10 @@ pub fn status(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     if s.adopted {
         println!("(adopted the pinned program and maps of a previous run)");
     }
+    println!("ready: {}", if s.ready { "yes" } else { "no" });
+    for u in &s.unavailable {
+        println!("UNAVAILABLE {u}");
+    }
     Ok(())
 }
 
@@ -65,13 +69,18 @@ pub fn backends(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     }
     let s: Stats = serde_json::from_value(v.clone())?;
     println!(
-        "{:<14} {:<28} {:>6} {:<9} {:>6} {:>8}",
+        "{:<14} {:<28} {:>6} {:<9} {:>6} {:>8}  HEALTH CHECK",
         "SERVICE", "BACKEND", "WEIGHT", "STATE", "SLOTS", "ACTIVE"
     );
     for svc in &s.services {
         for b in &svc.backends {
+            let health = match &b.health {
+                None => "-".to_string(),
+                Some(h) if h.up => format!("up ({} checks)", h.checks),
+                Some(h) => format!("down: {}", h.last_error.as_deref().unwrap_or("?")),
+            };
             println!(
-                "{:<14} {:<28} {:>6} {:<9} {:>6} {:>8}",
+                "{:<14} {:<28} {:>6} {:<9} {:>6} {:>8}  {health}",
                 svc.name,
                 b.addr.to_string(),
                 b.weight,

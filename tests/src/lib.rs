@@ -7,6 +7,7 @@ pub mod fixture;
 pub mod http;
 pub mod lb;
 pub mod netns;
+pub mod ops;
 pub mod packet;
 pub mod servers;
 pub mod topology;

@@ -18,6 +18,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "/usr/bin/curl"),
     ("util-linux", "/usr/bin/setpriv"),
     ("procps", "/usr/sbin/sysctl"),
+    ("systemd", "/usr/bin/systemd-analyze"),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -41,6 +42,7 @@ pub fn run() -> anyhow::Result<()> {
     bpffs()?;
     rust()?;
     bpf_linker()?;
+    crate::deploy::bootstrap()?;
     println!("xtask: bootstrap: ready");
     Ok(())
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod bootstrap;
 mod cmd;
+mod deploy;
 
 use clap::{Parser, Subcommand};
 
@@ -90,6 +91,7 @@ fn test(lint: bool) -> anyhow::Result<()> {
         &["cargo", "build", "--workspace", "--exclude", "lb-ebpf", "--all-targets"],
         &[],
     )?;
+    deploy::validate()?;
     // Root-only tests fail instead of skipping here: the README's command must run them all.
     cmd::step(
         "tests",

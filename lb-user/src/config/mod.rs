@@ -1,7 +1,10 @@
 //! The one TOML config of lb: parse → validate, with no socket bound and no program loaded, so
 //! `lb check` and tests can use it freely.
 mod backend;
+mod env;
+mod health;
 mod http;
+mod lines;
 mod upstream;
 mod xdp;
 
@@ -11,6 +14,8 @@ use serde::Deserialize;
 use thiserror::Error;
 
 pub use backend::BackendSpec;
+pub use env::{ENV_VARS, redacted};
+pub use health::{CheckKind, HealthConfig, Secs};
 pub use http::{CertConfig, Cidr, HttpConfig, ListenerConfig, RouteConfig};
 pub use upstream::{Balance, UpstreamConfig, UpstreamTls};
 pub use xdp::{DEFAULT_PIN_PATH, HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
@@ -29,6 +34,12 @@ pub struct Config {
     /// The L7 (HTTP/TLS) proxy: listeners, routes, limits.
     #[serde(default)]
     pub http: HttpConfig,
+    /// Active health checks by service or upstream group name (`[health.NAME]`).
+    #[serde(default)]
+    pub health: BTreeMap<String, HealthConfig>,
+    /// The text this config was parsed from (for `GET /config`, redacted there).
+    #[serde(skip)]
+    pub source: String,
 }
 
 /// Where the admin API listens.
@@ -37,11 +48,32 @@ pub struct Config {
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
+    /// Bearer token every request must carry (except /live and /ready); env LB_ADMIN_TOKEN.
+    pub token: Option<String>,
+    /// Allow a non-loopback `listen` without a token (anyone who reaches it controls lb).
+    #[serde(default)]
+    pub allow_insecure: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: default_admin_listen() }
+        Self { listen: default_admin_listen(), token: None, allow_insecure: false }
+    }
+}
+
+impl AdminConfig {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.token.as_deref().is_some_and(|t| t.len() < 16) {
+            errors.push(
+                "admin.token is shorter than 16 characters: use a long random string (e.g. `openssl rand -hex 32`)".into(),
+            );
+        }
+        if !self.listen.ip().is_loopback() && self.token.is_none() && !self.allow_insecure {
+            errors.push(format!(
+                "admin.listen = \"{}\" is not a loopback address and no token is set: anyone who reaches it could change lb. Set [admin] token (or LB_ADMIN_TOKEN), listen on 127.0.0.1, or set allow_insecure = true",
+                self.listen
+            ));
+        }
     }
 }
 
@@ -59,16 +91,17 @@ pub enum ConfigError {
     Read { path: String, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
-    #[error("{path}: {}", .errors.join("\n"))]
+    #[error("{path}: {} error(s):\n{}", .errors.len(), .errors.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid { path: String, errors: Vec<String> },
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
+    /// Reads, parses and validates a config file, with the environment's overrides
+    /// ([`ENV_VARS`]) applied.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        Self::parse(&text).map_err(|e| match e {
+        Self::parse_with_env(&text, &|k| std::env::var(k).ok()).map_err(|e| match e {
             ConfigError::Parse { message, .. } => {
                 ConfigError::Parse { path: path.display().to_string(), message }
             }
@@ -79,11 +112,26 @@ impl Config {
         })
     }
 
-    /// Parses and validates config text.
+    /// Parses and validates config text (no environment overrides).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text)
+        Self::parse_with_env(text, &|_| None)
+    }
+
+    /// Parses config text, applies overrides from `env`, validates; every semantic error
+    /// starts with the line of the key it is about.
+    pub fn parse_with_env(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text)
             .map_err(|e| ConfigError::Parse { path: String::new(), message: e.to_string() })?;
-        let mut errors = Vec::new();
+        config.source = text.to_string();
+        let mut errors = env::apply(&mut config, env);
+        config.admin.validate(&mut errors);
+        for (name, h) in &config.health {
+            let service = config.xdp.iter().flat_map(|x| &x.services).any(|s| &s.name == name);
+            h.validate(name, service || config.upstream.contains_key(name), &mut errors);
+        }
         if let Some(xdp) = &config.xdp {
             xdp.validate(&mut errors);
         }
@@ -94,7 +142,7 @@ impl Config {
         if errors.is_empty() {
             Ok(config)
         } else {
-            Err(ConfigError::Invalid { path: String::new(), errors })
+            Err(ConfigError::Invalid { path: String::new(), errors: lines::locate(text, errors) })
         }
     }
 }

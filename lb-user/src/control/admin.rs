@@ -1,5 +1,6 @@
 //! The admin API server: HTTP with JSON, loopback by default. Reads are GET; changes are POST
-//! or DELETE, so a stray GET (a browser, a crawler) never changes anything.
+//! or DELETE, so a stray GET (a browser, a crawler) never changes anything. With a token
+//! configured every request but the probes (`/live`, `/ready`) carries `Authorization: Bearer`.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
@@ -10,7 +11,10 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
-use super::state::{AddBackend, Change, State};
+use super::{
+    metrics, reload,
+    state::{AddBackend, Change, State},
+};
 
 /// Admin request bodies are small JSON documents.
 const MAX_BODY: usize = 64 * 1024;
@@ -53,9 +57,59 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Probes (kubelet, systemd, load balancers in front) need no token.
+    let probe = method == Method::GET && matches!(segments.as_slice(), ["live"] | ["ready"]);
+    if !probe && !authorized(&req, &state) {
+        let mut resp = error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token: pass --token or set LB_ADMIN_TOKEN",
+        );
+        resp.headers_mut()
+            .insert("www-authenticate", hyper::header::HeaderValue::from_static("Bearer"));
+        return Ok(resp);
+    }
     let resp = match (&method, segments.as_slice()) {
         (&Method::GET, ["status"]) => json(StatusCode::OK, &state.status()),
         (&Method::GET, ["live"]) => json(StatusCode::OK, &serde_json::json!({"live": true})),
+        (&Method::GET, ["ready"]) => {
+            let ready = state.ready.load(std::sync::atomic::Ordering::Relaxed);
+            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            json(status, &serde_json::json!({ "ready": ready }))
+        }
+        (&Method::GET, ["metrics"]) => Response::builder()
+            .header("content-type", metrics::CONTENT_TYPE)
+            .body(Full::new(Bytes::from(metrics::render(&state))))
+            .expect("static response parts"),
+        (&Method::GET, ["config"]) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "path": state.config_path.as_ref().map(|p| p.display().to_string()),
+                "config": crate::config::redacted(&state.config.load()),
+            }),
+        ),
+        (&Method::GET, ["health"]) => {
+            let list: Vec<_> = state
+                .health
+                .all()
+                .into_iter()
+                .map(|(name, addr, h)| serde_json::json!({ "service": name, "backend": addr, "health": h }))
+                .collect();
+            json(StatusCode::OK, &list)
+        }
+        (&Method::POST, ["reload"]) => match reload::reload(&state).await {
+            Ok(report) => {
+                for c in &report.changes {
+                    log::info!("reload: {c}");
+                }
+                json(StatusCode::OK, &serde_json::json!({ "ok": true, "changes": report.changes }))
+            }
+            Err(e) => {
+                log::error!("reload: {e}");
+                let status =
+                    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                json(status, &serde_json::json!({ "error": e.to_string(), "errors": e.errors() }))
+            }
+        },
         (&Method::GET, ["stats"]) => result(state.stats(None)),
         (&Method::GET, ["services"]) => result(state.stats(None).map(|s| s.services)),
         (&Method::GET, ["services", name]) => result(state.stats(Some(name))),
@@ -71,16 +125,44 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
             Ok(addr) => done(state.change(name, addr, Change::Drain)),
             Err(_) => error(StatusCode::BAD_REQUEST, &format!("{addr:?} is not an ADDR:PORT")),
         },
-        (_, ["status" | "live" | "stats" | "services"] | ["services", _]) => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "read-only resource: use GET")
-        }
+        (
+            _,
+            [
+                "status" | "live" | "ready" | "metrics" | "config" | "health" | "stats"
+                | "services",
+            ]
+            | ["services", _],
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "read-only resource: use GET"),
+        (_, ["reload"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload"),
         (_, ["services", _, "backends", ..]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "use POST /services/NAME/backends, DELETE /services/NAME/backends/ADDR or POST /services/NAME/backends/ADDR/drain",
         ),
-        _ => error(StatusCode::NOT_FOUND, "no such resource; try /status, /stats or /services"),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "no such resource; try /status, /stats, /services, /health, /metrics, /config, /ready, /live, POST /reload",
+        ),
     };
     Ok(resp)
+}
+
+/// True without a configured token, or when the request carries it.
+fn authorized<B>(req: &Request<B>, state: &State) -> bool {
+    let config = state.config.load();
+    let Some(token) = &config.admin.token else { return true };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    constant_time_eq(given.as_bytes(), token.as_bytes())
+}
+
+/// Compares without an early exit, so the time taken says nothing about the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let diff = a.iter().zip(b).fold(a.len() ^ b.len(), |d, (x, y)| d | usize::from(x ^ y));
+    diff == 0
 }
 
 async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Resp> {
@@ -118,4 +200,17 @@ fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Resp {
 
 fn error(status: StatusCode, message: &str) -> Resp {
     json(status, &serde_json::json!({ "error": message }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret-token", b"secret-token"));
+        assert!(!constant_time_eq(b"secret-token", b"secret-tokex"));
+        assert!(!constant_time_eq(b"secret", b"secret-token"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
 }

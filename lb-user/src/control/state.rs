@@ -1,21 +1,40 @@
 //! What the admin API reports and changes: the running daemon's shared state.
-use std::{net::SocketAddr, sync::Mutex};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::reload::Runtime;
 use crate::{
     config::Config,
     dataplane::{Dataplane, DataplaneError, tables::TableError},
+    health::{self, BackendHealth},
     upstream::{GroupError, Groups},
 };
 
 /// Shared by the admin handlers. The data plane sits behind a mutex: map syscalls happen on
-/// admin requests and health changes, never on a packet or request path.
+/// admin requests and health changes, never on a packet or request path. The config and the
+/// groups are swapped whole by a reload.
 pub struct State {
-    pub config: Config,
+    pub config: ArcSwap<Config>,
     pub dataplane: Option<Mutex<Dataplane>>,
-    pub groups: Groups,
+    pub groups: ArcSwap<Groups>,
+    /// Where the config was read from; a reload reads it again.
+    pub config_path: Option<PathBuf>,
+    /// What the health checks decided, per backend.
+    pub health: Arc<health::Registry>,
+    /// Config applied, XDP attached, listeners bound; false again once shutdown starts.
+    pub ready: AtomicBool,
+    /// The L7 listeners and health checkers; its lock also serializes reloads.
+    pub runtime: tokio::sync::Mutex<Runtime>,
 }
 
 #[derive(Debug, Error)]
@@ -52,6 +71,12 @@ pub struct Status {
     pub xdp: Vec<Attachment>,
     /// True when this daemon adopted a pinned program and maps from a previous run.
     pub adopted: bool,
+    /// Config applied, XDP attached, listeners bound.
+    #[serde(default)]
+    pub ready: bool,
+    /// Services and groups that cannot serve: no backend up (L7 answers 503, XDP drops).
+    #[serde(default)]
+    pub unavailable: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -89,6 +114,12 @@ pub struct BackendStats {
     pub flows: u64,
     /// In flight (proxied groups).
     pub active: u64,
+    /// Responses relayed from this backend (proxied groups).
+    #[serde(default)]
+    pub requests: u64,
+    /// What the health checks decided (absent when the service or group is not checked).
+    #[serde(default)]
+    pub health: Option<BackendHealth>,
 }
 
 /// A backend change requested through the admin API.
@@ -112,6 +143,24 @@ pub enum Change {
 }
 
 impl State {
+    /// The state of a daemon that has not started its listeners yet (not ready).
+    pub fn new(
+        config: Config,
+        dataplane: Option<Dataplane>,
+        groups: Groups,
+        config_path: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            config: ArcSwap::from_pointee(config),
+            dataplane: dataplane.map(Mutex::new),
+            groups: ArcSwap::from_pointee(groups),
+            config_path,
+            health: Arc::default(),
+            ready: AtomicBool::new(false),
+            runtime: tokio::sync::Mutex::new(Runtime::default()),
+        }
+    }
+
     fn dataplane(&self) -> Option<std::sync::MutexGuard<'_, Dataplane>> {
         self.dataplane.as_ref().map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -127,11 +176,27 @@ impl State {
             ),
             None => (Vec::new(), false),
         };
-        Status { version: env!("CARGO_PKG_VERSION").into(), xdp, adopted }
+        let unavailable = match self.stats(None) {
+            Ok(stats) => stats
+                .services
+                .iter()
+                .filter(|s| !s.backends.iter().any(|b| b.state == "up"))
+                .map(|s| format!("{}: no backend up", s.name))
+                .collect(),
+            Err(e) => vec![e.to_string()],
+        };
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            xdp,
+            adopted,
+            ready: self.ready.load(Ordering::Relaxed),
+            unavailable,
+        }
     }
 
     fn xdp_service_names(&self) -> Vec<String> {
-        self.config.xdp.iter().flat_map(|x| x.services.iter().map(|s| s.name.clone())).collect()
+        let config = self.config.load();
+        config.xdp.iter().flat_map(|x| x.services.iter().map(|s| s.name.clone())).collect()
     }
 
     /// Changes a backend of an XDP service or of an upstream group.
@@ -155,7 +220,8 @@ impl State {
             log::info!("backend {addr} of XDP service {service}: {change:?}");
             return Ok(());
         }
-        let group = self.groups.get(service).ok_or_else(|| StateError::NotFound(service.into()))?;
+        let groups = self.groups.load();
+        let group = groups.get(service).ok_or_else(|| StateError::NotFound(service.into()))?;
         match change {
             Change::Add(w) => group.add(addr, w)?,
             Change::Remove => group.remove(addr)?,
@@ -172,7 +238,8 @@ impl State {
         let mut reasons = Vec::new();
         if let Some(dp) = self.dataplane() {
             let ids = dp.tables().services();
-            for s in self.config.xdp.iter().flat_map(|x| x.services.iter()) {
+            let config = self.config.load();
+            for s in config.xdp.iter().flat_map(|x| x.services.iter()) {
                 if only.is_some_and(|o| o != s.name) {
                     continue;
                 }
@@ -197,6 +264,8 @@ impl State {
                         bytes: c.bytes,
                         flows: c.flows,
                         active: 0,
+                        requests: 0,
+                        health: self.health.get(&s.name, v.addr),
                     })
                     .collect();
                 services.push(ServiceStats {
@@ -211,8 +280,9 @@ impl State {
             }
             reasons = dp.stats()?.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
         }
-        for (name, group) in &self.groups {
-            if only.is_some_and(|o| o != name) || self.xdp_service_names().contains(name) {
+        let xdp_names = self.xdp_service_names();
+        for (name, group) in self.groups.load().iter() {
+            if only.is_some_and(|o| o != name) || xdp_names.contains(name) {
                 continue;
             }
             let backends = group
@@ -221,10 +291,13 @@ impl State {
                 .map(|b| BackendStats {
                     addr: b.addr,
                     weight: b.weight,
-                    state: if b.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                    state: if b.draining.load(Ordering::Relaxed) {
                         "draining"
-                    } else if !b.healthy.load(std::sync::atomic::Ordering::Relaxed) {
+                    } else if self.health.get(name, b.addr).is_some_and(|h| !h.up) {
                         "down"
+                    } else if !b.healthy.load(Ordering::Relaxed) {
+                        // Passive: the proxy saw consecutive failures (eject_after).
+                        "ejected"
                     } else {
                         "up"
                     }
@@ -233,7 +306,9 @@ impl State {
                     packets: 0,
                     bytes: 0,
                     flows: 0,
-                    active: b.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                    active: b.in_flight.load(Ordering::Relaxed),
+                    requests: b.requests.snapshot().count,
+                    health: self.health.get(name, b.addr),
                 })
                 .collect();
             services.push(ServiceStats {
@@ -252,5 +327,44 @@ impl State {
             return Err(StateError::NotFound(o.into()));
         }
         Ok(Stats { services, reasons })
+    }
+}
+
+/// The health checks steer the XDP tables and the upstream groups through the state.
+impl health::Steer for State {
+    fn backends(&self, name: &str) -> Option<Vec<SocketAddr>> {
+        if let Some(dp) = self.dataplane()
+            && let Ok(list) = dp.tables().backends(name)
+        {
+            return Some(list.iter().map(|b| b.addr).collect());
+        }
+        let groups = self.groups.load();
+        Some(groups.get(name)?.backends().iter().map(|b| b.addr).collect())
+    }
+
+    fn set_health(&self, name: &str, addr: SocketAddr, up: bool, changed: bool) {
+        if let Some(mut dp) = self.dataplane()
+            && dp.tables().backends(name).is_ok()
+        {
+            // Idempotent: only a change rewrites the backend's Maglev slots.
+            if let Err(e) = dp.set_health(name, addr, up) {
+                log::debug!("health: {name} {addr}: {e}");
+            }
+            return;
+        }
+        let groups = self.groups.load();
+        let Some(b) =
+            groups.get(name).and_then(|g| g.backends().iter().find(|b| b.addr == addr).cloned())
+        else {
+            return;
+        };
+        // Down is asserted every round (a weight change's new Backend, or the passive
+        // ejection timer, may have set it healthy); up only on the transition, so a passive
+        // ejection in progress is not cut short.
+        if !up {
+            b.healthy.store(false, Ordering::Relaxed);
+        } else if changed {
+            b.healthy.store(true, Ordering::Relaxed);
+        }
     }
 }

@@ -31,6 +31,8 @@ pub struct Ctx {
     pub http: Arc<HttpConfig>,
     /// The listener terminates TLS (X-Forwarded-Proto https).
     pub tls: bool,
+    /// Responses by class and latency of this listener (`/metrics`).
+    pub stats: Arc<crate::upstream::stats::RequestStats>,
 }
 
 /// Serves one request; never fails (errors become responses).
@@ -57,6 +59,7 @@ pub async fn handle(
         }
     };
     resp.body_mut().hold(active);
+    ctx.stats.record(resp.status().as_u16(), start.elapsed());
     log::info!(
         target: "lb::access",
         "{} {peer} \"{method} {host}{path} {version:?}\" {} backend={} {}ms",
@@ -141,6 +144,7 @@ async fn forward(
 
         let sent = Instant::now();
         let eject = |b: &Arc<crate::upstream::Backend>| {
+            b.requests.record_failure();
             b.record_failure(upstream.config.eject_after, upstream.config.eject_for())
         };
         let result =
@@ -181,6 +185,7 @@ async fn forward(
             Ok(Ok(resp)) => resp,
         };
         backend.latency.observe(sent.elapsed());
+        backend.requests.record(resp.status().as_u16(), sent.elapsed());
         backend.record_success();
         let resp = match (resp.status(), client_upgrade) {
             (StatusCode::SWITCHING_PROTOCOLS, Some(client_up)) => {

@@ -2,6 +2,8 @@
 //! (ALPN or prior knowledge) with header-read and idle timeouts, drain gracefully on shutdown.
 use std::{convert::Infallible, future::pending, net::SocketAddr, sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
+
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -31,7 +33,8 @@ use crate::{
 pub struct Server {
     pub name: String,
     pub listen: SocketAddr,
-    ctx: Arc<Ctx>,
+    /// Routes and upstreams, read per request so a reload reaches open connections too.
+    ctx: ArcSwap<Ctx>,
     http: Arc<HttpConfig>,
     tls: Option<(Arc<SniResolver>, TlsAcceptor)>,
     builder: auto::Builder<TokioExecutor>,
@@ -61,6 +64,7 @@ impl Server {
             upstreams: upstreams.clone(),
             http: http.clone(),
             tls: tls.is_some(),
+            stats: crate::upstream::stats::listener(&listener.name),
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -73,7 +77,23 @@ impl Server {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX));
+        let ctx = ArcSwap::new(ctx);
         Ok(Self { name: listener.name.clone(), listen: listener.listen, ctx, http, tls, builder })
+    }
+
+    /// True when this listener terminates TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Takes `other`'s routes, upstreams, per-request limits and certificates (a reload of the
+    /// same listener): requests that start from now on use them, on open connections too.
+    /// Header timeouts and connection limits stay (they take a restart).
+    pub fn update_from(&self, other: &Server) {
+        self.ctx.store(other.ctx.load_full());
+        if let (Some((mine, _)), Some((theirs, _))) = (&self.tls, &other.tls) {
+            mine.adopt(theirs);
+        }
     }
 
     /// Binds the configured address.
@@ -162,7 +182,7 @@ impl Server {
                 {
                     Ok(Ok(tls)) => {
                         let io = H1Guard::new(tls, self.http.max_header_bytes);
-                        self.serve(TokioIo::new(io), peer, shutdown).await
+                        self.clone().serve(TokioIo::new(io), peer, shutdown).await
                     }
                     Ok(Err(e)) => log::debug!("{}: TLS handshake with {peer}: {e}", self.name),
                     Err(_) => log::debug!("{}: TLS handshake with {peer} timed out", self.name),
@@ -170,20 +190,20 @@ impl Server {
             }
             None => {
                 let io = H1Guard::new(stream, self.http.max_header_bytes);
-                self.serve(TokioIo::new(io), peer, shutdown).await
+                self.clone().serve(TokioIo::new(io), peer, shutdown).await
             }
         }
     }
 
-    async fn serve<I>(&self, io: I, peer: SocketAddr, mut shutdown: watch::Receiver<bool>)
+    async fn serve<I>(self: Arc<Self>, io: I, peer: SocketAddr, mut shutdown: watch::Receiver<bool>)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let (active_tx, mut active_rx) = watch::channel(0usize);
-        let ctx = self.ctx.clone();
+        let server = self.clone();
         let service = service_fn(move |req| {
             let active = Active::new(&active_tx);
-            let ctx = ctx.clone();
+            let ctx = server.ctx.load_full();
             async move { Ok::<_, Infallible>(proxy::handle(ctx, peer, req, active).await) }
         });
         let conn = self.builder.serve_connection_with_upgrades(io, service);

@@ -40,6 +40,11 @@ impl SniResolver {
         Ok(())
     }
 
+    /// Serves `other`'s certificates from now on (a reload that rebuilt the listener).
+    pub fn adopt(&self, other: &SniResolver) {
+        self.certs.store(other.certs.load_full());
+    }
+
     fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let certs = self.certs.load();
         if let Some(name) = sni.map(|n| n.trim_end_matches('.').to_ascii_lowercase()) {

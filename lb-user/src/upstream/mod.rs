@@ -2,6 +2,7 @@
 //! it changes, so the request path reads it without a lock.
 mod balance;
 mod ewma;
+pub mod stats;
 
 use std::{
     collections::BTreeMap,
@@ -37,6 +38,8 @@ pub struct Backend {
     pub failures: AtomicU32,
     /// Response latency, for `p2c-ewma`.
     pub latency: PeakEwma,
+    /// Responses by class and latency, for `/metrics`.
+    pub requests: stats::RequestStats,
 }
 
 impl Backend {
@@ -49,6 +52,7 @@ impl Backend {
             in_flight: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             latency: PeakEwma::default(),
+            requests: stats::RequestStats::default(),
         }
     }
 
@@ -176,6 +180,41 @@ impl Group {
         result
     }
 
+    /// Makes the backend set exactly `specs` (a reload): a backend kept with the same weight
+    /// keeps its `Arc<Backend>` (in-flight count, health, counters); one whose weight changed
+    /// is a new `Backend` that starts with the old one's health and drain state.
+    pub fn set_backends(&self, specs: &[crate::config::BackendSpec]) {
+        self.backends.rcu(|cur| {
+            let list: Vec<Arc<Backend>> = specs
+                .iter()
+                .map(|s| match cur.iter().find(|b| b.addr == s.addr()) {
+                    Some(b) if b.weight == s.weight() => b.clone(),
+                    Some(b) => {
+                        let n = Backend::new(s.addr(), s.weight());
+                        n.healthy.store(b.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
+                        n.draining.store(b.draining.load(Ordering::Relaxed), Ordering::Relaxed);
+                        Arc::new(n)
+                    }
+                    None => Arc::new(Backend::new(s.addr(), s.weight())),
+                })
+                .collect();
+            Arc::new(list)
+        });
+    }
+
+    /// A group with `config`'s policy over the backends of `previous` (for a reload that
+    /// changes the balancing policy), then set to `config`'s backends.
+    pub fn rebuilt(name: &str, config: &UpstreamConfig, previous: &Group) -> Self {
+        let g = Self {
+            name: name.to_string(),
+            balance: config.balance.clone(),
+            backends: ArcSwap::new(previous.backends()),
+            next: AtomicU64::new(0),
+        };
+        g.set_backends(&config.backends);
+        g
+    }
+
     pub fn drain(&self, addr: SocketAddr) -> Result<(), GroupError> {
         let set = self.backends();
         let b = set.iter().find(|b| b.addr == addr).ok_or(GroupError::NotFound(addr))?;
@@ -219,5 +258,29 @@ mod tests {
         g.remove(a).unwrap();
         assert_eq!(g.remove(a), Err(GroupError::NotFound(a)));
         assert_eq!(g.backends().iter().map(|b| b.weight).collect::<Vec<_>>(), [3, 1]);
+    }
+
+    #[test]
+    fn set_backends_keeps_kept_backends_and_their_state() {
+        let g = group();
+        let before = g.backends();
+        before[0].in_flight.store(7, Ordering::Relaxed);
+        before[1].healthy.store(false, Ordering::Relaxed);
+        let specs: Vec<crate::config::BackendSpec> = toml::from_str::<UpstreamConfig>(
+            r#"backends = ["10.0.0.1:80", { addr = "10.0.0.2:80", weight = 5 }, "10.0.0.9:80"]"#,
+        )
+        .unwrap()
+        .backends;
+        g.set_backends(&specs);
+        let after = g.backends();
+        assert!(Arc::ptr_eq(&before[0], &after[0]), "same weight: the same Arc");
+        assert_eq!(after[1].weight, 5);
+        assert!(!after[1].healthy.load(Ordering::Relaxed), "health carries over a weight change");
+        assert_eq!(after[2].addr, "10.0.0.9:80".parse().unwrap());
+        let config: UpstreamConfig =
+            toml::from_str("balance = \"least-conn\"\nbackends = [\"10.0.0.1:80\"]").unwrap();
+        let r = Group::rebuilt("api", &config, &g);
+        assert_eq!(r.balance, Balance::LeastConn);
+        assert!(Arc::ptr_eq(&r.backends()[0], &before[0]));
     }
 }

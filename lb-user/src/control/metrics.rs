@@ -1,0 +1,254 @@
+//! `GET /metrics`: the Prometheus text format (version 0.0.4) of every counter the daemon
+//! has: XDP per-CPU counters summed per service, backend and reason; upstream backends'
+//! in-flight requests, responses by class and latency; L7 listeners' requests; health.
+use std::{fmt::Write as _, sync::atomic::Ordering};
+
+use super::state::State;
+use crate::upstream::stats::{BUCKETS, Snapshot};
+
+/// The content type Prometheus expects.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Label values escaped as the format requires.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+struct Out(String);
+
+impl Out {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", esc(v))).collect();
+        if l.is_empty() {
+            let _ = writeln!(self.0, "{name} {value}");
+        } else {
+            let _ = writeln!(self.0, "{name}{{{}}} {value}", l.join(","));
+        }
+    }
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], s: &Snapshot) {
+        for (le, n) in BUCKETS.iter().zip(s.buckets) {
+            let le = le.to_string();
+            let mut l = labels.to_vec();
+            l.push(("le", &le));
+            self.sample(&format!("{name}_bucket"), &l, n);
+        }
+        let mut l = labels.to_vec();
+        l.push(("le", "+Inf"));
+        self.sample(&format!("{name}_bucket"), &l, s.count);
+        self.sample(&format!("{name}_sum"), labels, s.sum_seconds);
+        self.sample(&format!("{name}_count"), labels, s.count);
+    }
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Renders every metric.
+pub fn render(state: &State) -> String {
+    let mut o = Out(String::new());
+    o.head("lb_ready", "gauge", "1 once the config is applied, XDP attached and listeners bound");
+    o.sample("lb_ready", &[], u8::from(state.ready.load(Ordering::Relaxed)));
+
+    let stats = state.stats(None).ok();
+    let services = stats.as_ref().map(|s| s.services.as_slice()).unwrap_or_default();
+    let xdp: Vec<_> = services.iter().filter(|s| s.protocol != "proxy").collect();
+    if !xdp.is_empty() {
+        for (name, field, help) in [
+            ("lb_xdp_service_packets_total", 0, "Packets to the service's VIP"),
+            ("lb_xdp_service_bytes_total", 1, "Bytes to the service's VIP"),
+            ("lb_xdp_service_flows_total", 2, "New flows to the service"),
+        ] {
+            o.head(name, "counter", help);
+            for s in &xdp {
+                let v = [s.packets, s.bytes, s.flows][field];
+                o.sample(name, &[("service", &s.name), ("vip", &s.vip)], v);
+            }
+        }
+        for (name, field, help) in [
+            ("lb_xdp_backend_packets_total", 0, "Packets forwarded to the backend"),
+            ("lb_xdp_backend_bytes_total", 1, "Bytes forwarded to the backend"),
+            ("lb_xdp_backend_flows_total", 2, "New flows sent to the backend"),
+            ("lb_xdp_backend_slots", 3, "Maglev slots the backend owns (0 when down or draining)"),
+        ] {
+            o.head(name, if field == 3 { "gauge" } else { "counter" }, help);
+            for s in &xdp {
+                for b in &s.backends {
+                    let v = [b.packets, b.bytes, b.flows, u64::from(b.slots)][field];
+                    o.sample(name, &[("service", &s.name), ("backend", &b.addr.to_string())], v);
+                }
+            }
+        }
+    }
+    if let Some(st) = &stats
+        && !st.reasons.is_empty()
+    {
+        o.head("lb_xdp_packets_total", "counter", "Packets seen by the XDP program, by outcome");
+        for (reason, v) in &st.reasons {
+            o.sample("lb_xdp_packets_total", &[("reason", reason)], v);
+        }
+    }
+
+    o.head(
+        "lb_backend_up",
+        "gauge",
+        "1 when the backend takes new flows or requests (up), else 0 (down, ejected, draining)",
+    );
+    for s in services {
+        for b in &s.backends {
+            let kind = if s.protocol == "proxy" { "upstream" } else { "xdp" };
+            let labels =
+                [("service", s.name.as_str()), ("kind", kind), ("backend", &b.addr.to_string())];
+            o.sample("lb_backend_up", &labels, u8::from(b.state == "up"));
+        }
+    }
+    o.head("lb_backend_weight", "gauge", "Configured weight of the backend");
+    for s in services {
+        for b in &s.backends {
+            o.sample(
+                "lb_backend_weight",
+                &[("service", &s.name), ("backend", &b.addr.to_string())],
+                b.weight,
+            );
+        }
+    }
+
+    let groups = state.groups.load();
+    o.head("lb_upstream_in_flight", "gauge", "Requests in flight to the backend");
+    for (g, group) in groups.iter() {
+        for b in group.backends().iter() {
+            let a = b.addr.to_string();
+            o.sample(
+                "lb_upstream_in_flight",
+                &[("upstream", g), ("backend", &a)],
+                b.in_flight.load(Ordering::Relaxed),
+            );
+        }
+    }
+    o.head("lb_upstream_responses_total", "counter", "Responses from the backend, by status class");
+    for (g, group) in groups.iter() {
+        for b in group.backends().iter() {
+            let (a, s) = (b.addr.to_string(), b.requests.snapshot());
+            for (c, v) in CLASSES.iter().zip(s.classes) {
+                o.sample(
+                    "lb_upstream_responses_total",
+                    &[("upstream", g), ("backend", &a), ("class", c)],
+                    v,
+                );
+            }
+        }
+    }
+    o.head(
+        "lb_upstream_failures_total",
+        "counter",
+        "Requests the backend did not answer (connect error, reset, timeout)",
+    );
+    for (g, group) in groups.iter() {
+        for b in group.backends().iter() {
+            let (a, s) = (b.addr.to_string(), b.requests.snapshot());
+            o.sample("lb_upstream_failures_total", &[("upstream", g), ("backend", &a)], s.failures);
+        }
+    }
+    o.head(
+        "lb_upstream_response_seconds",
+        "histogram",
+        "Time from sending the request to the backend's response headers",
+    );
+    for (g, group) in groups.iter() {
+        for b in group.backends().iter() {
+            let (a, s) = (b.addr.to_string(), b.requests.snapshot());
+            o.histogram("lb_upstream_response_seconds", &[("upstream", g), ("backend", &a)], &s);
+        }
+    }
+
+    let listeners = crate::upstream::stats::listeners();
+    let running: Vec<String> =
+        state.config.load().http.listener.iter().map(|l| l.name.clone()).collect();
+    let listeners: Vec<_> = listeners.into_iter().filter(|(n, _)| running.contains(n)).collect();
+    o.head("lb_http_requests_total", "counter", "Requests answered by the L7 listener");
+    for (n, s) in &listeners {
+        o.sample("lb_http_requests_total", &[("listener", n)], s.count);
+    }
+    o.head("lb_http_responses_total", "counter", "Responses of the L7 listener, by status class");
+    for (n, s) in &listeners {
+        for (c, v) in CLASSES.iter().zip(s.classes) {
+            o.sample("lb_http_responses_total", &[("listener", n), ("class", c)], v);
+        }
+    }
+    o.head(
+        "lb_http_request_seconds",
+        "histogram",
+        "Time from a request's arrival to its response headers",
+    );
+    for (n, s) in &listeners {
+        o.histogram("lb_http_request_seconds", &[("listener", n)], s);
+    }
+
+    let health = state.health.all();
+    o.head("lb_health_up", "gauge", "What the health checks decided: 1 up, 0 down");
+    for (n, a, h) in &health {
+        o.sample("lb_health_up", &[("service", n), ("backend", &a.to_string())], u8::from(h.up));
+    }
+    o.head("lb_health_checks_total", "counter", "Health checks run");
+    for (n, a, h) in &health {
+        o.sample(
+            "lb_health_checks_total",
+            &[("service", n), ("backend", &a.to_string())],
+            h.checks,
+        );
+    }
+    o.head("lb_health_changes_total", "counter", "Times the health state changed");
+    for (n, a, h) in &health {
+        o.sample(
+            "lb_health_changes_total",
+            &[("service", n), ("backend", &a.to_string())],
+            h.changes,
+        );
+    }
+    o.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn renders_groups_listeners_and_health() {
+        let config = Config::parse(
+            "[[http.listener]]\nname = \"metrics-test\"\nlisten = \"127.0.0.1:0\"\n[[http.route]]\nlistener = \"metrics-test\"\nupstream = \"api\"\n[upstream.api]\nbackends = [\"10.0.0.1:80\"]\n",
+        )
+        .unwrap();
+        let groups = crate::upstream::groups(&config.upstream);
+        let b = groups["api"].backends()[0].clone();
+        b.requests.record(200, std::time::Duration::from_millis(2));
+        b.requests.record(502, std::time::Duration::from_millis(20));
+        crate::upstream::stats::listener("metrics-test")
+            .record(200, std::time::Duration::from_millis(3));
+        let state = State::new(config, None, groups, None);
+        let text = render(&state);
+        assert!(text.contains("lb_ready 0\n"), "{text}");
+        assert!(text.contains("lb_upstream_responses_total{upstream=\"api\",backend=\"10.0.0.1:80\",class=\"2xx\"} 1\n"), "{text}");
+        assert!(text.contains("lb_upstream_responses_total{upstream=\"api\",backend=\"10.0.0.1:80\",class=\"5xx\"} 1\n"), "{text}");
+        assert!(text.contains("lb_upstream_response_seconds_bucket{upstream=\"api\",backend=\"10.0.0.1:80\",le=\"0.005\"} 1\n"), "{text}");
+        assert!(
+            text.contains(
+                "lb_upstream_response_seconds_count{upstream=\"api\",backend=\"10.0.0.1:80\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("lb_http_requests_total{listener=\"metrics-test\"} 1\n"), "{text}");
+        assert!(
+            text.contains(
+                "lb_backend_up{service=\"api\",kind=\"upstream\",backend=\"10.0.0.1:80\"} 1\n"
+            ),
+            "{text}"
+        );
+        // Every sample line is NAME{labels} VALUE or NAME VALUE.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}
