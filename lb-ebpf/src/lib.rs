@@ -159,9 +159,15 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     }
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(st) = FLOWS.get_ptr_mut(&w.ns.flow) {
+    // The client-side flow only needs to hear about a reply that closes it (TCP FIN/RST) or
+    // keeps it alive (UDP, whose idle time counts both directions); skipping the lookup
+    // otherwise saves a hash lookup on most replies.
+    let add = flow::flags_of(&w.pkt, FLOW_F_FIN_BACKEND);
+    if (add != 0 || w.pkt.proto != PROTO_TCP)
+        && let Some(st) = FLOWS.get_ptr_mut(&w.ns.flow)
+    {
         // SAFETY: a valid map value (see flow::touch on concurrent updates).
-        flow::touch(unsafe { &mut *st }, flow::flags_of(&w.pkt, FLOW_F_FIN_BACKEND), now);
+        flow::touch(unsafe { &mut *st }, add, now);
     }
     let len = frame_len(ctx);
     account(&SERVICE_STATS, w.ns.service_id, len, false);

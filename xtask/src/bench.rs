@@ -18,6 +18,7 @@ const PEERS: &[(&str, &str)] = &[
 /// Sections in report order: (lb-bench subcommand, heading, what it answers).
 const SECTIONS: &[(&str, &str)] = &[
     ("xdp-micro", "XDP per-packet cost (BPF_PROG_TEST_RUN)"),
+    ("xdp-insitu", "XDP per-packet cost on real traffic (kernel BPF statistics)"),
     ("l4", "L4 end to end: lb XDP against kernel routing, nftables DNAT and HAProxy"),
 ];
 

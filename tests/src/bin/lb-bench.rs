@@ -14,7 +14,8 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("xdp-micro") => bench::micro::run(quick),
         Some("l4") => bench::l4::run(quick),
-        _ => Err(anyhow::anyhow!("usage: lb-bench xdp-micro|l4 [--quick]")),
+        Some("xdp-insitu") => bench::insitu::run(quick),
+        _ => Err(anyhow::anyhow!("usage: lb-bench xdp-micro|xdp-insitu|l4 [--quick]")),
     };
     if let Err(e) = result {
         eprintln!("lb-bench: {e:#}");

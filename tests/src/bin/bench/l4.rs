@@ -21,10 +21,10 @@ const CONTENDERS: [&str; 4] = [
 ];
 
 /// A contender in place: the address to load, the daemon if it is `lb`, and how to undo it.
-type Contender = (String, Option<Lb>, Box<dyn FnOnce()>);
+pub(super) type Contender = (String, Option<Lb>, Box<dyn FnOnce()>);
 
 /// One contender's setup in the balancer namespace, balancing over the first `n` backends.
-fn setup(topo: &Topology, which: usize, n: usize) -> anyhow::Result<Contender> {
+pub(super) fn setup(topo: &Topology, which: usize, n: usize) -> anyhow::Result<Contender> {
     let lb = &topo.lb;
     let backends: Vec<String> = topo.backends.iter().take(n).map(|b| b.v4.to_string()).collect();
     match which {
@@ -149,7 +149,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
 }
 
 /// A client, the balancer namespace and `n` backends running nginx and iperf3.
-fn fresh(n: usize) -> anyhow::Result<Topology> {
+pub(super) fn fresh(n: usize) -> anyhow::Result<Topology> {
     let topo = Topology::new(n)?;
     topo.lb.sysctl("net.ipv4.ip_forward", "1")?;
     for (i, b) in topo.backends.iter().enumerate() {

@@ -1,4 +1,5 @@
 //! Benchmark sections; each prints Markdown.
+pub mod insitu;
 pub mod l4;
 pub mod micro;
 pub mod tools;
