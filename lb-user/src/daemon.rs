@@ -8,6 +8,8 @@ use crate::{
     config::Config,
     control::{admin, state::State},
     dataplane::Dataplane,
+    l4::{self, L4},
+    upstream,
 };
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -26,11 +28,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Userspace L4 listeners. The groups are the daemon's one set (backend commands change
+    // them); the L7 listeners register their TLS hand-offs in `handoffs` when they exist.
+    let groups = upstream::groups(&config.upstream);
+    let handoffs = l4::Handoffs::new();
+    let l4 = L4::build(&config.tcp, &groups, &handoffs)?;
+    let _l4_stats = l4.stats();
+    let l4 = l4.bind().await?;
     let listener = admin::bind(config.admin.listen).await?;
     log::info!("admin API on http://{}", listener.local_addr()?);
     let state = Arc::new(State { config, dataplane });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let admin_task = tokio::spawn(admin::run(listener, state.clone(), shutdown_rx));
+    let admin_task = tokio::spawn(admin::run(listener, state.clone(), shutdown_rx.clone()));
+    let mut l4_tasks = l4.spawn(shutdown_rx);
 
     let mut term = unix::signal(unix::SignalKind::terminate()).context("SIGTERM handler")?;
     tokio::select! {
@@ -39,6 +49,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _ = shutdown_tx.send(true);
     admin_task.await??;
+    while let Some(r) = l4_tasks.join_next().await {
+        r??;
+    }
     drop(state);
     log::info!("stopped; XDP detached");
     Ok(())

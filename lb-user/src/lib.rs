@@ -4,5 +4,6 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod l4;
 pub mod maglev;
 pub mod upstream;

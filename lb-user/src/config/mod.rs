@@ -1,6 +1,7 @@
 //! The one TOML config of lb: parse → validate, with no socket bound and no program loaded, so
 //! `lb check` and tests can use it freely.
 mod backend;
+mod tcp;
 mod upstream;
 mod xdp;
 
@@ -10,6 +11,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 pub use backend::BackendSpec;
+pub use tcp::{Cidr, ListenerConfig, ProxyProtocol, Secs, SniAction, SniRoute, TcpConfig};
 pub use upstream::UpstreamConfig;
 pub use xdp::{HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
 
@@ -24,6 +26,9 @@ pub struct Config {
     /// Named backend groups for the L7 and userspace L4 proxies.
     #[serde(default)]
     pub upstream: BTreeMap<String, UpstreamConfig>,
+    /// Userspace L4 listeners (TCP/UDP relay, TLS passthrough by SNI).
+    #[serde(default)]
+    pub tcp: TcpConfig,
 }
 
 /// Where the admin API listens.
@@ -82,6 +87,7 @@ impl Config {
         if let Some(xdp) = &config.xdp {
             xdp.validate(&mut errors);
         }
+        config.tcp.validate(&config.upstream, &mut errors);
         if errors.is_empty() {
             Ok(config)
         } else {
