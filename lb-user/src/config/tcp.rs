@@ -235,7 +235,8 @@ impl TcpConfig {
                     l.name
                 ));
             }
-            if !binds.insert((l.listen, l.protocol)) {
+            // Port 0 (the kernel picks one) never collides.
+            if l.listen.port() != 0 && !binds.insert((l.listen, l.protocol)) {
                 errors.push(format!(
                     "{at}: {} ({:?}) is already used by another tcp listener",
                     l.listen, l.protocol
