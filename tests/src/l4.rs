@@ -122,8 +122,15 @@ impl TlsBackend {
     }
 
     pub async fn start_on(addr: SocketAddr, name: &str, names: &[&str]) -> Self {
+        let listener = std::net::TcpListener::bind(addr).expect("bind tls backend");
+        Self::on(listener, name, names)
+    }
+
+    /// Serves on a listener bound elsewhere (e.g. inside a namespace). Needs a runtime.
+    pub fn on(listener: std::net::TcpListener, name: &str, names: &[&str]) -> Self {
         let (cert, key) = cert(names);
-        let listener = TcpListener::bind(addr).await.expect("bind tls backend");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = TcpListener::from_std(listener).expect("tokio listener");
         let addr = listener.local_addr().unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&cert, &key));
         let name = name.to_string();
@@ -234,7 +241,13 @@ pub fn trickle(tcp: &mut std::net::TcpStream, bytes: &[u8]) {
 /// A TCP backend: writes `"<name>\n"`, echoes until the client's FIN, then writes `"eof\n"` and
 /// closes: a client that half-closes still gets everything.
 pub async fn echo_backend(addr: SocketAddr, name: &str) -> SocketAddr {
-    let listener = TcpListener::bind(addr).await.expect("bind echo backend");
+    echo_backend_on(std::net::TcpListener::bind(addr).expect("bind echo backend"), name)
+}
+
+/// [`echo_backend`] on a listener bound elsewhere (e.g. inside a namespace). Needs a runtime.
+pub fn echo_backend_on(listener: std::net::TcpListener, name: &str) -> SocketAddr {
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = TcpListener::from_std(listener).expect("tokio listener");
     let addr = listener.local_addr().unwrap();
     let name = name.to_string();
     tokio::spawn(async move {
@@ -282,7 +295,13 @@ pub fn echo_roundtrip(
 
 /// A UDP backend answering each datagram with `"<name>:" + datagram`.
 pub async fn udp_echo(addr: SocketAddr, name: &str) -> SocketAddr {
-    let sock = UdpSocket::bind(addr).await.expect("bind udp backend");
+    udp_echo_on(std::net::UdpSocket::bind(addr).expect("bind udp backend"), name)
+}
+
+/// [`udp_echo`] on a socket bound elsewhere (e.g. inside a namespace). Needs a runtime.
+pub fn udp_echo_on(sock: std::net::UdpSocket, name: &str) -> SocketAddr {
+    sock.set_nonblocking(true).expect("nonblocking");
+    let sock = UdpSocket::from_std(sock).expect("tokio socket");
     let addr = sock.local_addr().unwrap();
     let name = name.to_string();
     tokio::spawn(async move {
@@ -358,4 +377,88 @@ fn read_proxy_header(all: &[u8]) -> anyhow::Result<ProxySeen> {
     let src = SocketAddr::new(f[2].parse()?, f[4].parse()?);
     let dst = SocketAddr::new(f[3].parse()?, f[5].parse()?);
     Ok(ProxySeen { version: 1, src, dst, payload: all[end + 2..].to_vec() })
+}
+
+/// `lb run` as a child process inside a namespace, optionally as another user (setpriv);
+/// SIGTERM then SIGKILL on drop.
+pub struct LbProcess {
+    pub child: std::process::Child,
+    config: std::path::PathBuf,
+}
+
+impl LbProcess {
+    /// Starts `lb run --config` with `config` in `ns` as `uid` (and gid) if given; returns once
+    /// `ready` succeeds (polled for at most 20 s) or fails if lb exits first.
+    pub fn start(
+        ns: &crate::netns::Netns,
+        config: &str,
+        uid: Option<u32>,
+        ready: impl Fn() -> bool,
+    ) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{}-l4.toml", ns.name));
+        std::fs::write(&path, config)?;
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name]);
+        if let Some(uid) = uid {
+            cmd.args([
+                "setpriv",
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+            ]);
+        }
+        let child = cmd
+            .arg(crate::lb::lb_binary()?)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .spawn()?;
+        let mut lb = Self { child, config: path };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = lb.child.try_wait()? {
+                anyhow::bail!("lb run exited early with {status}");
+            }
+            if ready() {
+                return Ok(lb);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::bail!("lb run did not become ready within 20 s")
+    }
+
+    /// The real and effective uid of the running daemon, from /proc.
+    pub fn uids(&self) -> anyhow::Result<String> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default();
+        Ok(line.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit.
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for LbProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.terminate();
+        }
+        let _ = std::fs::remove_file(&self.config);
+    }
 }
