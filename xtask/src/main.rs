@@ -102,6 +102,10 @@ fn fuzz(seconds: u32) -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let limit = format!("-max_total_time={seconds}");
     for target in ["client_hello", "proxy_header"] {
+        // New inputs go to the (ignored) corpus dir; the checked-in seeds are read only.
+        let corpus = root.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = root.join("seeds").join(target);
         cmd::step(
             &format!("fuzz {target} ({seconds} s)"),
             &[
@@ -112,6 +116,8 @@ fn fuzz(seconds: u32) -> anyhow::Result<()> {
                 "--fuzz-dir",
                 root.to_str().unwrap_or("fuzz"),
                 target,
+                corpus.to_str().unwrap_or_default(),
+                seeds.to_str().unwrap_or_default(),
                 "--",
                 &limit,
             ],
