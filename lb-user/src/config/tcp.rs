@@ -388,6 +388,15 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let section = readme.split("## Userspace L4").nth(1).expect("README section");
+        let toml = section.split("```toml").nth(1).and_then(|t| t.split("```").next()).unwrap();
+        let c = Config::parse(toml).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.tcp.listeners.len(), 2);
+    }
+
+    #[test]
     fn cidrs_and_durations_refuse_nonsense() {
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("nope".parse::<Cidr>().is_err());
