@@ -23,10 +23,44 @@ pub const RING_SIZE: u32 = 65537;
 pub mod maps {
     /// `HashMap<VipKey, VipInfo>`: which (address, port, protocol) are virtual services.
     pub const VIPS: &str = "LB_VIPS";
+    /// `Array<u32>` of `MAX_SERVICES * RING_SIZE`: backend id per Maglev slot, service-major.
+    pub const RING: &str = "LB_RING";
+    /// `Array<BackendInfo>` indexed by backend id (0 is never used).
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    /// `LruHashMap<FlowKey, FlowState>`: client-side connection tracking.
+    pub const FLOWS: &str = "LB_FLOWS";
+    /// `LruHashMap<NatKey, NatState>`: backend-side reverse NAT.
+    pub const NAT: &str = "LB_NAT";
+    /// `HashMap<u32, IfaceAddrs>`: the balancer's own address per ifindex (the SNAT source).
+    pub const IFACES: &str = "LB_IFACES";
+    /// `DevMapHash`: the interfaces frames may be redirected to, keyed by ifindex.
+    pub const DEVMAP: &str = "LB_DEVMAP";
+    /// `Array<Settings>` with one entry.
+    pub const SETTINGS: &str = "LB_SETTINGS";
+    /// `PerCpuArray<u32>`: each CPU's NAT port cursor.
+    pub const PORT_CURSOR: &str = "LB_PORT_CURSOR";
     /// `PerCpuArray<Counter>` indexed by service id.
     pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
+    /// `PerCpuArray<Counter>` indexed by backend id.
+    pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
     /// `PerCpuArray<u64>` indexed by [`crate::stat`].
     pub const STATS: &str = "LB_STATS";
+
+    /// Every map, for the check after load and for pinning.
+    pub const ALL: [&str; 12] = [
+        VIPS,
+        RING,
+        BACKENDS,
+        FLOWS,
+        NAT,
+        IFACES,
+        DEVMAP,
+        SETTINGS,
+        PORT_CURSOR,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        STATS,
+    ];
 }
 
 /// Names of the programs in the object.
@@ -62,6 +96,9 @@ pub struct VipKey {
 }
 const _: () = assert!(size_of::<VipKey>() == 20);
 
+/// `VipInfo::flags`: hash the whole five-tuple instead of the client address alone.
+pub const VIP_F_FIVE_TUPLE: u32 = 1;
+
 /// What the program knows about a virtual service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -73,43 +110,192 @@ pub struct VipInfo {
 }
 const _: () = assert!(size_of::<VipInfo>() == 8);
 
-/// A packet and byte counter (bytes are whole frames as seen by XDP).
+/// Packets, bytes (whole frames as seen by XDP) and new flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Counter {
     pub packets: u64,
     pub bytes: u64,
+    pub flows: u64,
 }
-const _: () = assert!(size_of::<Counter>() == 16);
+const _: () = assert!(size_of::<Counter>() == 24);
 
 impl Counter {
     /// Sums per-CPU values.
     pub fn add(&mut self, other: &Counter) {
         self.packets += other.packets;
         self.bytes += other.bytes;
+        self.flows += other.flows;
     }
 }
 
+/// `BackendInfo::flags`: the slot holds a live backend.
+pub const BACKEND_F_ACTIVE: u32 = 1;
+
+/// A backend as the program sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendInfo {
+    /// Network byte order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+    /// `BACKEND_F_*`.
+    pub flags: u32,
+    /// Bumped each time the id is given to another backend, so flows tracked to the previous
+    /// owner of the id are not sent to the new one.
+    pub generation: u32,
+    /// The service this backend serves (ids are per service and backend address).
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<BackendInfo>() == 32);
+
+/// The client side of a tracked flow: exactly the packet's (src, dst=VIP, ports, proto).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Network byte order.
+    pub src: [u8; 16],
+    /// Network byte order.
+    pub dst: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// `FlowState::flags` and `NatState::flags` bits.
+pub const FLOW_F_FIN_CLIENT: u32 = 1;
+pub const FLOW_F_FIN_BACKEND: u32 = 2;
+pub const FLOW_F_RST: u32 = 4;
+
+/// Where a tracked flow goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowState {
+    pub backend_id: u32,
+    /// `BackendInfo::generation` when the flow was created.
+    pub generation: u32,
+    /// The balancer's address toward the backend (SNAT source), network byte order.
+    pub snat: [u8; 16],
+    /// The SNAT source port, network byte order.
+    pub nat_port: u16,
+    pub _pad: u16,
+    /// `FLOW_F_*`, set by either direction.
+    pub flags: u32,
+    /// `bpf_ktime_get_ns` of the last packet, either direction.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<FlowState>() == 40);
+
+/// The backend side of a tracked flow: the reply's (src=backend, dst=SNAT address, ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NatKey {
+    /// Backend address, network byte order.
+    pub backend: [u8; 16],
+    /// SNAT address, network byte order.
+    pub snat: [u8; 16],
+    /// Backend port, network byte order.
+    pub backend_port: u16,
+    /// SNAT port, network byte order.
+    pub nat_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<NatKey>() == 40);
+
+/// How to turn a reply back into VIP → client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatState {
+    /// The client-side key of the flow; replies update its flags and last-seen time.
+    pub flow: FlowKey,
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<NatState>() == 48);
+
+/// The balancer's own addresses on one interface, network byte order; all-zero when absent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IfaceAddrs {
+    pub v4: [u8; 4],
+    pub v6: [u8; 16],
+}
+const _: () = assert!(size_of::<IfaceAddrs>() == 20);
+
+/// Default capacity of the flow and NAT tables (each); `xdp.max_flows` overrides it.
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+
+/// Runtime settings written by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// A UDP flow idle this long is new again (nanoseconds).
+    pub udp_idle_ns: u64,
+    /// A TCP flow closed (RST, or FIN both ways) this long ago is gone (nanoseconds).
+    pub tcp_closed_ns: u64,
+    /// SNAT ports are taken from `[nat_port_min, nat_port_max]`, host byte order.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    /// CPUs the program may run on; each owns a slice of the port range.
+    pub cpus: u32,
+}
+const _: () = assert!(size_of::<Settings>() == 24);
+
+/// Defaults for [`Settings`].
+pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
+pub const DEFAULT_TCP_CLOSED_NS: u64 = 10_000_000_000;
+pub const DEFAULT_NAT_PORT_MIN: u16 = 1024;
+pub const DEFAULT_NAT_PORT_MAX: u16 = 32767;
+
 /// Indexes into the global `LB_STATS` per-CPU array: why a packet got its action.
 pub mod stat {
-    /// Every packet the program saw.
-    pub const RX: u32 = 0;
-    /// Passed: not IPv4/IPv6 (ARP, LLDP, ...).
-    pub const PASS_NOT_IP: u32 = 1;
-    /// Passed: IP but neither TCP nor UDP, or IPv6 with extension headers.
-    pub const PASS_NOT_L4: u32 = 2;
-    /// Passed: destination is not a virtual service.
-    pub const PASS_NOT_VIP: u32 = 3;
-    /// Passed: header shorter than it claims (the kernel drops or handles it).
-    pub const PASS_TRUNCATED: u32 = 4;
-    /// Matched a virtual service.
-    pub const VIP_HIT: u32 = 5;
-    /// Number of reasons; the size of `LB_STATS`.
-    pub const COUNT: u32 = 6;
-
-    /// Human names, in index order, used by `lb stats` and `/metrics`.
-    pub const NAMES: [&str; COUNT as usize] =
-        ["rx", "pass_not_ip", "pass_not_l4", "pass_not_vip", "pass_truncated", "vip_hit"];
+    macro_rules! reasons {
+        ($($name:ident = $value:expr, $text:literal;)*) => {
+            $(#[doc = $text] pub const $name: u32 = $value;)*
+            /// Number of reasons; the size of `LB_STATS`.
+            pub const COUNT: u32 = [$($value),*].len() as u32;
+            /// Names in index order, used by `lb stats` and `/metrics`.
+            pub const NAMES: [&str; COUNT as usize] = [$($text),*];
+        };
+    }
+    reasons! {
+        RX = 0, "rx";
+        PASS_NOT_IP = 1, "pass_not_ip";
+        PASS_NOT_L4 = 2, "pass_not_l4";
+        PASS_NOT_VIP = 3, "pass_not_vip";
+        PASS_TRUNCATED = 4, "pass_truncated";
+        VIP_HIT = 5, "vip_hit";
+        FLOW_HIT = 6, "flow_hit";
+        FLOW_MISS = 7, "flow_miss";
+        FLOW_NEW = 8, "flow_new";
+        REPLY = 9, "reply";
+        TX = 10, "tx";
+        REDIRECT = 11, "redirect";
+        PASS_NO_NEIGH = 12, "pass_no_neigh";
+        PASS_ICMP = 13, "pass_icmp";
+        PASS_FRAGMENT = 14, "pass_fragment";
+        PASS_BAD_HEADER = 15, "pass_bad_header";
+        DROP_NOT_SYN = 16, "drop_not_syn";
+        DROP_NO_BACKEND = 17, "drop_no_backend";
+        DROP_BACKEND_GONE = 18, "drop_backend_gone";
+        DROP_NO_ROUTE = 19, "drop_no_route";
+        DROP_NO_SNAT_ADDR = 20, "drop_no_snat_addr";
+        DROP_NO_PORT = 21, "drop_no_port";
+        DROP_MAP_FULL = 22, "drop_map_full";
+        DROP_REDIRECT = 23, "drop_redirect";
+        DROP_NO_NEIGH = 24, "drop_no_neigh";
+        PASS_TTL = 25, "pass_ttl_exceeded";
+    }
 }
 
 #[cfg(feature = "user")]
@@ -119,4 +305,11 @@ mod pod {
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::BackendInfo {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::NatKey {}
+    unsafe impl aya::Pod for super::NatState {}
+    unsafe impl aya::Pod for super::IfaceAddrs {}
+    unsafe impl aya::Pod for super::Settings {}
 }

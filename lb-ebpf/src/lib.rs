@@ -1,50 +1,181 @@
-//! The XDP balancer: parse, classify, count. Stages are plain functions joined with `?`; an `Err`
-//! carries the action to return, so every early exit states what happens to the packet.
+//! The XDP balancer: parse, classify, then either forward a client's packet to its backend or
+//! turn a backend's reply back toward the client (full NAT both ways). Stages are plain
+//! functions joined with `?`; an `Err` carries the action, so every early exit says what
+//! happens to the packet, and each is counted.
 #![no_std]
+// Map keys are passed by reference on purpose: `Borrow<K>` by value would copy 40-byte keys
+// onto the 512-byte BPF stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
+pub mod fib;
+pub mod flow;
 pub mod maps;
+pub mod nat;
 pub mod parse;
+pub mod scratch;
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Counter, stat};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use lb_common::{FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, PROTO_TCP, VipInfo, VipKey, stat};
 
-use crate::parse::{L3, parse};
+use crate::{
+    flow::Tracked,
+    maps::{BACKEND_STATS, FLOWS, NAT, SERVICE_STATS, VIPS, account, count},
+    nat::rewrite,
+    parse::parse,
+    scratch::Work,
+};
 
 /// Runs the balancer on one frame and returns the XDP action.
 #[inline(always)]
 pub fn balance(ctx: &XdpContext) -> u32 {
-    maps::count(stat::RX);
-    match try_balance(ctx) {
+    count(stat::RX);
+    let Some(w) = scratch::work() else {
+        return xdp_action::XDP_PASS;
+    };
+    match try_balance(ctx, w) {
         Ok(action) | Err(action) => action,
     }
 }
 
 #[inline(always)]
-fn try_balance(ctx: &XdpContext) -> Result<u32, u32> {
-    let pkt = parse(ctx)?;
-    let key = match pkt.l3 {
-        L3::V4 { daddr, .. } => pkt.vip_key_v4(daddr),
-        L3::V6 { daddr, .. } => pkt.vip_key_v6(daddr),
-    };
-    // SAFETY: the value is plain data and never kept past this packet.
-    let Some(vip) = (unsafe { maps::VIPS.get(key) }) else {
-        maps::count(stat::PASS_NOT_VIP);
-        return Ok(xdp_action::XDP_PASS);
-    };
-    maps::count(stat::VIP_HIT);
-    if let Some(c) = maps::SERVICE_STATS.get_ptr_mut(vip.service_id) {
-        let len = (ctx.data_end() - ctx.data()) as u64;
-        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
-        unsafe { add(c, len) };
+fn try_balance(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
+    parse(ctx, &mut w.pkt)?;
+    // IPv4 keys carry the address in the first 4 bytes; parse zeroed the rest.
+    let key =
+        VipKey { addr: w.pkt.dst, port: w.pkt.dport, proto: w.pkt.proto, family: w.pkt.family };
+    flow::load_settings(&mut w.s);
+    // SAFETY: the value is plain data, copied out at once.
+    match unsafe { VIPS.get(&key) } {
+        Some(vip) => {
+            let vip = *vip;
+            forward(ctx, w, &vip)
+        }
+        None => reply(ctx, w),
     }
-    Ok(xdp_action::XDP_PASS)
 }
 
+/// Frame length as XDP sees it, for byte counters.
 #[inline(always)]
-unsafe fn add(c: *mut Counter, bytes: u64) {
-    // SAFETY: the caller passes a valid per-CPU map slot.
-    unsafe {
-        (*c).packets += 1;
-        (*c).bytes += bytes;
+fn frame_len(ctx: &XdpContext) -> u64 {
+    (ctx.data_end() - ctx.data()) as u64
+}
+
+/// Client → VIP becomes balancer → backend. Not inlined: the two directions then get separate
+/// stack frames instead of one frame holding both.
+#[inline(never)]
+fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
+    count(stat::VIP_HIT);
+    if w.pkt.ttl <= 1 {
+        // The kernel answers with ICMP time exceeded.
+        count(stat::PASS_TTL);
+        return Ok(xdp_action::XDP_PASS);
     }
+    flow::make_key(w);
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let new = match flow::lookup(w, now) {
+        Tracked::Live(ptr) => {
+            count(stat::FLOW_HIT);
+            // SAFETY: a valid map value.
+            let (id, generation) = unsafe { ((*ptr).backend_id, (*ptr).generation) };
+            if !flow::backend(id, &mut w.be) || w.be.generation != generation {
+                count(stat::DROP_BACKEND_GONE);
+                return Err(xdp_action::XDP_DROP);
+            }
+            // SAFETY: as above.
+            w.st = unsafe { *ptr };
+            flow::route_to_backend(ctx, w, false)?;
+            // SAFETY: a valid map value (see flow::touch on concurrent updates).
+            flow::touch(unsafe { &mut *ptr }, flow::flags_of(&w.pkt, FLOW_F_FIN_CLIENT), now);
+            false
+        }
+        tracked => {
+            count(stat::FLOW_MISS);
+            if w.pkt.proto == PROTO_TCP && !flow::is_syn(&w.pkt) {
+                // Its NAT state is gone (or never was): the backend would not know it.
+                count(stat::DROP_NOT_SYN);
+                return Err(xdp_action::XDP_DROP);
+            }
+            if let Tracked::Ended = tracked {
+                flow::forget(w);
+            }
+            flow::create(ctx, w, vip, now)?;
+            count(stat::FLOW_NEW);
+            true
+        }
+    };
+    let len = frame_len(ctx);
+    account(&SERVICE_STATS, vip.service_id, len, new);
+    account(&BACKEND_STATS, w.st.backend_id, len, new);
+    w.t.src = w.st.snat;
+    w.t.dst = w.be.addr;
+    w.t.sport = w.st.nat_port;
+    w.t.dport = w.be.port;
+    w.t.smac = w.hop.smac;
+    w.t.dmac = w.hop.dmac;
+    rewrite(ctx, &w.pkt, &w.t)?;
+    Ok(fib::send(ctx, w.hop.ifindex))
+}
+
+/// Backend → balancer (a tracked SNAT port) becomes VIP → client; anything else passes.
+#[inline(never)]
+fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
+    let port = u16::from_be(w.pkt.dport);
+    if port < w.s.nat_port_min || port > w.s.nat_port_max {
+        count(stat::PASS_NOT_VIP);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    w.nk.backend = w.pkt.src;
+    w.nk.snat = w.pkt.dst;
+    w.nk.backend_port = w.pkt.sport;
+    w.nk.nat_port = w.pkt.dport;
+    w.nk.proto = w.pkt.proto;
+    w.nk.family = w.pkt.family;
+    w.nk._pad = 0;
+    // SAFETY: the value is plain data, copied out at once.
+    let Some(ns) = (unsafe { NAT.get(&w.nk) }) else {
+        count(stat::PASS_NOT_VIP);
+        return Ok(xdp_action::XDP_PASS);
+    };
+    w.ns = *ns;
+    count(stat::REPLY);
+    if w.pkt.ttl <= 1 {
+        count(stat::PASS_TTL);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    if let Some(st) = FLOWS.get_ptr_mut(&w.ns.flow) {
+        // SAFETY: a helper with no arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: a valid map value (see flow::touch on concurrent updates).
+        flow::touch(unsafe { &mut *st }, flow::flags_of(&w.pkt, FLOW_F_FIN_BACKEND), now);
+    }
+    let len = frame_len(ctx);
+    account(&SERVICE_STATS, w.ns.service_id, len, false);
+    account(&BACKEND_STATS, w.ns.backend_id, len, false);
+    // Translate toward the client: from the VIP, to the client.
+    w.t.src = w.ns.flow.dst;
+    w.t.dst = w.ns.flow.src;
+    w.t.sport = w.ns.flow.dport;
+    w.t.dport = w.ns.flow.sport;
+    let pass = match fib::lookup(ctx, &w.pkt, &w.t.src, &w.t.dst, &mut w.hop) {
+        Ok(()) => false,
+        // Translate but let the kernel forward it: it resolves the client's neighbour on the
+        // way, and later replies take the fast path. The frame keeps its MACs (addressed to us).
+        Err(fib::FibMiss::NoNeigh) => {
+            fib::keep_macs(ctx, &mut w.hop)?;
+            true
+        }
+        Err(fib::FibMiss::Other) => {
+            count(stat::DROP_NO_ROUTE);
+            return Err(xdp_action::XDP_DROP);
+        }
+    };
+    w.t.smac = w.hop.smac;
+    w.t.dmac = w.hop.dmac;
+    rewrite(ctx, &w.pkt, &w.t)?;
+    if pass {
+        count(stat::PASS_NO_NEIGH);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    Ok(fib::send(ctx, w.hop.ifindex))
 }

@@ -1,15 +1,49 @@
 //! The maps of the program. Names and value types are the contract in `lb_common::maps`.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
-use lb_common::{Counter, MAX_SERVICES, VipInfo, VipKey, stat};
+use lb_common::{
+    BackendInfo, Counter, DEFAULT_MAX_FLOWS, FlowKey, FlowState, IfaceAddrs, MAX_BACKENDS,
+    MAX_SERVICES, NatKey, NatState, RING_SIZE, Settings, VipInfo, VipKey, stat,
+};
+
+/// Interfaces a balancer may serve; the devmap and address table hold one entry each.
+const MAX_IFACES: u32 = 64;
 
 #[map(name = "LB_VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
+#[map(name = "LB_RING")]
+pub static RING: Array<u32> = Array::with_max_entries(MAX_SERVICES * RING_SIZE, 0);
+
+#[map(name = "LB_BACKENDS")]
+pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "LB_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+#[map(name = "LB_NAT")]
+pub static NAT: LruHashMap<NatKey, NatState> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+#[map(name = "LB_IFACES")]
+pub static IFACES: HashMap<u32, IfaceAddrs> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+#[map(name = "LB_DEVMAP")]
+pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+
+#[map(name = "LB_SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map(name = "LB_PORT_CURSOR")]
+pub static PORT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "LB_SERVICE_STATS")]
 pub static SERVICE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "LB_BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 #[map(name = "LB_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -20,5 +54,18 @@ pub fn count(reason: u32) {
     if let Some(c) = STATS.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot; nothing else writes it while this program runs on this CPU.
         unsafe { *c += 1 };
+    }
+}
+
+/// Adds a packet (and a new flow if `new_flow`) to a per-CPU counter slot.
+#[inline(always)]
+pub fn account(map: &PerCpuArray<Counter>, index: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; nothing else writes it while this program runs on this CPU.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).flows += new_flow as u64;
+        }
     }
 }

@@ -3,15 +3,19 @@
 use core::mem::size_of;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipKey, stat};
+use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, stat};
 
 use crate::maps::count;
 
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_HLEN: usize = 14;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
 
 /// Returns a pointer to a `T` at `offset` bytes into the frame, or `None` if it does not fit.
 #[inline(always)]
@@ -24,82 +28,98 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// The network layer of a parsed packet; addresses in network byte order.
-#[derive(Clone, Copy)]
-pub enum L3 {
-    V4 { saddr: [u8; 4], daddr: [u8; 4] },
-    V6 { saddr: [u8; 16], daddr: [u8; 16] },
-}
-
-/// What the balancer needs from a TCP or UDP packet.
+/// What the balancer needs from a TCP or UDP packet. Addresses and ports in network byte order;
+/// an IPv4 address fills the first 4 bytes of its 16.
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Packet {
-    pub l3: L3,
+    pub family: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
     /// Offset of the TCP/UDP header from the start of the frame.
     pub l4_off: usize,
-    /// Network byte order.
     pub sport: u16,
-    /// Network byte order.
     pub dport: u16,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// The IP packet's length (IPv4 total length, or IPv6 payload + header), host byte order.
+    pub ip_len: u16,
+    /// Hop limit / TTL.
+    pub ttl: u8,
 }
 
-impl Packet {
-    #[inline(always)]
-    pub fn vip_key_v4(&self, daddr: [u8; 4]) -> VipKey {
-        let mut addr = [0u8; 16];
-        addr[..4].copy_from_slice(&daddr);
-        VipKey { addr, port: self.dport, proto: self.proto, family: FAMILY_V4 }
-    }
-
-    #[inline(always)]
-    pub fn vip_key_v6(&self, daddr: [u8; 16]) -> VipKey {
-        VipKey { addr: daddr, port: self.dport, proto: self.proto, family: FAMILY_V6 }
-    }
-}
-
-/// Parses Ethernet, IPv4/IPv6 and the TCP/UDP ports. Anything else is `Err(XDP_PASS)`, counted.
+/// Parses Ethernet, IPv4/IPv6 and the TCP/UDP header into `pkt`. Anything the balancer does not
+/// handle is `Err(XDP_PASS)`, counted by reason: the kernel gets it unchanged.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
+pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), u32> {
     let pass = |reason| {
         count(reason);
         xdp_action::XDP_PASS
     };
-    let ethertype: *const u16 = ptr_at(ctx, 12).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
+    let ethertype: *const [u8; 2] = ptr_at(ctx, 12).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
     // SAFETY: ptr_at checked the bounds.
-    let ethertype = u16::from_be(unsafe { ethertype.read_unaligned() });
-    let (l3, proto, l4_off) = match ethertype {
+    let ethertype = u16::from_be_bytes(unsafe { *ethertype });
+    pkt.src = [0u8; 16];
+    pkt.dst = [0u8; 16];
+    let (family, proto, l4_off, ip_len, ttl) = match ethertype {
         ETH_P_IP => {
             let ip: *const [u8; IPV4_HLEN] =
                 ptr_at(ctx, ETH_HLEN).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
             // SAFETY: ptr_at checked the bounds.
             let ip = unsafe { &*ip };
             let ihl = (ip[0] & 0x0f) as usize * 4;
-            let l3 = L3::V4 {
-                saddr: [ip[12], ip[13], ip[14], ip[15]],
-                daddr: [ip[16], ip[17], ip[18], ip[19]],
-            };
-            (l3, ip[9], ETH_HLEN + ihl)
+            if ip[0] >> 4 != 4 || ihl < IPV4_HLEN {
+                return Err(pass(stat::PASS_BAD_HEADER));
+            }
+            // Non-first fragments carry no ports; first fragments are incomplete. Both go to
+            // the kernel, which reassembles what is for this host.
+            if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+                return Err(pass(stat::PASS_FRAGMENT));
+            }
+            pkt.src[..4].copy_from_slice(&ip[12..16]);
+            pkt.dst[..4].copy_from_slice(&ip[16..20]);
+            (FAMILY_V4, ip[9], ETH_HLEN + ihl, u16::from_be_bytes([ip[2], ip[3]]), ip[8])
         }
         ETH_P_IPV6 => {
             let ip: *const [u8; IPV6_HLEN] =
                 ptr_at(ctx, ETH_HLEN).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
             // SAFETY: ptr_at checked the bounds.
             let ip = unsafe { &*ip };
-            let mut saddr = [0u8; 16];
-            let mut daddr = [0u8; 16];
-            saddr.copy_from_slice(&ip[8..24]);
-            daddr.copy_from_slice(&ip[24..40]);
-            (L3::V6 { saddr, daddr }, ip[6], ETH_HLEN + IPV6_HLEN)
+            pkt.src.copy_from_slice(&ip[8..24]);
+            pkt.dst.copy_from_slice(&ip[24..40]);
+            let len = u16::from_be_bytes([ip[4], ip[5]]).saturating_add(IPV6_HLEN as u16);
+            (FAMILY_V6, ip[6], ETH_HLEN + IPV6_HLEN, len, ip[7])
         }
         _ => return Err(pass(stat::PASS_NOT_IP)),
     };
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Err(pass(stat::PASS_NOT_L4));
-    }
-    let ports: *const [u16; 2] = ptr_at(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
+    let tcp_flags = match proto {
+        PROTO_TCP => {
+            let tcp: *const [u8; TCP_HLEN] =
+                ptr_at(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
+            // SAFETY: ptr_at checked the bounds.
+            unsafe { (*tcp)[13] }
+        }
+        PROTO_UDP => {
+            ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
+            0
+        }
+        // ICMP errors quoting a balanced flow are not translated: the kernel gets them.
+        PROTO_ICMP | PROTO_ICMPV6 => return Err(pass(stat::PASS_ICMP)),
+        // IPv6 extension headers, GRE, SCTP, ...
+        _ => return Err(pass(stat::PASS_NOT_L4)),
+    };
+    let ports: *const [u8; 4] = ptr_at(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
     // SAFETY: ptr_at checked the bounds.
-    let [sport, dport] = unsafe { ports.read_unaligned() };
-    Ok(Packet { l3, proto, l4_off, sport, dport })
+    let ports = unsafe { *ports };
+    pkt.family = family;
+    pkt.proto = proto;
+    pkt.l4_off = l4_off;
+    pkt.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+    pkt.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    pkt.tcp_flags = tcp_flags;
+    pkt.ip_len = ip_len;
+    pkt.ttl = ttl;
+    Ok(())
 }

@@ -27,19 +27,84 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Show per-service counters of the running daemon.
+    /// Show counters per service and backend.
     Stats {
+        /// Only this service or upstream group.
+        service: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Change the backends of a service or upstream group at runtime.
+    Backend {
+        #[command(subcommand)]
+        action: BackendAction,
+    },
+    /// Remove the pinned XDP program and maps (stops kernel forwarding).
+    Detach {
+        /// Read the pin directory from this config.
+        #[arg(long, short, env = "LB_CONFIG")]
+        config: Option<PathBuf>,
+        /// The pin directory (default: the config's xdp.pin_path, else /sys/fs/bpf/lb).
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendAction {
+    /// Add a backend; it gets new flows at once.
+    Add {
+        service: String,
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove a backend; its flows stop.
+    Remove {
+        service: String,
+        addr: SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stop new flows to a backend; open ones finish.
+    Drain {
+        service: String,
+        addr: SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List backends (of one service, or all).
+    List {
+        service: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,
     },
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct AdminArgs {
-    /// The admin API address of the running daemon.
-    #[arg(long, env = "LB_ADMIN", default_value = crate::config::DEFAULT_ADMIN)]
-    pub admin: SocketAddr,
+    /// The admin API address of the running daemon [default: the config's, else 127.0.0.1:9901].
+    #[arg(long, env = "LB_ADMIN")]
+    pub admin: Option<SocketAddr>,
+    /// Take the admin address from this config.
+    #[arg(long, short, env = "LB_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Print the daemon's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+impl AdminArgs {
+    /// The address to reach the daemon at.
+    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
+        if let Some(a) = self.admin {
+            return Ok(a);
+        }
+        if let Some(path) = &self.config {
+            return Ok(crate::config::Config::load(path)?.admin.listen);
+        }
+        Ok(crate::config::DEFAULT_ADMIN.parse()?)
+    }
 }

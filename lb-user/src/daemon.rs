@@ -1,35 +1,58 @@
-//! `lb run`: build every configured part, serve until SIGINT/SIGTERM, then tear down.
+//! `lb run`: build every configured part, serve until SIGINT/SIGTERM, then stop. The XDP
+//! program stays pinned and keeps forwarding after the daemon exits; `lb detach` removes it.
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use tokio::{signal::unix, sync::watch};
 
 use crate::{
-    config::Config,
+    config::{Config, XdpConfig},
     control::{admin, state::State},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, DataplaneError, LoadOptions, host},
     l4::{self, L4},
     upstream,
 };
 
+/// Loads, attaches and fills the XDP program, preparing the host on the way.
+pub fn start_xdp(xdp: &XdpConfig) -> Result<Dataplane, DataplaneError> {
+    let mut dp = Dataplane::load(&LoadOptions::from_config(xdp))?;
+    if dp.adopted {
+        log::info!("adopted the pinned XDP maps under {}", xdp.pin_path.display());
+    }
+    let ipv6 = xdp.services.iter().any(|s| s.vip.is_ipv6());
+    for name in &xdp.interfaces {
+        let iface =
+            host::Iface::lookup(name).ok_or_else(|| DataplaneError::NoInterface(name.clone()))?;
+        host::prepare_interface(name, ipv6);
+        dp.attach(&iface, xdp.mode)?;
+        log::info!("XDP attached to {name} in {} mode", xdp.mode.as_str());
+    }
+    if ipv6 {
+        host::enable_ipv6_forwarding();
+    }
+    dp.apply(&xdp.services)?;
+    for s in &xdp.services {
+        log::info!(
+            "service {} on {} ({:?}), {} backends",
+            s.name,
+            s.vip,
+            s.protocol,
+            s.backends.len()
+        );
+        for b in &s.backends {
+            host::keep_neighbour(b.addr().ip());
+        }
+    }
+    Ok(dp)
+}
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let dataplane = match &config.xdp {
-        Some(xdp) => {
-            let mut dp = Dataplane::load()?;
-            for iface in &xdp.interfaces {
-                dp.attach(iface, xdp.mode)?;
-                log::info!("XDP attached to {iface} in {} mode", xdp.mode.as_str());
-            }
-            dp.set_services(&xdp.services)?;
-            for s in &xdp.services {
-                log::info!("service {} on {} ({:?})", s.name, s.vip, s.protocol);
-            }
-            Some(Mutex::new(dp))
-        }
+        Some(xdp) => Some(Mutex::new(start_xdp(xdp)?)),
         None => None,
     };
-    // Userspace L4 listeners. The groups are the daemon's one set (backend commands change
-    // them); the L7 listeners register their TLS hand-offs in `handoffs` when they exist.
+    // Userspace L4 listeners, on the daemon's one set of groups (the admin API's backend
+    // commands change them); the L7 listeners register their TLS hand-offs in `handoffs`.
     let groups = upstream::groups(&config.upstream);
     let handoffs = l4::Handoffs::new();
     let l4 = L4::build(&config.tcp, &groups, &handoffs)?;
@@ -37,7 +60,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let l4 = l4.bind().await?;
     let listener = admin::bind(config.admin.listen).await?;
     log::info!("admin API on http://{}", listener.local_addr()?);
-    let state = Arc::new(State { config, dataplane });
+    let state = Arc::new(State { config, dataplane, groups });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin::run(listener, state.clone(), shutdown_rx.clone()));
     let mut l4_tasks = l4.spawn(shutdown_rx);
@@ -52,7 +75,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     while let Some(r) = l4_tasks.join_next().await {
         r??;
     }
-    drop(state);
-    log::info!("stopped; XDP detached");
+    if state.dataplane.is_some() {
+        log::info!("stopped; the pinned XDP program keeps forwarding (`lb detach` removes it)");
+    } else {
+        log::info!("stopped");
+    }
     Ok(())
 }

@@ -1,12 +1,14 @@
 //! The `lb` binary: parse the command line, dispatch, print errors as one readable line.
+mod output;
+
 use std::process::ExitCode;
 
 use clap::Parser as _;
 use hyper::Method;
 use lb_user::{
-    cli::{Cli, Command},
-    config::Config,
-    control::{client, state},
+    cli::{AdminArgs, BackendAction, Cli, Command},
+    config::{Config, DEFAULT_PIN_PATH},
+    control::client,
 };
 
 fn main() -> ExitCode {
@@ -28,6 +30,15 @@ fn main() -> ExitCode {
     }
 }
 
+async fn call(
+    admin: &AdminArgs,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    client::call(admin.addr()?, method, path, body).await
+}
+
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
@@ -42,42 +53,61 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Status { admin } => {
-            let v = client::call(admin.admin, Method::GET, "/status", None).await?;
-            if admin.json {
-                println!("{v:#}");
-            } else {
-                let s: state::Status = serde_json::from_value(v)?;
-                println!("lb {}", s.version);
-                if s.xdp.is_empty() {
-                    println!("XDP: not attached");
-                }
-                for a in s.xdp {
-                    println!("XDP on {:<16} mode {}", a.interface, a.mode);
-                }
-            }
+            let v = call(&admin, Method::GET, "/status", None).await?;
+            output::status(&v, admin.json)?;
         }
-        Command::Stats { admin } => {
-            let v = client::call(admin.admin, Method::GET, "/stats", None).await?;
-            if admin.json {
-                println!("{v:#}");
+        Command::Stats { service, admin } => {
+            let path = service.map_or("/stats".to_string(), |s| format!("/services/{s}"));
+            let v = call(&admin, Method::GET, &path, None).await?;
+            output::stats(&v, admin.json)?;
+        }
+        Command::Backend { action } => backend(action).await?,
+        Command::Detach { config, pin_path } => {
+            let dir = match (pin_path, config) {
+                (Some(p), _) => p,
+                (None, Some(c)) => {
+                    Config::load(&c)?.xdp.map(|x| x.pin_path).unwrap_or(DEFAULT_PIN_PATH.into())
+                }
+                (None, None) => DEFAULT_PIN_PATH.into(),
+            };
+            let removed = lb_user::dataplane::detach(&dir)?;
+            if removed.is_empty() {
+                println!("nothing pinned under {}", dir.display());
             } else {
-                let s: state::Stats = serde_json::from_value(v)?;
                 println!(
-                    "{:<16} {:<24} {:<5} {:>12} {:>14}",
-                    "SERVICE", "VIP", "PROTO", "PACKETS", "BYTES"
+                    "removed {} pinned objects under {}; XDP detached",
+                    removed.len(),
+                    dir.display()
                 );
-                for svc in s.services {
-                    println!(
-                        "{:<16} {:<24} {:<5} {:>12} {:>14}",
-                        svc.name, svc.vip, svc.protocol, svc.packets, svc.bytes
-                    );
-                }
-                println!();
-                for (name, v) in s.reasons {
-                    println!("{name:<20} {v:>12}");
-                }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn backend(action: BackendAction) -> anyhow::Result<()> {
+    match action {
+        BackendAction::Add { service, addr, weight, admin } => {
+            let body = serde_json::json!({ "addr": addr, "weight": weight });
+            call(&admin, Method::POST, &format!("/services/{service}/backends"), Some(body))
+                .await?;
+            println!("added {addr} (weight {weight}) to {service}");
+        }
+        BackendAction::Remove { service, addr, admin } => {
+            call(&admin, Method::DELETE, &format!("/services/{service}/backends/{addr}"), None)
+                .await?;
+            println!("removed {addr} from {service}");
+        }
+        BackendAction::Drain { service, addr, admin } => {
+            call(&admin, Method::POST, &format!("/services/{service}/backends/{addr}/drain"), None)
+                .await?;
+            println!("draining {addr} in {service}: no new flows, open ones finish");
+        }
+        BackendAction::List { service, admin } => {
+            let path = service.map_or("/stats".to_string(), |s| format!("/services/{s}"));
+            let v = call(&admin, Method::GET, &path, None).await?;
+            output::backends(&v, admin.json)?;
+        }
+    }
+    Ok(())
 }

@@ -27,11 +27,51 @@ pub fn lb_binary() -> anyhow::Result<PathBuf> {
     })
 }
 
+/// Where tests pin: a bpffs of their own, mounted once outside /sys, because `ip netns exec`
+/// remounts /sys (and with it /sys/fs/bpf) for the command it runs.
+const TEST_BPFFS: &str = "/run/lb-test-bpffs";
+
+/// A pin directory unique to this run, on the test bpffs.
+pub fn pin_path() -> String {
+    static MOUNT: std::sync::Once = std::sync::Once::new();
+    MOUNT.call_once(|| {
+        let _ = std::fs::create_dir_all(TEST_BPFFS);
+        let mounted = crate::netns::run(&["stat", "-f", "-c", "%T", TEST_BPFFS])
+            .is_ok_and(|t| t.trim() == "bpf_fs");
+        if !mounted {
+            crate::netns::run(&["mount", "-t", "bpf", "bpf", TEST_BPFFS])
+                .expect("mount test bpffs");
+        }
+    });
+    format!("{TEST_BPFFS}/{}", crate::netns::unique("pin"))
+}
+
 pub struct Lb {
     child: Child,
     pub admin: SocketAddr,
     pub config: PathBuf,
     pub ns_name: String,
+    /// The config's pin directory, removed on drop.
+    pin: Option<String>,
+}
+
+fn spawn(ns: &Netns, config: &std::path::Path) -> anyhow::Result<Child> {
+    Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(lb_binary()?)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawn lb run")
+}
+
+fn pin_of(config: &str) -> Option<String> {
+    config.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == "pin_path").then(|| v.trim().trim_matches('"').to_string())
+    })
 }
 
 impl Lb {
@@ -40,16 +80,9 @@ impl Lb {
     pub fn start(ns: &Netns, config: &str, admin: SocketAddr) -> anyhow::Result<Self> {
         let path = std::env::temp_dir().join(format!("{}-lb.toml", ns.name));
         std::fs::write(&path, config)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(lb_binary()?)
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .spawn()
-            .context("spawn lb run")?;
-        let mut lb = Self { child, admin, config: path, ns_name: ns.name.clone() };
+        let child = spawn(ns, &path)?;
+        let mut lb =
+            Self { child, admin, config: path, ns_name: ns.name.clone(), pin: pin_of(config) };
         lb.wait_ready(ns)?;
         Ok(lb)
     }
@@ -85,9 +118,26 @@ impl Lb {
         Ok(serde_json::from_str(&self.cli(ns, &full)?)?)
     }
 
-    /// Stops the daemon with SIGTERM and waits for it.
-    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+    /// Stops the daemon with SIGTERM and waits for it; the pinned program stays.
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         self.terminate()
+    }
+
+    /// Starts `lb run` again with the same config (adopting what is pinned).
+    pub fn restart(&mut self, ns: &Netns) -> anyhow::Result<()> {
+        self.child = spawn(ns, &self.config)?;
+        self.wait_ready(ns)
+    }
+
+    /// Runs `lb detach --config` for this daemon's config.
+    pub fn detach(&self, ns: &Netns) -> anyhow::Result<String> {
+        let lb = lb_binary()?;
+        ns.exec(&[
+            lb.to_str().context("non-UTF-8 path")?,
+            "detach",
+            "--config",
+            self.config.to_str().context("non-UTF-8 path")?,
+        ])
     }
 
     fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
@@ -109,6 +159,10 @@ impl Drop for Lb {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.terminate();
+        }
+        // Whatever the test left pinned goes with it (links first, which detaches XDP).
+        if let Some(pin) = &self.pin {
+            let _ = lb_user::dataplane::detach(std::path::Path::new(pin));
         }
         let _ = std::fs::remove_file(&self.config);
     }

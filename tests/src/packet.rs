@@ -24,15 +24,30 @@ pub struct Frame {
     pub dport: u16,
     pub l4: L4,
     pub payload: Vec<u8>,
+    /// IPv4 options (a multiple of 4 bytes).
+    pub ip_options: Vec<u8>,
+    /// IPv4 flags and fragment offset field (host order), e.g. 0x2000 for "more fragments".
+    pub frag: u16,
+    pub ttl: u8,
 }
 
 impl Frame {
     pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Self {
-        Self { src, dst, sport, dport, l4: L4::Tcp { flags }, payload: Vec::new() }
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            l4: L4::Tcp { flags },
+            payload: Vec::new(),
+            ip_options: Vec::new(),
+            frag: 0x4000,
+            ttl: 64,
+        }
     }
 
     pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> Self {
-        Self { src, dst, sport, dport, l4: L4::Udp, payload: payload.to_vec() }
+        Self { l4: L4::Udp, payload: payload.to_vec(), ..Self::tcp(src, sport, dst, dport, 0) }
     }
 
     /// The frame's bytes: Ethernet (fixed MACs), IP, L4 header with a correct checksum, payload.
@@ -42,11 +57,15 @@ impl Frame {
         match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 out.extend_from_slice(&0x0800u16.to_be_bytes());
-                let mut ip = vec![0x45, 0];
-                ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-                ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, self.proto(), 0, 0]);
+                let hlen = 20 + self.ip_options.len();
+                let mut ip = vec![0x40 | (hlen / 4) as u8, 0];
+                ip.extend_from_slice(&((hlen + l4.len()) as u16).to_be_bytes());
+                ip.extend_from_slice(&[0x12, 0x34]);
+                ip.extend_from_slice(&self.frag.to_be_bytes());
+                ip.extend_from_slice(&[self.ttl, self.proto(), 0, 0]);
                 ip.extend_from_slice(&s.octets());
                 ip.extend_from_slice(&d.octets());
+                ip.extend_from_slice(&self.ip_options);
                 let c = !fold(sum(&ip, 0));
                 ip[10..12].copy_from_slice(&c.to_ne_bytes());
                 out.extend_from_slice(&ip);
@@ -55,7 +74,7 @@ impl Frame {
                 out.extend_from_slice(&0x86ddu16.to_be_bytes());
                 out.extend_from_slice(&[0x60, 0, 0, 0]);
                 out.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-                out.extend_from_slice(&[self.proto(), 64]);
+                out.extend_from_slice(&[self.proto(), self.ttl]);
                 out.extend_from_slice(&s.octets());
                 out.extend_from_slice(&d.octets());
             }
@@ -123,14 +142,15 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
     let (src, dst, proto, l4): (IpAddr, IpAddr, u8, &[u8]) = match ethertype {
         0x0800 => {
-            let ip = &frame[14..34];
+            let hlen = (frame[14] & 0x0f) as usize * 4;
+            let ip = &frame[14..14 + hlen];
             if fold(sum(ip, 0)) != 0xffff {
                 return false;
             }
             let s: [u8; 4] = ip[12..16].try_into().unwrap();
             let d: [u8; 4] = ip[16..20].try_into().unwrap();
             let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-            (s.into(), d.into(), ip[9], &frame[34..14 + total])
+            (s.into(), d.into(), ip[9], &frame[14 + hlen..14 + total])
         }
         0x86dd => {
             let ip = &frame[14..54];
@@ -144,4 +164,44 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     let pseudo_and_l4 = l4_checksum(src, dst, proto, l4);
     // A correct checksum field makes the whole sum come out as zero (0xffff before inversion).
     pseudo_and_l4 == 0 || (proto == 17 && pseudo_and_l4 == 0xffff)
+}
+
+/// The fields of a TCP/UDP frame the balancer rewrites, read back for assertions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fields {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub ttl: u8,
+}
+
+/// Reads [`Fields`] from an IPv4/IPv6 TCP/UDP frame.
+pub fn fields(frame: &[u8]) -> Fields {
+    let dmac = frame[0..6].try_into().unwrap();
+    let smac = frame[6..12].try_into().unwrap();
+    let (src, dst, ttl, l4): (IpAddr, IpAddr, u8, usize) =
+        match u16::from_be_bytes([frame[12], frame[13]]) {
+            0x0800 => {
+                let s: [u8; 4] = frame[26..30].try_into().unwrap();
+                let d: [u8; 4] = frame[30..34].try_into().unwrap();
+                (s.into(), d.into(), frame[22], 14 + (frame[14] & 0x0f) as usize * 4)
+            }
+            _ => {
+                let s: [u8; 16] = frame[22..38].try_into().unwrap();
+                let d: [u8; 16] = frame[38..54].try_into().unwrap();
+                (s.into(), d.into(), frame[21], 54)
+            }
+        };
+    Fields {
+        dmac,
+        smac,
+        src,
+        dst,
+        sport: u16::from_be_bytes([frame[l4], frame[l4 + 1]]),
+        dport: u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]),
+        ttl,
+    }
 }

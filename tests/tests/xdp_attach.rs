@@ -11,6 +11,7 @@ use lb_tests::{
 
 fn config(admin: SocketAddr, interfaces: &[String], mode: &str) -> String {
     let ifaces: Vec<String> = interfaces.iter().map(|i| format!("{i:?}")).collect();
+    let pin = lb_tests::lb::pin_path();
     format!(
         r#"
 [admin]
@@ -18,6 +19,7 @@ listen = "{admin}"
 [xdp]
 interfaces = [{}]
 mode = "{mode}"
+pin_path = "{pin}"
 [[xdp.service]]
 name = "dns"
 vip = "{VIP4}:53"
@@ -40,7 +42,7 @@ fn counts_vip_packets_on_a_veth_and_reports_the_mode() {
     }
     let topo = Topology::new(3).expect("topology");
     let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
-    let lb = Lb::start(&topo.lb, &config(admin, &topo.lb_interfaces(), "native"), admin)
+    let mut lb = Lb::start(&topo.lb, &config(admin, &topo.lb_interfaces(), "native"), admin)
         .expect("lb run");
 
     let status = lb.json(&topo.lb, &["status"]).expect("status");
@@ -72,7 +74,12 @@ fn counts_vip_packets_on_a_veth_and_reports_the_mode() {
     assert!(table.contains("dns6") && table.contains("PACKETS"), "{table}");
     let status = lb.stop().expect("stop");
     assert!(status.success(), "lb run exit: {status}");
-    // Detached on exit: no XDP program left on the balancer's interfaces.
+    // The program stays attached (pinned) after the daemon exits ...
+    let links = topo.lb.ip(&["-d", "link", "show", "eth0"]).unwrap();
+    assert!(links.contains("xdp"), "{links}");
+    // ... until `lb detach` removes it.
+    let out = lb.detach(&topo.lb).expect("lb detach");
+    assert!(out.contains("XDP detached"), "{out}");
     let links = topo.lb.ip(&["-d", "link", "show", "eth0"]).unwrap();
     assert!(!links.contains("prog/xdp"), "{links}");
 }

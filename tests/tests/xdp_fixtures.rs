@@ -1,40 +1,18 @@
-//! Packet fixtures through BPF_PROG_TEST_RUN: the real program in the real kernel, no interface.
-use std::net::IpAddr;
+//! Packet fixtures through BPF_PROG_TEST_RUN: the real program in the real kernel, in a
+//! namespace with fixed routes, MACs and neighbours; output bytes are checked field by field
+//! and checksums by an independent full computation.
+use std::collections::HashMap;
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use lb_tests::{
-    packet::{Frame, TCP_SYN, checksums_valid},
+    fixture::*,
+    packet::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, checksums_valid, fields},
     privileged_or_skip,
 };
-use lb_user::{config::Config, dataplane::Dataplane};
-
-const XDP_PASS: u32 = 2;
-
-fn dataplane(config: &str) -> Dataplane {
-    let config = Config::parse(config).expect("valid config");
-    let mut dp = Dataplane::load().expect("load XDP program");
-    dp.set_services(&config.xdp.expect("xdp section").services).expect("fill maps");
-    dp
-}
-
-fn run(dp: &Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let r = dp
-        .balancer()
-        .expect("balancer program")
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("test_run");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
-}
+use lb_user::dataplane::Dataplane;
 
 const CONFIG: &str = r#"
 [xdp]
-interfaces = ["unused"]
+interfaces = ["c0", "b1", "b2"]
 [[xdp.service]]
 name = "web"
 vip = "10.200.0.1:80"
@@ -46,47 +24,273 @@ protocol = "udp"
 backends = ["[fd01:1::2]:53"]
 "#;
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
+/// Runs `body` inside a fresh fixture namespace with the program loaded.
+fn with_fixture(
+    name: &str,
+    config: &'static str,
+    body: impl FnOnce(&mut Dataplane) + Send + 'static,
+) {
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let ns = namespace().expect("fixture namespace");
+    ns.run(move || {
+        let mut dp = dataplane(config).expect("load program");
+        body(&mut dp);
+    })
+    .expect("fixture body (see the panic above)");
+}
+
+fn stats(dp: &Dataplane) -> HashMap<&'static str, u64> {
+    dp.stats().unwrap().into_iter().collect()
 }
 
 #[test]
-fn counts_packets_per_vip_and_passes_everything_else() {
-    if !privileged_or_skip("counts_packets_per_vip_and_passes_everything_else") {
-        return;
-    }
-    let dp = dataplane(CONFIG);
-    let web = Frame::tcp(ip("10.0.0.2"), 40000, ip("10.200.0.1"), 80, TCP_SYN).bytes();
-    let dns = Frame::udp(ip("fd00::2"), 5353, ip("fd00:200::1"), 53, b"query").bytes();
-    let other_port = Frame::tcp(ip("10.0.0.2"), 40000, ip("10.200.0.1"), 81, TCP_SYN).bytes();
-    let other_proto = Frame::udp(ip("10.0.0.2"), 40000, ip("10.200.0.1"), 80, b"x").bytes();
-    assert!(checksums_valid(&web) && checksums_valid(&dns));
+fn tcp_v4_full_nat_both_ways() {
+    with_fixture("tcp_v4_full_nat_both_ways", CONFIG, |dp| {
+        let syn = Frame::tcp(ip("10.0.0.2"), 40000, ip("10.200.0.1"), 80, TCP_SYN).bytes();
+        let (action, out) = run(dp, &syn);
+        assert_eq!(action, XDP_REDIRECT, "to b1 through the devmap");
+        let f = fields(&out);
+        assert_eq!((f.dmac, f.smac), (BACKEND1_MAC, B1_MAC));
+        assert_eq!((f.src, f.dst, f.dport, f.ttl), (ip("10.1.1.1"), ip("10.1.1.2"), 80, 63));
+        assert!((1024..=32767).contains(&f.sport), "SNAT port {} in range", f.sport);
+        assert!(checksums_valid(&out), "checksums after SNAT/DNAT");
+        assert_eq!(out.len(), syn.len());
+        let nat_port = f.sport;
 
-    for _ in 0..3 {
-        assert_eq!(run(&dp, &web).0, XDP_PASS);
-    }
-    assert_eq!(run(&dp, &dns).0, XDP_PASS);
-    assert_eq!(run(&dp, &other_port).0, XDP_PASS);
-    assert_eq!(run(&dp, &other_proto).0, XDP_PASS);
-    // ARP passes untouched.
-    let mut arp = vec![0xffu8; 6];
-    arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
-    arp.extend_from_slice(&[0u8; 28]);
-    let (action, out) = run(&dp, &arp);
-    assert_eq!((action, out), (XDP_PASS, arp.clone()));
-    // Truncated: Ethernet + half an IPv4 header.
-    let (action, _) = run(&dp, &web[..24]);
-    assert_eq!(action, XDP_PASS);
+        // The backend's SYN-ACK comes back to the SNAT address and port.
+        let synack =
+            Frame::tcp(ip("10.1.1.2"), 80, ip("10.1.1.1"), nat_port, TCP_SYN | TCP_ACK).bytes();
+        let (action, out) = run(dp, &synack);
+        assert_eq!(action, XDP_REDIRECT, "to c0");
+        let r = fields(&out);
+        assert_eq!((r.dmac, r.smac), (CLIENT_MAC, C0_MAC));
+        assert_eq!((r.src, r.sport, r.dst, r.dport), (ip("10.200.0.1"), 80, ip("10.0.0.2"), 40000));
+        assert!(checksums_valid(&out), "checksums after reverse NAT");
 
-    let c = dp.service_counters(2).unwrap();
-    assert_eq!(c[0].packets, 3);
-    assert_eq!(c[0].bytes, 3 * web.len() as u64);
-    assert_eq!(c[1].packets, 1);
-    assert_eq!(c[1].bytes, dns.len() as u64);
-    let stats: std::collections::HashMap<_, _> = dp.stats().unwrap().into_iter().collect();
-    assert_eq!(stats["rx"], 8);
-    assert_eq!(stats["vip_hit"], 4);
-    assert_eq!(stats["pass_not_vip"], 2);
-    assert_eq!(stats["pass_not_ip"], 1);
-    assert_eq!(stats["pass_truncated"], 1);
+        // The client's ACK follows the tracked flow: same backend, same SNAT port.
+        let ack = Frame::tcp(ip("10.0.0.2"), 40000, ip("10.200.0.1"), 80, TCP_ACK).bytes();
+        let (action, out) = run(dp, &ack);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(fields(&out).sport, nat_port);
+        let s = stats(dp);
+        assert_eq!((s["flow_new"], s["flow_hit"], s["reply"]), (1, 1, 1), "{s:?}");
+        assert_eq!(s["redirect"], 3);
+    });
 }
+
+#[test]
+fn udp_v6_full_nat_both_ways() {
+    with_fixture("udp_v6_full_nat_both_ways", CONFIG, |dp| {
+        let q = Frame::udp(ip("fd00::2"), 5353, ip("fd00:200::1"), 53, b"query").bytes();
+        let (action, out) = run(dp, &q);
+        assert_eq!(action, XDP_REDIRECT);
+        let f = fields(&out);
+        assert_eq!((f.dmac, f.smac), (BACKEND1_MAC, B1_MAC));
+        assert_eq!((f.src, f.dst, f.dport, f.ttl), (ip("fd01:1::1"), ip("fd01:1::2"), 53, 63));
+        assert!(checksums_valid(&out), "UDP/IPv6 checksum after NAT");
+        assert_eq!(&out[out.len() - 5..], b"query", "payload untouched");
+        let answer = Frame::udp(ip("fd01:1::2"), 53, ip("fd01:1::1"), f.sport, b"answer").bytes();
+        let (action, out) = run(dp, &answer);
+        assert_eq!(action, XDP_REDIRECT);
+        let r = fields(&out);
+        assert_eq!((r.src, r.sport, r.dst, r.dport), (ip("fd00:200::1"), 53, ip("fd00::2"), 5353));
+        assert_eq!(r.dmac, CLIENT_MAC);
+        assert!(checksums_valid(&out));
+    });
+}
+
+#[test]
+fn only_new_flows_consult_the_ring() {
+    with_fixture("only_new_flows_consult_the_ring", CONFIG, |dp| {
+        // A TCP packet that is not a SYN and matches no flow cannot be resumed.
+        let ack = Frame::tcp(ip("10.0.0.2"), 41000, ip("10.200.0.1"), 80, TCP_ACK).bytes();
+        assert_eq!(run(dp, &ack).0, XDP_DROP);
+        assert_eq!(stats(dp)["drop_not_syn"], 1);
+
+        // Open flows from 40 clients, then add a backend: some clients' slots move to it.
+        let clients: Vec<String> = (1..=40).map(|i| format!("10.0.7.{i}")).collect();
+        let mut first = HashMap::new();
+        for c in &clients {
+            let (a, out) =
+                run(dp, &Frame::tcp(ip(c), 40000, ip("10.200.0.1"), 80, TCP_SYN).bytes());
+            assert_eq!(a, XDP_REDIRECT);
+            first.insert(c.clone(), fields(&out));
+        }
+        dp.add_backend("web", "10.1.2.2:80".parse().unwrap(), 1).unwrap();
+        let mut moved = 0;
+        for c in &clients {
+            // The established flow keeps its backend and SNAT port.
+            let (_, out) =
+                run(dp, &Frame::tcp(ip(c), 40000, ip("10.200.0.1"), 80, TCP_ACK).bytes());
+            assert_eq!(fields(&out), first[c], "{c}: established flow moved");
+            // A new connection from the same client follows the new ring.
+            let (_, out) =
+                run(dp, &Frame::tcp(ip(c), 40001, ip("10.200.0.1"), 80, TCP_SYN).bytes());
+            if fields(&out).dst == ip("10.1.2.2") {
+                moved += 1;
+                assert_eq!(fields(&out).smac, B2_MAC);
+            }
+        }
+        assert!((10..=30).contains(&moved), "about half the clients' new flows move: {moved}");
+    });
+}
+
+#[test]
+fn tcp_close_and_port_reuse() {
+    with_fixture("tcp_close_and_port_reuse", CONFIG, |dp| {
+        let c = ip("10.0.0.2");
+        let vip = ip("10.200.0.1");
+        let (_, out) = run(dp, &Frame::tcp(c, 42000, vip, 80, TCP_SYN).bytes());
+        let port1 = fields(&out).sport;
+        // FIN from the client, then a SYN reusing the same tuple: a new flow, new SNAT port.
+        run(dp, &Frame::tcp(c, 42000, vip, 80, TCP_FIN | TCP_ACK).bytes());
+        let (a, out) = run(dp, &Frame::tcp(c, 42000, vip, 80, TCP_SYN).bytes());
+        assert_eq!(a, XDP_REDIRECT);
+        assert_ne!(fields(&out).sport, port1, "a reused tuple gets a fresh SNAT port");
+        // RST from the backend ends it too; the next SYN is again a new flow.
+        let port2 = fields(&out).sport;
+        run(dp, &Frame::tcp(ip("10.1.1.2"), 80, ip("10.1.1.1"), port2, TCP_RST).bytes());
+        let (_, out) = run(dp, &Frame::tcp(c, 42000, vip, 80, TCP_SYN).bytes());
+        assert_ne!(fields(&out).sport, port2);
+        assert_eq!(stats(dp)["flow_new"], 3);
+    });
+}
+
+#[test]
+fn drained_backend_keeps_flows_removed_backend_loses_them() {
+    with_fixture("drained_backend_keeps_flows_removed_backend_loses_them", CONFIG, |dp| {
+        let vip = ip("10.200.0.1");
+        run(dp, &Frame::tcp(ip("10.0.0.2"), 43000, vip, 80, TCP_SYN).bytes());
+        dp.drain_backend("web", "10.1.1.2:80".parse().unwrap()).unwrap();
+        let ack = Frame::tcp(ip("10.0.0.2"), 43000, vip, 80, TCP_ACK).bytes();
+        assert_eq!(run(dp, &ack).0, XDP_REDIRECT, "drained: the open flow continues");
+        let syn = Frame::tcp(ip("10.0.0.3"), 43000, vip, 80, TCP_SYN).bytes();
+        assert_eq!(run(dp, &syn).0, XDP_DROP, "drained and alone: no backend for new flows");
+        assert_eq!(stats(dp)["drop_no_backend"], 1);
+        dp.remove_backend("web", "10.1.1.2:80".parse().unwrap()).unwrap();
+        assert_eq!(run(dp, &ack).0, XDP_DROP, "removed: its flows stop");
+        assert_eq!(stats(dp)["drop_backend_gone"], 1);
+    });
+}
+
+#[test]
+fn stated_policies_for_other_packets() {
+    with_fixture("stated_policies_for_other_packets", CONFIG, |dp| {
+        let vip = ip("10.200.0.1");
+        let pass_untouched = |dp: &Dataplane, frame: &[u8], what: &str| {
+            let (a, out) = run(dp, frame);
+            assert_eq!((a, out.as_slice()), (XDP_PASS, frame), "{what}");
+        };
+        // Not a VIP: another port, another protocol, another address.
+        pass_untouched(dp, &Frame::tcp(ip("10.0.0.2"), 1, vip, 81, TCP_SYN).bytes(), "port");
+        pass_untouched(dp, &Frame::udp(ip("10.0.0.2"), 1, vip, 80, b"x").bytes(), "proto");
+        pass_untouched(
+            dp,
+            &Frame::tcp(ip("10.0.0.2"), 1, ip("10.0.0.1"), 22, TCP_SYN).bytes(),
+            "host",
+        );
+        // ARP.
+        let mut arp = vec![0xffu8; 6];
+        arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+        arp.extend_from_slice(&[0u8; 28]);
+        pass_untouched(dp, &arp, "ARP");
+        // IPv4 fragments (first with MF, and a later one) go to the kernel's reassembly.
+        let mut frag = Frame::tcp(ip("10.0.0.2"), 44000, vip, 80, TCP_SYN);
+        frag.frag = 0x2000;
+        pass_untouched(dp, &frag.bytes(), "first fragment");
+        frag.frag = 0x0010;
+        pass_untouched(dp, &frag.bytes(), "later fragment");
+        // Truncated: half an IPv4 header; a TCP header cut short.
+        let syn = Frame::tcp(ip("10.0.0.2"), 44000, vip, 80, TCP_SYN).bytes();
+        pass_untouched(dp, &syn[..24], "truncated IP");
+        pass_untouched(dp, &syn[..40], "truncated TCP");
+        // TTL 1: the kernel sends time exceeded.
+        let mut ttl = Frame::tcp(ip("10.0.0.2"), 44000, vip, 80, TCP_SYN);
+        ttl.ttl = 1;
+        pass_untouched(dp, &ttl.bytes(), "TTL 1");
+        // ICMP (an error quoting a flow, here a port unreachable) goes to the kernel untranslated.
+        let mut icmp = syn.clone();
+        icmp[23] = 1;
+        pass_untouched(dp, &icmp, "ICMP");
+        // IPv4 options are forwarded with the options intact.
+        let mut opt = Frame::tcp(ip("10.0.0.2"), 44001, vip, 80, TCP_SYN);
+        opt.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
+        let (a, out) = run(dp, &opt.bytes());
+        assert_eq!(a, XDP_REDIRECT, "options");
+        assert_eq!(&out[34..38], &[1, 1, 1, 0]);
+        assert_eq!(fields(&out).dst, ip("10.1.1.2"));
+        assert!(checksums_valid(&out), "checksums with options");
+        let s = stats(dp);
+        for (k, v) in [
+            ("pass_not_vip", 3),
+            ("pass_not_ip", 1),
+            ("pass_fragment", 2),
+            ("pass_truncated", 2),
+            ("pass_ttl_exceeded", 1),
+            ("pass_icmp", 1),
+        ] {
+            assert_eq!(s[k], v, "{k}: {s:?}");
+        }
+        let accounted: u64 = s
+            .iter()
+            .filter(|(k, _)| k.starts_with("pass_") || k.starts_with("drop_"))
+            .map(|(_, v)| v)
+            .sum::<u64>()
+            + s["redirect"]
+            + s["tx"];
+        assert_eq!(accounted, s["rx"], "every packet has exactly one outcome: {s:?}");
+    });
+}
+
+#[test]
+fn per_backend_counters_match_a_golden_table() {
+    const TWO: &str = r#"
+[xdp]
+interfaces = ["c0", "b1", "b2"]
+[[xdp.service]]
+name = "web"
+vip = "10.200.0.1:80"
+backends = ["10.1.1.2:80", "10.1.2.2:80"]
+"#;
+    with_fixture("per_backend_counters_match_a_golden_table", TWO, |dp| {
+        // 20 clients, 2 packets each (SYN, ACK), 54-byte frames.
+        for i in 1..=20 {
+            let c = ip(&format!("10.0.9.{i}"));
+            run(dp, &Frame::tcp(c, 45000, ip("10.200.0.1"), 80, TCP_SYN).bytes());
+            run(dp, &Frame::tcp(c, 45000, ip("10.200.0.1"), 80, TCP_ACK).bytes());
+        }
+        let got: Vec<(String, u64, u64, u64)> = dp
+            .backends("web")
+            .unwrap()
+            .into_iter()
+            .map(|(v, c)| (v.addr.to_string(), c.packets, c.bytes, c.flows))
+            .collect();
+        // Golden: which backend each client hashes to is pinned by lb_common::hash and Maglev.
+        let golden = GOLDEN.to_vec();
+        assert_eq!(
+            got,
+            golden.iter().map(|(a, p, b, f)| (a.to_string(), *p, *b, *f)).collect::<Vec<_>>()
+        );
+        assert_eq!(dp.service_counter(0).unwrap().packets, 40);
+        // The kernel's choices are exactly userspace's Maglev over the same hash.
+        let entries: Vec<lb_user::maglev::Entry> = ["10.1.1.2:80", "10.1.2.2:80"]
+            .iter()
+            .map(|a| lb_user::maglev::Entry { addr: a.parse().unwrap(), weight: 1 })
+            .collect();
+        let table = lb_user::maglev::table(&entries, lb_common::RING_SIZE);
+        let mut flows = [0u64; 2];
+        for i in 1..=20u8 {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&[10, 0, 9, i]);
+            let slot = lb_common::hash::source_hash(&a) % lb_common::RING_SIZE;
+            flows[table[slot as usize] as usize] += 1;
+        }
+        assert_eq!(flows, [GOLDEN[0].3, GOLDEN[1].3]);
+    });
+}
+
+/// 9 and 11 of the 20 clients, 2 frames of 54 bytes per client.
+const GOLDEN: [(&str, u64, u64, u64); 2] =
+    [("10.1.1.2:80", 18, 972, 9), ("10.1.2.2:80", 22, 1188, 11)];

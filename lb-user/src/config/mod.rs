@@ -13,7 +13,7 @@ use thiserror::Error;
 pub use backend::BackendSpec;
 pub use tcp::{Cidr, ListenerConfig, ProxyProtocol, Secs, SniAction, SniRoute, TcpConfig};
 pub use upstream::UpstreamConfig;
-pub use xdp::{HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
+pub use xdp::{DEFAULT_PIN_PATH, HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize, Default)]

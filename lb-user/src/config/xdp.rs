@@ -1,5 +1,5 @@
 //! The `[xdp]` section: interfaces, attach mode and the kernel-balanced services.
-use std::{collections::HashSet, net::SocketAddr};
+use std::{collections::HashSet, net::SocketAddr, path::PathBuf};
 
 use serde::Deserialize;
 
@@ -14,6 +14,37 @@ pub struct XdpConfig {
     pub mode: XdpMode,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// Where the program, its links and maps are pinned, so forwarding survives restarts.
+    #[serde(default = "default_pin_path")]
+    pub pin_path: PathBuf,
+    /// Capacity of the flow table (and of the NAT table), in flows.
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
+    /// Seconds after which an idle UDP flow is new again (and may go to another backend).
+    #[serde(default = "default_udp_idle")]
+    pub udp_idle_timeout: u64,
+    /// The SNAT source ports `[first, last]`; keep them out of the host's ephemeral range.
+    #[serde(default = "default_nat_ports")]
+    pub nat_ports: [u16; 2],
+}
+
+/// The default pin directory.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+
+fn default_pin_path() -> PathBuf {
+    DEFAULT_PIN_PATH.into()
+}
+
+fn default_max_flows() -> u32 {
+    lb_common::DEFAULT_MAX_FLOWS
+}
+
+fn default_udp_idle() -> u64 {
+    lb_common::DEFAULT_UDP_IDLE_NS / 1_000_000_000
+}
+
+fn default_nat_ports() -> [u16; 2] {
+    [lb_common::DEFAULT_NAT_PORT_MIN, lb_common::DEFAULT_NAT_PORT_MAX]
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
@@ -77,6 +108,18 @@ impl XdpConfig {
             errors.push(format!(
                 "{} xdp services configured but the program holds at most {max}: merge services or raise lb_common::MAX_SERVICES",
                 self.services.len()
+            ));
+        }
+        if self.max_flows < 1024 {
+            errors.push(format!(
+                "xdp.max_flows = {} is too small: use at least 1024",
+                self.max_flows
+            ));
+        }
+        let [lo, hi] = self.nat_ports;
+        if lo < 1024 || hi < lo {
+            errors.push(format!(
+                "xdp.nat_ports = [{lo}, {hi}] is not a range of unprivileged ports: use [first, last] with 1024 <= first <= last"
             ));
         }
         let mut names = HashSet::new();

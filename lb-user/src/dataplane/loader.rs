@@ -1,19 +1,33 @@
-//! Loads the embedded XDP object, attaches it to interfaces and fills its maps.
+//! Loads the embedded XDP object (adopting pinned maps when a previous daemon left them),
+//! attaches it to interfaces through pinned links, and answers for its maps.
+use std::path::{Path, PathBuf};
+
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode as AyaXdpMode},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, xdp::DevMapHash},
+    programs::{
+        ProgramError, Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
-use lb_common::{Counter, VipInfo, VipKey, maps, programs, stat};
+use lb_common::{
+    BackendInfo, Counter, MAX_BACKENDS, RING_SIZE, Settings, VipInfo, VipKey, maps, programs, stat,
+};
 use thiserror::Error;
 
-use super::{OBJECT, vip_key};
-use crate::config::{ServiceConfig, XdpMode};
+use super::{
+    OBJECT,
+    host::Iface,
+    kernel_maps::KernelMaps,
+    tables::{BackendView, TableError, Tables},
+};
+use crate::config::{ServiceConfig, XdpConfig, XdpMode};
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
     #[error(
-        "cannot load the XDP program: {0}. lb needs root (or CAP_BPF and CAP_NET_ADMIN) and a kernel with BPF enabled"
+        "cannot load the XDP program: {0}. lb needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) and a kernel with BPF enabled"
     )]
     Load(#[source] aya::EbpfError),
     #[error("the XDP object has no {0}: the build is broken, rebuild with `cargo build`")]
@@ -24,23 +38,96 @@ pub enum DataplaneError {
         "attaching XDP in {mode} mode to {iface} was refused: {source}. If the driver has no native XDP support, set mode = \"generic\" in [xdp]"
     )]
     Attach { iface: String, mode: &'static str, source: ProgramError },
+    #[error(
+        "cannot pin under {path}: {message}. Is bpffs mounted? (`mount -t bpf bpf /sys/fs/bpf`)"
+    )]
+    Pin { path: PathBuf, message: String },
     #[error("XDP program: {0}")]
     Program(#[from] ProgramError),
     #[error("XDP map: {0}")]
     Map(#[from] MapError),
+    #[error(transparent)]
+    Table(#[from] TableError),
 }
 
-/// The loaded program and its attachments; dropping it detaches everything.
+/// How to load the program.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Pin maps and links here (and adopt what is there); `None` keeps everything private to
+    /// this process, detached when it exits.
+    pub pin_dir: Option<PathBuf>,
+    pub max_flows: u32,
+    pub settings: Settings,
+}
+
+impl LoadOptions {
+    /// Unpinned, default sizes: for tests and tools.
+    pub fn private() -> Self {
+        Self {
+            pin_dir: None,
+            max_flows: lb_common::DEFAULT_MAX_FLOWS,
+            settings: default_settings(),
+        }
+    }
+
+    pub fn from_config(xdp: &XdpConfig) -> Self {
+        Self {
+            pin_dir: Some(xdp.pin_path.clone()),
+            max_flows: xdp.max_flows,
+            settings: Settings {
+                udp_idle_ns: xdp.udp_idle_timeout.saturating_mul(1_000_000_000),
+                nat_port_min: xdp.nat_ports[0],
+                nat_port_max: xdp.nat_ports[1],
+                ..default_settings()
+            },
+        }
+    }
+}
+
+fn default_settings() -> Settings {
+    Settings {
+        udp_idle_ns: lb_common::DEFAULT_UDP_IDLE_NS,
+        tcp_closed_ns: lb_common::DEFAULT_TCP_CLOSED_NS,
+        nat_port_min: lb_common::DEFAULT_NAT_PORT_MIN,
+        nat_port_max: lb_common::DEFAULT_NAT_PORT_MAX,
+        cpus: aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1),
+    }
+}
+
+/// Services and backends read back from pinned maps.
+type PinnedTables = (Vec<(VipKey, VipInfo)>, Vec<(u32, BackendInfo)>);
+
+/// The loaded program, its tables and its attachments.
 pub struct Dataplane {
     ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
     attached: Vec<(String, XdpMode)>,
+    tables: Tables,
+    /// True when this daemon adopted maps a previous one pinned.
+    pub adopted: bool,
+}
+
+fn pin_err(path: &Path, e: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Pin { path: path.to_path_buf(), message: e.to_string() }
 }
 
 impl Dataplane {
     /// Loads the program into the kernel without attaching it anywhere.
-    pub fn load() -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(DataplaneError::Load)?;
-        for name in [maps::VIPS, maps::SERVICE_STATS, maps::STATS] {
+    pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::FLOWS, opts.max_flows);
+        loader.map_max_entries(maps::NAT, opts.max_flows);
+        let mut adopted = false;
+        if let Some(dir) = &opts.pin_dir {
+            ensure_bpffs(dir)?;
+            std::fs::create_dir_all(dir).map_err(|e| pin_err(dir, e))?;
+            adopted = dir.join(maps::VIPS).exists();
+            for name in maps::ALL {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
+        for name in maps::ALL {
             if ebpf.map(name).is_none() {
                 return Err(DataplaneError::Missing(name));
             }
@@ -50,34 +137,98 @@ impl Dataplane {
             .ok_or(DataplaneError::Missing(programs::BALANCER))?
             .try_into()?;
         prog.load()?;
-        Ok(Self { ebpf, attached: Vec::new() })
-    }
-
-    /// Attaches the balancer to `iface`.
-    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
-        self.attach_program(programs::BALANCER, iface, mode)
-    }
-
-    /// Attaches a named program of the object (the balancer or the do-nothing one) to `iface`.
-    pub fn attach_program(
-        &mut self,
-        program: &'static str,
-        iface: &str,
-        mode: XdpMode,
-    ) -> Result<(), DataplaneError> {
-        let prog: &mut Xdp =
-            self.ebpf.program_mut(program).ok_or(DataplaneError::Missing(program))?.try_into()?;
-        let aya_mode = match mode {
-            XdpMode::Native => AyaXdpMode::Driver,
-            XdpMode::Generic => AyaXdpMode::Skb,
+        let mut dp = Self {
+            ebpf,
+            pin_dir: opts.pin_dir.clone(),
+            attached: Vec::new(),
+            tables: Tables::new(RING_SIZE),
+            adopted,
         };
-        prog.attach(iface, aya_mode).map_err(|source| match source {
+        dp.write_settings(&opts.settings)?;
+        if adopted {
+            let (vips, backends) = dp.read_tables()?;
+            dp.tables.recover(&vips, &backends);
+        }
+        Ok(dp)
+    }
+
+    fn write_settings(&mut self, s: &Settings) -> Result<(), DataplaneError> {
+        let mut m: Array<&mut MapData, Settings> = Array::try_from(self.map_mut(maps::SETTINGS)?)?;
+        m.set(0, s, 0)?;
+        Ok(())
+    }
+
+    fn read_tables(&self) -> Result<PinnedTables, DataplaneError> {
+        let vips: HashMap<&MapData, VipKey, VipInfo> = HashMap::try_from(self.map(maps::VIPS)?)?;
+        let vips = vips.iter().collect::<Result<Vec<_>, _>>()?;
+        let backends: Array<&MapData, BackendInfo> = Array::try_from(self.map(maps::BACKENDS)?)?;
+        let backends = (1..MAX_BACKENDS)
+            .filter_map(|i| backends.get(&i, 0).ok().map(|b| (i, b)))
+            .filter(|(_, b)| b.flags != 0 || b.generation != 0)
+            .collect();
+        Ok((vips, backends))
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
+        self.ebpf.map(name).ok_or(DataplaneError::Missing(name))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
+        self.ebpf.map_mut(name).ok_or(DataplaneError::Missing(name))
+    }
+
+    /// Attaches the balancer to `iface` and registers the interface (its addresses become SNAT
+    /// sources, and it becomes a redirect target). With a pin directory, an existing pinned
+    /// link is updated in place (no moment without a program) and a new one is pinned.
+    pub fn attach(&mut self, iface: &Iface, mode: XdpMode) -> Result<(), DataplaneError> {
+        self.register(iface)?;
+        let link_pin = self.pin_dir.as_ref().map(|d| d.join(format!("link-{}", iface.name)));
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(programs::BALANCER)
+            .ok_or(DataplaneError::Missing(programs::BALANCER))?
+            .try_into()?;
+        let attach_err = |source| match source {
             ProgramError::UnknownInterface { name } => DataplaneError::NoInterface(name),
             source => {
-                DataplaneError::Attach { iface: iface.to_string(), mode: mode.as_str(), source }
+                DataplaneError::Attach { iface: iface.name.clone(), mode: mode.as_str(), source }
             }
-        })?;
-        self.attached.push((iface.to_string(), mode));
+        };
+        match &link_pin {
+            Some(path) if path.exists() => {
+                let pinned = PinnedLink::from_pin(path).map_err(|e| pin_err(path, e))?;
+                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(path, e))?;
+                prog.attach_to_link(link)?;
+                log::info!("XDP program replaced in place on {} (pinned link adopted)", iface.name);
+            }
+            Some(path) => {
+                let id = prog.attach(&iface.name, aya_mode(mode)).map_err(attach_err)?;
+                let link = prog.take_link(id)?;
+                let fd = FdLink::try_from(link).map_err(|e| pin_err(path, e))?;
+                fd.pin(path).map_err(|e| pin_err(path, e))?;
+            }
+            None => {
+                prog.attach(&iface.name, aya_mode(mode)).map_err(attach_err)?;
+            }
+        }
+        self.attached.push((iface.name.clone(), mode));
+        Ok(())
+    }
+
+    /// Registers a served interface without attaching to it: its addresses become SNAT
+    /// sources and it becomes a redirect target. `attach` does this too.
+    pub fn register(&mut self, iface: &Iface) -> Result<(), DataplaneError> {
+        {
+            let mut ifaces: HashMap<&mut MapData, u32, lb_common::IfaceAddrs> =
+                HashMap::try_from(self.map_mut(maps::IFACES)?)?;
+            ifaces.insert(iface.index, iface.addrs(), 0)?;
+        }
+        {
+            let mut dev: DevMapHash<&mut MapData> =
+                DevMapHash::try_from(self.map_mut(maps::DEVMAP)?)?;
+            dev.insert(iface.index, iface.index, None, 0)
+                .map_err(|e| DataplaneError::Map(MapError::InvalidName { name: e.to_string() }))?;
+        }
         Ok(())
     }
 
@@ -86,49 +237,90 @@ impl Dataplane {
         &self.attached
     }
 
-    /// Replaces the set of services the program recognises; ids follow `services`' order.
-    pub fn set_services(&mut self, services: &[ServiceConfig]) -> Result<(), DataplaneError> {
-        let mut vips: HashMap<_, VipKey, VipInfo> = HashMap::try_from(
-            self.ebpf.map_mut(maps::VIPS).ok_or(DataplaneError::Missing(maps::VIPS))?,
-        )?;
-        let wanted: Vec<VipKey> = services.iter().map(|s| vip_key(s.vip, s.protocol)).collect();
-        let stale: Vec<VipKey> =
-            vips.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
-        for k in stale {
-            vips.remove(&k)?;
-        }
-        for (id, key) in wanted.iter().enumerate() {
-            vips.insert(key, VipInfo { service_id: id as u32, flags: 0 }, 0)?;
-        }
+    /// Makes the kernel's services exactly `services`.
+    pub fn apply(&mut self, services: &[ServiceConfig]) -> Result<(), DataplaneError> {
+        self.tables.apply(services, &mut KernelMaps(&mut self.ebpf))?;
         Ok(())
     }
 
-    /// Per-service packet and byte counters summed over CPUs, by service id.
-    pub fn service_counters(&self, count: usize) -> Result<Vec<Counter>, DataplaneError> {
-        let map: PerCpuArray<_, Counter> = PerCpuArray::try_from(
-            self.ebpf
-                .map(maps::SERVICE_STATS)
-                .ok_or(DataplaneError::Missing(maps::SERVICE_STATS))?,
-        )?;
-        (0..count as u32)
-            .map(|i| {
-                let mut total = Counter::default();
-                for c in map.get(&i, 0)?.iter() {
-                    total.add(c);
-                }
-                Ok(total)
+    pub fn add_backend(
+        &mut self,
+        service: &str,
+        addr: std::net::SocketAddr,
+        weight: u32,
+    ) -> Result<(), DataplaneError> {
+        Ok(self.tables.add_backend(service, addr, weight, &mut KernelMaps(&mut self.ebpf))?)
+    }
+
+    pub fn remove_backend(
+        &mut self,
+        service: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), DataplaneError> {
+        Ok(self.tables.remove_backend(service, addr, &mut KernelMaps(&mut self.ebpf))?)
+    }
+
+    pub fn drain_backend(
+        &mut self,
+        service: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), DataplaneError> {
+        Ok(self.tables.drain_backend(service, addr, &mut KernelMaps(&mut self.ebpf))?)
+    }
+
+    pub fn set_health(
+        &mut self,
+        service: &str,
+        addr: std::net::SocketAddr,
+        healthy: bool,
+    ) -> Result<(), DataplaneError> {
+        Ok(self.tables.set_health(service, addr, healthy, &mut KernelMaps(&mut self.ebpf))?)
+    }
+
+    /// The control-plane view of the services.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// A service's backends with their counters.
+    pub fn backends(&self, service: &str) -> Result<Vec<(BackendView, Counter)>, DataplaneError> {
+        let views = self.tables.backends(service)?;
+        let stats: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.map(maps::BACKEND_STATS)?)?;
+        views
+            .into_iter()
+            .map(|v| {
+                let c = sum(&stats, v.id)?;
+                Ok((v, c))
             })
             .collect()
     }
 
+    /// Per-service counters summed over CPUs.
+    pub fn service_counter(&self, service_id: u32) -> Result<Counter, DataplaneError> {
+        let stats: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.map(maps::SERVICE_STATS)?)?;
+        sum(&stats, service_id)
+    }
+
     /// Global reason counters summed over CPUs, as (name, value).
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
-            self.ebpf.map(maps::STATS).ok_or(DataplaneError::Missing(maps::STATS))?,
-        )?;
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(maps::STATS)?)?;
         (0..stat::COUNT)
             .map(|i| Ok((stat::NAMES[i as usize], map.get(&i, 0)?.iter().sum())))
             .collect()
+    }
+
+    /// Tracked flows per backend id (walks the flow table; for tests and diagnostics).
+    pub fn flows_per_backend(&self) -> Result<std::collections::HashMap<u32, u64>, DataplaneError> {
+        let flows: HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState> =
+            HashMap::try_from(self.map(maps::FLOWS)?)?;
+        let mut out = std::collections::HashMap::new();
+        for entry in flows.iter() {
+            let (_, st) = entry?;
+            *out.entry(st.backend_id).or_insert(0) += 1;
+        }
+        Ok(out)
     }
 
     /// The loaded balancer program, for `test_run`.
@@ -139,6 +331,82 @@ impl Dataplane {
             .ok_or(DataplaneError::Missing(programs::BALANCER))?
             .try_into()?)
     }
+}
+
+fn sum(map: &PerCpuArray<&MapData, Counter>, index: u32) -> Result<Counter, DataplaneError> {
+    let mut total = Counter::default();
+    for c in map.get(&index, 0)?.iter() {
+        total.add(c);
+    }
+    Ok(total)
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes sure `dir` lies on a bpffs. The default place, /sys/fs/bpf, is mounted when it is not
+/// (a fresh host, or `ip netns exec`, which remounts /sys); elsewhere the operator decides.
+fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
+    let on_bpffs = |p: &Path| {
+        let mut p = p.to_path_buf();
+        while !p.exists() {
+            if !p.pop() {
+                return false;
+            }
+        }
+        nix::sys::statfs::statfs(&p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+    };
+    if on_bpffs(dir) {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) {
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| pin_err(root, e))?;
+        log::warn!(
+            "mounted bpffs at /sys/fs/bpf; pins live as long as this mount (under `ip netns exec` that is this process)"
+        );
+        if on_bpffs(dir) {
+            return Ok(());
+        }
+    }
+    Err(pin_err(dir, "not on a bpffs; set xdp.pin_path to a directory on one"))
+}
+
+fn aya_mode(mode: XdpMode) -> AyaXdpMode {
+    match mode {
+        XdpMode::Native => AyaXdpMode::Driver,
+        XdpMode::Generic => AyaXdpMode::Skb,
+    }
+}
+
+/// Removes everything `lb run` pinned under `dir`: links first (which detaches the program
+/// from each interface), then maps. Returns what was removed.
+pub fn detach(dir: &Path) -> Result<Vec<String>, DataplaneError> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(pin_err(dir, e)),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    // Links before maps: detach first, then drop the state.
+    names.sort_by_key(|n| !n.starts_with("link-"));
+    for name in names {
+        let path = dir.join(&name);
+        std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+        removed.push(name);
+    }
+    std::fs::remove_dir(dir).map_err(|e| pin_err(dir, e))?;
+    Ok(removed)
 }
 
 /// Loads the do-nothing program and attaches it to `iface` in native mode. The returned handle

@@ -1,8 +1,12 @@
-//! The XDP data plane: loading the program, attaching it and talking to its maps.
+//! The XDP data plane: loading the program, attaching it, preparing the host, and keeping its
+//! maps in step with the configured services.
+pub mod host;
+mod kernel_maps;
 mod loader;
+pub mod tables;
 mod vip;
 
-pub use loader::{Dataplane, DataplaneError, attach_pass};
+pub use loader::{Dataplane, DataplaneError, LoadOptions, attach_pass, detach};
 pub use vip::vip_key;
 
 /// The compiled XDP object, built by build.rs from lb-ebpf.

@@ -1,0 +1,248 @@
+//! Connection tracking and backend choice. Only new flows (TCP SYN, UDP after idle) consult the
+//! Maglev ring; everything else follows its tracked state, so a backend-set change never moves
+//! an established flow.
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_get_smp_processor_id, programs::XdpContext};
+use lb_common::{
+    BACKEND_F_ACTIVE, BackendInfo, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN,
+    DEFAULT_TCP_CLOSED_NS, DEFAULT_UDP_IDLE_NS, FAMILY_V4, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT,
+    FLOW_F_RST, FlowState, PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
+    hash::{five_tuple_hash, source_hash},
+    stat,
+};
+
+use crate::{
+    fib::{self, FibMiss},
+    maps::{BACKENDS, FLOWS, IFACES, NAT, PORT_CURSOR, RING, SETTINGS, count},
+    parse::Packet,
+    scratch::Work,
+};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// Ports tried per new flow before giving up (each try is one atomic insert).
+const MAX_PORT_TRIES: u32 = 8;
+const BPF_NOEXIST: u64 = 1;
+/// last_seen is rewritten at most this often, to keep the cache line quiet.
+const TOUCH_NS: u64 = 100_000_000;
+
+#[inline(always)]
+fn drop(reason: u32) -> u32 {
+    count(reason);
+    xdp_action::XDP_DROP
+}
+
+/// Loads the settings the daemon wrote (or the defaults before it has) into `s`.
+#[inline(always)]
+pub fn load_settings(s: &mut Settings) {
+    match SETTINGS.get(0) {
+        Some(v) if v.nat_port_max != 0 => *s = *v,
+        _ => {
+            s.udp_idle_ns = DEFAULT_UDP_IDLE_NS;
+            s.tcp_closed_ns = DEFAULT_TCP_CLOSED_NS;
+            s.nat_port_min = DEFAULT_NAT_PORT_MIN;
+            s.nat_port_max = DEFAULT_NAT_PORT_MAX;
+            s.cpus = 1;
+        }
+    }
+}
+
+/// Fills `w.key` with the packet's client-side flow key.
+#[inline(always)]
+pub fn make_key(w: &mut Work) {
+    w.key.src = w.pkt.src;
+    w.key.dst = w.pkt.dst;
+    w.key.sport = w.pkt.sport;
+    w.key.dport = w.pkt.dport;
+    w.key.proto = w.pkt.proto;
+    w.key.family = w.pkt.family;
+    w.key._pad = 0;
+}
+
+/// The flag bits a packet adds to its flow's state.
+#[inline(always)]
+pub fn flags_of(pkt: &Packet, fin_bit: u32) -> u32 {
+    let mut f = 0;
+    if pkt.tcp_flags & TCP_FIN != 0 {
+        f |= fin_bit;
+    }
+    if pkt.tcp_flags & TCP_RST != 0 {
+        f |= FLOW_F_RST;
+    }
+    f
+}
+
+/// A client SYN that opens a connection (not a SYN-ACK).
+#[inline(always)]
+pub fn is_syn(pkt: &Packet) -> bool {
+    pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+pub enum Tracked {
+    /// A live flow: keep following it.
+    Live(*mut FlowState),
+    /// A flow that ended (closed, idle, or a SYN reusing the tuple), copied into `w.st`: a new
+    /// one may replace it.
+    Ended,
+    Unknown,
+}
+
+/// Looks `w.key` up and decides whether the flow is still live.
+#[inline(always)]
+pub fn lookup(w: &mut Work, now: u64) -> Tracked {
+    let Some(ptr) = FLOWS.get_ptr_mut(&w.key) else {
+        return Tracked::Unknown;
+    };
+    // SAFETY: a valid map value; concurrent writers only set flag bits and timestamps.
+    let (flags, last) = unsafe { ((*ptr).flags, (*ptr).last_seen_ns) };
+    let idle = now.saturating_sub(last);
+    let ended = if w.pkt.proto == PROTO_TCP {
+        let fins = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
+        let closing = flags & (fins | FLOW_F_RST) != 0;
+        let closed = flags & FLOW_F_RST != 0 || flags & fins == fins;
+        (closing && is_syn(&w.pkt)) || (closed && idle > w.s.tcp_closed_ns)
+    } else {
+        idle > w.s.udp_idle_ns
+    };
+    if ended {
+        // SAFETY: as above.
+        w.st = unsafe { *ptr };
+        Tracked::Ended
+    } else {
+        Tracked::Live(ptr)
+    }
+}
+
+/// Records a packet on a live flow: new FIN/RST bits, and the time (rate-limited). Racing
+/// updates from other CPUs are benign: bits only get set, and any recent timestamp will do.
+#[inline(always)]
+pub fn touch(st: &mut FlowState, add_flags: u32, now: u64) {
+    if add_flags & !st.flags != 0 {
+        st.flags |= add_flags;
+        st.last_seen_ns = now;
+    } else if now.saturating_sub(st.last_seen_ns) > TOUCH_NS {
+        st.last_seen_ns = now;
+    }
+}
+
+/// Copies the backend with id `id` into `out` if the slot is live.
+#[inline(always)]
+pub fn backend(id: u32, out: &mut BackendInfo) -> bool {
+    match BACKENDS.get(id) {
+        Some(b) if b.flags & BACKEND_F_ACTIVE != 0 => {
+            *out = *b;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Routes toward `w.be` (from `w.st.snat`, or from the client for a new flow) into `w.hop`.
+#[inline(always)]
+pub fn route_to_backend(ctx: &XdpContext, w: &mut Work, from_client: bool) -> Result<(), u32> {
+    let src = if from_client { &w.pkt.src } else { &w.st.snat };
+    fib::lookup(ctx, &w.pkt, src, &w.be.addr, &mut w.hop).map_err(|m| match m {
+        FibMiss::NoNeigh => drop(stat::DROP_NO_NEIGH),
+        FibMiss::Other => drop(stat::DROP_NO_ROUTE),
+    })
+}
+
+/// A new flow: pick the backend from the Maglev ring, route to it, take a SNAT address and a
+/// free SNAT port, and record both directions. Leaves `w.st`, `w.be`, `w.hop` filled. Not
+/// inlined, to keep its locals out of the established path's stack frame.
+#[inline(never)]
+pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result<(), u32> {
+    let hash = if vip.flags & VIP_F_FIVE_TUPLE != 0 {
+        five_tuple_hash(&w.pkt.src, &w.pkt.dst, w.pkt.sport, w.pkt.dport, w.pkt.proto)
+    } else {
+        source_hash(&w.pkt.src)
+    };
+    let slot = vip.service_id * RING_SIZE + hash % RING_SIZE;
+    let id = match RING.get(slot) {
+        Some(&id) if id != 0 => id,
+        _ => return Err(drop(stat::DROP_NO_BACKEND)),
+    };
+    if !backend(id, &mut w.be) {
+        return Err(drop(stat::DROP_NO_BACKEND));
+    }
+    // Route with the client as source first: it names the egress interface, whose own address
+    // becomes the SNAT source.
+    route_to_backend(ctx, w, true)?;
+    let addrs = IFACES.get_ptr(w.hop.ifindex).ok_or_else(|| drop(stat::DROP_NO_SNAT_ADDR))?;
+    w.st.snat = [0u8; 16];
+    // SAFETY: a valid map value.
+    unsafe {
+        if w.pkt.family == FAMILY_V4 {
+            w.st.snat[..4].copy_from_slice(&(*addrs).v4);
+        } else {
+            w.st.snat = (*addrs).v6;
+        }
+    }
+    if w.st.snat == [0u8; 16] {
+        return Err(drop(stat::DROP_NO_SNAT_ADDR));
+    }
+    w.nk.backend = w.be.addr;
+    w.nk.snat = w.st.snat;
+    w.nk.backend_port = w.be.port;
+    w.nk.proto = w.pkt.proto;
+    w.nk.family = w.pkt.family;
+    w.nk._pad = 0;
+    w.ns.flow = w.key;
+    w.ns.backend_id = id;
+    w.ns.service_id = vip.service_id;
+    alloc_port(w)?;
+    w.st.backend_id = id;
+    w.st.generation = w.be.generation;
+    w.st.nat_port = w.nk.nat_port;
+    w.st._pad = 0;
+    w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT);
+    w.st.last_seen_ns = now;
+    if FLOWS.insert(&w.key, &w.st, 0).is_err() {
+        let _ = NAT.remove(&w.nk);
+        return Err(drop(stat::DROP_MAP_FULL));
+    }
+    Ok(())
+}
+
+/// Claims a SNAT port for `w.nk` with an atomic insert-if-absent, so two CPUs never share one.
+/// Each CPU walks its own slice of the range to keep them from racing for the same ports.
+#[inline(always)]
+fn alloc_port(w: &mut Work) -> Result<(), u32> {
+    let s = &w.s;
+    let cpus = if s.cpus == 0 { 1 } else { s.cpus };
+    let range = (s.nat_port_max as u32).saturating_sub(s.nat_port_min as u32) + 1;
+    let span = if range / cpus == 0 { 1 } else { range / cpus };
+    // SAFETY: a helper with no arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
+    let base = s.nat_port_min as u32 + cpu * span;
+    let cursor = PORT_CURSOR.get_ptr_mut(0).ok_or_else(|| drop(stat::DROP_NO_PORT))?;
+    for _ in 0..MAX_PORT_TRIES {
+        // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
+        let c = unsafe {
+            let c = *cursor;
+            *cursor = c.wrapping_add(1);
+            c
+        };
+        w.nk.nat_port = ((base + c % span) as u16).to_be();
+        if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(drop(stat::DROP_NO_PORT))
+}
+
+/// Forgets the reverse entry of the flow that ended (in `w.st`).
+#[inline(always)]
+pub fn forget(w: &mut Work) {
+    if backend(w.st.backend_id, &mut w.be) {
+        w.nk.backend = w.be.addr;
+        w.nk.snat = w.st.snat;
+        w.nk.backend_port = w.be.port;
+        w.nk.nat_port = w.st.nat_port;
+        w.nk.proto = w.pkt.proto;
+        w.nk.family = w.pkt.family;
+        w.nk._pad = 0;
+        let _ = NAT.remove(&w.nk);
+    }
+}

@@ -1,0 +1,94 @@
+//! Header rewriting for full NAT: MACs, addresses, ports, TTL, and incremental checksums
+//! (RFC 1624), so no byte of payload is ever read.
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{
+    FAMILY_V4, PROTO_UDP,
+    checksum::{replace16, replace32, replace128},
+};
+
+use crate::parse::{ETH_HLEN, Packet, ptr_at};
+
+const L4_OFF_MASK: usize = 0x7f;
+
+/// The new outer identity of a packet.
+#[repr(C)]
+pub struct Translation {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+#[inline(always)]
+fn first4(a: &[u8; 16]) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
+
+/// Rewrites the frame in place. The packet was parsed by [`crate::parse::parse`], so every
+/// header checked there is present; the checks here are for the verifier. Not inlined: one
+/// copy serves both directions and its locals get their own stack frame.
+#[inline(never)]
+pub fn rewrite(ctx: &XdpContext, pkt: &Packet, t: &Translation) -> Result<(), u32> {
+    let abort = xdp_action::XDP_ABORTED;
+    let eth: *mut [u8; 12] = ptr_at(ctx, 0).ok_or(abort)?;
+    // SAFETY: ptr_at checked the bounds; the frame is ours to modify.
+    let eth = unsafe { &mut *eth };
+    eth[..6].copy_from_slice(&t.dmac);
+    eth[6..].copy_from_slice(&t.smac);
+    // The offset came through the scratch map, so the verifier no longer knows its range; the
+    // mask restores one (it is at most 14 + 60 for IPv4 with options).
+    let l4_off = pkt.l4_off & L4_OFF_MASK;
+    let l4_check_off = if pkt.proto == PROTO_UDP { 6 } else { 16 };
+    let check: *mut [u8; 2] = ptr_at(ctx, l4_off + l4_check_off).ok_or(abort)?;
+    let ports: *mut [u8; 4] = ptr_at(ctx, l4_off).ok_or(abort)?;
+    // SAFETY: ptr_at checked the bounds.
+    let mut l4_check = u16::from_ne_bytes(unsafe { *check });
+    // An IPv4 UDP checksum of zero means "none"; it stays none.
+    let l4_has_check = !(pkt.proto == PROTO_UDP && pkt.family == FAMILY_V4 && l4_check == 0);
+
+    if pkt.family == FAMILY_V4 {
+        let ip: *mut [u8; 20] = ptr_at(ctx, ETH_HLEN).ok_or(abort)?;
+        // SAFETY: ptr_at checked the bounds.
+        let ip = unsafe { &mut *ip };
+        let (old_src, old_dst, new_src, new_dst) =
+            (first4(&pkt.src), first4(&pkt.dst), first4(&t.src), first4(&t.dst));
+        let mut ip_check = u16::from_ne_bytes([ip[10], ip[11]]);
+        ip_check = replace32(ip_check, old_src, new_src);
+        ip_check = replace32(ip_check, old_dst, new_dst);
+        let old_ttl_word = u16::from_ne_bytes([ip[8], ip[9]]);
+        ip[8] = pkt.ttl - 1;
+        ip_check = replace16(ip_check, old_ttl_word, u16::from_ne_bytes([ip[8], ip[9]]));
+        ip[10..12].copy_from_slice(&ip_check.to_ne_bytes());
+        ip[12..16].copy_from_slice(&new_src);
+        ip[16..20].copy_from_slice(&new_dst);
+        if l4_has_check {
+            l4_check = replace32(l4_check, old_src, new_src);
+            l4_check = replace32(l4_check, old_dst, new_dst);
+        }
+    } else {
+        let ip: *mut [u8; 40] = ptr_at(ctx, ETH_HLEN).ok_or(abort)?;
+        // SAFETY: ptr_at checked the bounds.
+        let ip = unsafe { &mut *ip };
+        ip[7] = pkt.ttl - 1;
+        ip[8..24].copy_from_slice(&t.src);
+        ip[24..40].copy_from_slice(&t.dst);
+        l4_check = replace128(l4_check, &pkt.src, &t.src);
+        l4_check = replace128(l4_check, &pkt.dst, &t.dst);
+    }
+    if l4_has_check {
+        l4_check = replace16(l4_check, pkt.sport, t.sport);
+        l4_check = replace16(l4_check, pkt.dport, t.dport);
+        // In UDP a computed zero is sent as all ones (zero would mean "no checksum").
+        if pkt.proto == PROTO_UDP && l4_check == 0 {
+            l4_check = 0xffff;
+        }
+        // SAFETY: ptr_at checked the bounds.
+        unsafe { *check = l4_check.to_ne_bytes() };
+    }
+    let (s, d) = (t.sport.to_ne_bytes(), t.dport.to_ne_bytes());
+    // SAFETY: ptr_at checked the bounds.
+    unsafe { *ports = [s[0], s[1], d[0], d[1]] };
+    Ok(())
+}

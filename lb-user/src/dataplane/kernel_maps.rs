@@ -1,0 +1,54 @@
+//! The kernel implementation of [`Maps`]: writes go straight to the program's maps.
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData},
+};
+use lb_common::{BackendInfo, RING_SIZE, VipInfo, VipKey, maps};
+
+use super::tables::{Maps, TableError};
+
+/// The program's maps, borrowed for a batch of writes.
+pub struct KernelMaps<'a>(pub &'a mut Ebpf);
+
+fn map_err(e: impl std::fmt::Display) -> TableError {
+    TableError::Map(e.to_string())
+}
+
+impl KernelMaps<'_> {
+    fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map, TableError> {
+        self.0.map_mut(name).ok_or_else(|| TableError::Map(format!("map {name} missing")))
+    }
+}
+
+impl Maps for KernelMaps<'_> {
+    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), TableError> {
+        let mut m: HashMap<&mut MapData, VipKey, VipInfo> =
+            HashMap::try_from(self.map(maps::VIPS)?).map_err(map_err)?;
+        m.insert(key, info, 0).map_err(map_err)
+    }
+
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), TableError> {
+        let mut m: HashMap<&mut MapData, VipKey, VipInfo> =
+            HashMap::try_from(self.map(maps::VIPS)?).map_err(map_err)?;
+        match m.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<(), TableError> {
+        let mut m: Array<&mut MapData, BackendInfo> =
+            Array::try_from(self.map(maps::BACKENDS)?).map_err(map_err)?;
+        m.set(id, info, 0).map_err(map_err)
+    }
+
+    fn set_ring(&mut self, service_id: u32, changes: &[(u32, u32)]) -> Result<(), TableError> {
+        let mut m: Array<&mut MapData, u32> =
+            Array::try_from(self.map(maps::RING)?).map_err(map_err)?;
+        let base = service_id * RING_SIZE;
+        for &(slot, id) in changes {
+            m.set(base + slot, id, 0).map_err(map_err)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,85 @@
+//! Tables the CLI prints from the admin API's JSON (or the JSON itself with --json).
+use lb_user::control::state::{Stats, Status};
+
+pub fn status(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    let s: Status = serde_json::from_value(v.clone())?;
+    println!("lb {}", s.version);
+    if s.xdp.is_empty() {
+        println!("XDP: not attached");
+    }
+    for a in &s.xdp {
+        println!("XDP on {:<16} mode {}", a.interface, a.mode);
+    }
+    if s.adopted {
+        println!("(adopted the pinned program and maps of a previous run)");
+    }
+    Ok(())
+}
+
+pub fn stats(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    let s: Stats = serde_json::from_value(v.clone())?;
+    println!(
+        "{:<14} {:<24} {:<28} {:<9} {:>6} {:>10} {:>12} {:>8}",
+        "SERVICE", "VIP", "BACKEND", "STATE", "SLOTS", "PACKETS", "BYTES", "FLOWS"
+    );
+    for svc in &s.services {
+        println!(
+            "{:<14} {:<24} {:<28} {:<9} {:>6} {:>10} {:>12} {:>8}",
+            svc.name, svc.vip, "(all)", svc.protocol, "", svc.packets, svc.bytes, svc.flows
+        );
+        for b in &svc.backends {
+            println!(
+                "{:<14} {:<24} {:<28} {:<9} {:>6} {:>10} {:>12} {:>8}",
+                "",
+                "",
+                b.addr.to_string(),
+                b.state,
+                b.slots,
+                b.packets,
+                b.bytes,
+                b.flows
+            );
+        }
+    }
+    if !s.reasons.is_empty() {
+        println!();
+        for (name, v) in s.reasons.iter().filter(|(_, v)| *v != 0) {
+            println!("{name:<22} {v:>12}");
+        }
+    }
+    Ok(())
+}
+
+pub fn backends(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    let s: Stats = serde_json::from_value(v.clone())?;
+    println!(
+        "{:<14} {:<28} {:>6} {:<9} {:>6} {:>8}",
+        "SERVICE", "BACKEND", "WEIGHT", "STATE", "SLOTS", "ACTIVE"
+    );
+    for svc in &s.services {
+        for b in &svc.backends {
+            println!(
+                "{:<14} {:<28} {:>6} {:<9} {:>6} {:>8}",
+                svc.name,
+                b.addr.to_string(),
+                b.weight,
+                b.state,
+                b.slots,
+                b.active
+            );
+        }
+    }
+    Ok(())
+}

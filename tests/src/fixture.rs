@@ -1,0 +1,106 @@
+//! A namespace for packet fixtures: `BPF_PROG_TEST_RUN` runs the program in the caller's
+//! network namespace, so `bpf_fib_lookup` sees this namespace's routes and neighbours. Fixed
+//! MACs and permanent neighbour entries make every output byte predictable.
+use std::net::IpAddr;
+
+use anyhow::Context as _;
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_user::{
+    config::Config,
+    dataplane::{Dataplane, LoadOptions, host::Iface},
+};
+
+use crate::netns::Netns;
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// The balancer's MAC on its client-side interface `c0` (10.0.0.1/16, fd00::1/64).
+pub const C0_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0];
+/// The balancer's MACs on `b1` (10.1.1.1/24, fd01:1::1/64) and `b2` (10.1.2.1/24).
+pub const B1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+pub const B2_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+/// Neighbours: the client (10.0.0.2, fd00::2) and backends 10.1.1.2/fd01:1::2 and 10.1.2.2.
+pub const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0xc, 2];
+pub const BACKEND1_MAC: [u8; 6] = [2, 0, 0, 0, 0xb, 1];
+pub const BACKEND2_MAC: [u8; 6] = [2, 0, 0, 0, 0xb, 2];
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Builds the fixture namespace.
+pub fn namespace() -> anyhow::Result<Netns> {
+    let ns = Netns::new("f")?;
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    for (dev, m, v4, v6) in [
+        ("c0", C0_MAC, "10.0.0.1/16", "fd00::1/64"),
+        ("b1", B1_MAC, "10.1.1.1/24", "fd01:1::1/64"),
+        ("b2", B2_MAC, "10.1.2.1/24", "fd01:2::1/64"),
+    ] {
+        let peer = format!("{dev}p");
+        ns.ip(&[
+            "link",
+            "add",
+            "name",
+            dev,
+            "address",
+            &mac(m),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+        ])?;
+        ns.ip(&["addr", "add", v4, "dev", dev])?;
+        ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"])?;
+        ns.ip(&["link", "set", dev, "up"])?;
+        ns.ip(&["link", "set", &peer, "up"])?;
+    }
+    for (addr, m, dev) in [
+        ("10.0.0.2", CLIENT_MAC, "c0"),
+        ("fd00::2", CLIENT_MAC, "c0"),
+        ("10.1.1.2", BACKEND1_MAC, "b1"),
+        ("fd01:1::2", BACKEND1_MAC, "b1"),
+        ("10.1.2.2", BACKEND2_MAC, "b2"),
+    ] {
+        ns.ip(&["neigh", "replace", addr, "lladdr", &mac(m), "dev", dev, "nud", "permanent"])?;
+    }
+    Ok(ns)
+}
+
+/// Loads the program (private, unpinned) with `config`'s services and registers the fixture
+/// interfaces. Call inside the fixture namespace.
+pub fn dataplane(config: &str) -> anyhow::Result<Dataplane> {
+    let config = Config::parse(config)?;
+    let mut dp = Dataplane::load(&LoadOptions::private())?;
+    for name in ["c0", "b1", "b2"] {
+        dp.register(&Iface::lookup(name).with_context(|| format!("no {name}"))?)?;
+    }
+    dp.apply(&config.xdp.context("no [xdp]")?.services)?;
+    Ok(dp)
+}
+
+/// Runs one frame through the program: (action, output frame).
+pub fn run(dp: &Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = dp
+        .balancer()
+        .expect("balancer program")
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().expect("IP literal")
+}
