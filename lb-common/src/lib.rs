@@ -82,7 +82,7 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
 /// Identifies a virtual service.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VipKey {
     /// Network byte order. IPv4 uses the first 4 bytes; the rest are zero.
@@ -93,8 +93,9 @@ pub struct VipKey {
     pub proto: u8,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(size_of::<VipKey>() == 20);
+const _: () = assert!(size_of::<VipKey>() == 24);
 
 /// `VipInfo::flags`: hash the whole five-tuple instead of the client address alone.
 pub const VIP_F_FIVE_TUPLE: u32 = 1;
@@ -133,7 +134,7 @@ impl Counter {
 pub const BACKEND_F_ACTIVE: u32 = 1;
 
 /// A backend as the program sees it.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendInfo {
     /// Network byte order; IPv4 in the first 4 bytes.
@@ -153,7 +154,7 @@ pub struct BackendInfo {
 const _: () = assert!(size_of::<BackendInfo>() == 32);
 
 /// The client side of a tracked flow: exactly the packet's (src, dst=VIP, ports, proto).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     /// Network byte order.
@@ -175,6 +176,22 @@ pub const FLOW_F_FIN_CLIENT: u32 = 1;
 pub const FLOW_F_FIN_BACKEND: u32 = 2;
 pub const FLOW_F_RST: u32 = 4;
 
+/// A cached next hop: where `bpf_fib_lookup` last said to send a flow's frames. Refreshed after
+/// [`HOP_TTL_NS`], so established flows skip the FIB on most packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Hop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// `bpf_ktime_get_ns` of the lookup; 0 = never looked up.
+    pub at_ns: u64,
+}
+const _: () = assert!(size_of::<Hop>() == 24);
+
+/// How long a cached next hop is trusted (a neighbour's new MAC is picked up within this).
+pub const HOP_TTL_NS: u64 = 1_000_000_000;
+
 /// Where a tracked flow goes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -191,11 +208,13 @@ pub struct FlowState {
     pub flags: u32,
     /// `bpf_ktime_get_ns` of the last packet, either direction.
     pub last_seen_ns: u64,
+    /// Next hop toward the backend.
+    pub hop: Hop,
 }
-const _: () = assert!(size_of::<FlowState>() == 40);
+const _: () = assert!(size_of::<FlowState>() == 64);
 
 /// The backend side of a tracked flow: the reply's (src=backend, dst=SNAT address, ports).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct NatKey {
     /// Backend address, network byte order.
@@ -220,17 +239,20 @@ pub struct NatState {
     pub flow: FlowKey,
     pub backend_id: u32,
     pub service_id: u32,
+    /// Next hop toward the client.
+    pub hop: Hop,
 }
-const _: () = assert!(size_of::<NatState>() == 48);
+const _: () = assert!(size_of::<NatState>() == 72);
 
 /// The balancer's own addresses on one interface, network byte order; all-zero when absent.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct IfaceAddrs {
-    pub v4: [u8; 4],
     pub v6: [u8; 16],
+    pub v4: [u8; 4],
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(size_of::<IfaceAddrs>() == 20);
+const _: () = assert!(size_of::<IfaceAddrs>() == 24);
 
 /// Default capacity of the flow and NAT tables (each); `xdp.max_flows` overrides it.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
@@ -295,6 +317,7 @@ pub mod stat {
         DROP_REDIRECT = 23, "drop_redirect";
         DROP_NO_NEIGH = 24, "drop_no_neigh";
         PASS_TTL = 25, "pass_ttl_exceeded";
+        PORT_RECLAIMED = 26, "port_reclaimed";
     }
 }
 
@@ -312,4 +335,5 @@ mod pod {
     unsafe impl aya::Pod for super::NatState {}
     unsafe impl aya::Pod for super::IfaceAddrs {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::Hop {}
 }

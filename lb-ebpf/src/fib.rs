@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup,
     programs::XdpContext,
 };
-use lb_common::{FAMILY_V4, stat};
+use lb_common::{FAMILY_V4, Hop, stat};
 
 use crate::{
     maps::{DEVMAP, count},
@@ -19,14 +19,6 @@ const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
-/// Where to send a frame.
-#[repr(C)]
-pub struct NextHop {
-    pub ifindex: u32,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
-}
-
 /// Why no next hop was found.
 pub enum FibMiss {
     /// Route known, neighbour not resolved yet.
@@ -36,7 +28,7 @@ pub enum FibMiss {
 }
 
 /// Looks up the route from `src` to `dst` as if the packet arrived on the ingress interface,
-/// and writes the result into `hop`. Not inlined: the 64-byte parameter block gets its own
+/// and writes the result into `hop` (the caller stamps its time). Not inlined: the 64-byte parameter block gets its own
 /// stack frame, at the end of every call chain.
 #[inline(never)]
 pub fn lookup(
@@ -44,10 +36,17 @@ pub fn lookup(
     pkt: &Packet,
     src: &[u8; 16],
     dst: &[u8; 16],
-    hop: &mut NextHop,
+    hop: &mut Hop,
 ) -> Result<(), FibMiss> {
-    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid start.
-    let mut p: FibParams = unsafe { MaybeUninit::zeroed().assume_init() };
+    let mut p = MaybeUninit::<FibParams>::uninit();
+    // Zeroed word by word: `MaybeUninit::zeroed` becomes a call to a byte-loop memset.
+    let zeros = p.as_mut_ptr() as *mut u32;
+    for i in 0..core::mem::size_of::<FibParams>() / 4 {
+        // SAFETY: within the 64-byte parameter block, which is 4-byte aligned.
+        unsafe { zeros.add(i).write_volatile(0) };
+    }
+    // SAFETY: every byte was just zeroed, and all-zero is a valid bpf_fib_lookup.
+    let mut p = unsafe { p.assume_init() };
     p.ifindex = ctx.ingress_ifindex() as u32;
     // The kernel reads tot_len in host byte order (shared/TOOLCHAIN.md).
     p.__bindgen_anon_1.tot_len = pkt.ip_len;
@@ -78,11 +77,13 @@ pub fn lookup(
 
 /// Keeps the frame's current MACs (for a frame handed to the kernel as it is addressed).
 #[inline(always)]
-pub fn keep_macs(ctx: &XdpContext, hop: &mut NextHop) -> Result<(), u32> {
+pub fn keep_macs(ctx: &XdpContext, hop: &mut Hop) -> Result<(), u32> {
     let eth: *const [u8; 12] = crate::parse::ptr_at(ctx, 0).ok_or(xdp_action::XDP_ABORTED)?;
     // SAFETY: ptr_at checked the bounds.
     let eth = unsafe { &*eth };
     hop.ifindex = 0;
+    // Not a lookup result: never reused.
+    hop.at_ns = 0;
     hop.dmac.copy_from_slice(&eth[..6]);
     hop.smac.copy_from_slice(&eth[6..]);
     Ok(())

@@ -13,6 +13,7 @@ use lb_common::{
 use crate::{
     fib::{self, FibMiss},
     maps::{BACKENDS, FLOWS, IFACES, NAT, PORT_CURSOR, RING, SETTINGS, count},
+    mem,
     parse::Packet,
     scratch::Work,
 };
@@ -37,7 +38,7 @@ fn drop(reason: u32) -> u32 {
 #[inline(always)]
 pub fn load_settings(s: &mut Settings) {
     match SETTINGS.get(0) {
-        Some(v) if v.nat_port_max != 0 => *s = *v,
+        Some(v) if v.nat_port_max != 0 => mem::copy(s, v),
         _ => {
             s.udp_idle_ns = DEFAULT_UDP_IDLE_NS;
             s.tcp_closed_ns = DEFAULT_TCP_CLOSED_NS;
@@ -51,8 +52,8 @@ pub fn load_settings(s: &mut Settings) {
 /// Fills `w.key` with the packet's client-side flow key.
 #[inline(always)]
 pub fn make_key(w: &mut Work) {
-    w.key.src = w.pkt.src;
-    w.key.dst = w.pkt.dst;
+    mem::copy16(&mut w.key.src, &w.pkt.src);
+    mem::copy16(&mut w.key.dst, &w.pkt.dst);
     w.key.sport = w.pkt.sport;
     w.key.dport = w.pkt.dport;
     w.key.proto = w.pkt.proto;
@@ -107,7 +108,7 @@ pub fn lookup(w: &mut Work, now: u64) -> Tracked {
     };
     if ended {
         // SAFETY: as above.
-        w.st = unsafe { *ptr };
+        mem::copy(&mut w.st, unsafe { &*ptr });
         Tracked::Ended
     } else {
         Tracked::Live(ptr)
@@ -131,25 +132,33 @@ pub fn touch(st: &mut FlowState, add_flags: u32, now: u64) {
 pub fn backend(id: u32, out: &mut BackendInfo) -> bool {
     match BACKENDS.get(id) {
         Some(b) if b.flags & BACKEND_F_ACTIVE != 0 => {
-            *out = *b;
+            mem::copy(out, b);
             true
         }
         _ => false,
     }
 }
 
-/// Routes toward `w.be` (from `w.st.snat`, or from the client for a new flow) into `w.hop`.
+/// Routes toward `w.be` (from `w.st.snat`, or from the client for a new flow) into
+/// `w.st.hop`.
 #[inline(always)]
-pub fn route_to_backend(ctx: &XdpContext, w: &mut Work, from_client: bool) -> Result<(), u32> {
+pub fn route_to_backend(
+    ctx: &XdpContext,
+    w: &mut Work,
+    from_client: bool,
+    now: u64,
+) -> Result<(), u32> {
     let src = if from_client { &w.pkt.src } else { &w.st.snat };
-    fib::lookup(ctx, &w.pkt, src, &w.be.addr, &mut w.hop).map_err(|m| match m {
+    fib::lookup(ctx, &w.pkt, src, &w.be.addr, &mut w.st.hop).map_err(|m| match m {
         FibMiss::NoNeigh => drop(stat::DROP_NO_NEIGH),
         FibMiss::Other => drop(stat::DROP_NO_ROUTE),
-    })
+    })?;
+    w.st.hop.at_ns = now;
+    Ok(())
 }
 
 /// A new flow: pick the backend from the Maglev ring, route to it, take a SNAT address and a
-/// free SNAT port, and record both directions. Leaves `w.st`, `w.be`, `w.hop` filled. Not
+/// free SNAT port, and record both directions. Leaves `w.st` and `w.be` filled. Not
 /// inlined, to keep its locals out of the established path's stack frame.
 #[inline(never)]
 pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result<(), u32> {
@@ -168,29 +177,31 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     }
     // Route with the client as source first: it names the egress interface, whose own address
     // becomes the SNAT source.
-    route_to_backend(ctx, w, true)?;
-    let addrs = IFACES.get_ptr(w.hop.ifindex).ok_or_else(|| drop(stat::DROP_NO_SNAT_ADDR))?;
-    w.st.snat = [0u8; 16];
+    route_to_backend(ctx, w, true, now)?;
+    let addrs = IFACES.get_ptr(w.st.hop.ifindex).ok_or_else(|| drop(stat::DROP_NO_SNAT_ADDR))?;
+    crate::parse::zero16(&mut w.st.snat);
     // SAFETY: a valid map value.
     unsafe {
         if w.pkt.family == FAMILY_V4 {
             w.st.snat[..4].copy_from_slice(&(*addrs).v4);
         } else {
-            w.st.snat = (*addrs).v6;
+            mem::copy16(&mut w.st.snat, &(*addrs).v6);
         }
     }
     if w.st.snat == [0u8; 16] {
         return Err(drop(stat::DROP_NO_SNAT_ADDR));
     }
-    w.nk.backend = w.be.addr;
-    w.nk.snat = w.st.snat;
+    mem::copy16(&mut w.nk.backend, &w.be.addr);
+    mem::copy16(&mut w.nk.snat, &w.st.snat);
     w.nk.backend_port = w.be.port;
     w.nk.proto = w.pkt.proto;
     w.nk.family = w.pkt.family;
     w.nk._pad = 0;
-    w.ns.flow = w.key;
+    mem::copy(&mut w.ns.flow, &w.key);
     w.ns.backend_id = id;
     w.ns.service_id = vip.service_id;
+    // The client-side hop is looked up on the first reply.
+    w.ns.hop.at_ns = 0;
     alloc_port(w)?;
     w.st.backend_id = id;
     w.st.generation = w.be.generation;
@@ -228,16 +239,49 @@ fn alloc_port(w: &mut Work) -> Result<(), u32> {
         if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
             return Ok(());
         }
+        // Taken. If the flow holding it is over, reclaim the port: delete, then the same
+        // atomic insert-if-absent, so two CPUs reclaiming at once cannot both win.
+        if holder_is_dead(w) {
+            let _ = NAT.remove(&w.nk);
+            if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
+                count(stat::PORT_RECLAIMED);
+                return Ok(());
+            }
+        }
     }
     Err(drop(stat::DROP_NO_PORT))
+}
+
+/// True when the flow that holds the NAT entry `w.nk` has ended: gone from the flow table,
+/// closed for longer than the grace time, or (UDP) idle. Without this, ports of finished
+/// flows would stay taken until LRU eviction.
+#[inline(always)]
+fn holder_is_dead(w: &Work) -> bool {
+    // SAFETY: a valid map value; only its flow key is read.
+    let Some(holder) = (unsafe { NAT.get(&w.nk) }) else {
+        return true;
+    };
+    let Some(st) = FLOWS.get_ptr(&holder.flow) else {
+        return true;
+    };
+    // SAFETY: a valid map value; two fields are read.
+    let (flags, last) = unsafe { ((*st).flags, (*st).last_seen_ns) };
+    let idle = w.now.saturating_sub(last);
+    if holder.flow.proto == PROTO_TCP {
+        let fins = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
+        let closed = flags & FLOW_F_RST != 0 || flags & fins == fins;
+        closed && idle > w.s.tcp_closed_ns
+    } else {
+        idle > w.s.udp_idle_ns
+    }
 }
 
 /// Forgets the reverse entry of the flow that ended (in `w.st`).
 #[inline(always)]
 pub fn forget(w: &mut Work) {
     if backend(w.st.backend_id, &mut w.be) {
-        w.nk.backend = w.be.addr;
-        w.nk.snat = w.st.snat;
+        mem::copy16(&mut w.nk.backend, &w.be.addr);
+        mem::copy16(&mut w.nk.snat, &w.st.snat);
         w.nk.backend_port = w.be.port;
         w.nk.nat_port = w.st.nat_port;
         w.nk.proto = w.pkt.proto;

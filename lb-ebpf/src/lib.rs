@@ -10,12 +10,15 @@
 pub mod fib;
 pub mod flow;
 pub mod maps;
+pub mod mem;
 pub mod nat;
 pub mod parse;
 pub mod scratch;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
-use lb_common::{FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, PROTO_TCP, VipInfo, VipKey, stat};
+use lb_common::{
+    FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, HOP_TTL_NS, PROTO_TCP, VipInfo, VipKey, stat,
+};
 
 use crate::{
     flow::Tracked,
@@ -41,8 +44,14 @@ pub fn balance(ctx: &XdpContext) -> u32 {
 fn try_balance(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     parse(ctx, &mut w.pkt)?;
     // IPv4 keys carry the address in the first 4 bytes; parse zeroed the rest.
-    let key =
-        VipKey { addr: w.pkt.dst, port: w.pkt.dport, proto: w.pkt.proto, family: w.pkt.family };
+    let mut key = VipKey {
+        addr: [0; 16],
+        port: w.pkt.dport,
+        proto: w.pkt.proto,
+        family: w.pkt.family,
+        _pad: [0; 4],
+    };
+    mem::copy16(&mut key.addr, &w.pkt.dst);
     flow::load_settings(&mut w.s);
     // SAFETY: the value is plain data, copied out at once.
     match unsafe { VIPS.get(&key) } {
@@ -73,6 +82,7 @@ fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
     flow::make_key(w);
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    w.now = now;
     let new = match flow::lookup(w, now) {
         Tracked::Live(ptr) => {
             count(stat::FLOW_HIT);
@@ -83,8 +93,12 @@ fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
                 return Err(xdp_action::XDP_DROP);
             }
             // SAFETY: as above.
-            w.st = unsafe { *ptr };
-            flow::route_to_backend(ctx, w, false)?;
+            mem::copy(&mut w.st, unsafe { &*ptr });
+            if now.wrapping_sub(w.st.hop.at_ns) > HOP_TTL_NS {
+                flow::route_to_backend(ctx, w, false, now)?;
+                // SAFETY: as above; a racing refresh writes an equally fresh hop.
+                mem::copy(unsafe { &mut (*ptr).hop }, &w.st.hop);
+            }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
             flow::touch(unsafe { &mut *ptr }, flow::flags_of(&w.pkt, FLOW_F_FIN_CLIENT), now);
             false
@@ -107,14 +121,14 @@ fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
     let len = frame_len(ctx);
     account(&SERVICE_STATS, vip.service_id, len, new);
     account(&BACKEND_STATS, w.st.backend_id, len, new);
-    w.t.src = w.st.snat;
-    w.t.dst = w.be.addr;
+    mem::copy16(&mut w.t.src, &w.st.snat);
+    mem::copy16(&mut w.t.dst, &w.be.addr);
     w.t.sport = w.st.nat_port;
     w.t.dport = w.be.port;
-    w.t.smac = w.hop.smac;
-    w.t.dmac = w.hop.dmac;
+    w.t.smac = w.st.hop.smac;
+    w.t.dmac = w.st.hop.dmac;
     rewrite(ctx, &w.pkt, &w.t)?;
-    Ok(fib::send(ctx, w.hop.ifindex))
+    Ok(fib::send(ctx, w.st.hop.ifindex))
 }
 
 /// Backend → balancer (a tracked SNAT port) becomes VIP → client; anything else passes.
@@ -125,27 +139,27 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
         count(stat::PASS_NOT_VIP);
         return Ok(xdp_action::XDP_PASS);
     }
-    w.nk.backend = w.pkt.src;
-    w.nk.snat = w.pkt.dst;
+    mem::copy16(&mut w.nk.backend, &w.pkt.src);
+    mem::copy16(&mut w.nk.snat, &w.pkt.dst);
     w.nk.backend_port = w.pkt.sport;
     w.nk.nat_port = w.pkt.dport;
     w.nk.proto = w.pkt.proto;
     w.nk.family = w.pkt.family;
     w.nk._pad = 0;
-    // SAFETY: the value is plain data, copied out at once.
-    let Some(ns) = (unsafe { NAT.get(&w.nk) }) else {
+    let Some(ns_ptr) = NAT.get_ptr_mut(&w.nk) else {
         count(stat::PASS_NOT_VIP);
         return Ok(xdp_action::XDP_PASS);
     };
-    w.ns = *ns;
+    // SAFETY: a valid map value, copied out.
+    mem::copy(&mut w.ns, unsafe { &*ns_ptr });
     count(stat::REPLY);
     if w.pkt.ttl <= 1 {
         count(stat::PASS_TTL);
         return Ok(xdp_action::XDP_PASS);
     }
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     if let Some(st) = FLOWS.get_ptr_mut(&w.ns.flow) {
-        // SAFETY: a helper with no arguments.
-        let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: a valid map value (see flow::touch on concurrent updates).
         flow::touch(unsafe { &mut *st }, flow::flags_of(&w.pkt, FLOW_F_FIN_BACKEND), now);
     }
@@ -153,29 +167,36 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     account(&SERVICE_STATS, w.ns.service_id, len, false);
     account(&BACKEND_STATS, w.ns.backend_id, len, false);
     // Translate toward the client: from the VIP, to the client.
-    w.t.src = w.ns.flow.dst;
-    w.t.dst = w.ns.flow.src;
+    mem::copy16(&mut w.t.src, &w.ns.flow.dst);
+    mem::copy16(&mut w.t.dst, &w.ns.flow.src);
     w.t.sport = w.ns.flow.dport;
     w.t.dport = w.ns.flow.sport;
-    let pass = match fib::lookup(ctx, &w.pkt, &w.t.src, &w.t.dst, &mut w.hop) {
-        Ok(()) => false,
-        // Translate but let the kernel forward it: it resolves the client's neighbour on the
-        // way, and later replies take the fast path. The frame keeps its MACs (addressed to us).
-        Err(fib::FibMiss::NoNeigh) => {
-            fib::keep_macs(ctx, &mut w.hop)?;
-            true
+    let mut pass = false;
+    if now.wrapping_sub(w.ns.hop.at_ns) > HOP_TTL_NS {
+        match fib::lookup(ctx, &w.pkt, &w.t.src, &w.t.dst, &mut w.ns.hop) {
+            Ok(()) => {
+                w.ns.hop.at_ns = now;
+                // SAFETY: a valid map value; a racing refresh writes an equally fresh hop.
+                mem::copy(unsafe { &mut (*ns_ptr).hop }, &w.ns.hop);
+            }
+            // Translate but let the kernel forward it: it resolves the client's neighbour on
+            // the way, and later replies take the fast path. The frame keeps its MACs.
+            Err(fib::FibMiss::NoNeigh) => {
+                fib::keep_macs(ctx, &mut w.ns.hop)?;
+                pass = true;
+            }
+            Err(fib::FibMiss::Other) => {
+                count(stat::DROP_NO_ROUTE);
+                return Err(xdp_action::XDP_DROP);
+            }
         }
-        Err(fib::FibMiss::Other) => {
-            count(stat::DROP_NO_ROUTE);
-            return Err(xdp_action::XDP_DROP);
-        }
-    };
-    w.t.smac = w.hop.smac;
-    w.t.dmac = w.hop.dmac;
+    }
+    w.t.smac = w.ns.hop.smac;
+    w.t.dmac = w.ns.hop.dmac;
     rewrite(ctx, &w.pkt, &w.t)?;
     if pass {
         count(stat::PASS_NO_NEIGH);
         return Ok(xdp_action::XDP_PASS);
     }
-    Ok(fib::send(ctx, w.hop.ifindex))
+    Ok(fib::send(ctx, w.ns.hop.ifindex))
 }

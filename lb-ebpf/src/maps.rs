@@ -8,6 +8,10 @@ use lb_common::{
     MAX_SERVICES, NatKey, NatState, RING_SIZE, Settings, VipInfo, VipKey, stat,
 };
 
+/// Per-CPU LRU lists: inserts never take a lock shared with other CPUs. A flow's entry may be
+/// evicted a little earlier than with one global list; the tables are sized with headroom.
+const BPF_F_NO_COMMON_LRU: u32 = 2;
+
 /// Interfaces a balancer may serve; the devmap and address table hold one entry each.
 const MAX_IFACES: u32 = 64;
 
@@ -22,10 +26,11 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 
 
 #[map(name = "LB_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "LB_NAT")]
-pub static NAT: LruHashMap<NatKey, NatState> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+pub static NAT: LruHashMap<NatKey, NatState> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "LB_IFACES")]
 pub static IFACES: HashMap<u32, IfaceAddrs> = HashMap::with_max_entries(MAX_IFACES, 0);

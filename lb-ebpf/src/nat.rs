@@ -11,7 +11,7 @@ use crate::parse::{ETH_HLEN, Packet, ptr_at};
 const L4_OFF_MASK: usize = 0x7f;
 
 /// The new outer identity of a packet.
-#[repr(C)]
+#[repr(C, align(8))]
 pub struct Translation {
     pub src: [u8; 16],
     pub dst: [u8; 16],

@@ -4,7 +4,7 @@
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use lb_common::{BackendInfo, FlowKey, FlowState, NatKey, NatState, Settings};
 
-use crate::{fib::NextHop, nat::Translation, parse::Packet};
+use crate::{nat::Translation, parse::Packet};
 
 #[repr(C)]
 pub struct Work {
@@ -12,11 +12,12 @@ pub struct Work {
     pub key: FlowKey,
     pub st: FlowState,
     pub be: BackendInfo,
-    pub hop: NextHop,
     pub t: Translation,
     pub nk: NatKey,
     pub ns: NatState,
     pub s: Settings,
+    /// `bpf_ktime_get_ns` at the start of this packet (forward path).
+    pub now: u64,
 }
 
 /// Not pinned and not shared with userspace: nothing in it outlives one packet.

@@ -10,7 +10,7 @@ use crate::{
     control::{admin, state::State},
     dataplane::{Dataplane, DataplaneError, LoadOptions, host},
     l4::{self, L4},
-    upstream,
+    l7, upstream,
 };
 
 /// Loads, attaches and fills the XDP program, preparing the host on the way.
@@ -51,29 +51,57 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(xdp) => Some(Mutex::new(start_xdp(xdp)?)),
         None => None,
     };
-    // Userspace L4 listeners, on the daemon's one set of groups (the admin API's backend
-    // commands change them); the L7 listeners register their TLS hand-offs in `handoffs`.
+    // One set of groups for the admin API, L7 and L4, so `lb backend ...` changes what they use.
     let groups = upstream::groups(&config.upstream);
+    // L7: build (certificates, clients) and bind every listener before serving anything.
+    let mut l7_listeners = Vec::new();
+    for server in l7::build(&config, &groups)? {
+        let listener = server.bind().await?;
+        log::info!("http listener {} on {}", server.name, listener.local_addr()?);
+        l7_listeners.push((server, listener));
+    }
+    // Userspace L4 listeners. `terminate = "NAME"` SNI routes need the L7 TLS listener NAME
+    // registered in `handoffs` (not wired yet: such configs fail here with a clear error).
     let handoffs = l4::Handoffs::new();
     let l4 = L4::build(&config.tcp, &groups, &handoffs)?;
-    let _l4_stats = l4.stats();
+    let _l4_stats = l4.stats(); // for the admin API (issue 6)
     let l4 = l4.bind().await?;
     let listener = admin::bind(config.admin.listen).await?;
     log::info!("admin API on http://{}", listener.local_addr()?);
     let state = Arc::new(State { config, dataplane, groups });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin::run(listener, state.clone(), shutdown_rx.clone()));
-    let mut l4_tasks = l4.spawn(shutdown_rx);
+    let mut l4_tasks = l4.spawn(shutdown_rx.clone());
+    let l7_servers: Vec<_> = l7_listeners.iter().map(|(s, _)| s.clone()).collect();
+    let l7_tasks: Vec<_> = l7_listeners
+        .into_iter()
+        .map(|(server, listener)| tokio::spawn(server.run(listener, shutdown_rx.clone())))
+        .collect();
 
     let mut term = unix::signal(unix::SignalKind::terminate()).context("SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: shutting down"),
-        _ = term.recv() => log::info!("SIGTERM: shutting down"),
+    let mut hup = unix::signal(unix::SignalKind::hangup()).context("SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { log::info!("SIGINT: shutting down"); break }
+            _ = term.recv() => { log::info!("SIGTERM: shutting down"); break }
+            _ = hup.recv() => {
+                // SIGHUP re-reads the L7 certificates; a bad file keeps the old ones.
+                for s in &l7_servers {
+                    match s.reload_tls() {
+                        Ok(()) => log::info!("SIGHUP: certificates of {} reloaded", s.name),
+                        Err(e) => log::error!("SIGHUP: {}: {e}; keeping the old certificates", s.name),
+                    }
+                }
+            }
+        }
     }
     let _ = shutdown_tx.send(true);
     admin_task.await??;
     while let Some(r) = l4_tasks.join_next().await {
         r??;
+    }
+    for task in l7_tasks {
+        task.await??; // each drains its connections within http.grace_ms
     }
     if state.dataplane.is_some() {
         log::info!("stopped; the pinned XDP program keeps forwarding (`lb detach` removes it)");

@@ -76,8 +76,13 @@ pub fn namespace() -> anyhow::Result<Netns> {
 /// Loads the program (private, unpinned) with `config`'s services and registers the fixture
 /// interfaces. Call inside the fixture namespace.
 pub fn dataplane(config: &str) -> anyhow::Result<Dataplane> {
+    dataplane_with(config, LoadOptions::private())
+}
+
+/// Like [`dataplane`], with explicit load options (settings, table sizes).
+pub fn dataplane_with(config: &str, opts: LoadOptions) -> anyhow::Result<Dataplane> {
     let config = Config::parse(config)?;
-    let mut dp = Dataplane::load(&LoadOptions::private())?;
+    let mut dp = Dataplane::load(&opts)?;
     for name in ["c0", "b1", "b2"] {
         dp.register(&Iface::lookup(name).with_context(|| format!("no {name}"))?)?;
     }

@@ -4,6 +4,7 @@
 //! Every name is unique to the run (pid and a counter), so concurrent runs never collide; every
 //! namespace is deleted on drop, which also runs when a test fails or panics.
 pub mod fixture;
+pub mod http;
 pub mod l4;
 pub mod lb;
 pub mod netns;

@@ -123,3 +123,21 @@ fn prepare_sender_receiver(
     keep.push(ebpf);
     Ok(())
 }
+
+/// Waits (at most 5 s) until `ns` has resolved neighbour entries for all of `addrs`.
+pub fn wait_neighbours(ns: &Netns, addrs: &[&str]) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let table = ns.ip(&["neigh", "show"])?;
+        let resolved = |a: &&str| {
+            table.lines().any(|l| {
+                l.starts_with(&format!("{a} ")) && l.contains("lladdr") && !l.contains("FAILED")
+            })
+        };
+        if addrs.iter().all(resolved) {
+            return Ok(());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "neighbours not resolved: {table}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -50,6 +50,9 @@ fn counts_vip_packets_on_a_veth_and_reports_the_mode() {
     assert_eq!(xdp.len(), 4, "{status}");
     assert!(xdp.iter().all(|a| a["mode"] == "native"), "{status}");
 
+    // The daemon asks the kernel to resolve the backends' neighbours; until it has, their
+    // packets are dropped (drop_no_neigh) and not counted for the service.
+    lb_tests::topology::wait_neighbours(&topo.lb, &["10.1.1.2", "fd01:1::2"]).unwrap();
     let v4 = udp_socket(&topo.client, None, SocketAddr::new(VIP4.into(), 53)).unwrap();
     let v6 = udp_socket(&topo.client, None, SocketAddr::new(VIP6.into(), 53)).unwrap();
     for _ in 0..10 {

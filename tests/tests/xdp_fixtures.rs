@@ -294,3 +294,43 @@ backends = ["10.1.1.2:80", "10.1.2.2:80"]
 /// 9 and 11 of the 20 clients, 2 frames of 54 bytes per client.
 const GOLDEN: [(&str, u64, u64, u64); 2] =
     [("10.1.1.2:80", 18, 972, 9), ("10.1.2.2:80", 22, 1188, 11)];
+
+#[test]
+fn snat_ports_run_out_and_are_reclaimed_from_finished_flows() {
+    if !privileged_or_skip("snat_ports_run_out_and_are_reclaimed_from_finished_flows") {
+        return;
+    }
+    let ns = namespace().expect("fixture namespace");
+    ns.run(|| {
+        let mut opts = lb_user::dataplane::LoadOptions::private();
+        // Two SNAT ports, one CPU slice, and no grace time after a close.
+        opts.settings.nat_port_min = 2000;
+        opts.settings.nat_port_max = 2001;
+        opts.settings.cpus = 1;
+        opts.settings.tcp_closed_ns = 0;
+        let dp = dataplane_with(CONFIG, opts).expect("load program");
+        let vip = ip("10.200.0.1");
+        let mut ports = Vec::new();
+        for c in ["10.0.0.2", "10.0.0.3"] {
+            let (a, out) = run(&dp, &Frame::tcp(ip(c), 46000, vip, 80, TCP_SYN).bytes());
+            assert_eq!(a, XDP_REDIRECT);
+            ports.push(fields(&out).sport);
+        }
+        ports.sort();
+        assert_eq!(ports, [2000, 2001]);
+        // Both ports are held by live flows: a third client is refused, not mis-forwarded.
+        let third = Frame::tcp(ip("10.0.0.4"), 46000, vip, 80, TCP_SYN).bytes();
+        assert_eq!(run(&dp, &third).0, XDP_DROP);
+        assert_eq!(stats(&dp)["drop_no_port"], 1);
+        // The first client's connection is reset; its port goes to the third client.
+        run(&dp, &Frame::tcp(ip("10.0.0.2"), 46000, vip, 80, TCP_RST | TCP_ACK).bytes());
+        let (a, out) = run(&dp, &third);
+        assert_eq!(a, XDP_REDIRECT);
+        assert!(ports.contains(&fields(&out).sport));
+        assert_eq!(stats(&dp)["port_reclaimed"], 1);
+        // The second client's flow is untouched.
+        let ack = Frame::tcp(ip("10.0.0.3"), 46000, vip, 80, TCP_ACK).bytes();
+        assert_eq!(run(&dp, &ack).0, XDP_REDIRECT);
+    })
+    .expect("fixture body (see the panic above)");
+}

@@ -1,6 +1,7 @@
 //! The one TOML config of lb: parse → validate, with no socket bound and no program loaded, so
 //! `lb check` and tests can use it freely.
 mod backend;
+mod http;
 mod tcp;
 mod upstream;
 mod xdp;
@@ -11,8 +12,9 @@ use serde::Deserialize;
 use thiserror::Error;
 
 pub use backend::BackendSpec;
-pub use tcp::{Cidr, ListenerConfig, ProxyProtocol, Secs, SniAction, SniRoute, TcpConfig};
-pub use upstream::UpstreamConfig;
+pub use http::{CertConfig, Cidr, HttpConfig, ListenerConfig, RouteConfig};
+pub use tcp::{ProxyProtocol, Secs, SniAction, SniRoute, TcpConfig, TcpListenerConfig};
+pub use upstream::{Balance, UpstreamConfig, UpstreamTls};
 pub use xdp::{DEFAULT_PIN_PATH, HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
 
 /// The whole config file.
@@ -29,6 +31,9 @@ pub struct Config {
     /// Userspace L4 listeners (TCP/UDP relay, TLS passthrough by SNI).
     #[serde(default)]
     pub tcp: TcpConfig,
+    /// The L7 (HTTP/TLS) proxy: listeners, routes, limits.
+    #[serde(default)]
+    pub http: HttpConfig,
 }
 
 /// Where the admin API listens.
@@ -88,6 +93,10 @@ impl Config {
             xdp.validate(&mut errors);
         }
         config.tcp.validate(&config.upstream, &mut errors);
+        for (name, u) in &config.upstream {
+            u.validate(name, &mut errors);
+        }
+        config.http.validate(&config.upstream, &mut errors);
         if errors.is_empty() {
             Ok(config)
         } else {
@@ -123,6 +132,70 @@ mod tests {
         assert_eq!(xdp.mode, XdpMode::Native);
         assert_eq!(xdp.services[0].backends[1].weight(), 2);
         assert_eq!(xdp.services[0].backends[0].weight(), 1);
+    }
+
+    #[test]
+    fn parses_the_documented_l7_example() {
+        let c = Config::parse(
+            r#"
+            [[http.listener]]
+            name = "public"
+            listen = "0.0.0.0:8443"
+            tls = [{ cert = "a.pem", key = "a.key" }, { cert = "b.pem", key = "b.key" }]
+            [[http.route]]
+            listener = "public"
+            host = "api.example.com"
+            path = "/v1"
+            upstream = "api"
+            [upstream.api]
+            balance = "round-robin"
+            backends = ["10.1.0.2:8080", { addr = "10.1.0.3:8080", weight = 2 }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.http.listener[0].tls.len(), 2);
+        assert_eq!(c.http.route[0].path.as_deref(), Some("/v1"));
+        assert_eq!(c.upstream["api"].balance, Balance::RoundRobin);
+        assert_eq!(c.upstream["api"].backends[1].weight(), 2);
+    }
+
+    #[test]
+    fn l7_semantic_errors_are_reported() {
+        let err = Config::parse(
+            r#"
+            [[http.listener]]
+            name = "a"
+            listen = "127.0.0.1:0"
+            [[http.route]]
+            listener = "b"
+            host = "*.*.x"
+            path = "v1"
+            upstream = "missing"
+            [upstream.u]
+            balance = "hash-header:"
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("hash-header: needs a name"), "{err}");
+        let err = Config::parse(
+            r#"
+            [[http.listener]]
+            name = "a"
+            listen = "127.0.0.1:0"
+            [[http.route]]
+            listener = "b"
+            host = "*.*.x"
+            path = "v1"
+            upstream = "missing"
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no http.listener named \"b\""), "{err}");
+        assert!(err.contains("no [upstream.missing]"), "{err}");
+        assert!(err.contains("one leading *"), "{err}");
+        assert!(err.contains("must start with /"), "{err}");
     }
 
     #[test]

@@ -2,28 +2,26 @@
 //! SNI, hand-off to an L7 TLS listener, UDP sessions) and their PROXY protocol settings.
 use std::{
     collections::{BTreeMap, HashSet},
-    fmt,
     net::{IpAddr, SocketAddr},
-    str::FromStr,
     time::Duration,
 };
 
 use serde::{Deserialize, Deserializer};
 
-use super::{Protocol, UpstreamConfig};
+use super::{Cidr, Protocol, UpstreamConfig};
 
 /// `[tcp]`: every userspace L4 listener.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct TcpConfig {
     #[serde(default, rename = "listener")]
-    pub listeners: Vec<ListenerConfig>,
+    pub listeners: Vec<TcpListenerConfig>,
 }
 
 /// One `[[tcp.listener]]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListenerConfig {
+pub struct TcpListenerConfig {
     pub name: String,
     pub listen: SocketAddr,
     #[serde(default)]
@@ -136,7 +134,7 @@ fn yes() -> bool {
     true
 }
 
-impl ListenerConfig {
+impl TcpListenerConfig {
     /// The idle timeout in force: the configured one, else 300 s for TCP and 30 s for UDP.
     pub fn idle(&self) -> Duration {
         match (self.idle_timeout, self.protocol) {
@@ -149,62 +147,6 @@ impl ListenerConfig {
     /// True when `addr` may prefix its connection with a PROXY header.
     pub fn trusts(&self, addr: IpAddr) -> bool {
         self.accept_proxy_from.iter().any(|c| c.contains(addr))
-    }
-}
-
-/// An address block, `10.0.0.0/8` or `2001:db8::/32`; a bare address means just that address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr =
-            a.parse().map_err(|_| format!("{s:?} is not an address block, e.g. \"10.0.0.0/8\""))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() {
-            max
-        } else {
-            p.parse::<u8>()
-                .ok()
-                .filter(|&p| p <= max)
-                .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?
-        };
-        Ok(Self { addr: addr.to_canonical(), prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 

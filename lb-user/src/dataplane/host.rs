@@ -45,6 +45,7 @@ impl Iface {
         IfaceAddrs {
             v4: self.v4.map(|a| a.octets()).unwrap_or_default(),
             v6: self.v6.map(|a| a.octets()).unwrap_or_default(),
+            _pad: [0; 4],
         }
     }
 }

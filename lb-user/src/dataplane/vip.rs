@@ -22,7 +22,7 @@ pub fn vip_key(vip: SocketAddr, protocol: Protocol) -> VipKey {
         Protocol::Tcp => PROTO_TCP,
         Protocol::Udp => PROTO_UDP,
     };
-    VipKey { addr, port: vip.port().to_be(), proto, family }
+    VipKey { addr, port: vip.port().to_be(), proto, family, _pad: [0; 4] }
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use super::{
     tcp::{self, RelayError, RelayOpts},
 };
 use crate::{
-    config::{ListenerConfig, ProxyProtocol},
+    config::{ProxyProtocol, TcpListenerConfig},
     upstream::Backend,
 };
 
@@ -40,7 +40,7 @@ pub enum Route {
 
 /// Everything a TCP listener's connections share.
 pub struct TcpService {
-    pub config: ListenerConfig,
+    pub config: TcpListenerConfig,
     pub routes: SniRoutes<Route>,
     pub default: Option<Arc<Picker>>,
     pub stats: Arc<ListenerStats>,

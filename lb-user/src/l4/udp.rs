@@ -21,13 +21,13 @@ use super::{
     balance::Picker,
     stats::{ErrorKind, ListenerStats},
 };
-use crate::{config::ListenerConfig, upstream::Backend};
+use crate::{config::TcpListenerConfig, upstream::Backend};
 
 /// The largest datagram relayed (the UDP maximum).
 const MAX_DATAGRAM: usize = 65_535;
 
 pub struct UdpService {
-    pub config: ListenerConfig,
+    pub config: TcpListenerConfig,
     pub upstream: Arc<Picker>,
     pub stats: Arc<ListenerStats>,
 }

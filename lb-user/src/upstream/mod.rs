@@ -1,18 +1,25 @@
 //! Upstream groups at runtime: the backend set of each `[upstream.NAME]`, swapped atomically when
 //! it changes, so the request path reads it without a lock.
+mod balance;
+mod ewma;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
 use thiserror::Error;
 
-use crate::config::UpstreamConfig;
+pub use balance::hash_key;
+pub use ewma::PeakEwma;
+
+use crate::config::{Balance, UpstreamConfig};
 
 /// One backend of a group. Counters live here so they survive backend-set changes: a new set
 /// reuses the `Arc<Backend>` of every backend it keeps.
@@ -26,6 +33,10 @@ pub struct Backend {
     pub healthy: AtomicBool,
     /// Requests or connections in flight to this backend.
     pub in_flight: AtomicU64,
+    /// Consecutive failed requests (connect errors, timeouts); reset by a success.
+    pub failures: AtomicU32,
+    /// Response latency, for `p2c-ewma`.
+    pub latency: PeakEwma,
 }
 
 impl Backend {
@@ -36,12 +47,63 @@ impl Backend {
             draining: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             in_flight: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            latency: PeakEwma::default(),
         }
     }
 
     /// May receive new work: healthy and not draining.
     pub fn is_available(&self) -> bool {
         self.healthy.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request in flight until the guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// A request to this backend succeeded: the failure streak ends.
+    pub fn record_success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+
+    /// A request to this backend failed. After `eject_after` in a row the backend is marked
+    /// unhealthy for `eject_for` (passive ejection); returns true when this call ejected it.
+    /// Needs a tokio runtime (the timer that brings the backend back).
+    pub fn record_failure(self: &Arc<Self>, eject_after: u32, eject_for: Duration) -> bool {
+        let streak = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if eject_after == 0 || streak < eject_after {
+            return false;
+        }
+        if !self.healthy.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        log::warn!("backend {} ejected for {eject_for:?} after {streak} failures", self.addr);
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(eject_for).await;
+            me.healthy.store(true, Ordering::Relaxed);
+            log::info!("backend {} back from ejection", me.addr);
+        });
+        true
+    }
+}
+
+/// One request in flight to a backend (see [`Backend::start`]).
+#[derive(Debug)]
+pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -59,14 +121,23 @@ pub enum GroupError {
 #[derive(Debug)]
 pub struct Group {
     pub name: String,
+    /// How [`Group::pick`] chooses.
+    pub balance: Balance,
     backends: ArcSwap<Vec<Arc<Backend>>>,
+    /// Round-robin position (also the tie breaker and the random seed of other policies).
+    next: AtomicU64,
 }
 
 impl Group {
     pub fn new(name: &str, config: &UpstreamConfig) -> Self {
         let list =
             config.backends.iter().map(|b| Arc::new(Backend::new(b.addr(), b.weight()))).collect();
-        Self { name: name.to_string(), backends: ArcSwap::from_pointee(list) }
+        Self {
+            name: name.to_string(),
+            balance: config.balance.clone(),
+            backends: ArcSwap::from_pointee(list),
+            next: AtomicU64::new(0),
+        }
     }
 
     /// The current backend set (a snapshot; cheap).

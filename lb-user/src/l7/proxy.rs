@@ -1,0 +1,248 @@
+//! The request path: check framing and limits, route, pick a backend, forward with the header
+//! rules, retry an idempotent request on another backend when connecting fails, relay the
+//! response (or the upgraded connection), log one line.
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode, Version,
+    body::{Body as _, Incoming},
+    header::{self, HeaderValue},
+};
+use hyper_util::rt::TokioIo;
+
+use super::{
+    body::{Active, Fault, FaultFlag, RequestBody, ResponseBody},
+    error::{ProxyError, is_timeout},
+    framing, headers,
+    route::Router,
+    upstream::Upstream,
+};
+use crate::{config::HttpConfig, upstream::hash_key};
+
+/// At most this many backends are tried for one request.
+const MAX_ATTEMPTS: usize = 3;
+
+/// What every request on one listener needs.
+pub struct Ctx {
+    pub listener: String,
+    pub router: Router,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub http: Arc<HttpConfig>,
+    /// The listener terminates TLS (X-Forwarded-Proto https).
+    pub tls: bool,
+}
+
+/// Serves one request; never fails (errors become responses).
+pub async fn handle(
+    ctx: Arc<Ctx>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    active: Active,
+) -> Response<ResponseBody> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let version = req.version();
+    let host = host_of(&req).unwrap_or_default();
+    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+    let (mut resp, backend) = match forward(&ctx, peer, req).await {
+        Ok(ok) => ok,
+        Err((e, backend)) => {
+            if e.blames_backend() {
+                log::warn!("{}: {e}", ctx.listener);
+            } else {
+                log::debug!("{}: {peer}: {e}", ctx.listener);
+            }
+            (e.response(), backend)
+        }
+    };
+    resp.body_mut().hold(active);
+    log::info!(
+        target: "lb::access",
+        "{} {peer} \"{method} {host}{path} {version:?}\" {} backend={} {}ms",
+        ctx.listener,
+        resp.status().as_u16(),
+        backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
+        start.elapsed().as_millis()
+    );
+    resp
+}
+
+type Forwarded = (Response<ResponseBody>, Option<SocketAddr>);
+
+async fn forward(
+    ctx: &Ctx,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Forwarded, (ProxyError, Option<SocketAddr>)> {
+    let fail = |e| (e, None);
+    if req.headers().len() > ctx.http.max_headers {
+        return Err(fail(ProxyError::HeadersTooLarge));
+    }
+    framing::check(req.version(), req.headers()).map_err(|m| fail(ProxyError::BadRequest(m)))?;
+    if req.body().size_hint().lower() > ctx.http.max_body_bytes {
+        return Err(fail(ProxyError::BodyTooLarge));
+    }
+    let host = host_of(&req);
+    let name =
+        ctx.router.route(host.as_deref(), req.uri().path()).ok_or(fail(ProxyError::NoRoute))?;
+    let upstream = ctx.upstreams.get(name).ok_or(fail(ProxyError::NoRoute))?;
+    let group = &upstream.group;
+    let key = hash_key(&group.balance, peer.ip(), req.headers());
+
+    let upgrade = if req.version() == Version::HTTP_11 {
+        headers::requested_upgrade(req.headers())
+    } else {
+        None
+    };
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let mut out_headers = parts.headers.clone();
+    headers::strip_hop_by_hop(&mut out_headers);
+    let trusted = ctx.http.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
+    let proto = if ctx.tls { "https" } else { "http" };
+    let client = headers::Client { addr: peer.ip(), proto, host: host.as_deref(), trusted };
+    headers::add_forwarded(&mut out_headers, client);
+    if let Some(u) = &upgrade {
+        out_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        out_headers.insert(header::UPGRADE, u.clone());
+    }
+    if !out_headers.contains_key(header::HOST) {
+        if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+            out_headers.insert(header::HOST, h);
+        }
+    }
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+
+    // Only a request without a body can be sent twice: the body of a failed attempt is gone.
+    let retryable = is_idempotent(&parts.method) && body.is_end_stream();
+    let fault = FaultFlag::default();
+    let mut body = Some(RequestBody::new(body, ctx.http.max_body_bytes, fault.clone()));
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last_error = None;
+    loop {
+        let Some(backend) = group.pick(key.as_deref(), &tried) else {
+            // Nothing left to retry on: the last failure is the answer.
+            return Err(last_error.unwrap_or(fail(ProxyError::NoBackend)));
+        };
+        let addr = backend.addr;
+        tried.push(addr);
+        let in_flight = backend.start();
+        let attempt_body = if retryable {
+            RequestBody::empty()
+        } else {
+            body.take().unwrap_or_else(RequestBody::empty)
+        };
+        let mut up = Request::new(attempt_body);
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = upstream.uri(addr, &path_and_query);
+        *up.version_mut() = if upstream.config.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        *up.headers_mut() = out_headers.clone();
+
+        let sent = Instant::now();
+        let eject = |b: &Arc<crate::upstream::Backend>| {
+            b.record_failure(upstream.config.eject_after, upstream.config.eject_for())
+        };
+        let result =
+            tokio::time::timeout(upstream.config.response_timeout(), upstream.client.request(up))
+                .await;
+        let resp = match result {
+            Err(_elapsed) => {
+                eject(&backend);
+                return Err((ProxyError::Timeout { addr }, Some(addr)));
+            }
+            Ok(Err(e)) => {
+                match fault.get() {
+                    Fault::TooLarge => return Err((ProxyError::BodyTooLarge, Some(addr))),
+                    Fault::Broken => {
+                        return Err((
+                            ProxyError::BadRequest("unreadable request body"),
+                            Some(addr),
+                        ));
+                    }
+                    Fault::None => {}
+                }
+                eject(&backend);
+                let connect = e.is_connect();
+                let err = if is_timeout(&e) {
+                    ProxyError::Timeout { addr }
+                } else if connect {
+                    ProxyError::Connect { addr, source: e.into() }
+                } else {
+                    ProxyError::Upstream { addr, source: e.into() }
+                };
+                if connect && retryable && tried.len() < MAX_ATTEMPTS {
+                    log::warn!("{}: {err}; retrying on another backend", ctx.listener);
+                    last_error = Some((err, Some(addr)));
+                    continue;
+                }
+                return Err((err, Some(addr)));
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        backend.latency.observe(sent.elapsed());
+        backend.record_success();
+        let resp = match (resp.status(), client_upgrade) {
+            (StatusCode::SWITCHING_PROTOCOLS, Some(client_up)) => {
+                tunnel(resp, client_up, in_flight)
+            }
+            (StatusCode::SWITCHING_PROTOCOLS, None) => {
+                let source = "101 to a request that asked for no upgrade".into();
+                return Err((ProxyError::Upstream { addr, source }, Some(addr)));
+            }
+            _ => {
+                let (mut parts, body) = resp.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, ResponseBody::upstream(body, in_flight))
+            }
+        };
+        return Ok((resp, Some(addr)));
+    }
+}
+
+/// Answers 101 to the client and joins both upgraded connections once hyper hands them over.
+/// Bytes the client sent after its request stay in hyper's buffer until then, so nothing
+/// reaches the backend before its 101.
+fn tunnel(
+    mut resp: Response<Incoming>,
+    client_up: hyper::upgrade::OnUpgrade,
+    in_flight: crate::upstream::InFlight,
+) -> Response<ResponseBody> {
+    let backend_up = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    let upgrade = parts.headers.get(header::UPGRADE).cloned();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(u) = upgrade {
+        parts.headers.insert(header::UPGRADE, u);
+    }
+    tokio::spawn(async move {
+        let _in_flight = in_flight;
+        match tokio::try_join!(client_up, backend_up) {
+            Ok((c, b)) => {
+                let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut b).await {
+                    log::debug!("upgraded connection ended: {e}");
+                }
+            }
+            Err(e) => log::debug!("upgrade failed: {e}"),
+        }
+    });
+    Response::from_parts(parts, ResponseBody::full(Bytes::new()))
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The Host header, or the URI's authority (HTTP/2).
+fn host_of<B>(req: &Request<B>) -> Option<String> {
+    let h: &HeaderMap = req.headers();
+    h.get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}

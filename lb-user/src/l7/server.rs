@@ -1,0 +1,233 @@
+//! One L7 listener: accept with a connection limit, terminate TLS, serve HTTP/1.1 and HTTP/2
+//! (ALPN or prior knowledge) with header-read and idle timeouts, drain gracefully on shutdown.
+use std::{convert::Infallible, future::pending, net::SocketAddr, sync::Arc, time::Duration};
+
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
+    task::JoinSet,
+};
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    L7Error,
+    body::Active,
+    h1guard::H1Guard,
+    proxy::{self, Ctx},
+    route::Router,
+    upstream::Upstream,
+};
+use crate::{
+    config::{Config, HttpConfig, ListenerConfig},
+    tls::{SniResolver, TlsError, server_config},
+};
+
+/// A listener's server, built from the config without binding (see [`Server::bind`]).
+pub struct Server {
+    pub name: String,
+    pub listen: SocketAddr,
+    ctx: Arc<Ctx>,
+    http: Arc<HttpConfig>,
+    tls: Option<(Arc<SniResolver>, TlsAcceptor)>,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl Server {
+    pub fn new(
+        listener: &ListenerConfig,
+        config: &Config,
+        upstreams: &std::collections::HashMap<String, Arc<Upstream>>,
+    ) -> Result<Self, L7Error> {
+        let http = Arc::new(config.http.clone());
+        let tls = if listener.tls.is_empty() {
+            None
+        } else {
+            let resolver = Arc::new(
+                SniResolver::load(&listener.tls)
+                    .map_err(|source| L7Error::Tls { listener: listener.name.clone(), source })?,
+            );
+            let acceptor = TlsAcceptor::from(server_config(resolver.clone()));
+            Some((resolver, acceptor))
+        };
+        let routes = config.http.route.iter().filter(|r| r.listener == listener.name);
+        let ctx = Arc::new(Ctx {
+            listener: listener.name.clone(),
+            router: Router::new(routes),
+            upstreams: upstreams.clone(),
+            http: http.clone(),
+            tls: tls.is_some(),
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(http.header_timeout())
+            .max_buf_size(http.max_header_bytes)
+            .max_headers(http.max_headers);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX));
+        Ok(Self { name: listener.name.clone(), listen: listener.listen, ctx, http, tls, builder })
+    }
+
+    /// Binds the configured address.
+    pub async fn bind(&self) -> Result<TcpListener, L7Error> {
+        TcpListener::bind(self.listen).await.map_err(|source| L7Error::Bind {
+            listener: self.name.clone(),
+            addr: self.listen,
+            source,
+        })
+    }
+
+    /// Re-reads this listener's certificates (new handshakes use them); no-op without TLS.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.tls {
+            Some((resolver, _)) => resolver.reload(),
+            None => Ok(()),
+        }
+    }
+
+    /// Serves `listener` until `shutdown` turns true (or its sender goes away), then stops
+    /// accepting and gives open connections `grace_ms` to finish their requests.
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        let limit = Arc::new(Semaphore::new(self.http.max_connections));
+        let mut conns = JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => p.expect("never closed"),
+                _ = stopped(&mut shutdown) => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        log::warn!("{}: accept: {e}", self.name);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stopped(&mut shutdown) => break,
+            };
+            while conns.try_join_next().is_some() {}
+            conns.spawn(self.clone().connection(stream, peer, permit, shutdown.clone()));
+        }
+        drop(listener);
+        let open = conns.len();
+        if open > 0 {
+            log::info!(
+                "{}: draining {open} connections for up to {:?}",
+                self.name,
+                self.http.grace()
+            );
+        }
+        let drained = tokio::time::timeout(self.http.grace(), async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            log::warn!(
+                "{}: {} connections still busy after the grace period; closing",
+                self.name,
+                conns.len()
+            );
+            conns.shutdown().await;
+        }
+        Ok(())
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        _permit: OwnedSemaphorePermit,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        match &self.tls {
+            Some((_, acceptor)) => {
+                // The handshake shares the header timeout: a silent client is a slowloris too.
+                match tokio::time::timeout(self.http.header_timeout(), acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(tls)) => {
+                        let io = H1Guard::new(tls, self.http.max_header_bytes);
+                        self.serve(TokioIo::new(io), peer, shutdown).await
+                    }
+                    Ok(Err(e)) => log::debug!("{}: TLS handshake with {peer}: {e}", self.name),
+                    Err(_) => log::debug!("{}: TLS handshake with {peer} timed out", self.name),
+                }
+            }
+            None => {
+                let io = H1Guard::new(stream, self.http.max_header_bytes);
+                self.serve(TokioIo::new(io), peer, shutdown).await
+            }
+        }
+    }
+
+    async fn serve<I>(&self, io: I, peer: SocketAddr, mut shutdown: watch::Receiver<bool>)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (active_tx, mut active_rx) = watch::channel(0usize);
+        let ctx = self.ctx.clone();
+        let service = service_fn(move |req| {
+            let active = Active::new(&active_tx);
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(ctx, peer, req, active).await) }
+        });
+        let conn = self.builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        let idle = idle(&mut active_rx, self.http.idle_timeout());
+        tokio::pin!(idle);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                done = conn.as_mut() => {
+                    if let Err(e) = done {
+                        log::debug!("{}: connection from {peer}: {e}", self.name);
+                    }
+                    return;
+                }
+                _ = &mut idle, if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = stopped(&mut shutdown), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when shutdown is asked for, or when nobody can ask any more.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|v| *v).await.map(|_| ());
+}
+
+/// Resolves once the connection has had no request in progress for `timeout`.
+async fn idle(active: &mut watch::Receiver<usize>, timeout: Duration) {
+    loop {
+        if *active.borrow_and_update() == 0 {
+            match tokio::time::timeout(timeout, active.changed()).await {
+                Err(_) => return,
+                Ok(Err(_)) => pending::<()>().await,
+                Ok(Ok(())) => {}
+            }
+        } else if active.changed().await.is_err() {
+            pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The client side toward one upstream group: a keep-alive pool per backend shared by every
+//! thread (hyper-util's pooled client, keyed by scheme and backend address), HTTP/1.1 or
+//! HTTP/2, plain or TLS with SNI and verification.
+use std::{collections::HashMap, sync::Arc};
+
+use hyper::Uri;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+use rustls_pki_types::ServerName;
+
+use super::{L7Error, body::RequestBody};
+use crate::{
+    config::{UpstreamConfig, UpstreamTls},
+    upstream::{Group, Groups},
+};
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// One group with the client that reaches its backends.
+pub struct Upstream {
+    pub group: Arc<Group>,
+    pub config: UpstreamConfig,
+    pub client: HttpClient,
+    /// `http` or `https`: the scheme of the URIs sent to the pool.
+    pub scheme: &'static str,
+}
+
+impl Upstream {
+    pub fn new(group: Arc<Group>, config: &UpstreamConfig) -> Result<Self, L7Error> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout()));
+        let (tls, scheme) = match &config.tls {
+            Some(t) => (tls_config(&group.name, t)?, "https"),
+            // Plain groups share the connector type; http:// URIs never start a handshake.
+            None => (plain_placeholder(), "http"),
+        };
+        let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+        let builder = match &config.tls {
+            Some(t) => {
+                let name = ServerName::try_from(t.sni.clone()).map_err(|_| L7Error::Upstream {
+                    group: group.name.clone(),
+                    message: format!("tls.sni {:?} is not a DNS name", t.sni),
+                })?;
+                builder.with_server_name_resolver(FixedServerNameResolver::new(name))
+            }
+            None => builder,
+        };
+        let connector = if config.http2 {
+            builder.enable_http2().wrap_connector(http)
+        } else {
+            builder.enable_http1().wrap_connector(http)
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool_idle_timeout())
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(config.http2)
+            // The proxy sets Host from the client's request; the URI carries the backend.
+            .set_host(false)
+            .build(connector);
+        Ok(Self { group, config: config.clone(), client, scheme })
+    }
+
+    /// The URI of `path_and_query` on backend `addr`: the pool key is its scheme + authority.
+    pub fn uri(&self, addr: std::net::SocketAddr, path_and_query: &str) -> Uri {
+        let s = format!("{}://{addr}{path_and_query}", self.scheme);
+        s.parse().unwrap_or_else(|_| Uri::from_static("/"))
+    }
+}
+
+fn tls_config(group: &str, t: &UpstreamTls) -> Result<rustls::ClientConfig, L7Error> {
+    crate::tls::client_config(t)
+        .map_err(|e| L7Error::Upstream { group: group.to_string(), message: e.to_string() })
+}
+
+fn plain_placeholder() -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the defaults")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
+}
+
+/// A client for every configured group.
+pub fn build(
+    configs: &std::collections::BTreeMap<String, UpstreamConfig>,
+    groups: &Groups,
+) -> Result<HashMap<String, Arc<Upstream>>, L7Error> {
+    let mut out = HashMap::new();
+    for (name, config) in configs {
+        let group = groups.get(name).cloned().unwrap_or_else(|| Arc::new(Group::new(name, config)));
+        out.insert(name.clone(), Arc::new(Upstream::new(group, config)?));
+    }
+    Ok(out)
+}

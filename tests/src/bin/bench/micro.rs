@@ -1,0 +1,175 @@
+//! Per-packet cost of the XDP program under BPF_PROG_TEST_RUN, next to the do-nothing program
+//! measured in the same run: established flow (repeat 1,000,000 of one ACK), new flow (distinct
+//! SYNs, one run each, median), and both against the number of tracked flows and backends.
+use aya::{
+    EbpfLoader,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use lb_tests::{
+    fixture,
+    packet::{Frame, TCP_ACK, TCP_SYN},
+};
+use lb_user::{
+    config::Config,
+    dataplane::{Dataplane, LoadOptions, PASS_OBJECT, host::Iface},
+};
+
+use super::{median, progress};
+
+const VIP: &str = "10.200.0.1";
+
+fn config(backends: usize) -> String {
+    // Backends in 10.9.0.0/16, routed through the fixture's first backend neighbour.
+    let list: Vec<String> =
+        (0..backends).map(|i| format!("\"10.9.{}.{}:80\"", i / 250, 1 + i % 250)).collect();
+    let list = list.join(", ");
+    format!(
+        "[xdp]\ninterfaces = [\"c0\"]\n[[xdp.service]]\nname = \"web\"\nvip = \"{VIP}:80\"\nbackends = [{list}]\n\
+         [[xdp.service]]\nname = \"dns\"\nvip = \"{VIP}:53\"\nprotocol = \"udp\"\nbackends = [{list}]\n"
+    )
+}
+
+fn load(backends: usize, max_flows: u32) -> anyhow::Result<Dataplane> {
+    let c = Config::parse(&config(backends))?;
+    let mut opts = LoadOptions::private();
+    opts.max_flows = max_flows;
+    let mut dp = Dataplane::load(&opts)?;
+    for name in ["c0", "b1", "b2"] {
+        dp.register(&Iface::lookup(name).ok_or_else(|| anyhow::anyhow!("no {name}"))?)?;
+    }
+    dp.apply(&c.xdp.expect("xdp").services)?;
+    Ok(dp)
+}
+
+/// The SYN of flow number `k`: 60,000 source ports per client address.
+fn syn(k: u32) -> anyhow::Result<Vec<u8>> {
+    let a = k / 60_000;
+    let src = std::net::Ipv4Addr::new(10, 2, (a >> 8) as u8, a as u8).into();
+    Ok(Frame::tcp(src, 1024 + (k % 60_000) as u16, VIP.parse()?, 80, TCP_SYN).bytes())
+}
+
+/// ns per run of `prog` on `frame`, repeated `repeat` times in the kernel.
+fn per_packet(prog: &Xdp, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    })?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// Opens `n` flows (distinct client address/port) and returns the median ns of their SYNs.
+fn open_flows(dp: &Dataplane, n: u32) -> anyhow::Result<f64> {
+    let prog = dp.balancer()?;
+    let mut samples = Vec::with_capacity(n as usize);
+    for k in 0..n {
+        samples.push(per_packet(prog, &syn(k)?, 1)?);
+    }
+    Ok(median(&mut samples))
+}
+
+/// Median single-run ns of ACKs on `n` established flows (opened first), cycling `samples`
+/// times. BPF_PROG_TEST_RUN with repeat > 1 reruns the program on the frame it already
+/// rewrote, so a NAT'd flow cannot be timed that way; single runs include ~30 ns of timer cost,
+/// which the trivial program's single runs show.
+fn established(dp: &Dataplane, n: u32, samples: u32) -> anyhow::Result<f64> {
+    let prog = dp.balancer()?;
+    let acks: Vec<Vec<u8>> = (0..n)
+        .map(|k| {
+            per_packet(prog, &syn(1_000_000 + k)?, 1)?;
+            let mut f = syn(1_000_000 + k)?;
+            // Same frame with ACK instead of SYN (flags byte of the TCP header).
+            f[14 + 20 + 13] = TCP_ACK;
+            Ok(f)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut v: Vec<f64> = (0..samples)
+        .map(|i| per_packet(prog, &acks[(i % n) as usize], 1))
+        .collect::<Result<_, _>>()?;
+    Ok(median(&mut v))
+}
+
+/// Median over `rounds` of the per-packet ns of a frame that is not for a VIP (what all other
+/// traffic pays), repeated in the kernel.
+fn not_vip(dp: &Dataplane, rounds: usize, repeat: u32) -> anyhow::Result<f64> {
+    let prog = dp.balancer()?;
+    let f = Frame::tcp("10.0.0.2".parse()?, 50000, "10.0.0.1".parse()?, 22, TCP_ACK).bytes();
+    let mut v: Vec<f64> =
+        (0..rounds).map(|_| per_packet(prog, &f, repeat)).collect::<Result<_, _>>()?;
+    Ok(median(&mut v))
+}
+
+fn trivial(rounds: usize, repeat: u32) -> anyhow::Result<(f64, f64)> {
+    let mut ebpf = EbpfLoader::new().load(PASS_OBJECT)?;
+    let prog: &mut Xdp = ebpf.program_mut(lb_common::programs::PASS).expect("pass").try_into()?;
+    prog.load()?;
+    let ack = Frame::tcp("10.0.0.2".parse()?, 50000, VIP.parse()?, 80, TCP_ACK).bytes();
+    let mut rep: Vec<f64> =
+        (0..rounds).map(|_| per_packet(prog, &ack, repeat)).collect::<Result<_, _>>()?;
+    let mut single: Vec<f64> =
+        (0..20_000).map(|_| per_packet(prog, &ack, 1)).collect::<Result<_, _>>()?;
+    Ok((median(&mut rep), median(&mut single)))
+}
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    let ns = fixture::namespace()?;
+    ns.ip(&["route", "add", "10.9.0.0/16", "via", "10.1.1.2"])?;
+    let (rounds, repeat) = if quick { (3, 200_000) } else { (7, 1_000_000) };
+    let samples = if quick { 20_000 } else { 100_000 };
+    let report = ns.run(move || -> anyhow::Result<String> {
+        let mut md = String::new();
+        progress("trivial program");
+        let (trivial_rep, trivial_single) = trivial(rounds, repeat)?;
+        progress("established and new flows, 3 backends");
+        let dp = load(3, lb_common::DEFAULT_MAX_FLOWS)?;
+        let pass = not_vip(&dp, rounds, repeat)?;
+        let est = established(&dp, 1_000, samples)?;
+        let new = open_flows(&dp, samples / 4)?;
+        drop(dp);
+        md += &format!(
+            "| case | ns/packet | × trivial |\n| --- | ---: | ---: |\n\
+             | trivial XDP_PASS program, repeat {repeat} | {trivial_rep:.1} | 1.00 |\n\
+             | `lb`, frame not for a VIP (passed), repeat {repeat} | {pass:.1} | {:.2} |\n\
+             | trivial program, single runs (median of 20,000) | {trivial_single:.1} | 1.00 |\n\
+             | `lb` established flow (TCP ACK over 1,000 flows, cached next hop), single runs | {est:.1} | {:.2} |\n\
+             | `lb` new flow (TCP SYN: Maglev, FIB, SNAT port, 2 inserts), single runs | {new:.1} | {:.2} |\n\n",
+            pass / trivial_rep,
+            est / trivial_single,
+            new / trivial_single
+        );
+        md += "Per-packet cost against tracked flows (3 backends; single runs, median):\n\n| tracked flows | established ns | new flow ns |\n| ---: | ---: | ---: |\n";
+        let flow_points: &[u32] = if quick { &[1_000, 100_000] } else { &[1_000, 10_000, 100_000, 1_000_000] };
+        for &n in flow_points {
+            progress(&format!("{n} tracked flows"));
+            let dp = load(3, (n * 2).max(lb_common::DEFAULT_MAX_FLOWS))?;
+            open_flows(&dp, n)?;
+            let est = established(&dp, 1_000, samples)?;
+            let new = open_flows_from(&dp, n, 5_000)?;
+            md += &format!("| {n} | {est:.1} | {new:.1} |\n");
+        }
+        md += "\nPer-packet cost against backends in the service (single runs, median):\n\n| backends | established ns | new flow ns |\n| ---: | ---: | ---: |\n";
+        let backend_points: &[usize] = if quick { &[3, 1000] } else { &[3, 100, 1000, 4000] };
+        for &b in backend_points {
+            progress(&format!("{b} backends"));
+            let dp = load(b, lb_common::DEFAULT_MAX_FLOWS)?;
+            let est = established(&dp, 1_000, samples)?;
+            let new = open_flows(&dp, 5_000)?;
+            md += &format!("| {b} | {est:.1} | {new:.1} |\n");
+        }
+        Ok(md)
+    })??;
+    println!("{report}");
+    Ok(())
+}
+
+/// Median ns of `n` more new flows, numbered after the first `skip`.
+fn open_flows_from(dp: &Dataplane, skip: u32, n: u32) -> anyhow::Result<f64> {
+    let prog = dp.balancer()?;
+    let mut samples = Vec::with_capacity(n as usize);
+    for k in skip..skip + n {
+        samples.push(per_packet(prog, &syn(k)?, 1)?);
+    }
+    Ok(median(&mut samples))
+}

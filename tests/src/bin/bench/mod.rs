@@ -1,0 +1,18 @@
+//! Benchmark sections; each prints Markdown.
+pub mod l4;
+pub mod micro;
+
+/// The median of `v` (sorted in place).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Progress on stderr, so stdout stays the report.
+pub fn progress(msg: &str) {
+    eprintln!("lb-bench: {msg}");
+}
