@@ -15,8 +15,9 @@ async fn send(addr: SocketAddr, bytes: Vec<u8>) -> (SocketAddr, Vec<u8>) {
         let mut s = std::net::TcpStream::connect_timeout(&addr, T).unwrap();
         s.set_read_timeout(Some(T)).unwrap();
         let me = s.local_addr().unwrap();
-        s.write_all(&bytes).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
+        // lb may already have refused (and reset) the connection: that is an answer too.
+        let _ = s.write_all(&bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
         let mut back = Vec::new();
         let _ = s.read_to_end(&mut back);
         (me, back)
