@@ -12,6 +12,7 @@ use crate::{
     config::{Config, XdpConfig},
     control::{admin, reload, state::State},
     dataplane::{Dataplane, DataplaneError, LoadOptions, host},
+    l4::{self, L4},
     l7, upstream,
 };
 
@@ -55,7 +56,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         Some(xdp) => Some(start_xdp(xdp)?),
         None => None,
     };
-    // One set of groups for the admin API and L7, so `lb backend ...` changes what L7 uses.
+    // One set of groups for the admin API, L7 and L4, so `lb backend ...` changes what they use.
     let groups = upstream::groups(&config.upstream);
     // L7: build (certificates, clients) and bind every listener before serving anything.
     let mut l7_listeners = Vec::new();
@@ -64,12 +65,19 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         log::info!("http listener {} on {}", server.name, listener.local_addr()?);
         l7_listeners.push((server, listener));
     }
+    // Userspace L4 listeners. `terminate = "NAME"` SNI routes need the L7 TLS listener NAME
+    // registered in `handoffs` (not wired yet: such configs fail here with a clear error).
+    let handoffs = l4::Handoffs::new();
+    let l4 = L4::build(&config.tcp, &groups, &handoffs)?;
+    let _l4_stats = l4.stats(); // for the admin API (issue 6)
+    let l4 = l4.bind().await?;
     let listener = admin::bind(config.admin.listen).await?;
     let auth = if config.admin.token.is_some() { "bearer token required" } else { "no token" };
     log::info!("admin API on http://{} ({auth})", listener.local_addr()?);
     let state = Arc::new(State::new(config, dataplane, groups, config_path));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let admin_task = tokio::spawn(admin::run(listener, state.clone(), shutdown_rx));
+    let admin_task = tokio::spawn(admin::run(listener, state.clone(), shutdown_rx.clone()));
+    let mut l4_tasks = l4.spawn(shutdown_rx);
     {
         let mut runtime = state.runtime.lock().await;
         for (server, listener) in l7_listeners {
@@ -110,6 +118,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     state.runtime.lock().await.shutdown().await?;
     let _ = shutdown_tx.send(true);
     admin_task.await??;
+    // The userspace L4 listeners stop accepting and let open connections finish (10 s at most).
+    while let Some(r) = l4_tasks.join_next().await {
+        r??;
+    }
     if state.dataplane.is_some() {
         log::info!("stopped; the pinned XDP program keeps forwarding (`lb detach` removes it)");
     } else {

@@ -5,6 +5,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod l4;
 pub mod l7;
 pub mod maglev;
 pub mod tls;

@@ -5,6 +5,7 @@
 //! namespace is deleted on drop, which also runs when a test fails or panics.
 pub mod fixture;
 pub mod http;
+pub mod l4;
 pub mod lb;
 pub mod netns;
 pub mod ops;

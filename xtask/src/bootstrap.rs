@@ -43,6 +43,7 @@ pub fn run() -> anyhow::Result<()> {
     rust()?;
     bpf_linker()?;
     crate::deploy::bootstrap()?;
+    cargo_fuzz()?;
     println!("xtask: bootstrap: ready");
     Ok(())
 }
@@ -120,4 +121,13 @@ fn bpf_linker() -> anyhow::Result<()> {
         &[("LLVM_PREFIX", LLVM_PREFIX), ("LLVM_SYS_221_PREFIX", LLVM_PREFIX)],
     )
     .context("bpf-linker did not build; the XDP program cannot be compiled without it")
+}
+
+/// cargo-fuzz runs the parser fuzz targets in `fuzz/` (a short run is part of `cargo xtask test`).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if ok(&["cargo", "fuzz", "--version"]) {
+        return Ok(());
+    }
+    step("install cargo-fuzz", &["cargo", "install", "cargo-fuzz", "--locked"], &[])
+        .context("cargo-fuzz did not install; the fuzz step of `cargo xtask test` needs it")
 }

@@ -98,7 +98,42 @@ fn test(lint: bool) -> anyhow::Result<()> {
         &["cargo", "test", "--workspace", "--exclude", "lb-ebpf", "--", "--test-threads", "2"],
         &[("LB_REQUIRE_PRIVILEGED", "1")],
     )?;
+    fuzz(FUZZ_SECONDS)?;
     println!("xtask: all tests passed");
+    Ok(())
+}
+
+/// Seconds each fuzz target runs in `cargo xtask test`. For a longer run see fuzz/README.md:
+/// `cd fuzz && cargo +nightly fuzz run TARGET -- -max_total_time=3600 -jobs=2`.
+const FUZZ_SECONDS: u32 = 20;
+
+/// A short, bounded run of every cargo-fuzz target (nightly; the crate is outside the workspace).
+fn fuzz(seconds: u32) -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let limit = format!("-max_total_time={seconds}");
+    for target in ["client_hello", "proxy_header"] {
+        // New inputs go to the (ignored) corpus dir; the checked-in seeds are read only.
+        let corpus = root.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = root.join("seeds").join(target);
+        cmd::step(
+            &format!("fuzz {target} ({seconds} s)"),
+            &[
+                "cargo",
+                "+nightly",
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                root.to_str().unwrap_or("fuzz"),
+                target,
+                corpus.to_str().unwrap_or_default(),
+                seeds.to_str().unwrap_or_default(),
+                "--",
+                &limit,
+            ],
+            &[],
+        )?;
+    }
     Ok(())
 }
 

@@ -2,7 +2,9 @@
 //! called NAME (TCP connect, or HTTP(S) GET with an expected status), with rise/fall counts.
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
+
+use super::Secs;
 
 /// One check, run against every backend of its service or group.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -52,22 +54,6 @@ impl CheckKind {
             CheckKind::Http => "http",
             CheckKind::Https => "https",
         }
-    }
-}
-
-/// A duration written as seconds, like the `[tcp]` section's timeouts: `2`, `0.5`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Secs(pub Duration);
-
-impl<'de> Deserialize<'de> for Secs {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = f64::deserialize(d)?;
-        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
-            return Err(serde::de::Error::custom(format!(
-                "{v} is not a duration: write seconds as a positive number, e.g. 2 or 0.5"
-            )));
-        }
-        Ok(Secs(Duration::from_secs_f64(v)))
     }
 }
 

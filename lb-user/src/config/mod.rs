@@ -5,6 +5,7 @@ mod env;
 mod health;
 mod http;
 mod lines;
+mod tcp;
 mod upstream;
 mod xdp;
 
@@ -15,8 +16,9 @@ use thiserror::Error;
 
 pub use backend::BackendSpec;
 pub use env::{ENV_VARS, redacted};
-pub use health::{CheckKind, HealthConfig, Secs};
+pub use health::{CheckKind, HealthConfig};
 pub use http::{CertConfig, Cidr, HttpConfig, ListenerConfig, RouteConfig};
+pub use tcp::{ProxyProtocol, Secs, SniAction, SniRoute, TcpConfig, TcpListenerConfig};
 pub use upstream::{Balance, UpstreamConfig, UpstreamTls};
 pub use xdp::{DEFAULT_PIN_PATH, HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
 
@@ -31,6 +33,9 @@ pub struct Config {
     /// Named backend groups for the L7 and userspace L4 proxies.
     #[serde(default)]
     pub upstream: BTreeMap<String, UpstreamConfig>,
+    /// Userspace L4 listeners (TCP/UDP relay, TLS passthrough by SNI).
+    #[serde(default)]
+    pub tcp: TcpConfig,
     /// The L7 (HTTP/TLS) proxy: listeners, routes, limits.
     #[serde(default)]
     pub http: HttpConfig,
@@ -135,6 +140,7 @@ impl Config {
         if let Some(xdp) = &config.xdp {
             xdp.validate(&mut errors);
         }
+        config.tcp.validate(&config.upstream, &mut errors);
         for (name, u) in &config.upstream {
             u.validate(name, &mut errors);
         }

@@ -1,0 +1,168 @@
+//! Backend choice for the userspace L4 proxy: the same Maglev table and client-address hash as
+//! the XDP path (`maglev::table`, `lb_common::hash::source_hash`), so one client reaches the
+//! same backend whichever path serves it. The table is cached per group and rebuilt when the
+//! group's backend set (the `Arc`) or the availability of its backends changes.
+use std::{net::IpAddr, sync::Arc};
+
+use arc_swap::ArcSwapOption;
+
+use crate::{
+    maglev,
+    upstream::{Backend, Group},
+};
+
+/// The 16 bytes the XDP program hashes: the address in network order, IPv4 in the first four
+/// bytes and the rest zero. IPv4-mapped IPv6 addresses (dual-stack sockets) count as IPv4.
+pub fn client_key(ip: IpAddr) -> [u8; 16] {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            let mut k = [0u8; 16];
+            k[..4].copy_from_slice(&a.octets());
+            k
+        }
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The Maglev slot of a client, as the XDP program computes it.
+pub fn client_slot(ip: IpAddr, size: u32) -> u32 {
+    maglev::slot(lb_common::hash::source_hash(&client_key(ip)), size)
+}
+
+struct Cached {
+    set: Arc<Vec<Arc<Backend>>>,
+    available: Vec<bool>,
+    /// The backends that own slots (the available ones), indexed by the table.
+    members: Vec<Arc<Backend>>,
+    table: Vec<u32>,
+}
+
+/// Picks backends of one group by client address.
+pub struct Picker {
+    group: Arc<Group>,
+    size: u32,
+    cache: ArcSwapOption<Cached>,
+}
+
+impl Picker {
+    pub fn new(group: Arc<Group>) -> Self {
+        Self::with_size(group, maglev::DEFAULT_SIZE)
+    }
+
+    /// `size` must be prime; tests use small tables.
+    pub fn with_size(group: Arc<Group>, size: u32) -> Self {
+        Self { group, size, cache: ArcSwapOption::empty() }
+    }
+
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// The backend for `client`, or `None` when no backend is available. Unavailable backends
+    /// (unhealthy, draining) are left out of the table, as the control plane leaves them out of
+    /// the XDP table, so Maglev moves only their clients.
+    pub fn pick(&self, client: IpAddr) -> Option<Arc<Backend>> {
+        let set = self.group.backends();
+        let available: Vec<bool> = set.iter().map(|b| b.is_available()).collect();
+        let cached = match self.cache.load_full() {
+            Some(c) if Arc::ptr_eq(&c.set, &set) && c.available == available => c,
+            _ => {
+                let c = Arc::new(build(set, available, self.size));
+                self.cache.store(Some(c.clone()));
+                c
+            }
+        };
+        let owner = cached.table[client_slot(client, self.size) as usize];
+        cached.members.get(owner as usize).cloned()
+    }
+}
+
+fn build(set: Arc<Vec<Arc<Backend>>>, available: Vec<bool>, size: u32) -> Cached {
+    let members: Vec<Arc<Backend>> =
+        set.iter().zip(&available).filter(|(_, a)| **a).map(|(b, _)| b.clone()).collect();
+    let entries: Vec<maglev::Entry> =
+        members.iter().map(|b| maglev::Entry { addr: b.addr, weight: b.weight }).collect();
+    let table = maglev::table(&entries, size);
+    Cached { set, available, members, table }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+        sync::atomic::Ordering,
+    };
+
+    use super::*;
+    use crate::config::UpstreamConfig;
+
+    fn group(backends: &str) -> Arc<Group> {
+        let c: UpstreamConfig = toml::from_str(&format!("backends = {backends}")).unwrap();
+        Arc::new(Group::new("g", &c))
+    }
+
+    /// What the XDP path computes for the same backend set: `maglev::table` over the service's
+    /// (addr, weight) entries, indexed by `source_hash(client) % size`.
+    fn xdp_pick(entries: &[maglev::Entry], client: IpAddr) -> SocketAddr {
+        let table = maglev::table(entries, maglev::DEFAULT_SIZE);
+        let mut key = [0u8; 16];
+        match client {
+            IpAddr::V4(a) => key[..4].copy_from_slice(&a.octets()),
+            IpAddr::V6(a) => key = a.octets(),
+        }
+        let slot = lb_common::hash::source_hash(&key) % maglev::DEFAULT_SIZE;
+        entries[table[slot as usize] as usize].addr
+    }
+
+    #[test]
+    fn agrees_with_the_xdp_computation_for_1000_clients() {
+        let list = r#"["10.1.1.2:80", { addr = "10.1.2.2:80", weight = 3 }, "10.1.3.2:80", { addr = "10.1.4.2:80", weight = 2 }]"#;
+        let g = group(list);
+        let picker = Picker::new(g.clone());
+        // The same backends in another order, as an [[xdp.service]] might list them.
+        let mut entries: Vec<maglev::Entry> =
+            g.backends().iter().map(|b| maglev::Entry { addr: b.addr, weight: b.weight }).collect();
+        entries.reverse();
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..1000u32 {
+            let v4 = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919));
+            let got = picker.pick(v4).unwrap().addr;
+            assert_eq!(got, xdp_pick(&entries, v4), "client {v4}");
+            seen.insert(got);
+            let v6 = IpAddr::V6(Ipv6Addr::from(0xfd00_u128 << 112 | (i as u128 * 104_729)));
+            assert_eq!(picker.pick(v6).unwrap().addr, xdp_pick(&entries, v6), "client {v6}");
+        }
+        assert_eq!(seen.len(), 4, "every backend gets clients");
+        // A dual-stack socket reports IPv4 clients as mapped addresses; they hash as IPv4.
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
+        assert_eq!(
+            picker.pick(mapped).unwrap().addr,
+            xdp_pick(&entries, "10.0.0.9".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn rebuilds_on_set_changes_and_skips_unavailable_backends() {
+        let g = group(r#"["10.1.1.2:80", "10.1.2.2:80", "10.1.3.2:80"]"#);
+        let p = Picker::new(g.clone());
+        let clients: Vec<IpAddr> = (0..3000u32).map(|i| IpAddr::V4(Ipv4Addr::from(i))).collect();
+        let before: Vec<SocketAddr> = clients.iter().map(|&c| p.pick(c).unwrap().addr).collect();
+        let gone: SocketAddr = "10.1.2.2:80".parse().unwrap();
+        g.backends()[1].healthy.store(false, Ordering::Relaxed);
+        let mut moved = 0;
+        for (c, b) in clients.iter().zip(&before) {
+            let now = p.pick(*c).unwrap().addr;
+            assert_ne!(now, gone);
+            moved += usize::from(*b != gone && now != *b);
+        }
+        // Maglev moves a few other slots too, far fewer than a modulo hash would (~1/2 here).
+        assert!(moved * 50 < clients.len(), "{moved} clients of healthy backends moved");
+        g.backends()[1].healthy.store(true, Ordering::Relaxed);
+        g.add("10.1.9.2:80".parse().unwrap(), 1).unwrap();
+        assert!(clients.iter().any(|&c| p.pick(c).unwrap().addr.ip().to_string() == "10.1.9.2"));
+        for b in g.backends().iter() {
+            b.draining.store(true, Ordering::Relaxed);
+        }
+        assert!(p.pick(clients[0]).is_none());
+    }
+}

@@ -1,0 +1,230 @@
+//! A TCP listener of the userspace L4 proxy: accept, learn the client (trusted PROXY header),
+//! route (SNI peeked from the ClientHello, or the default upstream), then relay to a backend or
+//! hand the connection to an L7 TLS listener.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
+
+use super::{
+    balance::Picker,
+    handoff::{Handoff, TlsHandoff},
+    peek::{PeekError, peek_until},
+    proxy_protocol::{self, canonical},
+    sni::{self, HelloError, SniRoutes},
+    stats::{ErrorKind, Gauge, ListenerStats},
+    tcp::{self, RelayError, RelayOpts},
+};
+use crate::{
+    config::{ProxyProtocol, TcpListenerConfig},
+    upstream::Backend,
+};
+
+/// How long connections may finish after shutdown before they are cut.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a connection goes.
+#[derive(Clone)]
+pub enum Route {
+    Upstream(Arc<Picker>),
+    Terminate(String, Arc<dyn TlsHandoff>),
+}
+
+/// Everything a TCP listener's connections share.
+pub struct TcpService {
+    pub config: TcpListenerConfig,
+    pub routes: SniRoutes<Route>,
+    pub default: Option<Arc<Picker>>,
+    pub stats: Arc<ListenerStats>,
+}
+
+/// Accepts until `shutdown` turns true, then lets connections finish for [`DRAIN_TIMEOUT`].
+pub async fn run(
+    listener: TcpListener,
+    service: Arc<TcpService>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let limit = Arc::new(Semaphore::new(service.config.max_connections));
+    let mut conns = JoinSet::new();
+    loop {
+        // Waiting for a permit before accepting leaves extra clients in the kernel's backlog.
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("never closed"),
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    log::warn!("listener {}: accept: {e}", service.config.name);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        service.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let service = service.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let _active = Gauge::up(&service.stats.active);
+            if let Err(kind) = serve(&service, stream, peer).await {
+                service.stats.error(kind);
+                log::debug!("listener {}: {peer}: {}", service.config.name, kind.as_str());
+            }
+        });
+    }
+    drop(listener);
+    let drained =
+        tokio::time::timeout(DRAIN_TIMEOUT, async { while conns.join_next().await.is_some() {} })
+            .await;
+    if drained.is_err() {
+        log::info!(
+            "listener {}: cutting {} connections after drain",
+            service.config.name,
+            conns.len()
+        );
+        conns.shutdown().await;
+    }
+    Ok(())
+}
+
+/// One connection, start to end.
+async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Result<(), ErrorKind> {
+    let cfg = &svc.config;
+    let _ = client.set_nodelay(true);
+    let local = client.local_addr().map_err(|_| ErrorKind::Io)?;
+    let (mut src, mut dst) = (canonical(peer), canonical(local));
+
+    if cfg.trusts(peer.ip()) {
+        let max = 16 + proxy_protocol::V2_MAX_PAYLOAD;
+        let header = tokio::time::timeout(
+            cfg.peek_timeout.0,
+            peek_until(&client, max, proxy_protocol::parse),
+        )
+        .await
+        .map_err(|_| ErrorKind::ProxyHeaderTimeout)?
+        .map_err(|e| match e {
+            PeekError::Eof => ErrorKind::EarlyEof,
+            PeekError::Io(_) => ErrorKind::Io,
+            PeekError::Parse(_) | PeekError::TooLarge => ErrorKind::ProxyHeaderBad,
+        })?;
+        // The header is queued in full (we peeked it), so this read does not wait.
+        let mut skip = vec![0u8; header.len];
+        client.read_exact(&mut skip).await.map_err(|_| ErrorKind::Io)?;
+        if let Some((s, d)) = header.addrs {
+            (src, dst) = (canonical(s), canonical(d));
+        }
+    }
+
+    let mut hello = None;
+    let route = if svc.routes.is_empty() {
+        svc.default.clone().map(Route::Upstream)
+    } else {
+        let peeked = tokio::time::timeout(
+            cfg.peek_timeout.0,
+            peek_until(&client, sni::MAX_PEEK, sni::parse_client_hello),
+        )
+        .await
+        .map_err(|_| ErrorKind::PeekTimeout)?;
+        match peeked {
+            Ok(h) => {
+                let r = h.sni.as_deref().and_then(|s| svc.routes.find(s)).cloned();
+                hello = Some(h);
+                match (r, &svc.default) {
+                    (Some(r), _) => Some(r),
+                    (None, Some(d)) => Some(Route::Upstream(d.clone())),
+                    (None, None) => return Err(ErrorKind::NoRoute),
+                }
+            }
+            Err(PeekError::Parse(HelloError::NotTls)) => match &svc.default {
+                Some(d) => Some(Route::Upstream(d.clone())),
+                None => return Err(ErrorKind::NotTls),
+            },
+            Err(PeekError::Parse(_) | PeekError::TooLarge) => {
+                return Err(ErrorKind::BadClientHello);
+            }
+            Err(PeekError::Eof) => return Err(ErrorKind::EarlyEof),
+            Err(PeekError::Io(_)) => return Err(ErrorKind::Io),
+        }
+    };
+
+    match route.ok_or(ErrorKind::NoRoute)? {
+        Route::Terminate(_, target) => {
+            let (sni, alpn) = hello.map(|h| (h.sni, h.alpn)).unwrap_or_default();
+            let conn = Handoff {
+                stream: client,
+                client: src,
+                local: dst,
+                sni,
+                alpn,
+                listener: cfg.name.clone(),
+            };
+            target.handoff(conn).map_err(|_| ErrorKind::HandoffFailed)?;
+            svc.stats.handed_off.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        Route::Upstream(picker) => {
+            let backend = picker.pick(src.ip()).ok_or(ErrorKind::NoBackend)?;
+            relay_to(svc, &client, &backend, src, dst).await
+        }
+    }
+}
+
+async fn relay_to(
+    svc: &TcpService,
+    client: &TcpStream,
+    backend: &Backend,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> Result<(), ErrorKind> {
+    let cfg = &svc.config;
+    let _in_flight = Gauge::up(&backend.in_flight);
+    let mut upstream =
+        tokio::time::timeout(cfg.connect_timeout.0, TcpStream::connect(backend.addr))
+            .await
+            .map_err(|_| ErrorKind::ConnectFailed)?
+            .map_err(|e| {
+                log::debug!("listener {}: connect {}: {e}", cfg.name, backend.addr);
+                ErrorKind::ConnectFailed
+            })?;
+    let _ = upstream.set_nodelay(true);
+    let header = match cfg.proxy_protocol {
+        ProxyProtocol::None => None,
+        ProxyProtocol::V1 => Some(proxy_protocol::encode_v1(src, dst)),
+        ProxyProtocol::V2 => Some(proxy_protocol::encode_v2(src, dst)),
+    };
+    if let Some(h) = header {
+        upstream.write_all(&h).await.map_err(|_| ErrorKind::Io)?;
+        svc.stats.bytes_to_backend.fetch_add(h.len() as u64, Ordering::Relaxed);
+    }
+    svc.stats.relayed.fetch_add(1, Ordering::Relaxed);
+    let opts =
+        RelayOpts { idle: cfg.idle(), buffer_size: cfg.buffer_size, zero_copy: cfg.zero_copy };
+    match tcp::relay(
+        client,
+        &upstream,
+        opts,
+        &svc.stats.bytes_to_backend,
+        &svc.stats.bytes_to_client,
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(RelayError::Idle(_)) => Err(ErrorKind::IdleTimeout),
+        Err(RelayError::Io(e)) => {
+            log::debug!("listener {}: relay with {}: {e}", cfg.name, backend.addr);
+            Err(ErrorKind::Io)
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Counters of the userspace L4 listeners: connections, bytes, UDP sessions and errors by kind,
+//! kept in atomics the relay updates as bytes flow and the admin API can read at any time.
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use serde::Serialize;
+
+/// Why a connection or datagram was closed or dropped; each kind has its own counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Not TLS on a listener with SNI routes and no default upstream.
+    NotTls,
+    /// Claimed to be a TLS handshake but was malformed or too large.
+    BadClientHello,
+    /// No complete ClientHello within `peek_timeout`.
+    PeekTimeout,
+    /// The client closed before sending what the listener needs to route.
+    EarlyEof,
+    /// A TLS client whose SNI matches no route, on a listener without a default upstream.
+    NoRoute,
+    /// The upstream group has no available backend.
+    NoBackend,
+    /// Connecting to the backend failed or timed out.
+    ConnectFailed,
+    /// A trusted source sent a malformed PROXY header, or none.
+    ProxyHeaderBad,
+    /// A trusted source took longer than `peek_timeout` to send its PROXY header.
+    ProxyHeaderTimeout,
+    /// No bytes either way for `idle_timeout`.
+    IdleTimeout,
+    /// A socket error while relaying (resets included).
+    Io,
+    /// A UDP client beyond `max_connections` sessions.
+    OverLimit,
+    /// The L7 listener refused the connection (for example a full queue).
+    HandoffFailed,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 13] = [
+        Self::NotTls,
+        Self::BadClientHello,
+        Self::PeekTimeout,
+        Self::EarlyEof,
+        Self::NoRoute,
+        Self::NoBackend,
+        Self::ConnectFailed,
+        Self::ProxyHeaderBad,
+        Self::ProxyHeaderTimeout,
+        Self::IdleTimeout,
+        Self::Io,
+        Self::OverLimit,
+        Self::HandoffFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotTls => "not_tls",
+            Self::BadClientHello => "bad_client_hello",
+            Self::PeekTimeout => "peek_timeout",
+            Self::EarlyEof => "early_eof",
+            Self::NoRoute => "no_route",
+            Self::NoBackend => "no_backend",
+            Self::ConnectFailed => "connect_failed",
+            Self::ProxyHeaderBad => "proxy_header_bad",
+            Self::ProxyHeaderTimeout => "proxy_header_timeout",
+            Self::IdleTimeout => "idle_timeout",
+            Self::Io => "io",
+            Self::OverLimit => "over_limit",
+            Self::HandoffFailed => "handoff_failed",
+        }
+    }
+}
+
+/// One listener's counters (relaxed atomics: each is independent).
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub name: String,
+    /// TCP connections accepted.
+    pub accepted: AtomicU64,
+    /// TCP connections being served now.
+    pub active: AtomicU64,
+    /// Connections relayed to a backend (TLS passthrough or plain TCP).
+    pub relayed: AtomicU64,
+    /// Connections handed to an L7 TLS listener.
+    pub handed_off: AtomicU64,
+    /// Bytes from clients to backends, and back.
+    pub bytes_to_backend: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+    pub udp_sessions_created: AtomicU64,
+    pub udp_sessions_expired: AtomicU64,
+    pub udp_sessions_active: AtomicU64,
+    pub datagrams_to_backend: AtomicU64,
+    pub datagrams_to_client: AtomicU64,
+    errors: [AtomicU64; ErrorKind::ALL.len()],
+}
+
+impl ListenerStats {
+    pub fn new(name: &str) -> Self {
+        Self { name: name.to_string(), ..Default::default() }
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn errors(&self, kind: ErrorKind) -> u64 {
+        self.errors[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// A consistent-enough copy for reporting.
+    pub fn snapshot(&self) -> ListenerSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let counters = [
+            ("accepted", get(&self.accepted)),
+            ("active", get(&self.active)),
+            ("relayed", get(&self.relayed)),
+            ("handed_off", get(&self.handed_off)),
+            ("bytes_to_backend", get(&self.bytes_to_backend)),
+            ("bytes_to_client", get(&self.bytes_to_client)),
+            ("udp_sessions_created", get(&self.udp_sessions_created)),
+            ("udp_sessions_expired", get(&self.udp_sessions_expired)),
+            ("udp_sessions_active", get(&self.udp_sessions_active)),
+            ("datagrams_to_backend", get(&self.datagrams_to_backend)),
+            ("datagrams_to_client", get(&self.datagrams_to_client)),
+        ]
+        .into_iter()
+        .collect();
+        let errors = ErrorKind::ALL.iter().map(|&k| (k.as_str(), self.errors(k))).collect();
+        ListenerSnapshot { name: self.name.clone(), counters, errors }
+    }
+}
+
+/// What the admin API serves for one listener.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ListenerSnapshot {
+    pub name: String,
+    pub counters: BTreeMap<&'static str, u64>,
+    pub errors: BTreeMap<&'static str, u64>,
+}
+
+/// Keeps `active` (or any gauge) right however a task ends.
+pub struct Gauge<'a>(pub &'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    pub fn up(c: &'a AtomicU64) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,154 @@
+//! A UDP listener of the userspace L4 proxy: one session per client address, each with its own
+//! connected socket to the backend Maglev picks for the client, so replies find their way back;
+//! sessions with no datagram either way for the idle timeout are swept.
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    net::UdpSocket,
+    sync::{oneshot, watch},
+};
+
+use super::{
+    balance::Picker,
+    stats::{ErrorKind, ListenerStats},
+};
+use crate::{config::TcpListenerConfig, upstream::Backend};
+
+/// The largest datagram relayed (the UDP maximum).
+const MAX_DATAGRAM: usize = 65_535;
+
+pub struct UdpService {
+    pub config: TcpListenerConfig,
+    pub upstream: Arc<Picker>,
+    pub stats: Arc<ListenerStats>,
+}
+
+struct Session {
+    upstream: Arc<UdpSocket>,
+    /// Last datagram either way, in ms since the listener started.
+    last_ms: Arc<AtomicU64>,
+    backend: Arc<Backend>,
+    /// Dropping it stops the session's reply task.
+    _stop: oneshot::Sender<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves until `shutdown` turns true; sessions end with it.
+pub async fn run(
+    socket: UdpSocket,
+    svc: Arc<UdpService>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let socket = Arc::new(socket);
+    let start = Instant::now();
+    let idle = svc.config.idle();
+    let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
+    let mut sweep =
+        tokio::time::interval((idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(5)));
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, client) = tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = sweep.tick() => {
+                let now = start.elapsed().as_millis() as u64;
+                let before = sessions.len();
+                sessions.retain(|_, s| now.saturating_sub(s.last_ms.load(Ordering::Relaxed)) < idle.as_millis() as u64);
+                let expired = (before - sessions.len()) as u64;
+                svc.stats.udp_sessions_expired.fetch_add(expired, Ordering::Relaxed);
+                svc.stats.udp_sessions_active.store(sessions.len() as u64, Ordering::Relaxed);
+                continue;
+            }
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    log::debug!("listener {}: recv: {e}", svc.config.name);
+                    continue;
+                }
+            },
+        };
+        if !sessions.contains_key(&client) {
+            if sessions.len() >= svc.config.max_connections {
+                svc.stats.error(ErrorKind::OverLimit);
+                continue;
+            }
+            match open(&svc, &socket, client, start).await {
+                Ok(s) => {
+                    sessions.insert(client, s);
+                    svc.stats.udp_sessions_created.fetch_add(1, Ordering::Relaxed);
+                    svc.stats.udp_sessions_active.store(sessions.len() as u64, Ordering::Relaxed);
+                }
+                Err(kind) => {
+                    svc.stats.error(kind);
+                    continue;
+                }
+            }
+        }
+        let s = &sessions[&client];
+        s.last_ms.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        match s.upstream.send(&buf[..n]).await {
+            Ok(_) => {
+                svc.stats.datagrams_to_backend.fetch_add(1, Ordering::Relaxed);
+                svc.stats.bytes_to_backend.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            // A refused earlier datagram (ICMP port unreachable) surfaces here; keep going.
+            Err(_) => svc.stats.error(ErrorKind::Io),
+        }
+    }
+    svc.stats.udp_sessions_active.store(0, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A new session: pick the backend, connect a socket to it, start relaying its replies.
+async fn open(
+    svc: &Arc<UdpService>,
+    listener: &Arc<UdpSocket>,
+    client: SocketAddr,
+    start: Instant,
+) -> Result<Session, ErrorKind> {
+    let backend = svc.upstream.pick(client.ip()).ok_or(ErrorKind::NoBackend)?;
+    let bind: SocketAddr =
+        if backend.addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+    let upstream = UdpSocket::bind(bind).await.map_err(|_| ErrorKind::Io)?;
+    upstream.connect(backend.addr).await.map_err(|_| ErrorKind::ConnectFailed)?;
+    let upstream = Arc::new(upstream);
+    let last_ms = Arc::new(AtomicU64::new(start.elapsed().as_millis() as u64));
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let (up, last, listener, svc2) =
+        (upstream.clone(), last_ms.clone(), listener.clone(), svc.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let n = tokio::select! {
+                _ = &mut stopped => break,
+                r = up.recv(&mut buf) => match r {
+                    Ok(n) => n,
+                    Err(_) => {
+                        svc2.stats.error(ErrorKind::Io);
+                        continue;
+                    }
+                },
+            };
+            last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            if listener.send_to(&buf[..n], client).await.is_ok() {
+                svc2.stats.datagrams_to_client.fetch_add(1, Ordering::Relaxed);
+                svc2.stats.bytes_to_client.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    });
+    backend.in_flight.fetch_add(1, Ordering::Relaxed);
+    Ok(Session { upstream, last_ms, backend, _stop: stop })
+}

@@ -1,0 +1,197 @@
+//! The userspace L4 proxy through the real `lb run` binary: in the standard namespace topology
+//! (TLS passthrough by SNI, plain TCP with the XDP path's client stickiness, UDP), and as an
+//! unprivileged user with no `[xdp]` section. Namespaces need root.
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use lb_tests::{
+    l4::{
+        LbProcess, T, TlsBackend, client_config, echo_backend_on, echo_roundtrip, tls_client,
+        udp_echo_on, whole,
+    },
+    netns::Netns,
+    privileged_or_skip,
+    servers::{HttpBackend, http_get, udp_socket},
+    topology::Topology,
+};
+use lb_user::{config::Config, l4::balance::client_key, maglev};
+
+fn xdp_choice(config: &Config, group: &str, client: IpAddr) -> SocketAddr {
+    let entries: Vec<maglev::Entry> = config.upstream[group]
+        .backends
+        .iter()
+        .map(|b| maglev::Entry { addr: b.addr(), weight: b.weight() })
+        .collect();
+    let table = maglev::table(&entries, maglev::DEFAULT_SIZE);
+    let slot = lb_common::hash::source_hash(&client_key(client)) % maglev::DEFAULT_SIZE;
+    entries[table[slot as usize] as usize].addr
+}
+
+/// True once a TCP connect to `addr` from inside `ns` succeeds.
+fn listening(ns: &Netns, addr: SocketAddr) -> bool {
+    ns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_run_serves_tls_passthrough_tcp_and_udp_with_the_xdp_paths_stickiness() {
+    if !privileged_or_skip(
+        "lb_run_serves_tls_passthrough_tcp_and_udp_with_the_xdp_paths_stickiness",
+    ) {
+        return;
+    }
+    let topo = Topology::new(3).expect("topology");
+    let mut http = Vec::new();
+    let mut tls = Vec::new();
+    for (i, b) in topo.backends.iter().enumerate() {
+        let ip = IpAddr::V4(b.v4);
+        http.push(
+            HttpBackend::start(&b.ns, SocketAddr::new(ip, 80), &format!("b{}", i + 1)).unwrap(),
+        );
+        let host = ["db.example.com", "www.example.com", "fallback.test"][i];
+        let l =
+            b.ns.run(move || std::net::TcpListener::bind(SocketAddr::new(ip, 443)))
+                .unwrap()
+                .unwrap();
+        tls.push(TlsBackend::on(l, &format!("tls{}", i + 1), &[host]));
+        let u =
+            b.ns.run(move || std::net::UdpSocket::bind(SocketAddr::new(ip, 53))).unwrap().unwrap();
+        udp_echo_on(u, &format!("u{}", i + 1));
+    }
+    let config = r#"
+[admin]
+listen = "127.0.0.1:9901"
+[upstream.web]
+backends = ["10.1.1.2:80", { addr = "10.1.2.2:80", weight = 2 }, "10.1.3.2:80"]
+[upstream.db]
+backends = ["10.1.1.2:443"]
+[upstream.www]
+backends = ["10.1.2.2:443"]
+[upstream.fallback]
+backends = ["10.1.3.2:443"]
+[upstream.dns]
+backends = ["10.1.1.2:53", "10.1.2.2:53", "10.1.3.2:53"]
+[[tcp.listener]]
+name = "web"
+listen = "10.0.0.1:8080"
+upstream = "web"
+[[tcp.listener]]
+name = "tls-edge"
+listen = "10.0.0.1:8443"
+sni = [ { host = "db.example.com", upstream = "db", passthrough = true },
+        { host = "*.example.com", upstream = "www", passthrough = true } ]
+upstream = "fallback"
+[[tcp.listener]]
+name = "dns"
+listen = "10.0.0.1:5353"
+protocol = "udp"
+upstream = "dns"
+"#;
+    let parsed = Config::parse(config).unwrap();
+    let web: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+    let _lb =
+        LbProcess::start(&topo.lb, config, None, || listening(&topo.client, web)).expect("lb run");
+
+    // Plain TCP: each client address reaches the backend the XDP path would pick.
+    let clients = topo.add_client_addresses(24).unwrap();
+    let mut used = std::collections::HashSet::new();
+    for &c in &clients {
+        let body = http_get(&topo.client, Some(c), web, T).unwrap();
+        let want = xdp_choice(&parsed, "web", c);
+        assert_eq!(
+            body,
+            format!("b{}", want.ip().to_string().split('.').nth(2).unwrap()),
+            "client {c}"
+        );
+        used.insert(body);
+    }
+    assert!(used.len() >= 2, "clients spread over backends: {used:?}");
+
+    // TLS passthrough by SNI, each backend with its own certificate.
+    let roots = client_config(&[&tls[0].cert, &tls[1].cert, &tls[2].cert]);
+    let edge: SocketAddr = "10.0.0.1:8443".parse().unwrap();
+    for (sni, i) in [("db.example.com", 0), ("www.example.com", 1), ("fallback.test", 2)] {
+        let cfg = roots.clone();
+        let seen = topo.client.run(move || tls_client(edge, sni, cfg, whole)).unwrap().unwrap();
+        assert_eq!(seen.cert, tls[i].cert, "{sni}");
+        assert!(seen.line.starts_with(&format!("tls{} sni={sni}", i + 1)), "{}", seen.line);
+    }
+
+    // UDP: replies come back through the session, from the sticky backend.
+    let dns: SocketAddr = "10.0.0.1:5353".parse().unwrap();
+    for &c in clients.iter().take(6) {
+        let s = udp_socket(&topo.client, Some(c), dns).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.send(b"q").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).expect("udp reply");
+        let want = xdp_choice(&parsed, "dns", c);
+        let i = want.ip().to_string().split('.').nth(2).unwrap().to_string();
+        assert_eq!(&buf[..n], format!("u{i}:q").as_bytes(), "client {c}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_run_without_xdp_serves_tcp_tls_and_udp_as_an_unprivileged_user() {
+    if !privileged_or_skip("lb_run_without_xdp_serves_tcp_tls_and_udp_as_an_unprivileged_user") {
+        return;
+    }
+    let ns = Netns::new("u").unwrap();
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    let l = ns.run(move || std::net::TcpListener::bind((lo, 7000))).unwrap().unwrap();
+    echo_backend_on(l, "echo");
+    let l = ns.run(move || std::net::TcpListener::bind((lo, 7443))).unwrap().unwrap();
+    let tls = TlsBackend::on(l, "tls", &["db.example.com"]);
+    let u = ns.run(move || std::net::UdpSocket::bind((lo, 7053))).unwrap().unwrap();
+    udp_echo_on(u, "udp");
+    let config = r#"
+[admin]
+listen = "127.0.0.1:19901"
+[upstream.echo]
+backends = ["127.0.0.1:7000"]
+[upstream.tls]
+backends = ["127.0.0.1:7443"]
+[upstream.dns]
+backends = ["127.0.0.1:7053"]
+[[tcp.listener]]
+name = "tcp"
+listen = "127.0.0.1:18080"
+upstream = "echo"
+[[tcp.listener]]
+name = "tls"
+listen = "127.0.0.1:18443"
+sni = [ { host = "db.example.com", upstream = "tls", passthrough = true } ]
+[[tcp.listener]]
+name = "udp"
+listen = "127.0.0.1:15353"
+protocol = "udp"
+upstream = "dns"
+"#;
+    let tcp: SocketAddr = "127.0.0.1:18080".parse().unwrap();
+    let lb = LbProcess::start(&ns, config, Some(65534), || listening(&ns, tcp))
+        .expect("lb run as nobody");
+    assert_eq!(lb.uids().unwrap(), "65534 65534 65534 65534", "runs as nobody");
+
+    let (greeting, rest) =
+        ns.run(move || echo_roundtrip(tcp, None, b"as nobody")).unwrap().unwrap();
+    assert_eq!(greeting, "echo");
+    assert_eq!(rest, b"as nobodyeof\n");
+
+    let cfg = client_config(&[&tls.cert]);
+    let edge: SocketAddr = "127.0.0.1:18443".parse().unwrap();
+    let seen = ns.run(move || tls_client(edge, "db.example.com", cfg, whole)).unwrap().unwrap();
+    assert_eq!(seen.cert, tls.cert);
+
+    let udp: SocketAddr = "127.0.0.1:15353".parse().unwrap();
+    let s = udp_socket(&ns, None, udp).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.send(b"hi").unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.recv(&mut buf).expect("udp reply");
+    assert_eq!(&buf[..n], b"udp:hi");
+
+    let status = lb.stop().unwrap();
+    assert!(status.success(), "lb run exit: {status}");
+}

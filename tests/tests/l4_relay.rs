@@ -1,0 +1,196 @@
+//! Plain TCP relay and UDP sessions through the in-process L4 listeners on loopback: half-close,
+//! idle timeout, both copy paths, Maglev agreement with the XDP computation, UDP session
+//! stickiness and expiry. No root needed: clients use source addresses across 127.0.0.0/8.
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::atomic::Ordering,
+};
+
+use lb_tests::l4::{L4Harness, T, echo_backend, echo_roundtrip, udp_echo};
+use lb_user::{
+    config::Config,
+    l4::{ErrorKind, Handoffs, balance::client_key},
+    maglev,
+};
+
+fn lo(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
+}
+
+/// The backend the XDP path picks for `client` among `group`'s backends, computed the way the
+/// XDP side builds its table: `maglev::table` over (addr, weight), `source_hash % size`.
+fn xdp_choice(config: &Config, group: &str, client: IpAddr) -> SocketAddr {
+    let entries: Vec<maglev::Entry> = config.upstream[group]
+        .backends
+        .iter()
+        .map(|b| maglev::Entry { addr: b.addr(), weight: b.weight() })
+        .collect();
+    let table = maglev::table(&entries, maglev::DEFAULT_SIZE);
+    let slot = lb_common::hash::source_hash(&client_key(client)) % maglev::DEFAULT_SIZE;
+    entries[table[slot as usize] as usize].addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_a_megabyte_with_half_close_by_splice_and_by_copy() {
+    let echo = echo_backend("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let config = format!(
+        r#"
+[upstream.echo]
+backends = ["{echo}"]
+[[tcp.listener]]
+name = "splice"
+listen = "127.0.0.1:0"
+upstream = "echo"
+buffer_size = 16384
+[[tcp.listener]]
+name = "copy"
+listen = "127.0.0.1:0"
+upstream = "echo"
+zero_copy = false
+buffer_size = 4096
+"#
+    );
+    let lb = L4Harness::start(&config, Handoffs::new()).await;
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    for name in ["splice", "copy"] {
+        let (addr, p) = (lb.addr(name), payload.clone());
+        let (greeting, rest) = tokio::task::spawn_blocking(move || echo_roundtrip(addr, None, &p))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(greeting, "echo");
+        // The backend answered after the client's FIN: the half-closed side stayed open.
+        assert_eq!(rest.len(), payload.len() + 4, "{name}");
+        assert!(rest[..payload.len()] == payload[..], "{name}: bytes differ");
+        assert_eq!(&rest[payload.len()..], b"eof\n");
+        lb.wait_for(name, "byte counts", |s| {
+            s.bytes_to_backend.load(Ordering::Relaxed) == 1_000_000
+                && s.bytes_to_client.load(Ordering::Relaxed) == 1_000_000 + 4 + 5
+                && s.active.load(Ordering::Relaxed) == 0
+        })
+        .await;
+    }
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_counted() {
+    let echo = echo_backend("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let config = format!(
+        "[upstream.echo]\nbackends = [\"{echo}\"]\n[[tcp.listener]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nupstream = \"echo\"\nidle_timeout = 0.3\n"
+    );
+    let lb = L4Harness::start(&config, Handoffs::new()).await;
+    let addr = lb.addr("t");
+    let read = tokio::task::spawn_blocking(move || {
+        use std::io::Read as _;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, T).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut all = Vec::new();
+        // The greeting, then silence both ways until lb closes.
+        let _ = s.read_to_end(&mut all);
+        all
+    })
+    .await
+    .unwrap();
+    assert_eq!(read, b"echo\n");
+    lb.wait_for("t", "idle_timeout", |s| s.errors(ErrorKind::IdleTimeout) == 1).await;
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn picks_the_backend_the_xdp_path_would_for_each_client_address() {
+    let mut backends = Vec::new();
+    for i in 0..4 {
+        backends.push(echo_backend("127.0.0.1:0".parse().unwrap(), &format!("b{i}")).await);
+    }
+    let config = format!(
+        r#"
+[upstream.web]
+backends = ["{}", {{ addr = "{}", weight = 2 }}, "{}", "{}"]
+[[tcp.listener]]
+name = "web"
+listen = "127.0.0.1:0"
+upstream = "web"
+"#,
+        backends[0], backends[1], backends[2], backends[3]
+    );
+    let parsed = Config::parse(&config).unwrap();
+    let lb = L4Harness::start(&config, Handoffs::new()).await;
+    let addr = lb.addr("web");
+    let name_of = |a: SocketAddr| format!("b{}", backends.iter().position(|b| *b == a).unwrap());
+    let mut used = std::collections::HashSet::new();
+    for n in 2..=121u8 {
+        let client = lo(n);
+        let (greeting, _) =
+            tokio::task::spawn_blocking(move || echo_roundtrip(addr, Some(client), b"x"))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(greeting, name_of(xdp_choice(&parsed, "web", client)), "client {client}");
+        used.insert(greeting);
+    }
+    assert_eq!(used.len(), 4, "120 clients reach all 4 backends");
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_sessions_are_per_client_sticky_and_expire() {
+    let mut backends = Vec::new();
+    for i in 0..3 {
+        backends.push(udp_echo("127.0.0.1:0".parse().unwrap(), &format!("u{i}")).await);
+    }
+    let config = format!(
+        r#"
+[upstream.dns]
+backends = ["{}", "{}", "{}"]
+[[tcp.listener]]
+name = "dns"
+listen = "127.0.0.1:0"
+protocol = "udp"
+upstream = "dns"
+idle_timeout = 0.4
+"#,
+        backends[0], backends[1], backends[2]
+    );
+    let parsed = Config::parse(&config).unwrap();
+    let lb = L4Harness::start(&config, Handoffs::new()).await;
+    let addr = lb.addr("dns");
+    let mut clients = Vec::new();
+    for n in 2..=9u8 {
+        let s = tokio::net::UdpSocket::bind(SocketAddr::new(lo(n), 0)).await.unwrap();
+        s.connect(addr).await.unwrap();
+        clients.push((lo(n), s));
+    }
+    let mut buf = vec![0u8; 2048];
+    for round in 0..3 {
+        for (ip, s) in &clients {
+            let msg = format!("q{round} from {ip}");
+            s.send(msg.as_bytes()).await.unwrap();
+            let n = tokio::time::timeout(T, s.recv(&mut buf)).await.expect("a reply").unwrap();
+            let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+            let want = xdp_choice(&parsed, "dns", *ip);
+            let i = backends.iter().position(|b| *b == want).unwrap();
+            assert_eq!(reply, format!("u{i}:{msg}"), "client {ip}, round {round}");
+        }
+    }
+    let st = lb.stats("dns");
+    assert_eq!(st.udp_sessions_created.load(Ordering::Relaxed), 8, "one session per client");
+    assert_eq!(st.udp_sessions_active.load(Ordering::Relaxed), 8);
+    assert_eq!(st.datagrams_to_backend.load(Ordering::Relaxed), 24);
+    lb.wait_for("dns", "replies counted", |s| s.datagrams_to_client.load(Ordering::Relaxed) == 24)
+        .await;
+    // Silence: every session expires after idle_timeout.
+    lb.wait_for("dns", "all expired", |s| {
+        s.udp_sessions_expired.load(Ordering::Relaxed) == 8
+            && s.udp_sessions_active.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    // A client that comes back gets a new session and still the same backend.
+    let (ip, s) = &clients[0];
+    s.send(b"again").await.unwrap();
+    let n = tokio::time::timeout(T, s.recv(&mut buf)).await.expect("a reply").unwrap();
+    let want = backends.iter().position(|b| *b == xdp_choice(&parsed, "dns", *ip)).unwrap();
+    assert_eq!(&buf[..n], format!("u{want}:again").as_bytes());
+    assert_eq!(st.udp_sessions_created.load(Ordering::Relaxed), 9);
+    lb.stop().await;
+}
