@@ -49,6 +49,25 @@ pub fn start_xdp(xdp: &XdpConfig) -> Result<Dataplane, DataplaneError> {
     Ok(dp)
 }
 
+/// The L7 TLS listeners as hand-off targets for the L4 listeners' `terminate` routes.
+fn handoffs(
+    l7: &[(Arc<l7::Server>, tokio::net::TcpListener)],
+    shutdown: &watch::Receiver<bool>,
+) -> l4::Handoffs {
+    l7.iter()
+        .filter(|(server, _)| server.terminates_tls())
+        .map(|(server, _)| {
+            let name = server.name.clone();
+            let (server, shutdown) = (server.clone(), shutdown.clone());
+            let take = move |h: l4::Handoff| {
+                server.adopt(h.stream, h.client, shutdown.clone());
+                Ok(())
+            };
+            (name, Arc::new(take) as Arc<dyn l4::TlsHandoff>)
+        })
+        .collect()
+}
+
 /// Runs the daemon until SIGINT/SIGTERM; `config_path` is what SIGHUP and `POST /reload`
 /// read again.
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
@@ -65,9 +84,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         log::info!("http listener {} on {}", server.name, listener.local_addr()?);
         l7_listeners.push((server, listener));
     }
-    // Userspace L4 listeners. `terminate = "NAME"` SNI routes need the L7 TLS listener NAME
-    // registered in `handoffs` (not wired yet: such configs fail here with a clear error).
-    let handoffs = l4::Handoffs::new();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Userspace L4 listeners. SNI routes with `terminate = "NAME"` hand the connection (its
+    // ClientHello unread) to the L7 TLS listener NAME of this process.
+    let handoffs = handoffs(&l7_listeners, &shutdown_rx);
     let l4 = L4::build(&config.tcp, &groups, &handoffs)?;
     let _l4_stats = l4.stats(); // for the admin API (issue 6)
     let l4 = l4.bind().await?;
@@ -75,7 +95,6 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     let auth = if config.admin.token.is_some() { "bearer token required" } else { "no token" };
     log::info!("admin API on http://{} ({auth})", listener.local_addr()?);
     let state = Arc::new(State::new(config, dataplane, groups, config_path));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin::run(listener, state.clone(), shutdown_rx.clone()));
     let mut l4_tasks = l4.spawn(shutdown_rx);
     {

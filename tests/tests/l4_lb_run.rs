@@ -195,3 +195,95 @@ upstream = "dns"
     let status = lb.stop().unwrap();
     assert!(status.success(), "lb run exit: {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_run_terminates_some_sni_routes_and_passes_others_through_on_one_port() {
+    if !privileged_or_skip(
+        "lb_run_terminates_some_sni_routes_and_passes_others_through_on_one_port",
+    ) {
+        return;
+    }
+    let topo = Topology::new(2).expect("topology");
+    // Backend 1 terminates TLS itself (passthrough target); backend 2 serves plain HTTP behind
+    // lb's own TLS termination.
+    let ip1 = IpAddr::V4(topo.backends[0].v4);
+    let l = topo.backends[0]
+        .ns
+        .run(move || std::net::TcpListener::bind(SocketAddr::new(ip1, 443)))
+        .unwrap()
+        .unwrap();
+    let db = TlsBackend::on(l, "tls-db", &["db.example.com"]);
+    let _app = HttpBackend::start(
+        &topo.backends[1].ns,
+        SocketAddr::new(IpAddr::V4(topo.backends[1].v4), 80),
+        "app",
+    )
+    .unwrap();
+    // lb's own certificate for *.example.com, in PEM files as an operator would have them.
+    let ours = rcgen::generate_simple_self_signed(vec!["*.example.com".to_string()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-certs", topo.lb.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("wild.pem"), dir.join("wild.key"));
+    std::fs::write(&cert_path, ours.cert.pem()).unwrap();
+    std::fs::write(&key_path, ours.key_pair.serialize_pem()).unwrap();
+    let config = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:9901"
+[[http.listener]]
+name = "public"
+listen = "10.0.0.1:9443"
+tls = [{{ cert = "{}", key = "{}" }}]
+[[http.route]]
+listener = "public"
+upstream = "app"
+[upstream.app]
+backends = ["10.1.2.2:80"]
+[upstream.db]
+backends = ["10.1.1.2:443"]
+[[tcp.listener]]
+name = "edge"
+listen = "10.0.0.1:8443"
+sni = [ {{ host = "db.example.com", upstream = "db", passthrough = true }},
+        {{ host = "*.example.com", terminate = "public" }} ]
+upstream = "db"
+"#,
+        cert_path.display(),
+        key_path.display()
+    );
+    let edge: SocketAddr = "10.0.0.1:8443".parse().unwrap();
+    let _lb = LbProcess::start(&topo.lb, &config, None, || listening(&topo.client, edge))
+        .expect("lb run");
+
+    // db.example.com: relayed untouched; the client sees the backend's own certificate.
+    let roots = client_config(&[&db.cert, ours.cert.der()]);
+    let cfg = roots.clone();
+    let seen =
+        topo.client.run(move || tls_client(edge, "db.example.com", cfg, whole)).unwrap().unwrap();
+    assert_eq!(seen.cert, db.cert);
+    assert!(seen.line.starts_with("tls-db sni=db.example.com"), "{}", seen.line);
+
+    // www.example.com on the same port: terminated by lb with its certificate, proxied as HTTP.
+    let want = ours.cert.der().clone();
+    let (cert, response) = topo
+        .client
+        .run(move || -> anyhow::Result<_> {
+            use std::io::{Read as _, Write as _};
+            let name = rustls::pki_types::ServerName::try_from("www.example.com")?;
+            let conn = rustls::ClientConnection::new(std::sync::Arc::new(roots), name)?;
+            let tcp = std::net::TcpStream::connect_timeout(&edge, T)?;
+            tcp.set_read_timeout(Some(T))?;
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            tls.write_all(b"GET / HTTP/1.1\r\nhost: www.example.com\r\nconnection: close\r\n\r\n")?;
+            let mut response = String::new();
+            let _ = tls.read_to_string(&mut response);
+            let cert = tls.conn.peer_certificates().and_then(|c| c.first()).cloned();
+            Ok((cert, response))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(cert.as_ref(), Some(&want), "lb presented its own certificate");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.trim_end().ends_with("app"), "{response}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

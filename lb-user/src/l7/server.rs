@@ -140,7 +140,7 @@ impl Server {
                 _ = stopped(&mut shutdown) => break,
             };
             while conns.try_join_next().is_some() {}
-            conns.spawn(self.clone().connection(stream, peer, permit, shutdown.clone()));
+            conns.spawn(self.clone().connection(stream, peer, Some(permit), shutdown.clone()));
         }
         drop(listener);
         let open = conns.len();
@@ -166,11 +166,29 @@ impl Server {
         Ok(())
     }
 
+    /// Serves a connection the userspace L4 listener accepted and handed over (an SNI route
+    /// with `terminate = "NAME"`): its ClientHello is still unread, so it goes through this
+    /// listener's TLS acceptor like any other. It counts against the L4 listener's connection
+    /// limit, not this one's, and stops with `shutdown` like the daemon's other connections.
+    pub fn adopt(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        tokio::spawn(self.clone().connection(stream, peer, None, shutdown));
+    }
+
+    /// True when this listener terminates TLS (only those can take hand-offs).
+    pub fn terminates_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     async fn connection(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
-        _permit: OwnedSemaphorePermit,
+        _permit: Option<OwnedSemaphorePermit>,
         shutdown: watch::Receiver<bool>,
     ) {
         let _ = stream.set_nodelay(true);
