@@ -97,16 +97,11 @@ pub fn lookup(w: &mut Work, now: u64) -> Tracked {
     };
     // SAFETY: a valid map value; concurrent writers only set flag bits and timestamps.
     let (flags, last) = unsafe { ((*ptr).flags, (*ptr).last_seen_ns) };
-    let idle = now.saturating_sub(last);
-    let ended = if w.pkt.proto == PROTO_TCP {
-        let fins = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
-        let closing = flags & (fins | FLOW_F_RST) != 0;
-        let closed = flags & FLOW_F_RST != 0 || flags & fins == fins;
-        (closing && is_syn(&w.pkt)) || (closed && idle > w.s.tcp_closed_ns)
-    } else {
-        idle > w.s.udp_idle_ns
-    };
-    if ended {
+    // A SYN on a closing TCP flow is the client reusing the tuple: a new connection.
+    let reused = w.pkt.proto == PROTO_TCP
+        && is_syn(&w.pkt)
+        && flags & (FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND | FLOW_F_RST) != 0;
+    if reused || is_over(w.pkt.proto, flags, last, now, &w.s) {
         // SAFETY: as above.
         mem::copy(&mut w.st, unsafe { &*ptr });
         Tracked::Ended
@@ -287,13 +282,20 @@ fn holder_is_dead(w: &Work) -> bool {
     };
     // SAFETY: a valid map value; two fields are read.
     let (flags, last) = unsafe { ((*st).flags, (*st).last_seen_ns) };
-    let idle = w.now.saturating_sub(last);
-    if holder.flow.proto == PROTO_TCP {
+    is_over(holder.flow.proto, flags, last, w.now, &w.s)
+}
+
+/// True when a flow with these flags, last seen at `last`, has ended: TCP closed (RST, or FIN
+/// both ways) for longer than the grace time, or UDP idle past its timeout.
+#[inline(always)]
+fn is_over(proto: u8, flags: u32, last: u64, now: u64, s: &Settings) -> bool {
+    let idle = now.saturating_sub(last);
+    if proto == PROTO_TCP {
         let fins = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
         let closed = flags & FLOW_F_RST != 0 || flags & fins == fins;
-        closed && idle > w.s.tcp_closed_ns
+        closed && idle > s.tcp_closed_ns
     } else {
-        idle > w.s.udp_idle_ns
+        idle > s.udp_idle_ns
     }
 }
 
