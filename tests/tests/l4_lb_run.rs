@@ -220,12 +220,9 @@ async fn lb_run_terminates_some_sni_routes_and_passes_others_through_on_one_port
     )
     .unwrap();
     // lb's own certificate for *.example.com, in PEM files as an operator would have them.
-    let ours = rcgen::generate_simple_self_signed(vec!["*.example.com".to_string()]).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-certs", topo.lb.name));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert_path, key_path) = (dir.join("wild.pem"), dir.join("wild.key"));
-    std::fs::write(&cert_path, ours.cert.pem()).unwrap();
-    std::fs::write(&key_path, ours.key_pair.serialize_pem()).unwrap();
+    let dir = lb_tests::http::temp_dir("sni-terminate");
+    let ours = lb_tests::http::write_cert(&dir, "wild", &["*.example.com"]);
+    let ours_der = rustls::pki_types::CertificateDer::from(ours.der.clone());
     let config = format!(
         r#"
 [admin]
@@ -248,15 +245,15 @@ sni = [ {{ host = "db.example.com", upstream = "db", passthrough = true }},
         {{ host = "*.example.com", terminate = "public" }} ]
 upstream = "db"
 "#,
-        cert_path.display(),
-        key_path.display()
+        ours.cert.display(),
+        ours.key.display()
     );
     let edge: SocketAddr = "10.0.0.1:8443".parse().unwrap();
     let _lb = LbProcess::start(&topo.lb, &config, None, || listening(&topo.client, edge))
         .expect("lb run");
 
     // db.example.com: relayed untouched; the client sees the backend's own certificate.
-    let roots = client_config(&[&db.cert, ours.cert.der()]);
+    let roots = client_config(&[&db.cert, &ours_der]);
     let cfg = roots.clone();
     let seen =
         topo.client.run(move || tls_client(edge, "db.example.com", cfg, whole)).unwrap().unwrap();
@@ -264,7 +261,7 @@ upstream = "db"
     assert!(seen.line.starts_with("tls-db sni=db.example.com"), "{}", seen.line);
 
     // www.example.com on the same port: terminated by lb with its certificate, proxied as HTTP.
-    let want = ours.cert.der().clone();
+    let want = ours_der.clone();
     let (cert, response) = topo
         .client
         .run(move || -> anyhow::Result<_> {

@@ -52,11 +52,22 @@ fn run() -> anyhow::Result<()> {
     let admin: SocketAddr = "127.0.0.1:9901".parse()?;
     let ifaces: Vec<String> = topo.lb_interfaces().iter().map(|i| format!("{i:?}")).collect();
     let backends: Vec<String> = topo.backends.iter().map(|b| format!("\"{}:80\"", b.v4)).collect();
+    let certs = std::env::temp_dir().join(format!("{}-demo-certs", topo.lb.name));
+    let cert = lb_tests::http::write_cert(&certs, "demo", &["demo.lb.test"]);
     let config = format!(
-        "[admin]\nlisten = \"{admin}\"\n[xdp]\ninterfaces = [{}]\nmode = \"native\"\npin_path = \"{}\"\n\
-         [[xdp.service]]\nname = \"web\"\nvip = \"{VIP4}:80\"\nprotocol = \"tcp\"\nbackends = [{}]\n",
+        "[admin]\nlisten = \"{admin}\"\n\n[xdp]\ninterfaces = [{}]\nmode = \"native\"\npin_path = \"{}\"\n\
+         [[xdp.service]]\nname = \"web\"\nvip = \"{VIP4}:80\"\nprotocol = \"tcp\"\nbackends = [{}]\n\n\
+         [[http.listener]]\nname = \"plain\"\nlisten = \"10.0.0.1:8080\"\n\
+         [[http.listener]]\nname = \"secure\"\nlisten = \"10.0.0.1:8443\"\n\
+         tls = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+         [[http.route]]\nlistener = \"plain\"\nupstream = \"app\"\n\
+         [[http.route]]\nlistener = \"secure\"\nupstream = \"app\"\n\
+         [upstream.app]\nbalance = \"round-robin\"\nbackends = [{}]\n",
         ifaces.join(", "),
         pin_path(),
+        backends.join(", "),
+        cert.cert.display(),
+        cert.key.display(),
         backends.join(", ")
     );
     println!("== lb config:\n{config}");
@@ -87,10 +98,48 @@ fn run() -> anyhow::Result<()> {
     println!("   {same} of 300 clients are back on their original backend");
     print!("{}", lb.cli(&topo.lb, &["backend", "list", "web"])?);
 
+    println!("== L7: the same daemon proxies HTTP on 10.0.0.1:8080 and HTTPS on 10.0.0.1:8443");
+    let plain: SocketAddr = "10.0.0.1:8080".parse()?;
+    let answers: Vec<String> = (0..6)
+        .map(|_| http_get(&topo.client, None, plain, Duration::from_secs(2)))
+        .collect::<Result<_, _>>()?;
+    println!("   6 HTTP requests, round robin: {}", answers.join(", "));
+    let secure: SocketAddr = "10.0.0.1:8443".parse()?;
+    let roots = lb_tests::http::tls_client(&[&cert.der], &[b"http/1.1"]);
+    let answers: Vec<String> = (0..6)
+        .map(|_| {
+            let roots = roots.clone();
+            topo.client.run(move || https_get(secure, "demo.lb.test", roots))?
+        })
+        .collect::<Result<_, _>>()?;
+    println!("   6 HTTPS requests (TLS terminated by lb for demo.lb.test): {}", answers.join(", "));
+    print!("{}", lb.cli(&topo.lb, &["backend", "list", "app"])?);
+
     lb.stop()?;
     drop(lb);
+    let _ = std::fs::remove_dir_all(&certs);
     drop(servers);
     drop(topo);
     println!("== sandbox removed (namespaces deleted, XDP program detached)");
     Ok(())
+}
+
+/// One HTTPS GET over a fresh connection; returns the body.
+fn https_get(
+    addr: SocketAddr,
+    host: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
+    let conn = rustls::ClientConnection::new(config, name)?;
+    let tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(tls, "GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    let _ = tls.read_to_string(&mut response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "unexpected response: {head}");
+    Ok(body.trim().to_string())
 }
