@@ -27,7 +27,11 @@ pub fn privileged_or_skip(test: &str) -> bool {
             libc::geteuid()
         });
     }
-    eprintln!(
+    // Written to the stderr handle directly: libtest captures `eprintln!`, and a skip must be
+    // seen even when the test passes.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
         "SKIPPED {test}: needs root for network namespaces and BPF (run `cargo xtask test` as root)"
     );
     false
