@@ -174,10 +174,7 @@ impl Tables {
         // Whatever a previous daemon had that this config does not: retire it.
         let leftovers: Vec<u32> = self.recovered.backend_ids.drain().map(|(_, id)| id).collect();
         for id in leftovers {
-            maps.set_backend(
-                id,
-                &BackendInfo { generation: self.generations[id as usize], ..Default::default() },
-            )?;
+            self.retire(id, maps)?;
         }
         let stale: Vec<VipKey> = self.recovered.service_ids.drain().map(|(k, _)| k).collect();
         for key in stale {
@@ -344,11 +341,15 @@ impl Tables {
         let b = svc.backends.remove(pos);
         // Out of the ring first, so no new flow picks an id that is about to go inactive.
         self.sync(service, maps)?;
-        maps.set_backend(
-            b.id,
-            &BackendInfo { generation: self.generations[b.id as usize], ..Default::default() },
-        )?;
-        self.used_ids[b.id as usize] = false;
+        self.retire(b.id, maps)
+    }
+
+    /// Marks backend id `id` inactive in the kernel (its tracked flows stop) and frees it; the
+    /// generation stays, so a later owner of the id gets a new one.
+    fn retire(&mut self, id: u32, maps: &mut dyn Maps) -> Result<(), TableError> {
+        let generation = self.generations[id as usize];
+        maps.set_backend(id, &BackendInfo { generation, ..Default::default() })?;
+        self.used_ids[id as usize] = false;
         Ok(())
     }
 
@@ -364,11 +365,7 @@ impl Tables {
             .collect();
         maps.set_ring(svc.id, &clear)?;
         for b in svc.backends {
-            maps.set_backend(
-                b.id,
-                &BackendInfo { generation: self.generations[b.id as usize], ..Default::default() },
-            )?;
-            self.used_ids[b.id as usize] = false;
+            self.retire(b.id, maps)?;
         }
         Ok(())
     }
