@@ -220,7 +220,7 @@ fn start(topo: &Topology, c: &Contender) -> anyhow::Result<Option<Lb>> {
             std::fs::write(
                 &conf,
                 format!(
-                    "global\n  nbthread 2\n  maxconn 8000\n  pidfile {d}/haproxy.pid\n  daemon\n\
+                    "global\n  nbthread 2\n  maxconn 4000\n  pidfile {d}/haproxy.pid\n  daemon\n\
                      defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
                      timeout client 60s\n  timeout server 60s\n{body}"
                 ),
