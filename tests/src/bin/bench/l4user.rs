@@ -56,11 +56,14 @@ const CONTENDERS: [Contender; 6] = [
     Contender { name: "lb `[[tcp.listener]]` sni passthrough", peer: Peer::Lb, sni: true },
 ];
 
-/// How HAProxy and nginx spread the web and TLS ports: round robin (the default) or by client
-/// address like `lb` (`LB_BENCH_PEER_BALANCE=source`), for a run where every contender sends
-/// the single benchmark client to a single backend.
+/// How HAProxy and nginx spread the web and TLS ports. By default as `lb`'s L4 proxy does, by
+/// client address (HAProxy `balance source`, nginx `hash $remote_addr`): `lb` has no
+/// per-connection policy, so with one benchmark client every contender then loads one backend
+/// and the ratios compare the proxies, not how many backends share the 2 cores (which moved the
+/// TLS connections/s ratio by 3× in trial runs). `LB_BENCH_PEER_BALANCE=roundrobin` spreads the
+/// peers' connections instead.
 fn peers_hash_source() -> bool {
-    std::env::var("LB_BENCH_PEER_BALANCE").is_ok_and(|v| v == "source")
+    !std::env::var("LB_BENCH_PEER_BALANCE").is_ok_and(|v| v == "roundrobin")
 }
 
 #[derive(Default)]
@@ -95,12 +98,13 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     }
     let balance = if peers_hash_source() {
         "every contender keeps the one client on one backend (HAProxy `balance source`, nginx \
-         `hash $remote_addr`, lb's Maglev table over the client address)"
+         `hash $remote_addr`, lb's Maglev table over the client address, the only policy of its \
+         L4 proxy), so each proxy feeds the same single backend; \
+         `LB_BENCH_PEER_BALANCE=roundrobin` spreads the peers over all three instead"
     } else {
-        "HAProxy and nginx round-robin the web and TLS ports over the three backends, while lb \
-         always picks by client address (its Maglev table, as the XDP path), so lb sends the one \
-         benchmark client to one backend; rerun with `LB_BENCH_PEER_BALANCE=source` to make the \
-         peers do the same"
+        "HAProxy and nginx round-robin the web and TLS ports over the three backends \
+         (`LB_BENCH_PEER_BALANCE=roundrobin`), while lb picks by client address (its only L4 \
+         policy), so lb sends the one benchmark client to one backend"
     };
     println!(
         "Plain TCP relay: client → proxy on {VIP4}:80 and :5201 → three nginx/iperf3 backends.\n\n{}\n\
