@@ -13,6 +13,7 @@ const PEERS: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     ("iperf3", "/usr/bin/iperf3"),
     ("nghttp2-client", "/usr/bin/h2load"),
+    ("libnginx-mod-stream", "/usr/lib/nginx/modules/ngx_stream_module.so"),
 ];
 
 /// Sections in report order: (lb-bench subcommand, heading, what it answers).
@@ -20,6 +21,7 @@ const SECTIONS: &[(&str, &str)] = &[
     ("xdp-micro", "XDP per-packet cost (BPF_PROG_TEST_RUN)"),
     ("xdp-insitu", "XDP per-packet cost on real traffic (kernel BPF statistics)"),
     ("l4", "L4 end to end: lb XDP against kernel routing, nftables DNAT and HAProxy"),
+    ("l4user", "Userspace L4: lb TCP proxy and SNI passthrough against HAProxy and nginx stream"),
 ];
 
 pub fn run(quick: bool) -> anyhow::Result<()> {

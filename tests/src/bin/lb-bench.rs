@@ -5,7 +5,8 @@
 //! - `xdp-micro`: per-packet cost under BPF_PROG_TEST_RUN, and how it grows with tracked flows
 //!   and backends;
 //! - `l4`: end-to-end through the namespace topology, `lb` (XDP) against plain routing,
-//!   nftables DNAT and HAProxy, alternating rounds.
+//!   nftables DNAT and HAProxy, alternating rounds;
+//! - `l4user`: the userspace L4 proxy (plain and SNI passthrough) against HAProxy and nginx stream.
 mod bench;
 
 fn main() {
@@ -15,7 +16,8 @@ fn main() {
         Some("xdp-micro") => bench::micro::run(quick),
         Some("l4") => bench::l4::run(quick),
         Some("xdp-insitu") => bench::insitu::run(quick),
-        _ => Err(anyhow::anyhow!("usage: lb-bench xdp-micro|xdp-insitu|l4 [--quick]")),
+        Some("l4user") => bench::l4user::run(quick),
+        _ => Err(anyhow::anyhow!("usage: lb-bench xdp-micro|xdp-insitu|l4|l4user [--quick]")),
     };
     if let Err(e) = result {
         eprintln!("lb-bench: {e:#}");

@@ -1,6 +1,7 @@
 //! Benchmark sections; each prints Markdown.
 pub mod insitu;
 pub mod l4;
+pub mod l4user;
 pub mod micro;
 pub mod tools;
 
