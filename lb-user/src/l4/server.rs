@@ -47,12 +47,33 @@ pub struct TcpService {
 }
 
 /// Accepts until `shutdown` turns true, then lets connections finish for [`DRAIN_TIMEOUT`].
+/// One accept loop per CPU (at most 4) shares the socket, so a burst of new connections is not
+/// serialised behind one task.
 pub async fn run(
     listener: TcpListener,
     service: Arc<TcpService>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let listener = Arc::new(listener);
+    let limit = Arc::new(Semaphore::new(service.config.max_connections));
+    let loops = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+    let mut tasks = JoinSet::new();
+    for _ in 0..loops {
+        let (l, s, lim, sh) = (listener.clone(), service.clone(), limit.clone(), shutdown.clone());
+        tasks.spawn(accept_loop(l, s, lim, sh));
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(std::io::Error::other)??;
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: Arc<TcpListener>,
+    service: Arc<TcpService>,
+    limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let limit = Arc::new(Semaphore::new(service.config.max_connections));
     let mut conns = JoinSet::new();
     loop {
         // Waiting for a permit before accepting leaves extra clients in the kernel's backlog.
@@ -84,7 +105,6 @@ pub async fn run(
             }
         });
     }
-    drop(listener);
     let drained =
         tokio::time::timeout(DRAIN_TIMEOUT, async { while conns.join_next().await.is_some() {} })
             .await;
