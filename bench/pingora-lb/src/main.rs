@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora::{
-    apps::HttpServerOptions,
-    listeners::tls::TlsSettings,
-    prelude::*,
+    apps::HttpServerOptions, listeners::tls::TlsSettings, prelude::*,
     server::configuration::ServerConf,
 };
 

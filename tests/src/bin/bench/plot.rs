@@ -70,10 +70,10 @@ pub fn lines(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> St
     let py = |y: f64| H - BOTTOM - y / top * (H - TOP - BOTTOM);
     let mut svg = frame(title, x_label, y_label, step, top);
     for &x in &xs {
-        let _ = write!(
+        let _ = writeln!(
             svg,
             "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"#eee\"/>\
-             <text x=\"{0:.1}\" y=\"{3:.1}\" text-anchor=\"middle\">{4}</text>\n",
+             <text x=\"{0:.1}\" y=\"{3:.1}\" text-anchor=\"middle\">{4}</text>",
             px(x),
             TOP,
             H - BOTTOM,
@@ -218,9 +218,7 @@ fn compact(v: f64) -> String {
         _ => (1.0, ""),
     };
     let n = v / d;
-    let t = if n.fract().abs() < 1e-9 {
-        format!("{n:.0}")
-    } else if n.abs() >= 100.0 {
+    let t = if n.fract().abs() < 1e-9 || n.abs() >= 100.0 {
         format!("{n:.0}")
     } else {
         format!("{:.2}", n).trim_end_matches('0').trim_end_matches('.').to_string()
