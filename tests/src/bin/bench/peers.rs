@@ -42,11 +42,16 @@ impl Kind {
         }
     }
 
-    /// The contenders this machine can run: Pingora only when its binary was built.
+    /// The contenders this machine can run (Pingora only when its binary was built), or those
+    /// of them named in `LB_BENCH_PEERS` (e.g. `lb,nginx`; for iterating on one).
     pub fn all() -> Vec<Kind> {
         let mut v = vec![Kind::Lb, Kind::Nginx, Kind::Haproxy];
         if pingora_bin().is_some() {
             v.push(Kind::Pingora);
+        }
+        if let Ok(only) = std::env::var("LB_BENCH_PEERS") {
+            let only: Vec<String> = only.split(',').map(|s| s.trim().to_lowercase()).collect();
+            v.retain(|k| only.iter().any(|o| format!("{k:?}").to_lowercase() == *o));
         }
         v
     }

@@ -26,6 +26,9 @@ pub fn wrk(ns: &Netns, url: &str, conns: u32, secs: u32, close: bool) -> anyhow:
     if !out.status.success() {
         bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
     }
+    if std::env::var_os("LB_BENCH_DEBUG").is_some() {
+        eprintln!("{text}");
+    }
     parse_wrk(&text).with_context(|| format!("unexpected wrk output:\n{text}"))
 }
 
