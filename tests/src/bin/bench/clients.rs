@@ -105,8 +105,10 @@ impl Drop for Idle {
 }
 
 /// Opens `n` connections from `ns` to `addr` on 8 threads, sends one keep-alive GET on each and
-/// reads its response; returns the ones that got a 200.
+/// reads its response; returns the ones that got a 200. Gives up after 60 s (a proxy that
+/// stops serving new connections would otherwise cost 5 s per attempt).
 pub fn idle_connections(ns: &Netns, addr: SocketAddr, n: usize) -> anyhow::Result<Idle> {
+    let deadline = Instant::now() + Duration::from_secs(60);
     let streams = ns.run(move || {
         let threads = 8;
         std::thread::scope(|s| {
@@ -115,6 +117,7 @@ pub fn idle_connections(ns: &Netns, addr: SocketAddr, n: usize) -> anyhow::Resul
                     s.spawn(move || {
                         (t..n)
                             .step_by(threads)
+                            .take_while(|_| Instant::now() < deadline)
                             .filter_map(|_| one_keepalive(addr).ok())
                             .collect::<Vec<_>>()
                     })

@@ -31,6 +31,7 @@ struct Samples {
     close_p99: Vec<f64>,
     h2: Vec<f64>,
     h2_mean: Vec<f64>,
+    h2tls: Vec<f64>,
     tls: Vec<f64>,
     cpu_ka: Vec<f64>,
     cpu_close: Vec<f64>,
@@ -110,12 +111,16 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             s.h2.push(h2.rps);
             s.h2_mean.push(h2.mean_ms);
 
+            step("h2load h2 over TLS");
+            let h2tls = h2load(&topo.client, &format!("https://{ADDR}:{TLS}/"), CONNS, 10, secs)?;
+            s.h2tls.push(h2tls.rps);
+
             step("TLS handshakes");
             let (tls, tls_failed) =
                 clients::tls_connections(&topo.client, tls_addr, &certs.der, CONNS as usize, secs)?;
             s.tls.push(tls);
             s.hwm.push(mib(tree.mem().hwm_kib));
-            s.errors += ka.errors + close.errors + h2.errors + tls_failed;
+            s.errors += ka.errors + close.errors + h2.errors + h2tls.errors + tls_failed;
             drop(peer);
         }
     }
@@ -129,12 +134,12 @@ fn med(v: &[f64]) -> f64 {
 
 fn report(r: &BTreeMap<Kind, Samples>, rounds: usize, secs: u32) -> anyhow::Result<String> {
     let mut md = String::from(
-        "| proxy (2 worker threads each) | keep-alive req/s | p50 ms | p99 ms | Connection: close req/s | close p99 ms | h2c req/s (h2load) | h2c mean ms | TLS handshakes/s | errors |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| proxy (2 worker threads each) | keep-alive req/s | p50 ms | p99 ms | Connection: close req/s | close p99 ms | h2c req/s (h2load) | h2c mean ms | h2 over TLS req/s | TLS handshakes/s | errors |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for (k, s) in r {
         md += &format!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {} |\n",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {} |\n",
             k.name(),
             med(&s.ka),
             med(&s.p50),
@@ -143,6 +148,7 @@ fn report(r: &BTreeMap<Kind, Samples>, rounds: usize, secs: u32) -> anyhow::Resu
             med(&s.close_p99),
             med(&s.h2),
             med(&s.h2_mean),
+            med(&s.h2tls),
             med(&s.tls),
             s.errors
         );
@@ -163,29 +169,30 @@ fn report(r: &BTreeMap<Kind, Samples>, rounds: usize, secs: u32) -> anyhow::Resu
         );
     }
     let Some(lb) = r.get(&Kind::Lb) else { return Ok(md) };
-    md += "\n| `lb` ÷ peer (medians) | keep-alive req/s | p99 | close req/s | h2c req/s | TLS handshakes/s | CPU / 100k (keep-alive) | RSS with 10k idle |\n\
-           | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    md += "\n| `lb` ÷ peer (medians) | keep-alive req/s | p99 | close req/s | h2c req/s | h2 TLS req/s | TLS handshakes/s | CPU / 100k (keep-alive) | RSS with 10k idle |\n\
+           | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
     for (k, p) in r.iter().filter(|(k, _)| **k != Kind::Lb) {
         let q = |f: fn(&Samples) -> &Vec<f64>| med(f(lb)) / med(f(p));
         md += &format!(
-            "| ÷ {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            "| ÷ {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
             k.name(),
             q(|s| &s.ka),
             q(|s| &s.p99),
             q(|s| &s.close),
             q(|s| &s.h2),
+            q(|s| &s.h2tls),
             q(|s| &s.tls),
             q(|s| &s.cpu_ka),
             q(|s| &s.rss_idle)
         );
     }
     md += &targets(r, lb);
-    let groups = ["keep-alive", "Connection: close", "h2c", "TLS handshakes"];
+    let groups = ["keep-alive", "Connection: close", "h2c", "h2 over TLS", "TLS handshakes"];
     let series: Vec<Series> = r
         .iter()
         .map(|(k, s)| Series {
             name: k.name().into(),
-            points: [&s.ka, &s.close, &s.h2, &s.tls]
+            points: [&s.ka, &s.close, &s.h2, &s.h2tls, &s.tls]
                 .iter()
                 .enumerate()
                 .map(|(i, v)| (i as f64, med(v)))
@@ -199,7 +206,7 @@ fn report(r: &BTreeMap<Kind, Samples>, rounds: usize, secs: u32) -> anyhow::Resu
         &series,
     );
     let csv = std::iter::once(
-        "proxy,keep-alive req/s,close req/s,h2c req/s,TLS handshakes/s\n".to_string(),
+        "proxy,keep-alive req/s,close req/s,h2c req/s,h2 TLS req/s,TLS handshakes/s\n".to_string(),
     )
     .chain(series.iter().map(|s| {
         let v: Vec<String> = s.points.iter().map(|p| format!("{:.0}", p.1)).collect();
@@ -212,7 +219,8 @@ fn report(r: &BTreeMap<Kind, Samples>, rounds: usize, secs: u32) -> anyhow::Resu
         "\n{rounds} round(s) of {secs} s per measurement, contenders alternating within a round, each on a \
          freshly built topology: client namespace → balancer namespace ({ADDR}) → 3 nginx backends \
          (1 worker each; 2 cores shared by client, balancer and backends). wrk -t1 -c{CONNS} \
-         (`--latency`); h2load -t1 -c{CONNS} -m10 over h2c with prior knowledge; TLS: {CONNS} \
+         (`--latency`); h2load -t1 -c{CONNS} -m10 over h2c with prior knowledge and over TLS (ALPN \
+         h2, one handshake per connection); TLS handshakes: {CONNS} \
          concurrent rustls clients (2 threads) each doing a full TLS 1.3 handshake (ECDSA P-256 \
          self-signed certificate, no resumption), one GET with `Connection: close`, then the next. \
          Each balancer gets 2 worker threads (`lb`: `TOKIO_WORKER_THREADS=2`, nginx \
