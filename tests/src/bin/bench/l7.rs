@@ -354,7 +354,7 @@ pub fn scale(quick: bool) -> anyhow::Result<()> {
         "\nwrk -t1 -cN keep-alive for {secs} s per point ({} s from 1,000 connections: wrk opens \
          them within the run), {rounds} round(s), contenders alternating, \
          each on a fresh topology with the `l7` section's configuration (3 nginx backends, 2 \
-         worker threads per balancer). errors are wrk's socket errors and non-2xx responses; a request slower than 2 s counts as a timeout \
+         worker threads per balancer). Errors are wrk's socket errors and non-2xx responses; a request slower than 2 s counts as a timeout \
          error (at 10,000 connections the errors checked were all such timeouts). \
          At 10,000 connections a proxy may need up to 10,000 backend connections too, against \
          an open-file limit of 20,000 per process.\n",
