@@ -7,17 +7,39 @@
 //! - `l4`: end-to-end through the namespace topology, `lb` (XDP) against plain routing,
 //!   nftables DNAT and HAProxy, alternating rounds;
 //! - `l4user`: the userspace L4 proxy (plain and SNI passthrough) against HAProxy and nginx stream.
+//! - `l7`: the L7 proxy against nginx, HAProxy and Pingora: req/s and latency (keep-alive,
+//!   Connection: close, h2c), TLS handshakes/s, CPU per 100k requests, RSS with 10k idle
+//!   connections;
+//! - `l7-scale`: L7 keep-alive req/s against concurrent connections (10 to 10,000).
+//!
+//! Plots (SVG) and their points (CSV) go to `LB_BENCH_PLOTS` (default `bench/plots`).
 mod bench;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    // Before any thread exists: what every daemon started from here inherits. `lb run` logs
+    // every request at info (too slow to measure), and gets as many workers as the peers.
+    for (key, value) in [("RUST_LOG", "warn"), ("TOKIO_WORKER_THREADS", "2")] {
+        if std::env::var_os(key).is_none() {
+            // SAFETY: single-threaded here; nothing reads the environment concurrently.
+            unsafe { std::env::set_var(key, value) };
+        }
+    }
+    let nofile = bench::procs::raise_nofile();
+    if nofile < 20_000 {
+        bench::progress(&format!("open-file limit {nofile}: 10k-connection figures will fail"));
+    }
     let result = match args.first().map(String::as_str) {
         Some("xdp-micro") => bench::micro::run(quick),
         Some("l4") => bench::l4::run(quick),
         Some("xdp-insitu") => bench::insitu::run(quick),
         Some("l4user") => bench::l4user::run(quick),
-        _ => Err(anyhow::anyhow!("usage: lb-bench xdp-micro|xdp-insitu|l4|l4user [--quick]")),
+        Some("l7") => bench::l7::run(quick),
+        Some("l7-scale") => bench::l7::scale(quick),
+        _ => Err(anyhow::anyhow!(
+            "usage: lb-bench xdp-micro|xdp-insitu|l4|l4user|l7|l7-scale [--quick|--full]"
+        )),
     };
     if let Err(e) = result {
         eprintln!("lb-bench: {e:#}");

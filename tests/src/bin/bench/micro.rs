@@ -14,7 +14,11 @@ use lb_user::{
     dataplane::{Dataplane, LoadOptions, PASS_OBJECT, host::Iface},
 };
 
-use super::{median, progress};
+use super::{
+    median,
+    plot::{self, Series},
+    progress,
+};
 
 const VIP: &str = "10.200.0.1";
 
@@ -23,9 +27,10 @@ fn config(backends: usize) -> String {
     let list: Vec<String> =
         (0..backends).map(|i| format!("\"10.9.{}.{}:80\"", i / 250, 1 + i % 250)).collect();
     let list = list.join(", ");
+    // One service: backend ids are per service and 4095 in all, so the 4095-backend point
+    // leaves no room for a second one.
     format!(
-        "[xdp]\ninterfaces = [\"c0\"]\n[[xdp.service]]\nname = \"web\"\nvip = \"{VIP}:80\"\nbackends = [{list}]\n\
-         [[xdp.service]]\nname = \"dns\"\nvip = \"{VIP}:53\"\nprotocol = \"udp\"\nbackends = [{list}]\n"
+        "[xdp]\ninterfaces = [\"c0\"]\n[[xdp.service]]\nname = \"web\"\nvip = \"{VIP}:80\"\nbackends = [{list}]\n"
     )
 }
 
@@ -140,7 +145,12 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             new / trivial_single
         );
         md += "Per-packet cost against tracked flows (3 backends; single runs, median):\n\n| tracked flows | established ns | new flow ns |\n| ---: | ---: | ---: |\n";
-        let flow_points: &[u32] = if quick { &[1_000, 100_000] } else { &[1_000, 10_000, 100_000, 1_000_000] };
+        let flow_points: &[u32] = if quick {
+            &[1_000, 10_000, 100_000]
+        } else {
+            &[1_000, 10_000, 100_000, 300_000, 1_000_000]
+        };
+        let (mut est_flows, mut new_flows) = (Vec::new(), Vec::new());
         for &n in flow_points {
             progress(&format!("{n} tracked flows"));
             let dp = load(3, (n * 2).max(lb_common::DEFAULT_MAX_FLOWS))?;
@@ -148,16 +158,26 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             let est = established(&dp, 1_000, samples)?;
             let new = open_flows_from(&dp, n, 5_000)?;
             md += &format!("| {n} | {est:.1} | {new:.1} |\n");
+            est_flows.push((n as f64, est));
+            new_flows.push((n as f64, new));
         }
+        md += "\n";
+        md += &curve("xdp-flows", "tracked flows (log)", est_flows, new_flows, trivial_single)?;
         md += "\nPer-packet cost against backends in the service (single runs, median):\n\n| backends | established ns | new flow ns |\n| ---: | ---: | ---: |\n";
-        let backend_points: &[usize] = if quick { &[3, 1000] } else { &[3, 100, 1000, 4000] };
+        let backend_points: &[usize] =
+            if quick { &[3, 64, 4095] } else { &[3, 16, 64, 256, 1024, 4095] };
+        let (mut est_backends, mut new_backends) = (Vec::new(), Vec::new());
         for &b in backend_points {
             progress(&format!("{b} backends"));
             let dp = load(b, lb_common::DEFAULT_MAX_FLOWS)?;
             let est = established(&dp, 1_000, samples)?;
             let new = open_flows(&dp, 5_000)?;
             md += &format!("| {b} | {est:.1} | {new:.1} |\n");
+            est_backends.push((b as f64, est));
+            new_backends.push((b as f64, new));
         }
+        md += "\n";
+        md += &curve("xdp-backends", "backends in the service (log)", est_backends, new_backends, trivial_single)?;
         Ok(md)
     })??;
     println!("{report}");
@@ -172,4 +192,27 @@ fn open_flows_from(dp: &Dataplane, skip: u32, n: u32) -> anyhow::Result<f64> {
         samples.push(per_packet(prog, &syn(k)?, 1)?);
     }
     Ok(median(&mut samples))
+}
+
+/// A plot of established and new-flow cost against `x`, with the trivial program as the floor.
+fn curve(
+    name: &str,
+    x_label: &str,
+    est: Vec<(f64, f64)>,
+    new: Vec<(f64, f64)>,
+    trivial: f64,
+) -> anyhow::Result<String> {
+    let floor = est.iter().map(|p| (p.0, trivial)).collect();
+    let series = [
+        Series { name: "new flow (SYN)".into(), points: new },
+        Series { name: "established (ACK)".into(), points: est },
+        Series { name: "trivial program".into(), points: floor },
+    ];
+    let title = format!("XDP ns per packet against {}", x_label.trim_end_matches(" (log)"));
+    plot::save(
+        name,
+        &title,
+        &plot::lines(&title, x_label, "ns per packet (single runs, median)", &series),
+        &plot::csv(x_label.trim_end_matches(" (log)"), &series),
+    )
 }

@@ -1,8 +1,13 @@
 //! Benchmark sections; each prints Markdown.
+pub mod clients;
 pub mod insitu;
 pub mod l4;
 pub mod l4user;
+pub mod l7;
 pub mod micro;
+pub mod peers;
+pub mod plot;
+pub mod procs;
 pub mod tools;
 
 /// The median of `v` (sorted in place).

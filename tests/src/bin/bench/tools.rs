@@ -9,6 +9,8 @@ pub struct Wrk {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
+    /// Requests completed in the run.
+    pub requests: u64,
 }
 
 /// Runs wrk from `ns` against `url` with `conns` connections for `secs` seconds.
@@ -24,6 +26,9 @@ pub fn wrk(ns: &Netns, url: &str, conns: u32, secs: u32, close: bool) -> anyhow:
     if !out.status.success() {
         bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
     }
+    if std::env::var_os("LB_BENCH_DEBUG").is_some() {
+        eprintln!("{text}");
+    }
     parse_wrk(&text).with_context(|| format!("unexpected wrk output:\n{text}"))
 }
 
@@ -31,7 +36,9 @@ fn parse_wrk(text: &str) -> Option<Wrk> {
     let mut w = Wrk::default();
     for line in text.lines() {
         let t = line.trim();
-        if let Some(v) = t.strip_prefix("Requests/sec:") {
+        if let Some((n, _)) = t.split_once(" requests in ") {
+            w.requests = n.trim().parse().unwrap_or(0);
+        } else if let Some(v) = t.strip_prefix("Requests/sec:") {
             w.rps = v.trim().parse().ok()?;
         } else if let Some(v) = t.strip_prefix("50%") {
             w.p50_ms = duration_ms(v.trim())?;
@@ -58,6 +65,60 @@ fn duration_ms(v: &str) -> Option<f64> {
         "s" => n * 1000.0,
         _ => return None,
     })
+}
+
+/// One h2load run's result.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct H2load {
+    pub rps: f64,
+    /// Mean time per request.
+    pub mean_ms: f64,
+    pub errors: u64,
+    pub requests: u64,
+}
+
+/// Runs h2load from `ns` against `url` (`http://` means h2c with prior knowledge) with `conns`
+/// connections of `streams` concurrent streams each, for `secs` seconds.
+pub fn h2load(
+    ns: &Netns,
+    url: &str,
+    conns: u32,
+    streams: u32,
+    secs: u32,
+) -> anyhow::Result<H2load> {
+    let (c, m, d) = (conns.to_string(), streams.to_string(), format!("{secs}s"));
+    let out = ns.exec_output(&["h2load", "-t1", "-c", &c, "-m", &m, "-D", &d, url])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_h2load(&text).with_context(|| {
+        format!("unexpected h2load output:\n{text}{}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+fn parse_h2load(text: &str) -> Option<H2load> {
+    let mut h = H2load::default();
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("finished in ") {
+            // "finished in 3.00s, 33333.33 req/s, 1.2MB/s"
+            h.rps = v.split(", ").nth(1)?.strip_suffix(" req/s")?.parse().ok()?;
+        } else if let Some(v) = t.strip_prefix("requests: ") {
+            // "N total, N started, N done, N succeeded, N failed, N errored, N timeout"
+            for part in v.split(", ") {
+                let (n, what) = part.split_once(' ')?;
+                let n: u64 = n.parse().ok()?;
+                match what {
+                    "succeeded" => h.requests = n,
+                    // "errored" and "timeout" are parts of "failed" (which adds non-2xx/3xx).
+                    "failed" => h.errors = n,
+                    _ => {}
+                }
+            }
+        } else if let Some(v) = t.strip_prefix("time for request:") {
+            // "min max mean sd +/- sd", each with its unit.
+            h.mean_ms = duration_ms(v.split_whitespace().nth(2)?)?;
+        }
+    }
+    (h.rps > 0.0).then_some(h)
 }
 
 /// Bulk TCP throughput in Gbit/s from `ns` to `host:port` (one stream) for `secs` seconds.
