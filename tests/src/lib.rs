@@ -9,6 +9,7 @@ pub mod lb;
 pub mod netns;
 pub mod ops;
 pub mod packet;
+pub mod rel;
 pub mod servers;
 pub mod topology;
 
