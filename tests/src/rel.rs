@@ -230,6 +230,8 @@ impl Traffic {
                             Err(e) => {
                                 report.failed += 1;
                                 report.failures.push((began, target, format!("{e:#}")));
+                                // A refused connect returns at once: do not spin on it.
+                                std::thread::sleep(Duration::from_millis(5));
                             }
                         }
                         n.fetch_add(1, Ordering::Relaxed);
