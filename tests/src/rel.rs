@@ -318,3 +318,27 @@ impl Drop for ProcBackend {
         self.kill();
     }
 }
+
+/// One admin API request with an optional JSON body, from inside `ns`: (status, body).
+pub fn admin_call(
+    ns: &Netns,
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(u16, String)> {
+    use anyhow::Context as _;
+    let mut s = ns.run(move || TcpStream::connect_timeout(&admin, Duration::from_secs(3)))??;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: {admin}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").context("no end of headers")?;
+    let status = head.get(9..12).context("short status line")?.parse()?;
+    Ok((status, body.to_string()))
+}

@@ -75,8 +75,12 @@ fn start_backends(topo: &Topology) -> Vec<ProcBackend> {
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            ProcBackend::start(&b.ns, &format!("backend-{}", i + 1), &["0.0.0.0:80".parse().unwrap()])
-                .expect("backend process")
+            ProcBackend::start(
+                &b.ns,
+                &format!("backend-{}", i + 1),
+                &["0.0.0.0:80".parse().unwrap()],
+            )
+            .expect("backend process")
         })
         .collect()
 }
@@ -115,7 +119,8 @@ fn sigkill_and_restart_keeps_xdp_forwarding() {
         // Keep-alive L7 connections open on the process about to die.
         let mut open: Vec<TcpStream> = (0..10)
             .map(|_| {
-                let mut s = topo.client.run(move || connect_from(None, l7, TIMEOUT)).unwrap().unwrap();
+                let mut s =
+                    topo.client.run(move || connect_from(None, l7, TIMEOUT)).unwrap().unwrap();
                 keepalive_get(&mut s).expect("L7 keep-alive request");
                 s
             })
@@ -225,7 +230,8 @@ fn backend_fault(what: Injected, label: &str) {
         }
         Injected::Silent | Injected::Reset => {
             backends[2].kill();
-            let fault = if what == Injected::Silent { Fault::Silent } else { Fault::ResetMidResponse };
+            let fault =
+                if what == Injected::Silent { Fault::Silent } else { Fault::ResetMidResponse };
             let addr = SocketAddr::new(topo.backends[2].v4.into(), 80);
             Some(FaultyBackend::start(&topo.backends[2].ns, addr, fault).unwrap())
         }
@@ -258,7 +264,8 @@ fn backend_fault(what: Injected, label: &str) {
     }
     let x = xdp.stop();
     let l = l7_load.stop();
-    let ms = |d: Option<Duration>| d.map_or("never".to_string(), |d| format!("{} ms", d.as_millis()));
+    let ms =
+        |d: Option<Duration>| d.map_or("never".to_string(), |d| format!("{} ms", d.as_millis()));
     // A request that began after the ejection (plus one checker round of slack) must not fail.
     let after = |d: Option<Duration>, r: &rel::TrafficReport| {
         let cut = injected_at + d.unwrap_or(Duration::MAX / 4) + Duration::from_millis(200);
