@@ -10,6 +10,7 @@ pub mod netns;
 pub mod ops;
 pub mod packet;
 pub mod rel;
+pub mod rel_http;
 pub mod servers;
 pub mod topology;
 
