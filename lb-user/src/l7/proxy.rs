@@ -204,6 +204,10 @@ async fn forward(
             _ => {
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
+                // Our own version toward the client, not the backend's (RFC 9110 §6.2): an
+                // HTTP/1.0 backend's close-delimited body then reaches an HTTP/1.1 client
+                // chunked, on a connection that stays open.
+                parts.version = Version::HTTP_11;
                 Response::from_parts(parts, ResponseBody::upstream(body, in_flight))
             }
         };
