@@ -80,7 +80,7 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Expect)> {
             c(format!(
                 "POST / HTTP/1.1\r\n{H}Content-Length: 5\r\nTransfer_Encoding: chunked\r\nConnection: close\r\n\r\nhello"
             )),
-            Either,
+            Reject,
         ),
         (
             "CL duplicate, differing case",
