@@ -189,6 +189,15 @@ impl Server {
                 }
             }
             None => {
+                // hyper's header timer starts with the first byte (h1/h2 detection waits for
+                // it): a client that sends nothing gets the same bound.
+                let mut first = [0u8];
+                let peek =
+                    tokio::time::timeout(self.http.header_timeout(), stream.peek(&mut first));
+                if peek.await.is_err() {
+                    log::debug!("{}: {peer} sent nothing within the header timeout", self.name);
+                    return;
+                }
                 let io = H1Guard::new(stream, self.http.max_header_bytes);
                 self.clone().serve(TokioIo::new(io), peer, shutdown).await
             }
