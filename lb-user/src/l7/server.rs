@@ -29,6 +29,9 @@ use crate::{
     tls::{SniResolver, TlsError, server_config},
 };
 
+/// Pending connections a listener queues before `accept` (capped by net.core.somaxconn).
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// A listener's server, built from the config without binding (see [`Server::bind`]).
 pub struct Server {
     pub name: String,
@@ -98,7 +101,19 @@ impl Server {
 
     /// Binds the configured address.
     pub async fn bind(&self) -> Result<TcpListener, L7Error> {
-        TcpListener::bind(self.listen).await.map_err(|source| L7Error::Bind {
+        let bind = || {
+            let socket = if self.listen.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(self.listen)?;
+            // tokio's default backlog (128) drops SYNs in a burst of new connections while
+            // the accept loop catches up; the kernel caps this at net.core.somaxconn.
+            socket.listen(LISTEN_BACKLOG)
+        };
+        bind().map_err(|source| L7Error::Bind {
             listener: self.name.clone(),
             addr: self.listen,
             source,
