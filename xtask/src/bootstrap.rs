@@ -1,6 +1,7 @@
 //! Puts a fresh machine of this kind in shape to build and test lb: Debian packages, the nightly
-//! rust-src the eBPF build needs, bpf-linker built against LLVM 22, a mounted bpffs. Every step
-//! checks first and skips what is there; every failure is one sentence that says what is wrong.
+//! rust-src the eBPF build needs, bpf-linker built against LLVM 22, cargo-fuzz, a mounted
+//! bpffs. Every step checks first and skips what is there; every failure is one sentence that
+//! says what is wrong.
 use anyhow::{Context as _, bail};
 
 use crate::cmd::{ok, output, step};
@@ -42,6 +43,7 @@ pub fn run() -> anyhow::Result<()> {
     bpffs()?;
     rust()?;
     bpf_linker()?;
+    crate::reliability::cargo_fuzz()?;
     crate::deploy::bootstrap()?;
     println!("xtask: bootstrap: ready");
     Ok(())
