@@ -307,6 +307,9 @@ async fn smuggling_corpus_is_rejected_or_normalised() {
     p.stop().await;
 }
 
+/// HPACK header fields (name, value).
+type Fields<'a> = Vec<(&'a [u8], &'a [u8])>;
+
 /// One h2c request built by hand: (frames after the preface, what the client sent).
 async fn h2_request(
     addr: SocketAddr,
@@ -336,7 +339,7 @@ async fn h2_to_h1_downgrade_cases_are_refused() {
         f.extend_from_slice(extra);
         f
     };
-    let cases: Vec<(&str, Vec<(&[u8], &[u8])>, Option<&[u8]>)> = vec![
+    let cases: Vec<(&str, Fields, Option<&[u8]>)> = vec![
         ("connection header", with(&[(b"connection", b"keep-alive")]), None),
         (
             "transfer-encoding header",
