@@ -68,9 +68,28 @@ fn handoffs(
         .collect()
 }
 
+/// Raises the soft open-file limit to the hard one: every proxied connection takes two
+/// descriptors, and service managers often start daemons with a soft limit of 1024.
+fn raise_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit with a pointer to a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    let before = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit with a pointer to a local struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        log::info!("open-file limit raised from {before} to {}", lim.rlim_max);
+    }
+}
+
 /// Runs the daemon until SIGINT/SIGTERM; `config_path` is what SIGHUP and `POST /reload`
 /// read again.
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    raise_nofile();
     let dataplane = match &config.xdp {
         Some(xdp) => Some(start_xdp(xdp)?),
         None => None,

@@ -10,6 +10,8 @@ pub mod lb;
 pub mod netns;
 pub mod ops;
 pub mod packet;
+pub mod rel;
+pub mod rel_http;
 pub mod servers;
 pub mod topology;
 

@@ -1,6 +1,7 @@
 //! Puts a fresh machine of this kind in shape to build and test lb: Debian packages, the nightly
-//! rust-src the eBPF build needs, bpf-linker built against LLVM 22, a mounted bpffs. Every step
-//! checks first and skips what is there; every failure is one sentence that says what is wrong.
+//! rust-src the eBPF build needs, bpf-linker built against LLVM 22, cargo-fuzz, a mounted
+//! bpffs. Every step checks first and skips what is there; every failure is one sentence that
+//! says what is wrong.
 use anyhow::{Context as _, bail};
 
 use crate::cmd::{ok, output, step};
@@ -42,8 +43,8 @@ pub fn run() -> anyhow::Result<()> {
     bpffs()?;
     rust()?;
     bpf_linker()?;
+    crate::reliability::cargo_fuzz()?;
     crate::deploy::bootstrap()?;
-    cargo_fuzz()?;
     println!("xtask: bootstrap: ready");
     Ok(())
 }
@@ -121,13 +122,4 @@ fn bpf_linker() -> anyhow::Result<()> {
         &[("LLVM_PREFIX", LLVM_PREFIX), ("LLVM_SYS_221_PREFIX", LLVM_PREFIX)],
     )
     .context("bpf-linker did not build; the XDP program cannot be compiled without it")
-}
-
-/// cargo-fuzz runs the parser fuzz targets in `fuzz/` (a short run is part of `cargo xtask test`).
-fn cargo_fuzz() -> anyhow::Result<()> {
-    if ok(&["cargo", "fuzz", "--version"]) {
-        return Ok(());
-    }
-    step("install cargo-fuzz", &["cargo", "install", "cargo-fuzz", "--locked"], &[])
-        .context("cargo-fuzz did not install; the fuzz step of `cargo xtask test` needs it")
 }

@@ -4,6 +4,7 @@ mod bench;
 mod bootstrap;
 mod cmd;
 mod deploy;
+mod reliability;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,22 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Bootstrap, then the full-length reliability scenarios, testssl.sh and longer fuzz runs;
+    /// writes RELIABILITY.md.
+    Reliability {
+        /// Seconds per fuzz target.
+        #[arg(long, default_value_t = 120)]
+        fuzz_secs: u64,
+        /// Also run the soak for this many seconds.
+        #[arg(long)]
+        soak_secs: Option<u64>,
+    },
+    /// Bootstrap, then the soak: RSS and open files of `lb run` under steady load; updates
+    /// RELIABILITY.md.
+    Soak {
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+    },
 }
 
 fn main() {
@@ -41,6 +58,10 @@ fn main() {
         Task::Test { no_lint } => bootstrap::run().and_then(|()| test(!no_lint)),
         Task::Demo => bootstrap::run().and_then(|()| demo()),
         Task::Bench { quick } => bootstrap::run().and_then(|()| bench::run(quick)),
+        Task::Reliability { fuzz_secs, soak_secs } => {
+            bootstrap::run().and_then(|()| reliability::run(fuzz_secs, soak_secs))
+        }
+        Task::Soak { secs } => bootstrap::run().and_then(|()| reliability::soak(secs)),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");
@@ -98,42 +119,9 @@ fn test(lint: bool) -> anyhow::Result<()> {
         &["cargo", "test", "--workspace", "--exclude", "lb-ebpf", "--", "--test-threads", "2"],
         &[("LB_REQUIRE_PRIVILEGED", "1")],
     )?;
-    fuzz(FUZZ_SECONDS)?;
+    // A short bounded run of every fuzz target (longer ones: `cargo xtask reliability`).
+    reliability::fuzz_short(15)?;
     println!("xtask: all tests passed");
-    Ok(())
-}
-
-/// Seconds each fuzz target runs in `cargo xtask test`. For a longer run see fuzz/README.md:
-/// `cd fuzz && cargo +nightly fuzz run TARGET -- -max_total_time=3600 -jobs=2`.
-const FUZZ_SECONDS: u32 = 20;
-
-/// A short, bounded run of every cargo-fuzz target (nightly; the crate is outside the workspace).
-fn fuzz(seconds: u32) -> anyhow::Result<()> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    let limit = format!("-max_total_time={seconds}");
-    for target in ["client_hello", "proxy_header"] {
-        // New inputs go to the (ignored) corpus dir; the checked-in seeds are read only.
-        let corpus = root.join("corpus").join(target);
-        std::fs::create_dir_all(&corpus)?;
-        let seeds = root.join("seeds").join(target);
-        cmd::step(
-            &format!("fuzz {target} ({seconds} s)"),
-            &[
-                "cargo",
-                "+nightly",
-                "fuzz",
-                "run",
-                "--fuzz-dir",
-                root.to_str().unwrap_or("fuzz"),
-                target,
-                corpus.to_str().unwrap_or_default(),
-                seeds.to_str().unwrap_or_default(),
-                "--",
-                &limit,
-            ],
-            &[],
-        )?;
-    }
     Ok(())
 }
 

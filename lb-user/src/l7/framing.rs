@@ -5,6 +5,11 @@ use hyper::{HeaderMap, Version, header};
 
 /// Why a request's framing is refused (400 and the connection closed).
 pub fn check(version: Version, headers: &HeaderMap) -> Result<(), &'static str> {
+    // A backend that maps `_` to `-` (CGI-style environments do) would read these as framing
+    // headers we never checked; any version, since h2 requests go to HTTP/1 backends too.
+    if headers.contains_key("transfer_encoding") || headers.contains_key("content_length") {
+        return Err("a framing header spelled with an underscore");
+    }
     if version != Version::HTTP_11 && version != Version::HTTP_10 {
         return Ok(());
     }
@@ -60,6 +65,8 @@ mod tests {
             h(&[("transfer-encoding", "gzip, chunked")]),
             h(&[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")]),
             h(&[("transfer-encoding", "xchunked")]),
+            h(&[("content-length", "5"), ("transfer_encoding", "chunked")]),
+            h(&[("content_length", "5")]),
         ] {
             assert!(check(v, &bad).is_err(), "{bad:?}");
         }

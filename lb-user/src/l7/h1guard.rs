@@ -102,8 +102,15 @@ impl<T> H1Guard<T> {
                             self.pass_held();
                         } else {
                             // Hand over all but a possible start of the terminator, so hyper's
-                            // header timer sees a slow client, but never a complete head.
-                            let upto = self.held.len().saturating_sub(3).max(self.released);
+                            // header timer sees a slow client, but never a complete head. The
+                            // first byte always goes (no head is one byte long): it lets the
+                            // h1/h2 detection end and hyper's header timer start.
+                            let upto = self
+                                .held
+                                .len()
+                                .saturating_sub(3)
+                                .max(self.released)
+                                .max(self.held.len().min(1));
                             self.out.extend_from_slice(&self.held[self.released..upto]);
                             self.released = upto;
                         }

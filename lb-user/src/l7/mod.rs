@@ -3,10 +3,10 @@
 mod body;
 mod error;
 mod framing;
-mod h1guard;
+pub mod h1guard;
 mod headers;
 mod proxy;
-mod route;
+pub mod route;
 mod server;
 mod upstream;
 

@@ -1,6 +1,7 @@
 //! The request path: check framing and limits, route, pick a backend, forward with the header
-//! rules, retry an idempotent request on another backend when connecting fails, relay the
-//! response (or the upgraded connection), log one line.
+//! rules, retry an idempotent request on another backend when connecting fails or the backend
+//! closes the connection before answering, relay the response (or the upgraded connection),
+//! log one line.
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
@@ -175,7 +176,12 @@ async fn forward(
                 } else {
                     ProxyError::Upstream { addr, source: e.into() }
                 };
-                if connect && retryable && tried.len() < MAX_ATTEMPTS {
+                // No response head came back, so an idempotent body-less request is safe to
+                // send again: a refused connect, or a connection closed or reset before the
+                // answer (a backend that died mid-request, a stale pooled connection). A
+                // response timeout is not retried: the backend may still be working on it.
+                let again = connect || !matches!(err, ProxyError::Timeout { .. });
+                if again && retryable && tried.len() < MAX_ATTEMPTS {
                     log::warn!("{}: {err}; retrying on another backend", ctx.listener);
                     last_error = Some((err, Some(addr)));
                     continue;
@@ -198,6 +204,10 @@ async fn forward(
             _ => {
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
+                // Our own version toward the client, not the backend's (RFC 9110 §6.2): an
+                // HTTP/1.0 backend's close-delimited body then reaches an HTTP/1.1 client
+                // chunked, on a connection that stays open.
+                parts.version = Version::HTTP_11;
                 Response::from_parts(parts, ResponseBody::upstream(body, in_flight))
             }
         };

@@ -29,6 +29,9 @@ use crate::{
     tls::{SniResolver, TlsError, server_config},
 };
 
+/// Pending connections a listener queues before `accept` (capped by net.core.somaxconn).
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// A listener's server, built from the config without binding (see [`Server::bind`]).
 pub struct Server {
     pub name: String,
@@ -98,7 +101,19 @@ impl Server {
 
     /// Binds the configured address.
     pub async fn bind(&self) -> Result<TcpListener, L7Error> {
-        TcpListener::bind(self.listen).await.map_err(|source| L7Error::Bind {
+        let bind = || {
+            let socket = if self.listen.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(self.listen)?;
+            // tokio's default backlog (128) drops SYNs in a burst of new connections while
+            // the accept loop catches up; the kernel caps this at net.core.somaxconn.
+            socket.listen(LISTEN_BACKLOG)
+        };
+        bind().map_err(|source| L7Error::Bind {
             listener: self.name.clone(),
             addr: self.listen,
             source,
@@ -207,6 +222,15 @@ impl Server {
                 }
             }
             None => {
+                // hyper's header timer starts with the first byte (h1/h2 detection waits for
+                // it): a client that sends nothing gets the same bound.
+                let mut first = [0u8];
+                let peek =
+                    tokio::time::timeout(self.http.header_timeout(), stream.peek(&mut first));
+                if peek.await.is_err() {
+                    log::debug!("{}: {peer} sent nothing within the header timeout", self.name);
+                    return;
+                }
                 let io = H1Guard::new(stream, self.http.max_header_bytes);
                 self.clone().serve(TokioIo::new(io), peer, shutdown).await
             }

@@ -1,0 +1,271 @@
+//! HTTP helpers for the reliability suite: a raw backend that records the exact bytes of every
+//! request it receives (so a test asserts on what was forwarded, not on what hyper made of it)
+//! and hand-built HTTP/2 frames for requests a conforming h2 client refuses to send.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+
+/// One request as a backend received it.
+#[derive(Debug, Clone)]
+pub struct RawRequest {
+    /// The head, request line and header lines, without the final empty line.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawRequest {
+    pub fn path(&self) -> &str {
+        self.head.split(' ').nth(1).unwrap_or_default()
+    }
+
+    /// Values of header `name` (case-insensitive), in order.
+    pub fn headers(&self, name: &str) -> Vec<String> {
+        self.head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .collect()
+    }
+
+    /// Why this request's framing could be read two ways, if it could.
+    pub fn ambiguity(&self) -> Option<String> {
+        let cl = self.headers("content-length");
+        let te = self.headers("transfer-encoding");
+        let names: Vec<&str> = self
+            .head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, _)| n)
+            .collect();
+        if !cl.is_empty() && !te.is_empty() {
+            return Some("Content-Length and Transfer-Encoding".into());
+        }
+        if cl.len() > 1 {
+            return Some(format!("{} Content-Length headers", cl.len()));
+        }
+        if te.len() > 1 || te.first().is_some_and(|t| !t.eq_ignore_ascii_case("chunked")) {
+            return Some(format!("Transfer-Encoding {te:?}"));
+        }
+        if let Some(bad) = names.iter().find(|n| {
+            n.is_empty()
+                || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        }) {
+            return Some(format!("header name {bad:?}"));
+        }
+        if names.iter().any(|n| {
+            n.replace('_', "-").eq_ignore_ascii_case("transfer-encoding") && n.contains('_')
+        }) || names
+            .iter()
+            .any(|n| n.replace('_', "-").eq_ignore_ascii_case("content-length") && n.contains('_'))
+        {
+            return Some("a framing header spelled with an underscore".into());
+        }
+        if self.head.contains('\n')
+            && self.head.split("\r\n").any(|l| l.contains('\n') || l.contains('\r'))
+        {
+            return Some("bare CR or LF in the head".into());
+        }
+        None
+    }
+}
+
+/// An HTTP/1.1 backend on 127.0.0.1 that parses what it receives by hand (Content-Length or
+/// chunked bodies) and records each request. Answers `200 ok` with Content-Length; a request for
+/// `/http10` gets an HTTP/1.0 response delimited by closing the connection.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<RawRequest>>>,
+    task: JoinHandle<()>,
+}
+
+impl RawBackend {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind raw backend");
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let _ = serve(stream, &s).await;
+                });
+            }
+        });
+        Self { addr, seen, task }
+    }
+
+    pub fn requests(&self) -> Vec<RawRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.seen.lock().unwrap().clear();
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(mut stream: TcpStream, seen: &Mutex<Vec<RawRequest>>) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p;
+            }
+            if !read_more(&mut stream, &mut buf).await? {
+                return Ok(());
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end + 4);
+        let mut req = RawRequest { head, body: Vec::new() };
+        let te = req.headers("transfer-encoding");
+        if te.iter().any(|t| t.eq_ignore_ascii_case("chunked")) {
+            loop {
+                let line_end = loop {
+                    if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
+                        break p;
+                    }
+                    if !read_more(&mut stream, &mut buf).await? {
+                        return Ok(());
+                    }
+                };
+                let line = String::from_utf8_lossy(&buf[..line_end]).into_owned();
+                buf.drain(..line_end + 2);
+                let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                    .map_err(|_| std::io::Error::other("bad chunk size"))?;
+                if size == 0 {
+                    // Trailers until an empty line.
+                    loop {
+                        let end = loop {
+                            if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
+                                break p;
+                            }
+                            if !read_more(&mut stream, &mut buf).await? {
+                                return Ok(());
+                            }
+                        };
+                        buf.drain(..end + 2);
+                        if end == 0 {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                while buf.len() < size + 2 {
+                    if !read_more(&mut stream, &mut buf).await? {
+                        return Ok(());
+                    }
+                }
+                req.body.extend_from_slice(&buf[..size]);
+                buf.drain(..size + 2);
+            }
+        } else if let Some(cl) = req.headers("content-length").first() {
+            let n: usize = cl.parse().map_err(|_| std::io::Error::other("bad content-length"))?;
+            while buf.len() < n {
+                if !read_more(&mut stream, &mut buf).await? {
+                    return Ok(());
+                }
+            }
+            req.body = buf.drain(..n).collect();
+        }
+        let http10 = req.path() == "/http10";
+        seen.lock().unwrap().push(req);
+        if http10 {
+            stream
+                .write_all(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil-close")
+                .await?;
+            return stream.shutdown().await;
+        }
+        stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await?;
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    let mut chunk = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+        .await
+        .map_err(|_| std::io::Error::other("backend read timeout"))??;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n > 0)
+}
+
+/// HTTP/2 frames built by hand (RFC 9113), header blocks as HPACK literals without Huffman.
+pub mod h2 {
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    pub const DATA: u8 = 0;
+    pub const HEADERS: u8 = 1;
+    pub const RST_STREAM: u8 = 3;
+    pub const SETTINGS: u8 = 4;
+    pub const GOAWAY: u8 = 7;
+    pub const END_STREAM: u8 = 1;
+    pub const END_HEADERS: u8 = 4;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn int(out: &mut Vec<u8>, prefix_bits: u8, first: u8, mut v: usize) {
+        let max = (1usize << prefix_bits) - 1;
+        if v < max {
+            out.push(first | v as u8);
+            return;
+        }
+        out.push(first | max as u8);
+        v -= max;
+        while v >= 128 {
+            out.push((v % 128 + 128) as u8);
+            v /= 128;
+        }
+        out.push(v as u8);
+    }
+
+    /// A header block of literal fields without indexing (any bytes allowed in names/values).
+    pub fn block(fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (n, v) in fields {
+            out.push(0);
+            int(&mut out, 7, 0, n.len());
+            out.extend_from_slice(n);
+            int(&mut out, 7, 0, v.len());
+            out.extend_from_slice(v);
+        }
+        out
+    }
+
+    /// The frames (type, flags, stream, payload) in `bytes`.
+    pub fn parse(mut bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        while bytes.len() >= 9 {
+            let len = ((bytes[0] as usize) << 16) | ((bytes[1] as usize) << 8) | bytes[2] as usize;
+            if bytes.len() < 9 + len {
+                break;
+            }
+            let stream = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff;
+            out.push((bytes[3], bytes[4], stream, bytes[9..9 + len].to_vec()));
+            bytes = &bytes[9 + len..];
+        }
+        out
+    }
+}

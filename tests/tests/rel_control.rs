@@ -1,0 +1,279 @@
+//! Control-plane changes under load (issue 8): backend set churn (add, drain, remove every
+//! 100 ms) with held XDP flows, and reload storms alternating valid and invalid configs.
+//! Short versions here; `cargo xtask reliability` (LB_REL_FULL=1) runs a minute of churn and
+//! 100 reloads.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    lb::{Lb, pin_path},
+    ops::keepalive_get,
+    privileged_or_skip,
+    rel::{self, Traffic, admin_call, toml_list},
+    servers::{HttpBackend, connect_from},
+    topology::{Topology, VIP4},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+const ADMIN: &str = "127.0.0.1:9901";
+const L7: &str = "10.0.0.1:8080";
+
+fn vip() -> SocketAddr {
+    SocketAddr::new(VIP4.into(), 80)
+}
+
+fn start_servers(topo: &Topology) -> Vec<HttpBackend> {
+    topo.backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            HttpBackend::start(&b.ns, "0.0.0.0:80".parse().unwrap(), &format!("backend-{}", i + 1))
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn backend_churn_keeps_established_flows() {
+    if !privileged_or_skip("backend_churn_keeps_established_flows") {
+        return;
+    }
+    let topo = Topology::new(4).expect("topology");
+    let _servers = start_servers(&topo);
+    let addr = |i: usize| format!("{}:80", topo.backends[i].v4);
+    let config = format!(
+        r#"
+[admin]
+listen = "{ADMIN}"
+[xdp]
+interfaces = [{}]
+pin_path = "{}"
+[[xdp.service]]
+name = "web"
+vip = "{VIP4}:80"
+hash = "five-tuple"
+backends = [{}]
+"#,
+        toml_list(topo.lb_interfaces()),
+        pin_path(),
+        toml_list([addr(0), addr(1), addr(3)]),
+    );
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    let lb = Lb::start(&topo.lb, &config, admin).expect("lb run");
+
+    // Held keep-alive flows (five-tuple hash, so they and the load spread over every backend):
+    // those on the two backends that never leave must answer from the same backend throughout.
+    let clients: Vec<IpAddr> = topo.add_client_addresses(60).unwrap();
+    let mut held: Vec<(String, TcpStream)> = clients
+        .iter()
+        .take(24)
+        .map(|c| {
+            let c = *c;
+            let mut s =
+                topo.client.run(move || connect_from(Some(c), vip(), TIMEOUT)).unwrap().unwrap();
+            (keepalive_get(&mut s).expect("held flow"), s)
+        })
+        .collect();
+    let held_on: BTreeMap<String, u64> = held.iter().fold(BTreeMap::new(), |mut m, (w, _)| {
+        *m.entry(w.clone()).or_default() += 1;
+        m
+    });
+
+    let load = Traffic::start(&topo.client, vec![vip()], 2, Duration::from_secs(120));
+    let run_for = rel::scaled(Duration::from_secs(10), Duration::from_secs(60));
+    let start = Instant::now();
+    let mut ops = 0u64;
+    let mut op_errors = Vec::new();
+    let mut held_failures = Vec::new();
+    let mut held_uses = 0u64;
+    // Backends 3 and 4 go round add → drain → remove, out of step with each other (4 starts
+    // in the table).
+    let mut phase = [0usize, 1usize];
+    let mut tick = Instant::now();
+    while start.elapsed() < run_for {
+        for (k, p) in phase.iter_mut().enumerate() {
+            let a = addr(2 + k);
+            let r = match *p {
+                0 => admin_call(
+                    &topo.lb,
+                    admin,
+                    "POST",
+                    "/services/web/backends",
+                    Some(serde_json::json!({ "addr": a, "weight": 1 })),
+                ),
+                1 => admin_call(
+                    &topo.lb,
+                    admin,
+                    "POST",
+                    &format!("/services/web/backends/{a}/drain"),
+                    None,
+                ),
+                _ => admin_call(
+                    &topo.lb,
+                    admin,
+                    "DELETE",
+                    &format!("/services/web/backends/{a}"),
+                    None,
+                ),
+            };
+            ops += 1;
+            match r {
+                Ok((200, _)) => {}
+                other => op_errors.push(format!("{a} phase {p}: {other:?}")),
+            }
+            *p = (*p + 1) % 3;
+        }
+        for (i, (who, s)) in held.iter_mut().enumerate() {
+            if who != "backend-1" && who != "backend-2" {
+                continue;
+            }
+            held_uses += 1;
+            match keepalive_get(s) {
+                Ok(w) if w == *who => {}
+                other => held_failures.push(format!("held flow {i} on {who}: {other:?}")),
+            }
+        }
+        tick += Duration::from_millis(100);
+        std::thread::sleep(tick.saturating_duration_since(Instant::now()));
+    }
+    let report = load.stop();
+
+    // Flows per backend against what the backends saw: each fresh request is one flow, each
+    // held connection one more. Exact for the two backends that never left.
+    let stats = lb.json(&topo.lb, &["backend", "list", "web"]).unwrap();
+    let backends = stats["services"][0]["backends"].as_array().unwrap().clone();
+    let flows_of = |a: &str| {
+        backends.iter().find(|b| b["addr"] == a).and_then(|b| b["flows"].as_u64()).unwrap_or(0)
+    };
+    let mut mismatch = Vec::new();
+    let mut per_backend = Vec::new();
+    for (i, name) in [(0, "backend-1"), (1, "backend-2")] {
+        let expected =
+            report.seen.get(name).copied().unwrap_or(0) + held_on.get(name).copied().unwrap_or(0);
+        let flows = flows_of(&addr(i));
+        per_backend.push(format!("{name} {flows} flows / {expected} connections"));
+        if flows != expected {
+            mismatch.push(format!("{name}: table {flows} flows, backend saw {expected}"));
+        }
+    }
+    let slots: u64 = backends.iter().map(|b| b["slots"].as_u64().unwrap_or(0)).sum();
+    let held_survivors = held.iter().filter(|(w, _)| w == "backend-1" || w == "backend-2").count();
+    let observed = format!(
+        "{ops} admin changes in {:.1} s ({} refused); {held_survivors} held flows to surviving \
+         backends used {held_uses} times, {} failed; new connections (any backend, \
+         removed ones too): {} ok, {} failed; {}; slots sum {slots}",
+        start.elapsed().as_secs_f64(),
+        op_errors.len(),
+        held_failures.len(),
+        report.ok,
+        report.failed,
+        per_backend.join(", "),
+    );
+    let pass =
+        held_failures.is_empty() && op_errors.is_empty() && mismatch.is_empty() && slots == 65537;
+    rel::record(
+        "backend set churn",
+        &format!(
+            "add/drain/remove of 2 of 4 backends every 100 ms for {} s under load",
+            run_for.as_secs()
+        ),
+        &observed,
+        pass,
+    );
+    assert!(held_survivors > 0, "no held flow on a surviving backend: {held_on:?}");
+    assert!(held_failures.is_empty(), "{held_failures:?}");
+    assert!(op_errors.is_empty(), "{op_errors:?}");
+    assert!(mismatch.is_empty(), "{mismatch:?}; {observed}");
+    assert_eq!(slots, 65537, "every Maglev slot has a backend");
+}
+
+#[test]
+fn reload_storm_fails_no_request() {
+    if !privileged_or_skip("reload_storm_fails_no_request") {
+        return;
+    }
+    let topo = Topology::new(3).expect("topology");
+    let _servers = start_servers(&topo);
+    let pin = pin_path();
+    let config = |weights: [u32; 3], valid: bool| {
+        let list = topo
+            .backends
+            .iter()
+            .zip(weights)
+            .map(|(b, w)| format!("{{ addr = \"{}:80\", weight = {w} }}", b.v4))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Invalid in two ways that validation catches: a weight of 0 and an unknown route
+        // upstream (the TOML itself parses).
+        let broken =
+            if valid { "" } else { "[[http.route]]\nlistener = \"public\"\nupstream = \"nope\"\n" };
+        format!(
+            r#"
+[admin]
+listen = "{ADMIN}"
+[xdp]
+interfaces = [{}]
+pin_path = "{pin}"
+[[xdp.service]]
+name = "web"
+vip = "{VIP4}:80"
+backends = [{list}]
+[[http.listener]]
+name = "public"
+listen = "{L7}"
+[[http.route]]
+listener = "public"
+upstream = "app"
+{broken}
+[upstream.app]
+backends = [{}]
+"#,
+            toml_list(topo.lb_interfaces()),
+            if valid { list.clone() } else { list.replace("weight = 1", "weight = 0") }
+        )
+    };
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    let lb = Lb::start(&topo.lb, &config([1, 1, 1], true), admin).expect("lb run");
+    let l7: SocketAddr = L7.parse().unwrap();
+    let load = Traffic::start(&topo.client, vec![vip(), l7], 2, Duration::from_secs(300));
+    load.wait_for(50);
+    // 100 reloads take a few seconds: the full count in the default command too.
+    let reloads = 100;
+    let (mut applied, mut refused, mut wrong) = (0, 0, Vec::new());
+    let start = Instant::now();
+    for i in 0..reloads {
+        let valid = i % 2 == 0;
+        // Valid ones alternate weights (Maglev slots move; tracked flows stay).
+        let weights = if i % 4 == 0 { [1, 2, 1] } else { [1, 1, 1] };
+        std::fs::write(&lb.config, config(weights, valid)).unwrap();
+        let (status, body) = admin_call(&topo.lb, admin, "POST", "/reload", None).unwrap();
+        match (valid, status) {
+            (true, 200) => applied += 1,
+            (false, s) if s != 200 => refused += 1,
+            _ => wrong.push(format!("reload {i} (valid {valid}): {status} {body}")),
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let took = start.elapsed();
+    load.wait_for(50);
+    let report = load.stop();
+    let observed = format!(
+        "{applied} applied, {refused} refused in {:.1} s; {} requests (XDP + L7, fresh \
+         connections), {} failed",
+        took.as_secs_f64(),
+        report.ok + report.failed,
+        report.failed
+    );
+    let pass = wrong.is_empty() && report.failed == 0;
+    rel::record(
+        "reload storm",
+        &format!("{reloads} reloads alternating valid (weights changed) and invalid configs"),
+        &observed,
+        pass,
+    );
+    assert!(wrong.is_empty(), "{wrong:?}");
+    assert_eq!(report.failed, 0, "{:?}", report.sample_failures());
+}

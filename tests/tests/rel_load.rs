@@ -1,0 +1,352 @@
+//! Load (issue 8): 10,000 concurrent client connections held through the L7 proxy and through
+//! the XDP path, each used twice, no errors (the machine's open-file limit is 20,000, so the
+//! test raises its own soft limit and checks that `lb run` raised its). The soak (RSS and open
+//! files of `lb run` sampled under steady load, no growth beyond 5% after warm-up) runs only
+//! when `LB_REL_SOAK_SECS` is set: `cargo xtask soak`.
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    lb::{Lb, pin_path},
+    netns::Netns,
+    privileged_or_skip,
+    rel::{self, ProcBackend, Traffic, toml_list},
+    servers::connect_from,
+    topology::{Topology, VIP4},
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const CONNS: usize = 10_000;
+
+/// GET / on an open keep-alive connection; the body.
+async fn get_on(s: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk)).await??;
+        anyhow::ensure!(n > 0, "connection closed");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+                return Ok(body.trim().to_string());
+            }
+        }
+    }
+}
+
+/// Opens `n` connections from `ns` to `target`, then sends a request on every one of them,
+/// twice, at most `concurrency` at a time. Returns (requests ok, errors, seconds the
+/// connections were held, bodies seen).
+fn hold(
+    ns: &Netns,
+    target: SocketAddr,
+    n: usize,
+    concurrency: usize,
+    while_held: impl FnOnce() + Send + 'static,
+) -> (usize, Vec<String>, f64, std::collections::BTreeMap<String, usize>) {
+    let started = Instant::now();
+    let conns = ns
+        .run(move || {
+            (0..n).map(|_| connect_from(None, target, Duration::from_secs(10))).collect::<Vec<_>>()
+        })
+        .unwrap();
+    eprintln!("{n} connections to {target} in {:?}", started.elapsed());
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async move {
+        let mut errors = Vec::new();
+        let mut streams = Vec::new();
+        for c in conns {
+            match c {
+                Ok(s) => {
+                    s.set_nonblocking(true).unwrap();
+                    streams.push(tokio::net::TcpStream::from_std(s).unwrap());
+                }
+                Err(e) => errors.push(format!("connect: {e:#}")),
+            }
+        }
+        let limit = Arc::new(tokio::sync::Semaphore::new(concurrency));
+        let mut ok = 0;
+        let mut seen = std::collections::BTreeMap::new();
+        let mut while_held = Some(while_held);
+        for round in 0..2 {
+            if round == 1 {
+                eprintln!("round 0 done after {:?}", started.elapsed());
+                (while_held.take().unwrap())();
+            }
+            let tasks: Vec<_> = streams
+                .drain(..)
+                .map(|mut s| {
+                    let limit = limit.clone();
+                    tokio::spawn(async move {
+                        let _p = limit.acquire().await.unwrap();
+                        let r = get_on(&mut s).await;
+                        (s, r)
+                    })
+                })
+                .collect();
+            for t in tasks {
+                let (s, r) = t.await.unwrap();
+                match r {
+                    Ok(body) => {
+                        ok += 1;
+                        *seen.entry(body).or_default() += 1;
+                        streams.push(s);
+                    }
+                    Err(e) => errors.push(format!("round {round}: {e:#}")),
+                }
+            }
+        }
+        (ok, errors, started.elapsed().as_secs_f64(), seen)
+    })
+}
+
+#[test]
+fn ten_thousand_connections_through_l7_and_xdp() {
+    if !privileged_or_skip("ten_thousand_connections_through_l7_and_xdp") {
+        return;
+    }
+    let limit = rel::raise_nofile();
+    assert!(
+        limit as usize > CONNS + 1000,
+        "open-file hard limit {limit} too low for {CONNS} connections"
+    );
+
+    // L7: lb and the backend process in one namespace on loopback.
+    let ns = Netns::new("ld7").unwrap();
+    let backend_addr: SocketAddr = "127.0.0.1:18080".parse().unwrap();
+    let _backend = ProcBackend::start(&ns, "backend", &[backend_addr]).unwrap();
+    let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
+    let listen: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let config = format!(
+        r#"
+[admin]
+listen = "{admin}"
+[http]
+max_connections = 12000
+header_timeout_ms = 120000
+idle_timeout_ms = 120000
+[[http.listener]]
+name = "web"
+listen = "{listen}"
+[[http.route]]
+listener = "web"
+upstream = "app"
+[upstream.app]
+backends = ["{backend_addr}"]
+"#
+    );
+    let lb = Lb::start(&ns, &config, admin).expect("lb run");
+    let pid = rel::lb_pid(&lb.config).expect("lb pid");
+    let lb_limit = rel::nofile_of(pid).unwrap_or(0);
+    let peak = Arc::new(std::sync::Mutex::new(rel::Sample::default()));
+    let p = peak.clone();
+    let (l7_ok, l7_errors, l7_secs, _) =
+        hold(&ns, listen, CONNS, 256, move || *p.lock().unwrap() = rel::sample(pid));
+    let peak = *peak.lock().unwrap();
+    drop(lb);
+    drop(ns);
+
+    // XDP: three backend processes behind the VIP (five-tuple hash spreads one client).
+    let topo = Topology::new(3).expect("topology");
+    let _backends: Vec<ProcBackend> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            ProcBackend::start(
+                &b.ns,
+                &format!("backend-{}", i + 1),
+                &["0.0.0.0:80".parse().unwrap()],
+            )
+            .unwrap()
+        })
+        .collect();
+    let config = format!(
+        r#"
+[admin]
+listen = "{admin}"
+[xdp]
+interfaces = [{}]
+pin_path = "{}"
+[[xdp.service]]
+name = "web"
+vip = "{VIP4}:80"
+hash = "five-tuple"
+backends = [{}]
+"#,
+        toml_list(topo.lb_interfaces()),
+        pin_path(),
+        toml_list(topo.backends.iter().map(|b| format!("{}:80", b.v4)))
+    );
+    let lb = Lb::start(&topo.lb, &config, admin).expect("lb run");
+    let (x_ok, x_errors, x_secs, spread) =
+        hold(&topo.client, SocketAddr::new(VIP4.into(), 80), CONNS, 512, || {});
+    let flows: u64 = lb
+        .json(&topo.lb, &["stats"])
+        .map(|v| v["services"][0]["flows"].as_u64().unwrap_or(0))
+        .unwrap_or(0);
+
+    let observed = format!(
+        "L7: {l7_ok} of {} requests ok on {CONNS} connections held {l7_secs:.1} s, {} errors; lb \
+         held {} fds, RSS {} MiB at the peak, its open-file limit {lb_limit}. XDP: {x_ok} of {} \
+         ok, {} errors, held {x_secs:.1} s, {flows} flows, spread {spread:?}",
+        2 * CONNS,
+        l7_errors.len(),
+        peak.fds,
+        peak.rss_kb / 1024,
+        2 * CONNS,
+        x_errors.len(),
+    );
+    let pass = l7_errors.is_empty() && x_errors.is_empty() && lb_limit as usize > CONNS;
+    rel::record(
+        "10,000 concurrent connections",
+        "10,000 keep-alive client connections opened and held through L7, then through XDP; two requests on each",
+        &observed,
+        pass,
+    );
+    assert!(lb_limit as usize > CONNS, "lb run's open-file limit is {lb_limit}");
+    assert!(
+        l7_errors.is_empty(),
+        "{} L7 errors: {:?}",
+        l7_errors.len(),
+        &l7_errors[..l7_errors.len().min(5)]
+    );
+    assert!(
+        x_errors.is_empty(),
+        "{} XDP errors: {:?}",
+        x_errors.len(),
+        &x_errors[..x_errors.len().min(5)]
+    );
+    assert_eq!(l7_ok, 2 * CONNS);
+    assert_eq!(x_ok, 2 * CONNS);
+}
+
+/// Steady load for `LB_REL_SOAK_SECS` seconds (XDP and L7, fresh connections and keep-alive),
+/// sampling `lb run`'s RSS and open files every 10 s; after a warm-up of a fifth of the run (at
+/// least 60 s), neither grows beyond 5%.
+#[test]
+fn soak() {
+    let Some(secs) = std::env::var("LB_REL_SOAK_SECS").ok().and_then(|s| s.parse::<u64>().ok())
+    else {
+        eprintln!("SKIPPED soak: set LB_REL_SOAK_SECS (`cargo xtask soak`)");
+        return;
+    };
+    if !privileged_or_skip("soak") {
+        return;
+    }
+    let topo = Topology::new(2).expect("topology");
+    let _backends: Vec<ProcBackend> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            ProcBackend::start(
+                &b.ns,
+                &format!("backend-{}", i + 1),
+                &["0.0.0.0:80".parse().unwrap()],
+            )
+            .unwrap()
+        })
+        .collect();
+    let backends = toml_list(topo.backends.iter().map(|b| format!("{}:80", b.v4)));
+    let config = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:9901"
+[xdp]
+interfaces = [{}]
+pin_path = "{}"
+[[xdp.service]]
+name = "web"
+vip = "{VIP4}:80"
+hash = "five-tuple"
+backends = [{backends}]
+[[http.listener]]
+name = "public"
+listen = "10.0.0.1:8080"
+[[http.route]]
+listener = "public"
+upstream = "app"
+[upstream.app]
+backends = [{backends}]
+[health.app]
+type = "http"
+path = "/"
+interval = 1
+timeout = 1
+"#,
+        toml_list(topo.lb_interfaces()),
+        pin_path(),
+    );
+    let lb = Lb::start(&topo.lb, &config, "127.0.0.1:9901".parse().unwrap()).expect("lb run");
+    let pid = rel::lb_pid(&lb.config).expect("lb pid");
+    let total = Duration::from_secs(secs);
+    let l7: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+    let load = Traffic::start(
+        &topo.client,
+        vec![l7, l7, SocketAddr::new(VIP4.into(), 80)],
+        2,
+        total + Duration::from_secs(5),
+    );
+    let warmup = (total / 5).max(Duration::from_secs(60)).min(total / 2);
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed() < total {
+        std::thread::sleep(Duration::from_secs(10).min(total.saturating_sub(start.elapsed())));
+        // Ask for stats too, so the admin path is part of the soak.
+        let _ = lb.json(&topo.lb, &["stats"]);
+        samples.push((start.elapsed(), rel::sample(pid)));
+    }
+    let report = load.stop();
+    let at_warmup = samples.iter().find(|(t, _)| *t >= warmup).map(|s| s.1).unwrap_or_default();
+    let after: Vec<_> = samples.iter().filter(|(t, _)| *t >= warmup).collect();
+    let max_rss = after.iter().map(|s| s.1.rss_kb).max().unwrap_or(0);
+    let max_fds = after.iter().map(|s| s.1.fds).max().unwrap_or(0);
+    let last = samples.last().map(|s| s.1).unwrap_or_default();
+    let growth = |max: u64, base: u64| (max as f64 / base.max(1) as f64 - 1.0) * 100.0;
+    // Open files move with the connections in progress: compare with a few descriptors of slack.
+    let fd_ok = max_fds <= at_warmup.fds + (at_warmup.fds / 20).max(8);
+    let rss_ok = max_rss as f64 <= at_warmup.rss_kb as f64 * 1.05;
+    let observed = format!(
+        "{} requests ({:.0}/s), {} failed; RSS {} KiB after warm-up ({} s), max {} KiB after \
+         (+{:.1}%), last {} KiB; fds {} after warm-up, max {} (+{:.1}%), last {}; {} samples",
+        report.ok + report.failed,
+        report.rate(),
+        report.failed,
+        at_warmup.rss_kb,
+        warmup.as_secs(),
+        max_rss,
+        growth(max_rss, at_warmup.rss_kb),
+        last.rss_kb,
+        at_warmup.fds,
+        max_fds,
+        growth(max_fds, at_warmup.fds),
+        last.fds,
+        samples.len()
+    );
+    rel::record(
+        "soak",
+        &format!(
+            "{secs} s of steady XDP + L7 load (fresh connections), health checks, stats polling"
+        ),
+        &observed,
+        rss_ok && fd_ok && report.failed == 0,
+    );
+    assert!(rss_ok && fd_ok, "{observed}");
+    assert_eq!(report.failed, 0, "{:?}", report.sample_failures());
+}
