@@ -342,3 +342,15 @@ pub fn admin_call(
     let status = head.get(9..12).context("short status line")?.parse()?;
     Ok((status, body.to_string()))
 }
+
+/// The kernel's count of TCP SYN retransmissions in `ns` (TcpExt TCPSynRetrans).
+pub fn syn_retransmits(ns: &Netns) -> u64 {
+    let text = ns.exec(&["cat", "/proc/net/netstat"]).unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(keys), Some(values)) = (lines.next(), lines.next()) else { return 0 };
+    keys.split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(k, _)| *k == "TCPSynRetrans")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}

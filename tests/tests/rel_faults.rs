@@ -277,12 +277,13 @@ fn backend_fault(what: Injected, label: &str) {
     // XDP connect timeout, until the ejection.
     let l7_retried = matches!(what, Injected::Killed | Injected::Reset);
     let observed = format!(
-        "down after XDP {} / L7 {} (bound {} ms); XDP {} requests, {} failed before ejection, \
+        "down after XDP {} / L7 {} (bound {} ms, asserted with {} ms of polling slack); XDP {} requests, {} failed before ejection, \
          {x_after} after; L7 {} requests, {} failed{}, {l_after} after ejection; {} held flows \
          to healthy backends: {held_failed} failures",
         ms(web_down),
         ms(app_down),
         HEALTH_BOUND.as_millis(),
+        SLACK.as_millis(),
         x.ok + x.failed,
         x.failed - x_after as u64,
         l.ok + l.failed,

@@ -263,8 +263,9 @@ async fn malformed_client_hellos_close_cleanly() {
     p.stop().await;
 }
 
-/// testssl.sh against the listener (full run only: it takes minutes). No finding of severity
-/// HIGH or CRITICAL, only TLS 1.2/1.3 offered.
+/// testssl.sh against the listener (full run only: it takes about half a minute). No finding of
+/// severity HIGH or CRITICAL about the listener's protocols, suites or vulnerabilities, only TLS
+/// 1.2/1.3 offered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn testssl_reports_no_high_findings() {
     if !rel::full() {
@@ -302,11 +303,18 @@ async fn testssl_reports_no_high_findings() {
     .expect("run testssl.sh");
     let text = std::fs::read_to_string(&json).unwrap_or_default();
     let findings: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
-    let high: Vec<String> = findings
-        .iter()
-        .filter(|f| matches!(f["severity"].as_str(), Some("HIGH" | "CRITICAL")))
-        .map(|f| format!("{}: {}", f["id"], f["finding"]))
-        .collect();
+    // Findings about the certificate (self-signed, issued in the test for a name, not the IP
+    // testssl.sh connects to, with rcgen's far-off expiry and no CRL/OCSP URI) describe the
+    // test's certificate, not the listener: listed, not judged.
+    let severe =
+        |f: &&serde_json::Value| matches!(f["severity"].as_str(), Some("HIGH" | "CRITICAL"));
+    let is_cert = |f: &&serde_json::Value| f["id"].as_str().is_some_and(|i| i.starts_with("cert"));
+    let name = |f: &serde_json::Value| {
+        format!("{}: {}", f["id"].as_str().unwrap_or("?"), f["finding"].as_str().unwrap_or("?"))
+    };
+    let high: Vec<String> =
+        findings.iter().filter(severe).filter(|f| !is_cert(f)).map(name).collect();
+    let cert_high: Vec<String> = findings.iter().filter(severe).filter(is_cert).map(name).collect();
     let offered: Vec<String> = findings
         .iter()
         .filter(|f| {
@@ -332,7 +340,7 @@ async fn testssl_reports_no_high_findings() {
         "testssl.sh",
         "testssl.sh --protocols --std --vulnerable --server-defaults against the L7 TLS listener",
         &format!(
-            "{} findings by severity {by_severity:?}; protocols: {offered:?}; HIGH/CRITICAL: {high:?}",
+            "{} findings by severity {by_severity:?}; protocols: {offered:?}; HIGH/CRITICAL about the listener: {high:?}; about the self-signed test certificate (not judged): {cert_high:?}",
             findings.len()
         ),
         pass,

@@ -42,6 +42,9 @@ enum Task {
         /// Also run the soak for this many seconds.
         #[arg(long)]
         soak_secs: Option<u64>,
+        /// Only rewrite RELIABILITY.md from the rows of the last runs (target/*.jsonl).
+        #[arg(long)]
+        report_only: bool,
     },
     /// Bootstrap, then the soak: RSS and open files of `lb run` under steady load; updates
     /// RELIABILITY.md.
@@ -58,7 +61,8 @@ fn main() {
         Task::Test { no_lint } => bootstrap::run().and_then(|()| test(!no_lint)),
         Task::Demo => bootstrap::run().and_then(|()| demo()),
         Task::Bench { quick } => bootstrap::run().and_then(|()| bench::run(quick)),
-        Task::Reliability { fuzz_secs, soak_secs } => {
+        Task::Reliability { report_only: true, .. } => reliability::write_markdown(),
+        Task::Reliability { fuzz_secs, soak_secs, .. } => {
             bootstrap::run().and_then(|()| reliability::run(fuzz_secs, soak_secs))
         }
         Task::Soak { secs } => bootstrap::run().and_then(|()| reliability::soak(secs)),

@@ -204,11 +204,17 @@ fn append(
 }
 
 /// RELIABILITY.md from the rows of the last full run and the last soak.
-fn write_markdown() -> anyhow::Result<()> {
+pub fn write_markdown() -> anyhow::Result<()> {
     let mut rows: Vec<serde_json::Value> = Vec::new();
     for name in ["reliability.jsonl", "soak.jsonl"] {
         let text = std::fs::read_to_string(report_path(name)).unwrap_or_default();
-        rows.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        for row in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+            // A scenario run again replaces its row, in place.
+            match rows.iter_mut().find(|r| r["scenario"] == row["scenario"]) {
+                Some(old) => *old = row,
+                None => rows.push(row),
+            }
+        }
     }
     let cell = |v: &serde_json::Value| v.as_str().unwrap_or_default().replace('|', "\\|");
     let mut md = String::from(
