@@ -47,22 +47,30 @@ pub fn keepalive_get(stream: &mut TcpStream) -> anyhow::Result<String> {
         let n = stream.read(&mut chunk)?;
         anyhow::ensure!(n > 0, "connection closed");
         buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length: ")
-                        .map(|v| v.trim().parse().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            if body.len() >= len {
-                anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
-                return Ok(body.trim().to_string());
-            }
+        if let Some(body) = one_response(&buf)? {
+            return Ok(body);
         }
     }
+}
+
+/// The body of a complete `200` response with a Content-Length at the start of `buf`, `None`
+/// while more bytes are needed, an error for another status.
+pub fn one_response(buf: &[u8]) -> anyhow::Result<Option<String>> {
+    let text = String::from_utf8_lossy(buf);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else { return Ok(None) };
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    if body.len() < len {
+        return Ok(None);
+    }
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+    Ok(Some(body.trim().to_string()))
 }
 
 /// Polls `f` every 20 ms until it returns true; false once `limit` has passed.

@@ -30,20 +30,8 @@ async fn get_on(s: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
         let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk)).await??;
         anyhow::ensure!(n > 0, "connection closed");
         buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length: ")
-                        .map(|v| v.trim().parse().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            if body.len() >= len {
-                anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
-                return Ok(body.trim().to_string());
-            }
+        if let Some(body) = lb_tests::ops::one_response(&buf)? {
+            return Ok(body);
         }
     }
 }

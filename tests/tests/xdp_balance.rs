@@ -134,8 +134,8 @@ fn backend_changes_move_only_the_affected_clients() {
         open.insert(b, stream);
     }
     let ask = |b: &str, open: &HashMap<&str, std::net::TcpStream>| -> anyhow::Result<String> {
-        let stream = open[b].try_clone()?;
-        keepalive_get(stream)
+        let mut stream = open[b].try_clone()?;
+        lb_tests::ops::keepalive_get(&mut stream)
     };
     for b in ["backend-1", "backend-2", "backend-3"] {
         assert_eq!(ask(b, &open).unwrap(), b);
@@ -180,33 +180,6 @@ fn backend_changes_move_only_the_affected_clients() {
     }
     assert!(reached > 0, "no new client reached the added backend");
     eprintln!("backend add returned after {returned:?}; {reached} of 60 clients then reached it");
-}
-
-/// A GET on a kept-alive connection (no `connection: close`), reading one response.
-fn keepalive_get(mut stream: std::net::TcpStream) -> anyhow::Result<String> {
-    use std::io::{Read as _, Write as _};
-    write!(stream, "GET / HTTP/1.1\r\nhost: lb\r\n\r\n")?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk)?;
-        anyhow::ensure!(n > 0, "connection closed");
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length: ")
-                        .map(|v| v.trim().parse().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            if body.len() >= len {
-                return Ok(body.trim().to_string());
-            }
-        }
-    }
 }
 
 #[test]
