@@ -22,6 +22,22 @@ pub fn start_xdp(xdp: &XdpConfig) -> Result<Dataplane, DataplaneError> {
     if dp.adopted {
         log::info!("adopted the pinned XDP maps under {}", xdp.pin_path.display());
     }
+    let adopted = dp.adopted;
+    match fill_xdp(&mut dp, xdp) {
+        Ok(()) => Ok(dp),
+        Err(e) => {
+            // A first start that failed leaves nothing pinned (the maps are hundreds of MiB of
+            // kernel memory); an adopted program keeps forwarding as it was.
+            if !adopted {
+                drop(dp);
+                let _ = crate::dataplane::detach(&xdp.pin_path);
+            }
+            Err(e)
+        }
+    }
+}
+
+fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
     let ipv6 = xdp.services.iter().any(|s| s.vip.is_ipv6());
     for name in &xdp.interfaces {
         let iface =
@@ -46,7 +62,7 @@ pub fn start_xdp(xdp: &XdpConfig) -> Result<Dataplane, DataplaneError> {
             host::keep_neighbour(b.addr().ip());
         }
     }
-    Ok(dp)
+    Ok(())
 }
 
 /// The L7 TLS listeners as hand-off targets for the L4 listeners' `terminate` routes.

@@ -42,8 +42,24 @@ pub fn pin_path() -> String {
             crate::netns::run(&["mount", "-t", "bpf", "bpf", TEST_BPFFS])
                 .expect("mount test bpffs");
         }
+        sweep_dead_pins();
     });
     format!("{TEST_BPFFS}/{}", crate::netns::unique("pin"))
+}
+
+/// Removes pin directories of test processes that are gone: a run killed by a timeout or
+/// SIGKILL never runs its destructors, and each set of pinned maps holds ~350 MiB of kernel
+/// memory until removed.
+fn sweep_dead_pins() {
+    let Ok(entries) = std::fs::read_dir(TEST_BPFFS) else { return };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix("lbt").and_then(|r| r.split('x').next());
+        let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = lb_user::dataplane::detach(&entry.path());
+        }
+    }
 }
 
 pub struct Lb {

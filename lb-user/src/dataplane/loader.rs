@@ -126,7 +126,19 @@ impl Dataplane {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
+        let ebpf = loader.load(OBJECT).map_err(DataplaneError::Load);
+        let dp = ebpf.and_then(|ebpf| Self::prepare(ebpf, opts, adopted));
+        if dp.is_err() && !adopted {
+            // Maps pinned for a start that failed would hold hundreds of MiB of kernel memory
+            // until someone ran `lb detach`.
+            if let Some(dir) = &opts.pin_dir {
+                let _ = detach(dir);
+            }
+        }
+        dp
+    }
+
+    fn prepare(mut ebpf: Ebpf, opts: &LoadOptions, adopted: bool) -> Result<Self, DataplaneError> {
         for name in maps::ALL {
             if ebpf.map(name).is_none() {
                 return Err(DataplaneError::Missing(name));
