@@ -25,6 +25,9 @@ pub mod maps {
     pub const VIPS: &str = "LB_VIPS";
     /// `Array<u32>` of `MAX_SERVICES * RING_SIZE`: backend id per Maglev slot, service-major.
     pub const RING: &str = "LB_RING";
+    /// `Array<u32>` of 65536, indexed by destination port (host order): non-zero when some VIP
+    /// listens on that port. A frame to any other port skips the flow and VIP lookups.
+    pub const VIP_PORTS: &str = "LB_VIP_PORTS";
     /// `Array<BackendInfo>` indexed by backend id (0 is never used).
     pub const BACKENDS: &str = "LB_BACKENDS";
     /// `LruHashMap<FlowKey, FlowState>`: client-side connection tracking.
@@ -47,9 +50,10 @@ pub mod maps {
     pub const STATS: &str = "LB_STATS";
 
     /// Every map, for the check after load and for pinning.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         VIPS,
         RING,
+        VIP_PORTS,
         BACKENDS,
         FLOWS,
         NAT,

@@ -16,13 +16,11 @@ pub mod parse;
 pub mod scratch;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
-use lb_common::{
-    FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, HOP_TTL_NS, PROTO_TCP, VipInfo, VipKey, stat,
-};
+use lb_common::{FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, HOP_TTL_NS, PROTO_TCP, stat};
 
 use crate::{
     flow::Tracked,
-    maps::{BACKEND_STATS, FLOWS, NAT, SERVICE_STATS, VIPS, account, count},
+    maps::{BACKEND_STATS, FLOWS, NAT, SERVICE_STATS, VIPS, account, count, is_vip_port},
     nat::rewrite,
     parse::parse,
     scratch::Work,
@@ -43,24 +41,15 @@ pub fn balance(ctx: &XdpContext) -> u32 {
 #[inline(always)]
 fn try_balance(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     parse(ctx, &mut w.pkt)?;
-    // IPv4 keys carry the address in the first 4 bytes; parse zeroed the rest.
-    let mut key = VipKey {
-        addr: [0; 16],
-        port: w.pkt.dport,
-        proto: w.pkt.proto,
-        family: w.pkt.family,
-        _pad: [0; 4],
-    };
-    mem::copy16(&mut key.addr, &w.pkt.dst);
     flow::load_settings(&mut w.s);
-    // SAFETY: the value is plain data, copied out at once.
-    match unsafe { VIPS.get(&key) } {
-        Some(vip) => {
-            let vip = *vip;
-            forward(ctx, w, &vip)
+    // Most frames that are not for a VIP are told apart by their port alone (an array read),
+    // and replies from backends never reach the flow and VIP lookups.
+    if is_vip_port(w.pkt.dport) {
+        if let Some(action) = forward(ctx, w)? {
+            return Ok(action);
         }
-        None => reply(ctx, w),
     }
+    reply(ctx, w)
 }
 
 /// Frame length as XDP sees it, for byte counters.
@@ -69,22 +58,25 @@ fn frame_len(ctx: &XdpContext) -> u64 {
     (ctx.data_end() - ctx.data()) as u64
 }
 
-/// Client → VIP becomes balancer → backend. Not inlined: the two directions then get separate
-/// stack frames instead of one frame holding both.
+/// Client → VIP becomes balancer → backend; `None` when the frame is not for a VIP. A tracked
+/// flow is looked up first, so established packets cost one hash lookup; only misses look
+/// the VIP up. Not inlined: the two directions then get separate stack frames instead of one
+/// frame holding both.
 #[inline(never)]
-fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
-    count(stat::VIP_HIT);
-    if w.pkt.ttl <= 1 {
-        // The kernel answers with ICMP time exceeded.
-        count(stat::PASS_TTL);
-        return Ok(xdp_action::XDP_PASS);
-    }
+fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
     flow::make_key(w);
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     w.now = now;
-    let new = match flow::lookup(w, now) {
+    let tracked = flow::lookup(w, now);
+    let (service_id, new) = match tracked {
         Tracked::Live(ptr) => {
+            count(stat::VIP_HIT);
+            if w.pkt.ttl <= 1 {
+                // The kernel answers with ICMP time exceeded.
+                count(stat::PASS_TTL);
+                return Ok(Some(xdp_action::XDP_PASS));
+            }
             count(stat::FLOW_HIT);
             // SAFETY: a valid map value.
             let (id, generation) = unsafe { ((*ptr).backend_id, (*ptr).generation) };
@@ -101,9 +93,24 @@ fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
             }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
             flow::touch(unsafe { &mut *ptr }, flow::flags_of(&w.pkt, FLOW_F_FIN_CLIENT), now);
-            false
+            (w.be.service_id, false)
         }
         tracked => {
+            // IPv4 keys carry the address in the first 4 bytes; parse zeroed the rest.
+            w.vk.port = w.pkt.dport;
+            w.vk.proto = w.pkt.proto;
+            w.vk.family = w.pkt.family;
+            w.vk._pad = [0; 4];
+            mem::copy16(&mut w.vk.addr, &w.pkt.dst);
+            // SAFETY: the value is plain data, copied out at once.
+            let Some(vip) = (unsafe { VIPS.get(&w.vk) }).copied() else {
+                return Ok(None);
+            };
+            count(stat::VIP_HIT);
+            if w.pkt.ttl <= 1 {
+                count(stat::PASS_TTL);
+                return Ok(Some(xdp_action::XDP_PASS));
+            }
             count(stat::FLOW_MISS);
             if w.pkt.proto == PROTO_TCP && !flow::is_syn(&w.pkt) {
                 // Its NAT state is gone (or never was): the backend would not know it.
@@ -113,13 +120,13 @@ fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
             if let Tracked::Ended = tracked {
                 flow::forget(w);
             }
-            flow::create(ctx, w, vip, now)?;
+            flow::create(ctx, w, &vip, now)?;
             count(stat::FLOW_NEW);
-            true
+            (vip.service_id, true)
         }
     };
     let len = frame_len(ctx);
-    account(&SERVICE_STATS, vip.service_id, len, new);
+    account(&SERVICE_STATS, service_id, len, new);
     account(&BACKEND_STATS, w.st.backend_id, len, new);
     mem::copy16(&mut w.t.src, &w.st.snat);
     mem::copy16(&mut w.t.dst, &w.be.addr);
@@ -128,7 +135,7 @@ fn forward(ctx: &XdpContext, w: &mut Work, vip: &VipInfo) -> Result<u32, u32> {
     w.t.smac = w.st.hop.smac;
     w.t.dmac = w.st.hop.dmac;
     rewrite(ctx, &w.pkt, &w.t)?;
-    Ok(fib::send(ctx, w.st.hop.ifindex))
+    Ok(Some(fib::send(ctx, w.st.hop.ifindex)))
 }
 
 /// Backend → balancer (a tracked SNAT port) becomes VIP → client; anything else passes.

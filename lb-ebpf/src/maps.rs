@@ -8,10 +8,6 @@ use lb_common::{
     MAX_SERVICES, NatKey, NatState, RING_SIZE, Settings, VipInfo, VipKey, stat,
 };
 
-/// Per-CPU LRU lists: inserts never take a lock shared with other CPUs. A flow's entry may be
-/// evicted a little earlier than with one global list; the tables are sized with headroom.
-const BPF_F_NO_COMMON_LRU: u32 = 2;
-
 /// Interfaces a balancer may serve; the devmap and address table hold one entry each.
 const MAX_IFACES: u32 = 64;
 
@@ -21,16 +17,28 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_SERVIC
 #[map(name = "LB_RING")]
 pub static RING: Array<u32> = Array::with_max_entries(MAX_SERVICES * RING_SIZE, 0);
 
+#[map(name = "LB_VIP_PORTS")]
+pub static VIP_PORTS: Array<u32> = Array::with_max_entries(65536, 0);
+
+/// True when some VIP listens on `port` (network byte order). Userspace may leave a port
+/// marked after its last VIP went (the frame then just takes the longer way).
+#[inline(always)]
+pub fn is_vip_port(port: u16) -> bool {
+    matches!(VIP_PORTS.get(u16::from_be(port) as u32), Some(&v) if v != 0)
+}
+
 #[map(name = "LB_BACKENDS")]
 pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
 
+// One LRU list shared by all CPUs (each CPU takes free entries from it in batches of 128).
+// Per-CPU lists (BPF_F_NO_COMMON_LRU) rotate their active list on every insert, which made a
+// new flow ~18% slower here (`lb-bench xdp-profile 2 new`).
 #[map(name = "LB_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
 #[map(name = "LB_NAT")]
-pub static NAT: LruHashMap<NatKey, NatState> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+pub static NAT: LruHashMap<NatKey, NatState> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
 #[map(name = "LB_IFACES")]
 pub static IFACES: HashMap<u32, IfaceAddrs> = HashMap::with_max_entries(MAX_IFACES, 0);

@@ -2,7 +2,7 @@
 //! the flow, NAT and route records of a new flow alone exceed that, so they live here (as in
 //! Katran) and the stages pass one pointer around.
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use lb_common::{BackendInfo, FlowKey, FlowState, NatKey, NatState, Settings};
+use lb_common::{BackendInfo, FlowKey, FlowState, NatKey, NatState, Settings, VipKey};
 
 use crate::{nat::Translation, parse::Packet};
 
@@ -10,6 +10,8 @@ use crate::{nat::Translation, parse::Packet};
 pub struct Work {
     pub pkt: Packet,
     pub key: FlowKey,
+    /// The VIP key, built only when no tracked flow matched.
+    pub vk: VipKey,
     pub st: FlowState,
     pub be: BackendInfo,
     pub t: Translation,

@@ -339,3 +339,46 @@ fn snat_ports_run_out_and_are_reclaimed_from_finished_flows() {
     })
     .expect("fixture body (see the panic above)");
 }
+
+/// The port filter in front of the flow and VIP lookups follows the services: a port stays
+/// served while any VIP uses it, and a port no VIP uses any more passes untouched.
+#[test]
+fn vip_port_filter_follows_service_changes() {
+    with_fixture("vip_port_filter_follows_service_changes", CONFIG, |dp| {
+        let vip = ip("10.200.0.1");
+        let two_vips_on_80 = lb_user::config::Config::parse(
+            "[xdp]\ninterfaces = [\"c0\"]\n\
+             [[xdp.service]]\nname = \"web\"\nvip = \"10.200.0.1:80\"\nbackends = [\"10.1.1.2:80\"]\n\
+             [[xdp.service]]\nname = \"web2\"\nvip = \"10.200.0.2:80\"\nbackends = [\"10.1.2.2:80\"]\n",
+        )
+        .unwrap();
+        dp.apply(&two_vips_on_80.xdp.unwrap().services).unwrap();
+        let syn = |dst, port, sport| Frame::tcp(ip("10.0.0.2"), sport, dst, port, TCP_SYN).bytes();
+        assert_eq!(run(dp, &syn(vip, 80, 41000)).0, XDP_REDIRECT);
+        assert_eq!(run(dp, &syn(ip("10.200.0.2"), 80, 41001)).0, XDP_REDIRECT);
+
+        // web moves to 8080; web2 still holds port 80.
+        let moved = lb_user::config::Config::parse(
+            "[xdp]\ninterfaces = [\"c0\"]\n\
+             [[xdp.service]]\nname = \"web\"\nvip = \"10.200.0.1:8080\"\nbackends = [\"10.1.1.2:80\"]\n\
+             [[xdp.service]]\nname = \"web2\"\nvip = \"10.200.0.2:80\"\nbackends = [\"10.1.2.2:80\"]\n",
+        )
+        .unwrap();
+        dp.apply(&moved.xdp.unwrap().services).unwrap();
+        let old = syn(vip, 80, 41002);
+        assert_eq!(run(dp, &old), (XDP_PASS, old.clone()), "old VIP port");
+        assert_eq!(run(dp, &syn(vip, 8080, 41003)).0, XDP_REDIRECT, "new VIP port");
+        assert_eq!(run(dp, &syn(ip("10.200.0.2"), 80, 41004)).0, XDP_REDIRECT, "other VIP");
+
+        // No VIP on port 80 any more.
+        let only_8080 = lb_user::config::Config::parse(
+            "[xdp]\ninterfaces = [\"c0\"]\n\
+             [[xdp.service]]\nname = \"web\"\nvip = \"10.200.0.1:8080\"\nbackends = [\"10.1.1.2:80\"]\n",
+        )
+        .unwrap();
+        dp.apply(&only_8080.xdp.unwrap().services).unwrap();
+        let gone = syn(ip("10.200.0.2"), 80, 41005);
+        assert_eq!(run(dp, &gone), (XDP_PASS, gone.clone()), "removed VIP");
+        assert_eq!(stats(dp)["pass_not_vip"], 2, "{:?}", stats(dp));
+    });
+}

@@ -15,6 +15,13 @@ fn map_err(e: impl std::fmt::Display) -> TableError {
 }
 
 impl KernelMaps<'_> {
+    /// Marks (or clears) `port` (network byte order) in the VIP port filter.
+    pub fn mark_port(&mut self, port: u16, used: bool) -> Result<(), TableError> {
+        let mut m: Array<&mut MapData, u32> =
+            Array::try_from(self.map(maps::VIP_PORTS)?).map_err(map_err)?;
+        m.set(u32::from(u16::from_be(port)), u32::from(used), 0).map_err(map_err)
+    }
+
     fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map, TableError> {
         self.0.map_mut(name).ok_or_else(|| TableError::Map(format!("map {name} missing")))
     }
@@ -24,16 +31,20 @@ impl Maps for KernelMaps<'_> {
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), TableError> {
         let mut m: HashMap<&mut MapData, VipKey, VipInfo> =
             HashMap::try_from(self.map(maps::VIPS)?).map_err(map_err)?;
-        m.insert(key, info, 0).map_err(map_err)
+        m.insert(key, info, 0).map_err(map_err)?;
+        self.mark_port(key.port, true)
     }
 
     fn remove_vip(&mut self, key: &VipKey) -> Result<(), TableError> {
         let mut m: HashMap<&mut MapData, VipKey, VipInfo> =
             HashMap::try_from(self.map(maps::VIPS)?).map_err(map_err)?;
         match m.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(e)),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(e)),
         }
+        // The port stays marked while another VIP (another address or protocol) uses it.
+        let still_used = m.keys().filter_map(Result::ok).any(|k| k.port == key.port);
+        self.mark_port(key.port, still_used)
     }
 
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<(), TableError> {

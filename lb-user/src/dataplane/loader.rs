@@ -159,6 +159,11 @@ impl Dataplane {
         dp.write_settings(&opts.settings)?;
         if adopted {
             let (vips, backends) = dp.read_tables()?;
+            // Pins from a version without the port filter get it filled here.
+            let mut maps = KernelMaps(&mut dp.ebpf);
+            for (key, _) in &vips {
+                maps.mark_port(key.port, true)?;
+            }
             dp.tables.recover(&vips, &backends);
         }
         Ok(dp)

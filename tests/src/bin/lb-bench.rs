@@ -10,7 +10,8 @@
 //! - `l7`: the L7 proxy against nginx, HAProxy and Pingora: req/s and latency (keep-alive,
 //!   Connection: close, h2c), TLS handshakes/s, CPU per 100k requests, RSS with 10k idle
 //!   connections;
-//! - `l7-scale`: L7 keep-alive req/s against concurrent connections (10 to 10,000).
+//! - `l7-scale`: L7 keep-alive req/s against concurrent connections (10 to 10,000);
+//! - `xdp-profile [SECS] [new]`: established (or new) flows in a loop, to profile with `perf record`.
 //!
 //! Plots (SVG) and their points (CSV) go to `LB_BENCH_PLOTS` (default `bench/plots`).
 mod bench;
@@ -37,6 +38,10 @@ fn main() {
         Some("l4user") => bench::l4user::run(quick),
         Some("l7") => bench::l7::run(quick),
         Some("l7-scale") => bench::l7::scale(quick),
+        Some("xdp-profile") => bench::micro::profile(
+            args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10),
+            args.iter().any(|a| a == "new"),
+        ),
         _ => Err(anyhow::anyhow!(
             "usage: lb-bench xdp-micro|xdp-insitu|l4|l4user|l7|l7-scale [--quick|--full]"
         )),

@@ -220,3 +220,30 @@ fn curve(
         &plot::csv(x_label.trim_end_matches(" (log)"), &series),
     )
 }
+
+/// `lb-bench xdp-profile [SECS] [new]`: established-flow ACKs (or new-flow SYNs) in a loop for
+/// SECS seconds (default 10)
+/// under one process, for `perf record -e cpu-clock -p PID` to break the cost down by kernel
+/// symbol (the program, its helpers, the map code). Prints the median ns at the end.
+pub fn profile(secs: u64, new_flows: bool) -> anyhow::Result<()> {
+    let ns = fixture::namespace()?;
+    ns.ip(&["route", "add", "10.9.0.0/16", "via", "10.1.1.2"])?;
+    let median_ns = ns.run(move || -> anyhow::Result<f64> {
+        let dp = load(64, 4 * lb_common::DEFAULT_MAX_FLOWS)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let mut medians = Vec::new();
+        let mut next = 0;
+        while std::time::Instant::now() < deadline {
+            medians.push(if new_flows {
+                next += 5_000;
+                open_flows_from(&dp, next, 5_000)?
+            } else {
+                established(&dp, 1_000, 20_000)?
+            });
+        }
+        Ok(median(&mut medians))
+    })??;
+    let what = if new_flows { "new flow" } else { "established flow" };
+    println!("{what}: {median_ns:.1} ns per packet (median of single runs)");
+    Ok(())
+}
