@@ -188,7 +188,7 @@ pub struct Hop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    /// `bpf_ktime_get_ns` of the lookup; 0 = never looked up.
+    /// `bpf_ktime_get_coarse_ns` of the lookup; 0 = never looked up.
     pub at_ns: u64,
 }
 const _: () = assert!(size_of::<Hop>() == 24);
@@ -210,7 +210,7 @@ pub struct FlowState {
     pub _pad: u16,
     /// `FLOW_F_*`, set by either direction.
     pub flags: u32,
-    /// `bpf_ktime_get_ns` of the last packet, either direction.
+    /// `bpf_ktime_get_coarse_ns` of the last packet, either direction.
     pub last_seen_ns: u64,
     /// Next hop toward the backend.
     pub hop: Hop,

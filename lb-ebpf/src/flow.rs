@@ -223,7 +223,7 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
 fn alloc_port(w: &mut Work) -> Result<(), u32> {
     let range = (w.s.nat_port_max as u32).saturating_sub(w.s.nat_port_min as u32) + 1;
     let preferred = source_hash(&w.pkt.src).wrapping_add(u16::from_be(w.pkt.sport) as u32);
-    if try_port(w, preferred % range) {
+    if try_port(w, preferred % range, false) {
         return Ok(());
     }
     let cursor = PORT_CURSOR.get_ptr_mut(0).ok_or_else(|| drop(stat::DROP_NO_PORT))?;
@@ -235,30 +235,33 @@ fn alloc_port(w: &mut Work) -> Result<(), u32> {
             *cursor = bpf_get_prandom_u32() | 1;
         }
     }
-    for _ in 0..MAX_PORT_TRIES {
+    // Free ports first; only then ports held by finished flows of other clients, which the
+    // backend may still keep in TIME_WAIT for the old 4-tuple (it would refuse the new SYN).
+    for i in 0..2 * MAX_PORT_TRIES {
         // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
         let c = unsafe {
             let c = *cursor;
             *cursor = c.wrapping_add(1);
             c
         };
-        if try_port(w, c % range) {
+        if try_port(w, c % range, i >= MAX_PORT_TRIES) {
             return Ok(());
         }
     }
     Err(drop(stat::DROP_NO_PORT))
 }
 
-/// Tries SNAT port `nat_port_min + offset`: free, or held by a finished flow (reclaimed).
+/// Tries SNAT port `nat_port_min + offset`: free, or held by a finished flow (reclaimed when
+/// that flow was this client tuple's, or `any_dead`).
 #[inline(always)]
-fn try_port(w: &mut Work, offset: u32) -> bool {
+fn try_port(w: &mut Work, offset: u32, any_dead: bool) -> bool {
     w.nk.nat_port = ((w.s.nat_port_min as u32 + offset) as u16).to_be();
     if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
         return true;
     }
     // Taken. If the flow holding it is over, reclaim the port: delete, then the same atomic
     // insert-if-absent, so two CPUs reclaiming at once cannot both win.
-    if holder_is_dead(w) {
+    if holder_is_dead(w, any_dead) {
         let _ = NAT.remove(&w.nk);
         if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
             count(stat::PORT_RECLAIMED);
@@ -268,15 +271,18 @@ fn try_port(w: &mut Work, offset: u32) -> bool {
     false
 }
 
-/// True when the flow that holds the NAT entry `w.nk` has ended: gone from the flow table,
-/// closed for longer than the grace time, or (UDP) idle. Without this, ports of finished
-/// flows would stay taken until LRU eviction.
+/// True when the flow that holds the NAT entry `w.nk` has ended (gone from the flow table,
+/// closed for longer than the grace time, or UDP idle) and was this client tuple's unless
+/// `any_holder`. Without this, ports of finished flows would stay taken until LRU eviction.
 #[inline(always)]
-fn holder_is_dead(w: &Work) -> bool {
+fn holder_is_dead(w: &Work, any_holder: bool) -> bool {
     // SAFETY: a valid map value; only its flow key is read.
     let Some(holder) = (unsafe { NAT.get(&w.nk) }) else {
         return true;
     };
+    if !any_holder && !mem::eq(&holder.flow, &w.key) {
+        return false;
+    }
     let Some(st) = FLOWS.get_ptr(&holder.flow) else {
         return true;
     };
@@ -293,9 +299,10 @@ fn is_over(proto: u8, flags: u32, last: u64, now: u64, s: &Settings) -> bool {
     if proto == PROTO_TCP {
         let fins = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
         let closed = flags & FLOW_F_RST != 0 || flags & fins == fins;
-        closed && idle > s.tcp_closed_ns
+        // `>=`: with the coarse clock a zero grace time must still mean "at once".
+        closed && idle >= s.tcp_closed_ns
     } else {
-        idle > s.udp_idle_ns
+        idle >= s.udp_idle_ns
     }
 }
 

@@ -15,7 +15,7 @@ pub mod nat;
 pub mod parse;
 pub mod scratch;
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, HOP_TTL_NS, PROTO_TCP, stat};
 
 use crate::{
@@ -65,8 +65,11 @@ fn frame_len(ctx: &XdpContext) -> u64 {
 #[inline(never)]
 fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
     flow::make_key(w);
+    // The coarse clock (one tick, a few ms, behind) is enough for every timer here: idle and
+    // close timeouts in seconds, the 1 s next-hop cache, 100 ms last-seen updates. It reads a
+    // variable where bpf_ktime_get_ns reads the TSC, which costs more under a hypervisor.
     // SAFETY: a helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     w.now = now;
     let tracked = flow::lookup(w, now);
     let (service_id, new) = match tracked {
@@ -165,7 +168,7 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
         return Ok(xdp_action::XDP_PASS);
     }
     // SAFETY: a helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // The client-side flow only needs to hear about a reply that closes it (TCP FIN/RST) or
     // keeps it alive (UDP, whose idle time counts both directions); skipping the lookup
     // otherwise saves a hash lookup on most replies.

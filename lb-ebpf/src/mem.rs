@@ -28,3 +28,20 @@ pub fn copy16(dst: &mut [u8; 16], src: &[u8; 16]) {
         d.add(1).write_volatile(s.add(1).read_volatile());
     }
 }
+
+/// Compares two whole `T`s word by word (same layout rules as [`copy`]); a derived `==` on
+/// byte arrays would call memcmp, another byte loop.
+#[inline(always)]
+pub fn eq<T>(a: &T, b: &T) -> bool {
+    let n = core::mem::size_of::<T>() / 8;
+    let x = a as *const T as *const u64;
+    let y = b as *const T as *const u64;
+    let mut i = 0;
+    let mut diff = 0u64;
+    while i < n {
+        // SAFETY: as in `copy`.
+        diff |= unsafe { x.add(i).read_volatile() ^ y.add(i).read_volatile() };
+        i += 1;
+    }
+    diff == 0
+}

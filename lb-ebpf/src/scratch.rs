@@ -18,7 +18,7 @@ pub struct Work {
     pub nk: NatKey,
     pub ns: NatState,
     pub s: Settings,
-    /// `bpf_ktime_get_ns` at the start of this packet (forward path).
+    /// `bpf_ktime_get_coarse_ns` at the start of this packet (forward path).
     pub now: u64,
 }
 
