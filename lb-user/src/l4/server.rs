@@ -47,29 +47,20 @@ pub struct TcpService {
 }
 
 /// Accepts until `shutdown` turns true, then lets connections finish for [`DRAIN_TIMEOUT`].
-/// One accept loop per CPU (at most 4) shares the socket, so a burst of new connections is not
-/// serialised behind one task.
+/// One accept loop per listener: accepting is a small part of a connection's work (which runs
+/// in its own task on any worker), and several loops on one socket all woke for each new
+/// connection, the losers only to get EAGAIN.
 pub async fn run(
     listener: TcpListener,
     service: Arc<TcpService>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let listener = Arc::new(listener);
     let limit = Arc::new(Semaphore::new(service.config.max_connections));
-    let loops = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-    let mut tasks = JoinSet::new();
-    for _ in 0..loops {
-        let (l, s, lim, sh) = (listener.clone(), service.clone(), limit.clone(), shutdown.clone());
-        tasks.spawn(accept_loop(l, s, lim, sh));
-    }
-    while let Some(r) = tasks.join_next().await {
-        r.map_err(std::io::Error::other)??;
-    }
-    Ok(())
+    accept_loop(listener, service, limit, shutdown).await
 }
 
 async fn accept_loop(
-    listener: Arc<TcpListener>,
+    listener: TcpListener,
     service: Arc<TcpService>,
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
@@ -92,7 +83,6 @@ async fn accept_loop(
                 }
             },
             _ = shutdown.changed() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         service.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let service = service.clone();
@@ -104,6 +94,9 @@ async fn accept_loop(
                 log::debug!("listener {}: {peer}: {}", service.config.name, kind.as_str());
             }
         });
+        // Reap finished connections without waiting: waiting on the set would wake this task
+        // (often on the other worker thread) for every connection that ends.
+        while conns.try_join_next().is_some() {}
     }
     let drained =
         tokio::time::timeout(DRAIN_TIMEOUT, async { while conns.join_next().await.is_some() {} })
