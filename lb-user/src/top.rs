@@ -150,6 +150,7 @@ mod tests {
                 backends: vec![b],
             }],
             reasons: vec![],
+            l4: vec![],
         }
     }
 

@@ -1,6 +1,7 @@
 //! The userspace L4 proxy through the real `lb run` binary: in the standard namespace topology
 //! (TLS passthrough by SNI, plain TCP with the XDP path's client stickiness, UDP), and as an
-//! unprivileged user with no `[xdp]` section. Namespaces need root.
+//! unprivileged user with no `[xdp]` section; the listeners' counters on /metrics and /stats.
+//! Namespaces need root.
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
@@ -27,6 +28,34 @@ fn xdp_choice(config: &Config, group: &str, client: IpAddr) -> SocketAddr {
     let table = maglev::table(&entries, maglev::DEFAULT_SIZE);
     let slot = lb_common::hash::source_hash(&client_key(client)) % maglev::DEFAULT_SIZE;
     entries[table[slot as usize] as usize].addr
+}
+
+/// The body of GET `path` on the admin API (127.0.0.1:9901 in `ns`).
+fn admin_get(ns: &Netns, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let req = format!("GET {path} HTTP/1.1\r\nhost: lb\r\nconnection: close\r\n\r\n");
+    let resp = ns
+        .run(move || -> std::io::Result<String> {
+            let mut s =
+                std::net::TcpStream::connect_timeout(&"127.0.0.1:9901".parse().unwrap(), T)?;
+            s.set_read_timeout(Some(T))?;
+            s.write_all(req.as_bytes())?;
+            let mut r = String::new();
+            s.read_to_string(&mut r)?;
+            Ok(r)
+        })
+        .unwrap()
+        .unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of the Prometheus sample `series` (name and labels) in `text`.
+fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
 }
 
 /// True once a TCP connect to `addr` from inside `ns` succeeds.
@@ -131,6 +160,23 @@ upstream = "dns"
         let i = want.ip().to_string().split('.').nth(2).unwrap().to_string();
         assert_eq!(&buf[..n], format!("u{i}:q").as_bytes(), "client {c}");
     }
+
+    // The listeners' counters on the admin API: /metrics and the `l4` part of /stats.
+    let m = admin_get(&topo.lb, "/metrics");
+    // 24 clients, plus the connects that waited for the listener.
+    assert!(sample(&m, "lb_l4_connections_total{listener=\"web\"}") >= 24, "{m}");
+    assert!(sample(&m, "lb_l4_relayed_total{listener=\"web\"}") >= 24, "{m}");
+    assert!(sample(&m, "lb_l4_bytes_total{listener=\"web\",direction=\"to_client\"}") > 0);
+    // db.example.com and www.example.com matched routes; fallback.test took the default.
+    assert_eq!(sample(&m, "lb_l4_sni_routed_total{listener=\"tls-edge\"}"), 2);
+    assert_eq!(sample(&m, "lb_l4_connect_failures_total{listener=\"web\"}"), 0);
+    assert_eq!(sample(&m, "lb_l4_datagrams_total{listener=\"dns\",direction=\"to_backend\"}"), 6);
+    let stats: serde_json::Value = serde_json::from_str(&admin_get(&topo.lb, "/stats")).unwrap();
+    let l4 = stats["l4"].as_array().expect("l4 in /stats");
+    let names: Vec<&str> = l4.iter().filter_map(|l| l["name"].as_str()).collect();
+    assert_eq!(names, ["web", "tls-edge", "dns"]);
+    assert_eq!(l4[1]["counters"]["relayed"], 3);
+    assert_eq!(l4[2]["counters"]["udp_sessions_created"], 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! Plain TCP relay and UDP sessions through the in-process L4 listeners on loopback: half-close,
-//! idle timeout, both copy paths, Maglev agreement with the XDP computation, UDP session
-//! stickiness and expiry. No root needed: clients use source addresses across 127.0.0.0/8.
+//! idle timeout, both copy paths, Maglev agreement with the XDP computation, connect retries on
+//! another backend, UDP session stickiness and expiry. No root needed: clients use source addresses across 127.0.0.0/8.
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::atomic::Ordering,
@@ -130,6 +130,68 @@ upstream = "web"
         used.insert(greeting);
     }
     assert_eq!(used.len(), 4, "120 clients reach all 4 backends");
+    lb.stop().await;
+}
+
+/// An address nothing listens on: connecting to it is refused.
+fn refused_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_backend_connect_is_retried_on_another_backend() {
+    let live = echo_backend("127.0.0.1:0".parse().unwrap(), "live").await;
+    let (dead1, dead2) = (refused_addr(), refused_addr());
+    let config = format!(
+        r#"
+[upstream.mixed]
+backends = ["{dead1}", "{live}", "{dead2}"]
+[upstream.dead]
+backends = ["{dead1}", "{dead2}"]
+[[tcp.listener]]
+name = "mixed"
+listen = "127.0.0.1:0"
+upstream = "mixed"
+[[tcp.listener]]
+name = "dead"
+listen = "127.0.0.1:0"
+upstream = "dead"
+"#
+    );
+    let parsed = Config::parse(&config).unwrap();
+    let lb = L4Harness::start(&config, Handoffs::new()).await;
+    let addr = lb.addr("mixed");
+    // Clients whose own backend (as Maglev and the XDP path pick it) is dead still get through.
+    let mut firsts_dead = 0;
+    for n in 2..=41u8 {
+        let client = lo(n);
+        firsts_dead += usize::from(xdp_choice(&parsed, "mixed", client) != live);
+        let (greeting, rest) =
+            tokio::task::spawn_blocking(move || echo_roundtrip(addr, Some(client), b"hi"))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(greeting, "live", "client {client}");
+        assert_eq!(rest, b"hieof\n");
+    }
+    assert!(firsts_dead > 0, "some of 40 clients map to a dead backend first");
+    let st = lb.stats("mixed");
+    let (failures, retries) =
+        (st.connect_failures.load(Ordering::Relaxed), st.connect_retries.load(Ordering::Relaxed));
+    // Each failed connect was followed by one to another backend; at most both dead ones failed.
+    assert_eq!(failures, retries);
+    assert!(retries as usize >= firsts_dead && retries as usize <= 2 * firsts_dead, "{retries}");
+    assert_eq!(st.errors(ErrorKind::ConnectFailed), 0);
+
+    // No backend answers: the connection is closed after trying each once.
+    let dead = lb.addr("dead");
+    let r = tokio::task::spawn_blocking(move || echo_roundtrip(dead, None, b"x")).await.unwrap();
+    assert!(r.is_err(), "closed without a greeting: {r:?}");
+    lb.wait_for("dead", "one connect_failed", |s| s.errors(ErrorKind::ConnectFailed) == 1).await;
+    let st = lb.stats("dead");
+    assert_eq!(st.connect_failures.load(Ordering::Relaxed), 2);
+    assert_eq!(st.connect_retries.load(Ordering::Relaxed), 1);
     lb.stop().await;
 }
 

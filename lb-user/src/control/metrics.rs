@@ -185,6 +185,8 @@ pub fn render(state: &State) -> String {
         o.histogram("lb_http_request_seconds", &[("listener", n)], s);
     }
 
+    l4(&mut o, state);
+
     let health = state.health.all();
     o.head("lb_health_up", "gauge", "What the health checks decided: 1 up, 0 down");
     for (n, a, h) in &health {
@@ -207,6 +209,105 @@ pub fn render(state: &State) -> String {
         );
     }
     o.0
+}
+
+/// The userspace L4 listeners (`[[tcp.listener]]`): each metric is one snapshot counter, some
+/// split by a label (direction).
+fn l4(o: &mut Out, state: &State) {
+    let config = state.config.load();
+    let names: Vec<&str> = config.tcp.listeners.iter().map(|l| l.name.as_str()).collect();
+    let listeners = crate::l4::stats::registered(&names);
+    if listeners.is_empty() {
+        return;
+    }
+    type Series = (&'static str, Option<(&'static str, &'static str)>);
+    let metrics: [(&str, &str, &str, &[Series]); 10] = [
+        ("lb_l4_connections_total", "counter", "TCP connections accepted", &[("accepted", None)]),
+        ("lb_l4_active_connections", "gauge", "TCP connections being served", &[("active", None)]),
+        (
+            "lb_l4_relayed_total",
+            "counter",
+            "TCP connections relayed to a backend",
+            &[("relayed", None)],
+        ),
+        (
+            "lb_l4_handed_off_total",
+            "counter",
+            "TLS connections handed to an L7 listener",
+            &[("handed_off", None)],
+        ),
+        (
+            "lb_l4_sni_routed_total",
+            "counter",
+            "TLS connections whose SNI matched a route",
+            &[("sni_routed", None)],
+        ),
+        (
+            "lb_l4_connect_failures_total",
+            "counter",
+            "Backend connects that failed (each attempt)",
+            &[("connect_failures", None)],
+        ),
+        (
+            "lb_l4_connect_retries_total",
+            "counter",
+            "Connects to another backend after a failed one",
+            &[("connect_retries", None)],
+        ),
+        (
+            "lb_l4_bytes_total",
+            "counter",
+            "Bytes relayed, by direction",
+            &[
+                ("bytes_to_backend", Some(("direction", "to_backend"))),
+                ("bytes_to_client", Some(("direction", "to_client"))),
+            ],
+        ),
+        (
+            "lb_l4_udp_sessions_total",
+            "counter",
+            "UDP sessions, by event",
+            &[
+                ("udp_sessions_created", Some(("event", "created"))),
+                ("udp_sessions_expired", Some(("event", "expired"))),
+            ],
+        ),
+        (
+            "lb_l4_datagrams_total",
+            "counter",
+            "UDP datagrams relayed, by direction",
+            &[
+                ("datagrams_to_backend", Some(("direction", "to_backend"))),
+                ("datagrams_to_client", Some(("direction", "to_client"))),
+            ],
+        ),
+    ];
+    for (name, kind, help, series) in metrics {
+        o.head(name, kind, help);
+        for l in &listeners {
+            for (key, label) in series {
+                let v = l.counters.get(*key).copied().unwrap_or_default();
+                let mut labels = vec![("listener", l.name.as_str())];
+                labels.extend(label);
+                o.sample(name, &labels, v);
+            }
+        }
+    }
+    o.head("lb_l4_udp_active_sessions", "gauge", "UDP sessions open");
+    for l in &listeners {
+        let v = l.counters.get("udp_sessions_active").copied().unwrap_or_default();
+        o.sample("lb_l4_udp_active_sessions", &[("listener", &l.name)], v);
+    }
+    o.head(
+        "lb_l4_errors_total",
+        "counter",
+        "Connections or datagrams closed or dropped, by reason",
+    );
+    for l in &listeners {
+        for (kind, v) in &l.errors {
+            o.sample("lb_l4_errors_total", &[("listener", &l.name), ("kind", kind)], v);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -250,5 +351,35 @@ mod tests {
             let (_, value) = line.rsplit_once(' ').unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    #[test]
+    fn renders_l4_listener_counters() {
+        let config = Config::parse(
+            "[[tcp.listener]]\nname = \"metrics-l4\"\nlisten = \"127.0.0.1:0\"\nupstream = \"db\"\n[upstream.db]\nbackends = [\"10.0.0.1:5432\"]\n",
+        )
+        .unwrap();
+        let groups = crate::upstream::groups(&config.upstream);
+        let l4 = crate::l4::L4::build(&config.tcp, &groups, &Default::default()).unwrap();
+        let s = l4.stats()[0].clone();
+        s.accepted.fetch_add(3, Ordering::Relaxed);
+        s.bytes_to_client.fetch_add(1234, Ordering::Relaxed);
+        s.connect_retries.fetch_add(1, Ordering::Relaxed);
+        s.error(crate::l4::ErrorKind::ConnectFailed);
+        let state = State::new(config, None, groups, None);
+        let text = render(&state);
+        for want in [
+            "lb_l4_connections_total{listener=\"metrics-l4\"} 3\n",
+            "lb_l4_bytes_total{listener=\"metrics-l4\",direction=\"to_client\"} 1234\n",
+            "lb_l4_connect_retries_total{listener=\"metrics-l4\"} 1\n",
+            "lb_l4_errors_total{listener=\"metrics-l4\",kind=\"connect_failed\"} 1\n",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+        // And in the JSON of /stats.
+        let stats = state.stats(None).unwrap();
+        assert_eq!(stats.l4.len(), 1);
+        assert_eq!(stats.l4[0].counters["accepted"], 3);
+        assert_eq!(stats.l4[0].errors["connect_failed"], 1);
     }
 }

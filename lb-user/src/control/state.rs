@@ -17,6 +17,7 @@ use crate::{
     config::Config,
     dataplane::{Dataplane, DataplaneError, tables::TableError},
     health::{self, BackendHealth},
+    l4::ListenerSnapshot,
     upstream::{GroupError, Groups},
 };
 
@@ -89,6 +90,10 @@ pub struct Attachment {
 pub struct Stats {
     pub services: Vec<ServiceStats>,
     pub reasons: Vec<(String, u64)>,
+    /// The userspace L4 listeners' counters (`[[tcp.listener]]`), in config order; only in the
+    /// full `/stats`, not for one service.
+    #[serde(default)]
+    pub l4: Vec<ListenerSnapshot>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -326,7 +331,14 @@ impl State {
         {
             return Err(StateError::NotFound(o.into()));
         }
-        Ok(Stats { services, reasons })
+        let l4 = if only.is_none() {
+            let config = self.config.load();
+            let names: Vec<&str> = config.tcp.listeners.iter().map(|l| l.name.as_str()).collect();
+            crate::l4::stats::registered(&names)
+        } else {
+            Vec::new()
+        };
+        Ok(Stats { services, reasons, l4 })
     }
 }
 

@@ -2,7 +2,10 @@
 //! the XDP path (`maglev::table`, `lb_common::hash::source_hash`), so one client reaches the
 //! same backend whichever path serves it. The table is cached per group and rebuilt when the
 //! group's backend set (the `Arc`) or the availability of its backends changes.
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use arc_swap::ArcSwapOption;
 
@@ -62,18 +65,40 @@ impl Picker {
     /// (unhealthy, draining) are left out of the table, as the control plane leaves them out of
     /// the XDP table, so Maglev moves only their clients.
     pub fn pick(&self, client: IpAddr) -> Option<Arc<Backend>> {
+        self.pick_avoiding(client, &[])
+    }
+
+    /// The backend for `client` other than those in `avoid` (backends a connection already
+    /// failed to reach): the owner of the client's slot, else of the next slots in turn, so the
+    /// retries of one client always go to the same backends and spread like Maglev's own slots.
+    pub fn pick_avoiding(&self, client: IpAddr, avoid: &[SocketAddr]) -> Option<Arc<Backend>> {
+        let cached = self.current();
+        if cached.members.iter().all(|b| avoid.contains(&b.addr)) {
+            return None;
+        }
+        let size = self.size as usize;
+        let start = client_slot(client, self.size) as usize;
+        // Ends within a few slots: some member is not avoided and every member owns slots.
+        (0..size)
+            .map(|i| cached.table[(start + i) % size])
+            .filter_map(|owner| cached.members.get(owner as usize))
+            .find(|b| !avoid.contains(&b.addr))
+            .cloned()
+    }
+
+    /// The table for the group's backends as they are now (no allocation unless it changed).
+    fn current(&self) -> Arc<Cached> {
         let set = self.group.backends();
-        let available: Vec<bool> = set.iter().map(|b| b.is_available()).collect();
-        let cached = match self.cache.load_full() {
-            Some(c) if Arc::ptr_eq(&c.set, &set) && c.available == available => c,
-            _ => {
-                let c = Arc::new(build(set, available, self.size));
-                self.cache.store(Some(c.clone()));
-                c
-            }
-        };
-        let owner = cached.table[client_slot(client, self.size) as usize];
-        cached.members.get(owner as usize).cloned()
+        if let Some(c) = &*self.cache.load()
+            && Arc::ptr_eq(&c.set, &set)
+            && c.available.iter().zip(set.iter()).all(|(a, b)| *a == b.is_available())
+        {
+            return c.clone();
+        }
+        let available = set.iter().map(|b| b.is_available()).collect();
+        let c = Arc::new(build(set, available, self.size));
+        self.cache.store(Some(c.clone()));
+        c
     }
 }
 
@@ -89,7 +114,7 @@ fn build(set: Arc<Vec<Arc<Backend>>>, available: Vec<bool>, size: u32) -> Cached
 #[cfg(test)]
 mod tests {
     use std::{
-        net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+        net::{Ipv4Addr, Ipv6Addr},
         sync::atomic::Ordering,
     };
 
@@ -164,5 +189,21 @@ mod tests {
             b.draining.store(true, Ordering::Relaxed);
         }
         assert!(p.pick(clients[0]).is_none());
+    }
+
+    #[test]
+    fn retries_go_to_other_backends_in_a_fixed_order() {
+        let g = group(r#"["10.1.1.2:80", "10.1.2.2:80", "10.1.3.2:80"]"#);
+        let p = Picker::new(g);
+        for i in 0..200u32 {
+            let c = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919));
+            let first = p.pick(c).unwrap().addr;
+            let second = p.pick_avoiding(c, &[first]).unwrap().addr;
+            assert_ne!(second, first);
+            assert_eq!(p.pick_avoiding(c, &[first]).unwrap().addr, second, "deterministic");
+            let third = p.pick_avoiding(c, &[first, second]).unwrap().addr;
+            assert!(third != first && third != second);
+            assert!(p.pick_avoiding(c, &[first, second, third]).is_none());
+        }
     }
 }

@@ -20,7 +20,7 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use thiserror::Error;
 use tokio::{
-    net::{TcpListener, UdpSocket},
+    net::{TcpListener, TcpSocket, UdpSocket},
     sync::watch,
     task::JoinSet,
 };
@@ -93,6 +93,7 @@ impl L4 {
         let mut services = Vec::new();
         for l in &config.listeners {
             let stats = Arc::new(ListenerStats::new(&l.name));
+            stats::register(stats.clone());
             let default = l.upstream.as_deref().map(|u| picker(&l.name, u)).transpose()?;
             if l.protocol == Protocol::Udp {
                 let upstream = default
@@ -159,13 +160,23 @@ impl L4 {
                 L4Error::Bind { listener: name.clone(), addr, source, hint }
             };
             let socket = match &s {
-                Service::Tcp(_) => Socket::Tcp(TcpListener::bind(addr).await.map_err(err)?),
+                Service::Tcp(_) => Socket::Tcp(tcp_listener(addr).map_err(err)?),
                 Service::Udp(_) => Socket::Udp(UdpSocket::bind(addr).await.map_err(err)?),
             };
             listeners.push((s, socket));
         }
         Ok(Bound { listeners })
     }
+}
+
+/// A listening socket whose accepted connections inherit TCP_NODELAY (one setsockopt per
+/// listener rather than per connection), with the L7 listeners' backlog of 4096.
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    s.set_nodelay(true)?;
+    s.bind(addr)?;
+    s.listen(4096)
 }
 
 impl Bound {

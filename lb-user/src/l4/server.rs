@@ -2,7 +2,7 @@
 //! route (SNI peeked from the ClientHello, or the default upstream), then relay to a backend or
 //! hand the connection to an L7 TLS listener.
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -47,29 +47,20 @@ pub struct TcpService {
 }
 
 /// Accepts until `shutdown` turns true, then lets connections finish for [`DRAIN_TIMEOUT`].
-/// One accept loop per CPU (at most 4) shares the socket, so a burst of new connections is not
-/// serialised behind one task.
+/// One accept loop per listener: accepting is a small part of a connection's work (which runs
+/// in its own task on any worker), and several loops on one socket all woke for each new
+/// connection, the losers only to get EAGAIN.
 pub async fn run(
     listener: TcpListener,
     service: Arc<TcpService>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let listener = Arc::new(listener);
     let limit = Arc::new(Semaphore::new(service.config.max_connections));
-    let loops = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-    let mut tasks = JoinSet::new();
-    for _ in 0..loops {
-        let (l, s, lim, sh) = (listener.clone(), service.clone(), limit.clone(), shutdown.clone());
-        tasks.spawn(accept_loop(l, s, lim, sh));
-    }
-    while let Some(r) = tasks.join_next().await {
-        r.map_err(std::io::Error::other)??;
-    }
-    Ok(())
+    accept_loop(listener, service, limit, shutdown).await
 }
 
 async fn accept_loop(
-    listener: Arc<TcpListener>,
+    listener: TcpListener,
     service: Arc<TcpService>,
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
@@ -92,7 +83,6 @@ async fn accept_loop(
                 }
             },
             _ = shutdown.changed() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         service.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let service = service.clone();
@@ -104,6 +94,9 @@ async fn accept_loop(
                 log::debug!("listener {}: {peer}: {}", service.config.name, kind.as_str());
             }
         });
+        // Reap finished connections without waiting: waiting on the set would wake this task
+        // (often on the other worker thread) for every connection that ends.
+        while conns.try_join_next().is_some() {}
     }
     let drained =
         tokio::time::timeout(DRAIN_TIMEOUT, async { while conns.join_next().await.is_some() {} })
@@ -122,9 +115,10 @@ async fn accept_loop(
 /// One connection, start to end.
 async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Result<(), ErrorKind> {
     let cfg = &svc.config;
-    let _ = client.set_nodelay(true);
-    let local = client.local_addr().map_err(|_| ErrorKind::Io)?;
-    let (mut src, mut dst) = (canonical(peer), canonical(local));
+    // TCP_NODELAY comes from the listening socket (accepted sockets inherit it).
+    // The local address is asked of the kernel only when something needs it (a PROXY header
+    // to the backend, a hand-off), not for every plain relay.
+    let (mut src, mut dst) = (canonical(peer), None);
 
     if cfg.trusts(peer.ip()) {
         let max = 16 + proxy_protocol::V2_MAX_PAYLOAD;
@@ -143,7 +137,7 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
         let mut skip = vec![0u8; header.len];
         client.read_exact(&mut skip).await.map_err(|_| ErrorKind::Io)?;
         if let Some((s, d)) = header.addrs {
-            (src, dst) = (canonical(s), canonical(d));
+            (src, dst) = (canonical(s), Some(canonical(d)));
         }
     }
 
@@ -160,6 +154,9 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
         match peeked {
             Ok(h) => {
                 let r = h.sni.as_deref().and_then(|s| svc.routes.find(s)).cloned();
+                if r.is_some() {
+                    svc.stats.sni_routed.fetch_add(1, Ordering::Relaxed);
+                }
                 hello = Some(h);
                 match (r, &svc.default) {
                     (Some(r), _) => Some(r),
@@ -182,10 +179,11 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
     match route.ok_or(ErrorKind::NoRoute)? {
         Route::Terminate(_, target) => {
             let (sni, alpn) = hello.map(|h| (h.sni, h.alpn)).unwrap_or_default();
+            let local = local_addr(&client, dst)?;
             let conn = Handoff {
                 stream: client,
                 client: src,
-                local: dst,
+                local,
                 sni,
                 alpn,
                 listener: cfg.name.clone(),
@@ -194,9 +192,51 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
             svc.stats.handed_off.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
-        Route::Upstream(picker) => {
-            let backend = picker.pick(src.ip()).ok_or(ErrorKind::NoBackend)?;
-            relay_to(svc, &client, &backend, src, dst).await
+        Route::Upstream(picker) => relay_to(svc, &client, &picker, src, dst).await,
+    }
+}
+
+/// The address the client connected to (what a PROXY header reports as the destination).
+fn local_addr(client: &TcpStream, known: Option<SocketAddr>) -> Result<SocketAddr, ErrorKind> {
+    match known {
+        Some(a) => Ok(a),
+        None => client.local_addr().map(canonical).map_err(|_| ErrorKind::Io),
+    }
+}
+
+/// Backends tried per connection: the client's own, then up to two others.
+pub const CONNECT_TRIES: usize = 3;
+
+/// Connects to the client's backend; when that fails (refused, unreachable, timed out), to the
+/// next ones Maglev gives the client among the available backends, [`CONNECT_TRIES`] in all.
+async fn connect(
+    svc: &TcpService,
+    picker: &Picker,
+    client: IpAddr,
+) -> Result<(Arc<Backend>, TcpStream), ErrorKind> {
+    let cfg = &svc.config;
+    // Allocates only once a connect has failed.
+    let mut failed: Vec<SocketAddr> = Vec::new();
+    loop {
+        let Some(backend) = picker.pick_avoiding(client, &failed) else {
+            return Err(if failed.is_empty() {
+                ErrorKind::NoBackend
+            } else {
+                ErrorKind::ConnectFailed
+            });
+        };
+        if !failed.is_empty() {
+            svc.stats.connect_retries.fetch_add(1, Ordering::Relaxed);
+        }
+        match tokio::time::timeout(cfg.connect_timeout.0, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(s)) => return Ok((backend, s)),
+            Ok(Err(e)) => log::debug!("listener {}: connect {}: {e}", cfg.name, backend.addr),
+            Err(_) => log::debug!("listener {}: connect {}: timed out", cfg.name, backend.addr),
+        }
+        svc.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        failed.push(backend.addr);
+        if failed.len() >= CONNECT_TRIES {
+            return Err(ErrorKind::ConnectFailed);
         }
     }
 }
@@ -204,25 +244,18 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
 async fn relay_to(
     svc: &TcpService,
     client: &TcpStream,
-    backend: &Backend,
+    picker: &Picker,
     src: SocketAddr,
-    dst: SocketAddr,
+    dst: Option<SocketAddr>,
 ) -> Result<(), ErrorKind> {
     let cfg = &svc.config;
+    let (backend, mut upstream) = connect(svc, picker, src.ip()).await?;
     let _in_flight = Gauge::up(&backend.in_flight);
-    let mut upstream =
-        tokio::time::timeout(cfg.connect_timeout.0, TcpStream::connect(backend.addr))
-            .await
-            .map_err(|_| ErrorKind::ConnectFailed)?
-            .map_err(|e| {
-                log::debug!("listener {}: connect {}: {e}", cfg.name, backend.addr);
-                ErrorKind::ConnectFailed
-            })?;
     let _ = upstream.set_nodelay(true);
     let header = match cfg.proxy_protocol {
         ProxyProtocol::None => None,
-        ProxyProtocol::V1 => Some(proxy_protocol::encode_v1(src, dst)),
-        ProxyProtocol::V2 => Some(proxy_protocol::encode_v2(src, dst)),
+        ProxyProtocol::V1 => Some(proxy_protocol::encode_v1(src, local_addr(client, dst)?)),
+        ProxyProtocol::V2 => Some(proxy_protocol::encode_v2(src, local_addr(client, dst)?)),
     };
     if let Some(h) = header {
         upstream.write_all(&h).await.map_err(|_| ErrorKind::Io)?;

@@ -2,10 +2,13 @@
 //! kept in atomics the relay updates as bytes flow and the admin API can read at any time.
 use std::{
     collections::BTreeMap,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a connection or datagram was closed or dropped; each kind has its own counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +89,12 @@ pub struct ListenerStats {
     pub relayed: AtomicU64,
     /// Connections handed to an L7 TLS listener.
     pub handed_off: AtomicU64,
+    /// TLS connections whose SNI matched a route (the rest took the default upstream).
+    pub sni_routed: AtomicU64,
+    /// Backend connects that failed (refused, unreachable, timed out), each attempt counted.
+    pub connect_failures: AtomicU64,
+    /// Connects to another backend after one failed.
+    pub connect_retries: AtomicU64,
     /// Bytes from clients to backends, and back.
     pub bytes_to_backend: AtomicU64,
     pub bytes_to_client: AtomicU64,
@@ -118,6 +127,9 @@ impl ListenerStats {
             ("active", get(&self.active)),
             ("relayed", get(&self.relayed)),
             ("handed_off", get(&self.handed_off)),
+            ("sni_routed", get(&self.sni_routed)),
+            ("connect_failures", get(&self.connect_failures)),
+            ("connect_retries", get(&self.connect_retries)),
             ("bytes_to_backend", get(&self.bytes_to_backend)),
             ("bytes_to_client", get(&self.bytes_to_client)),
             ("udp_sessions_created", get(&self.udp_sessions_created)),
@@ -127,18 +139,37 @@ impl ListenerStats {
             ("datagrams_to_client", get(&self.datagrams_to_client)),
         ]
         .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let errors = ErrorKind::ALL.iter().map(|&k| (k.as_str(), self.errors(k))).collect();
+        let errors =
+            ErrorKind::ALL.iter().map(|&k| (k.as_str().to_string(), self.errors(k))).collect();
         ListenerSnapshot { name: self.name.clone(), counters, errors }
     }
 }
 
 /// What the admin API serves for one listener.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ListenerSnapshot {
     pub name: String,
-    pub counters: BTreeMap<&'static str, u64>,
-    pub errors: BTreeMap<&'static str, u64>,
+    pub counters: BTreeMap<String, u64>,
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// The counters of the running listeners, for the admin API (which has no handle on the L4
+/// tasks): one entry per listener name, the latest registered winning.
+static REGISTRY: Mutex<Vec<Arc<ListenerStats>>> = Mutex::new(Vec::new());
+
+/// Makes `stats` the counters the admin API reports for its listener name.
+pub fn register(stats: Arc<ListenerStats>) {
+    let mut r = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    r.retain(|s| s.name != stats.name);
+    r.push(stats);
+}
+
+/// Snapshots of the registered listeners named in `names`, in that order.
+pub fn registered(names: &[&str]) -> Vec<ListenerSnapshot> {
+    let r = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    names.iter().filter_map(|n| r.iter().find(|s| s.name == *n)).map(|s| s.snapshot()).collect()
 }
 
 /// Keeps `active` (or any gauge) right however a task ends.

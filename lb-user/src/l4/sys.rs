@@ -1,5 +1,6 @@
 //! The few socket syscalls tokio does not wrap: splice(2) through a pipe (zero-copy relay), a
-//! non-consuming peek, and a write-side shutdown through a shared reference. The only unsafe
+//! non-consuming peek, a plain read whose result decides tokio's readiness, and a write-side
+//! shutdown through a shared reference. The only unsafe
 //! code of the L4 proxy; each call is a plain syscall on file descriptors we own or borrow.
 use std::{
     io,
@@ -46,6 +47,14 @@ pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Resul
             libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
         )
     };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// Reads what a non-blocking socket has queued, up to `buf.len()` bytes. `Ok(0)` means the
+/// peer closed its side; WouldBlock means nothing is queued.
+pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv writes at most buf.len() bytes into buf, which we borrow mutably.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
