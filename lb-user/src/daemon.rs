@@ -124,7 +124,6 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     // ClientHello unread) to the L7 TLS listener NAME of this process.
     let handoffs = handoffs(&l7_listeners, &shutdown_rx);
     let l4 = L4::build(&config.tcp, &groups, &handoffs)?;
-    let _l4_stats = l4.stats(); // for the admin API (issue 6)
     let l4 = l4.bind().await?;
     let listener = admin::bind(config.admin.listen).await?;
     let auth = if config.admin.token.is_some() { "bearer token required" } else { "no token" };
