@@ -118,6 +118,14 @@ impl<T> H1Guard<T> {
             && !self.eof
     }
 
+    /// hyper writes: whatever read found the socket empty before is stale (hyper is not back
+    /// to waiting for a request until it reads again).
+    fn writing(&self) {
+        if let Some(p) = &self.park {
+            p.idle.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Back to serving after a park: frees the (empty) buffers and clears the flags.
     pub fn unpark(&mut self) {
         self.held = BytesMut::new();
@@ -354,6 +362,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H1Guard<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.writing();
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -371,6 +380,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H1Guard<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.writing();
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
