@@ -4,7 +4,6 @@ use std::{
     convert::Infallible,
     future::{pending, poll_fn},
     net::SocketAddr,
-    pin::Pin,
     sync::Arc,
     task::Poll,
     time::Duration,
