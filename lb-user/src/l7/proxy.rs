@@ -198,8 +198,9 @@ async fn forward(
             }
             Ok(Ok(resp)) => resp,
         };
-        backend.latency.observe(sent.elapsed());
-        backend.requests.record(resp.status().as_u16(), sent.elapsed());
+        let took = sent.elapsed();
+        backend.latency.observe(took);
+        backend.requests.record(resp.status().as_u16(), took);
         backend.record_success();
         let resp = match (resp.status(), client_upgrade) {
             (StatusCode::SWITCHING_PROTOCOLS, Some(client_up)) => {
