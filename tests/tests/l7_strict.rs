@@ -215,3 +215,71 @@ async fn upstream_connect_timeout_gives_504() {
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.body);
     p.stop().await;
 }
+
+/// Reads `n` complete responses (each with a Content-Length) from a keep-alive connection and
+/// returns their status lines.
+async fn read_responses(s: &mut TcpStream, n: usize) -> Vec<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let mut statuses = Vec::new();
+        let mut rest = &buf[..];
+        while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&rest[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if rest.len() < end + 4 + len {
+                break;
+            }
+            statuses.push(head.lines().next().unwrap_or("").to_string());
+            rest = &rest[end + 4 + len..];
+        }
+        if statuses.len() >= n {
+            assert!(rest.is_empty() && statuses.len() == n, "extra bytes: {statuses:?}");
+            return statuses;
+        }
+        let k = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.expect("responses").unwrap();
+        assert!(k > 0, "closed after {statuses:?}");
+        buf.extend_from_slice(&chunk[..k]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_behave_the_same_after_pauses() {
+    // Between requests a quiet plain HTTP/1 connection is parked without hyper's buffers
+    // (server.rs); the pauses give it the chance, and nothing may show from the outside.
+    let a = Backend::start("a").await;
+    let p = Proxy::start(&config(&[a.addr], "", "")).await;
+    let pause = || tokio::time::sleep(Duration::from_millis(50));
+    let mut s = TcpStream::connect(p.addr()).await.unwrap();
+    for _ in 0..3 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        assert_eq!(read_responses(&mut s, 1).await, ["http/1.1 200 ok"]);
+        pause().await;
+    }
+    // Pipelined after a pause: both answered.
+    s.write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_responses(&mut s, 2).await.len(), 2);
+    pause().await;
+    // A head split by a pause.
+    s.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    pause().await;
+    s.write_all(b"st: x\r\n\r\n").await.unwrap();
+    assert_eq!(read_responses(&mut s, 1).await, ["http/1.1 200 ok"]);
+    pause().await;
+    // Still strict: an ambiguous head is refused and the connection closed.
+    let forwarded = a.requests.load(Ordering::Relaxed);
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.expect("closed by the proxy").ok();
+    let text = String::from_utf8_lossy(&out);
+    assert!(status_line(&text).starts_with("HTTP/1.1 400"), "{text:?}");
+    assert_eq!(a.requests.load(Ordering::Relaxed), forwarded, "nothing more forwarded");
+    p.stop().await;
+}

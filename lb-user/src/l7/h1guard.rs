@@ -9,7 +9,12 @@
 //! preface, upgrade or CONNECT requests, oversized heads (hyper then answers 431).
 use std::{
     io,
+    mem::MaybeUninit,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -41,6 +46,30 @@ enum State {
     Done,
 }
 
+/// Shared between a plain HTTP/1 connection's guard (inside hyper) and its server task, which
+/// parks the connection between requests (see `server.rs`): hyper's buffers are freed while
+/// the client is quiet.
+#[derive(Debug, Default)]
+pub struct Park {
+    /// The last read found the socket empty with nothing held or pending for hyper: hyper is
+    /// waiting at a message boundary.
+    idle: AtomicBool,
+    /// The server asked hyper to close: `poll_shutdown` leaves the socket open.
+    requested: AtomicBool,
+}
+
+impl Park {
+    /// True when hyper waits for the client at a message boundary.
+    pub fn is_idle(&self) -> bool {
+        self.idle.load(Ordering::Relaxed)
+    }
+
+    /// The next shutdown from hyper keeps the socket (the server takes it back).
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Wraps a client stream; writes go straight through.
 pub struct H1Guard<T> {
     inner: T,
@@ -53,6 +82,7 @@ pub struct H1Guard<T> {
     out: BytesMut,
     max_head: usize,
     eof: bool,
+    park: Option<Arc<Park>>,
 }
 
 impl<T> H1Guard<T> {
@@ -65,6 +95,44 @@ impl<T> H1Guard<T> {
             out: BytesMut::new(),
             max_head,
             eof: false,
+            park: None,
+        }
+    }
+
+    /// A guard whose connection the server may park between requests.
+    pub fn parkable(inner: T, max_head: usize, park: Arc<Park>) -> Self {
+        Self { park: Some(park), ..Self::new(inner, max_head) }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// Between two messages, with nothing held back and nothing hyper has not taken: a new
+    /// hyper connection can take over from here.
+    pub fn at_boundary(&self) -> bool {
+        self.state == State::Head
+            && self.held.is_empty()
+            && self.released == 0
+            && self.out.is_empty()
+            && !self.eof
+    }
+
+    /// hyper writes: whatever read found the socket empty before is stale (hyper is not back
+    /// to waiting for a request until it reads again).
+    fn writing(&self) {
+        if let Some(p) = &self.park {
+            p.idle.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Back to serving after a park: frees the (empty) buffers and clears the flags.
+    pub fn unpark(&mut self) {
+        self.held = BytesMut::new();
+        self.out = BytesMut::new();
+        if let Some(p) = &self.park {
+            p.idle.store(false, Ordering::Relaxed);
+            p.requested.store(false, Ordering::Relaxed);
         }
     }
 
@@ -266,16 +334,23 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
             if this.eof || this.state == State::Done {
                 return Poll::Ready(Ok(()));
             }
-            let mut tmp = [0u8; 8192];
-            let mut rb = ReadBuf::new(&mut tmp);
-            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            let mut tmp = [MaybeUninit::<u8>::uninit(); 8192];
+            let mut rb = ReadBuf::uninit(&mut tmp);
+            if Pin::new(&mut this.inner).poll_read(cx, &mut rb)?.is_pending() {
+                if let Some(p) = &this.park {
+                    p.idle.store(this.at_boundary(), Ordering::Relaxed);
+                }
+                return Poll::Pending;
+            }
+            if let Some(p) = &this.park {
+                p.idle.store(false, Ordering::Relaxed);
+            }
             if rb.filled().is_empty() {
                 // EOF: hand over any partial unit so hyper sees what the client sent.
                 this.eof = true;
                 this.pass_held();
             } else {
-                let filled = rb.filled().to_vec();
-                this.feed(&filled);
+                this.feed(rb.filled());
             }
         }
     }
@@ -287,12 +362,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H1Guard<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.writing();
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.park.as_ref().is_some_and(|p| p.requested.load(Ordering::Relaxed)) {
+            // Parking, not closing: the server task keeps the socket.
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
     fn poll_write_vectored(
@@ -300,6 +380,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H1Guard<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.writing();
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

@@ -80,13 +80,12 @@ pub fn add_forwarded(headers: &mut HeaderMap, c: Client<'_>) {
     headers.remove(&X_FORWARDED_FOR);
     headers.remove(header::FORWARDED);
 
-    let xff = match prior_xff {
-        Some(p) => format!("{p}, {addr}"),
-        None => addr.to_string(),
-    };
-    set(headers, X_FORWARDED_FOR, &xff);
+    // One string per request for the address, shared by X-Forwarded-For and Forwarded.
+    let addr_text = addr.to_string();
+    let xff = prior_xff.map(|p| format!("{p}, {addr_text}"));
+    set(headers, X_FORWARDED_FOR, xff.as_deref().unwrap_or(&addr_text));
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        set(headers, X_FORWARDED_PROTO, c.proto);
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(c.proto));
     }
     if let Some(host) = c.host {
         if !headers.contains_key(&X_FORWARDED_HOST) {
@@ -94,19 +93,25 @@ pub fn add_forwarded(headers: &mut HeaderMap, c: Client<'_>) {
         }
     }
 
-    let node = match addr {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("\"[{a}]\""),
+    let mut fwd = match prior_fwd {
+        Some(p) => p + ", ",
+        None => String::new(),
     };
-    let mut element = format!("for={node};proto={}", c.proto);
-    if let Some(host) = c.host {
-        element.push_str(";host=");
-        element.push_str(&quote_if_needed(host));
+    fwd.push_str("for=");
+    match addr {
+        IpAddr::V4(_) => fwd.push_str(&addr_text),
+        IpAddr::V6(_) => {
+            fwd.push_str("\"[");
+            fwd.push_str(&addr_text);
+            fwd.push_str("]\"");
+        }
     }
-    let fwd = match prior_fwd {
-        Some(p) => format!("{p}, {element}"),
-        None => element,
-    };
+    fwd.push_str(";proto=");
+    fwd.push_str(c.proto);
+    if let Some(host) = c.host {
+        fwd.push_str(";host=");
+        push_quoted_if_needed(&mut fwd, host);
+    }
     set(headers, header::FORWARDED, &fwd);
 }
 
@@ -123,12 +128,19 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 }
 
 /// RFC 7239 values are tokens or quoted strings; `host:port` needs quotes.
-fn quote_if_needed(v: &str) -> String {
+fn push_quoted_if_needed(out: &mut String, v: &str) {
     let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if v.bytes().all(tchar) {
-        v.to_string()
+        out.push_str(v);
     } else {
-        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+        out.push('"');
+        for ch in v.chars() {
+            if ch == '\\' || ch == '"' {
+                out.push('\\');
+            }
+            out.push(ch);
+        }
+        out.push('"');
     }
 }
 

@@ -44,10 +44,13 @@ pub async fn handle(
     active: Active,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
-    let method = req.method().clone();
-    let version = req.version();
-    let host = host_of(&req).unwrap_or_default();
-    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+    // The access line's fields, only when it is written (lb-bench and most deployments log at
+    // warn): two strings per request otherwise.
+    let access = log::log_enabled!(target: "lb::access", log::Level::Info).then(|| {
+        let host = host_of(&req).unwrap_or_default();
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        (req.method().clone(), req.version(), host, path)
+    });
     let (mut resp, backend) = match forward(&ctx, peer, req).await {
         Ok(ok) => ok,
         Err((e, backend)) => {
@@ -61,14 +64,16 @@ pub async fn handle(
     };
     resp.body_mut().hold(active);
     ctx.stats.record(resp.status().as_u16(), start.elapsed());
-    log::info!(
-        target: "lb::access",
-        "{} {peer} \"{method} {host}{path} {version:?}\" {} backend={} {}ms",
-        ctx.listener,
-        resp.status().as_u16(),
-        backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
-        start.elapsed().as_millis()
-    );
+    if let Some((method, version, host, path)) = access {
+        log::info!(
+            target: "lb::access",
+            "{} {peer} \"{method} {host}{path} {version:?}\" {} backend={} {}ms",
+            ctx.listener,
+            resp.status().as_u16(),
+            backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
+            start.elapsed().as_millis()
+        );
+    }
     resp
 }
 
@@ -101,7 +106,7 @@ async fn forward(
     };
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let mut out_headers = parts.headers.clone();
+    let mut out_headers = parts.headers;
     headers::strip_hop_by_hop(&mut out_headers);
     let trusted = ctx.http.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
     let proto = if ctx.tls { "https" } else { "http" };
@@ -116,21 +121,24 @@ async fn forward(
             out_headers.insert(header::HOST, h);
         }
     }
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
 
     // Only a request without a body can be sent twice: the body of a failed attempt is gone.
     let retryable = is_idempotent(&parts.method) && body.is_end_stream();
     let fault = FaultFlag::default();
     let mut body = Some(RequestBody::new(body, ctx.http.max_body_bytes, fault.clone()));
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    // Backends tried so far: tried[..attempts].
+    let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_ATTEMPTS];
+    let mut attempts = 0;
     let mut last_error = None;
     loop {
-        let Some(backend) = group.pick(key.as_deref(), &tried) else {
+        let Some(backend) = group.pick(key.as_deref(), &tried[..attempts]) else {
             // Nothing left to retry on: the last failure is the answer.
             return Err(last_error.unwrap_or(fail(ProxyError::NoBackend)));
         };
         let addr = backend.addr;
-        tried.push(addr);
+        tried[attempts] = addr;
+        attempts += 1;
         let in_flight = backend.start();
         let attempt_body = if retryable {
             RequestBody::empty()
@@ -139,7 +147,7 @@ async fn forward(
         };
         let mut up = Request::new(attempt_body);
         *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = upstream.uri(addr, &path_and_query);
+        *up.uri_mut() = upstream.uri(addr, path_and_query);
         *up.version_mut() = if upstream.config.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
         *up.headers_mut() = out_headers.clone();
 
@@ -181,7 +189,7 @@ async fn forward(
                 // answer (a backend that died mid-request, a stale pooled connection). A
                 // response timeout is not retried: the backend may still be working on it.
                 let again = connect || !matches!(err, ProxyError::Timeout { .. });
-                if again && retryable && tried.len() < MAX_ATTEMPTS {
+                if again && retryable && attempts < MAX_ATTEMPTS {
                     log::warn!("{}: {err}; retrying on another backend", ctx.listener);
                     last_error = Some((err, Some(addr)));
                     continue;
@@ -190,8 +198,9 @@ async fn forward(
             }
             Ok(Ok(resp)) => resp,
         };
-        backend.latency.observe(sent.elapsed());
-        backend.requests.record(resp.status().as_u16(), sent.elapsed());
+        let took = sent.elapsed();
+        backend.latency.observe(took);
+        backend.requests.record(resp.status().as_u16(), took);
         backend.record_success();
         let resp = match (resp.status(), client_upgrade) {
             (StatusCode::SWITCHING_PROTOCOLS, Some(client_up)) => {

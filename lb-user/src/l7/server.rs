@@ -1,10 +1,17 @@
 //! One L7 listener: accept with a connection limit, terminate TLS, serve HTTP/1.1 and HTTP/2
 //! (ALPN or prior knowledge) with header-read and idle timeouts, drain gracefully on shutdown.
-use std::{convert::Infallible, future::pending, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::{pending, poll_fn},
+    net::SocketAddr,
+    sync::Arc,
+    task::Poll,
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 
-use hyper::service::service_fn;
+use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
@@ -19,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{
     L7Error,
     body::Active,
-    h1guard::H1Guard,
+    h1guard::{H1Guard, Park},
     proxy::{self, Ctx},
     route::Router,
     upstream::Upstream,
@@ -31,6 +38,9 @@ use crate::{
 
 /// Pending connections a listener queues before `accept` (capped by net.core.somaxconn).
 const LISTEN_BACKLOG: u32 = 4096;
+/// What an HTTP/2 prior-knowledge connection starts with; anything else on a plain listener
+/// is HTTP/1 (see [`Server::serve_h1`]).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A listener's server, built from the config without binding (see [`Server::bind`]).
 pub struct Server {
@@ -41,6 +51,8 @@ pub struct Server {
     http: Arc<HttpConfig>,
     tls: Option<(Arc<SniResolver>, TlsAcceptor)>,
     builder: auto::Builder<TokioExecutor>,
+    /// The same HTTP/1 settings, for plain connections that are HTTP/1 from their first bytes.
+    h1: http1::Builder,
 }
 
 impl Server {
@@ -80,8 +92,21 @@ impl Server {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX));
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(http.header_timeout())
+            .max_buf_size(http.max_header_bytes)
+            .max_headers(http.max_headers);
         let ctx = ArcSwap::new(ctx);
-        Ok(Self { name: listener.name.clone(), listen: listener.listen, ctx, http, tls, builder })
+        Ok(Self {
+            name: listener.name.clone(),
+            listen: listener.listen,
+            ctx,
+            http,
+            tls,
+            builder,
+            h1,
+        })
     }
 
     /// True when this listener terminates TLS.
@@ -207,33 +232,44 @@ impl Server {
         shutdown: watch::Receiver<bool>,
     ) {
         let _ = stream.set_nodelay(true);
-        match &self.tls {
-            Some((_, acceptor)) => {
-                // The handshake shares the header timeout: a silent client is a slowloris too.
-                match tokio::time::timeout(self.http.header_timeout(), acceptor.accept(stream))
-                    .await
-                {
-                    Ok(Ok(tls)) => {
-                        let io = H1Guard::new(tls, self.http.max_header_bytes);
-                        self.clone().serve(TokioIo::new(io), peer, shutdown).await
-                    }
-                    Ok(Err(e)) => log::debug!("{}: TLS handshake with {peer}: {e}", self.name),
-                    Err(_) => log::debug!("{}: TLS handshake with {peer} timed out", self.name),
-                }
-            }
-            None => {
-                // hyper's header timer starts with the first byte (h1/h2 detection waits for
-                // it): a client that sends nothing gets the same bound.
-                let mut first = [0u8];
-                let peek =
-                    tokio::time::timeout(self.http.header_timeout(), stream.peek(&mut first));
-                if peek.await.is_err() {
-                    log::debug!("{}: {peer} sent nothing within the header timeout", self.name);
-                    return;
-                }
-                let io = H1Guard::new(stream, self.http.max_header_bytes);
+        if self.tls.is_some() {
+            // Boxed: this task's size is what every parked plain connection holds, and a TLS
+            // stream is large.
+            return Box::pin(self.serve_tls(stream, peer, shutdown)).await;
+        }
+        // hyper's header timer starts with the first byte (h1/h2 detection waits for it): a
+        // client that sends nothing gets the same bound.
+        let mut first = [0u8; H2_PREFACE.len()];
+        let peek = tokio::time::timeout(self.http.header_timeout(), stream.peek(&mut first));
+        let Ok(peeked) = peek.await else {
+            log::debug!("{}: {peer} sent nothing within the header timeout", self.name);
+            return;
+        };
+        let n = peeked.unwrap_or(0);
+        if n > 0 && !H2_PREFACE.starts_with(&first[..n]) {
+            self.serve_h1(stream, peer, shutdown).await
+        } else {
+            // HTTP/2 prior knowledge (or too few bytes to tell): hyper-util decides.
+            let io = H1Guard::new(stream, self.http.max_header_bytes);
+            Box::pin(self.serve(TokioIo::new(io), peer, shutdown)).await
+        }
+    }
+
+    async fn serve_tls(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let Some((_, acceptor)) = &self.tls else { return };
+        // The handshake shares the header timeout: a silent client is a slowloris too.
+        match tokio::time::timeout(self.http.header_timeout(), acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                let io = H1Guard::new(tls, self.http.max_header_bytes);
                 self.clone().serve(TokioIo::new(io), peer, shutdown).await
             }
+            Ok(Err(e)) => log::debug!("{}: TLS handshake with {peer}: {e}", self.name),
+            Err(_) => log::debug!("{}: TLS handshake with {peer} timed out", self.name),
         }
     }
 
@@ -272,6 +308,124 @@ impl Server {
             }
         }
     }
+}
+
+impl Server {
+    /// Serves a plain HTTP/1 connection. hyper's connection (with its read and write buffers,
+    /// 8 KiB each) lives only while the client talks: once hyper waits for the next request
+    /// with nothing pending, the connection is parked on the bare socket (hyper closes its
+    /// side without shutting the socket, see [`Park`]) until the client sends more, the idle
+    /// timeout ends it or shutdown does. What a parked connection holds is this future (the
+    /// talking part is boxed, so it is freed too), the socket and the guard's empty buffers.
+    async fn serve_h1(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let (active_tx, active_rx) = watch::channel(0usize);
+        let server = self.clone();
+        let mut service = service_fn(move |req| {
+            let active = Active::new(&active_tx);
+            let ctx = server.ctx.load_full();
+            async move { Ok::<_, Infallible>(proxy::handle(ctx, peer, req, active).await) }
+        });
+        let park = Arc::new(Park::default());
+        let mut guard = H1Guard::parkable(stream, self.http.max_header_bytes, park.clone());
+        loop {
+            let talk = self.talk_h1(guard, service, peer, &park, &active_rx, &mut shutdown);
+            let Some(back) = Box::pin(talk).await else { return };
+            (guard, service) = back;
+            guard.unpark();
+            tokio::select! {
+                ready = tokio::time::timeout(self.http.idle_timeout(), guard.get_ref().readable()) => {
+                    if !matches!(ready, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+                _ = stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// One hyper connection over `guard` until it closes (None) or parks (the guard and the
+    /// service back).
+    async fn talk_h1<S>(
+        &self,
+        guard: H1Guard<TcpStream>,
+        service: S,
+        peer: SocketAddr,
+        park: &Park,
+        active: &watch::Receiver<usize>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<(H1Guard<TcpStream>, S)>
+    where
+        S: hyper::service::HttpService<
+                hyper::body::Incoming,
+                ResBody = super::body::ResponseBody,
+                Error = Infallible,
+            > + Unpin
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let mut conn = self.h1.serve_connection(TokioIo::new(guard), service).with_upgrades();
+        let mut idle_rx = active.clone();
+        let idle = idle(&mut idle_rx, self.http.idle_timeout());
+        tokio::pin!(idle);
+        let (mut closing, mut parking) = (false, false);
+        loop {
+            tokio::select! {
+                // hyper first: it sets the guard's idle flag that the next branch reads.
+                biased;
+                done = Pin::new(&mut conn) => {
+                    if let Err(e) = done {
+                        log::debug!("{}: connection from {peer}: {e}", self.name);
+                        return None;
+                    }
+                    break;
+                }
+                _ = parkable(park, active), if !closing => {
+                    park.request();
+                    Pin::new(&mut conn).graceful_shutdown();
+                    (closing, parking) = (true, true);
+                }
+                _ = &mut idle, if !closing => {
+                    Pin::new(&mut conn).graceful_shutdown();
+                    closing = true;
+                }
+                _ = stopped(shutdown), if !closing => {
+                    Pin::new(&mut conn).graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+        if !parking {
+            return None;
+        }
+        // None: the connection was upgraded and is someone else's now.
+        let parts = conn.into_parts()?;
+        let guard = parts.io.into_inner();
+        // In doubt (hyper kept bytes or stopped mid-message), close as an idle timeout would.
+        if !parts.read_buf.is_empty() || !guard.at_boundary() {
+            return None;
+        }
+        Some((guard, parts.service))
+    }
+}
+
+/// Resolves when hyper waits for the next request with nothing pending and no request of the
+/// connection is in progress. It registers no waker: both only change while hyper runs, which
+/// happens on this task, so the `select!` polls it again after every change.
+fn parkable<'a>(
+    park: &'a Park,
+    active: &'a watch::Receiver<usize>,
+) -> impl std::future::Future<Output = ()> + 'a {
+    poll_fn(
+        move |_| {
+            if park.is_idle() && *active.borrow() == 0 { Poll::Ready(()) } else { Poll::Pending }
+        },
+    )
 }
 
 /// Resolves when shutdown is asked for, or when nobody can ask any more.

@@ -15,9 +15,31 @@ impl Group {
     /// `key` is the hash input of the `hash-*` policies (see [`hash_key`]); without one they
     /// fall back to round robin. `None` when no backend is available.
     pub fn pick(&self, key: Option<&[u8]>, skip: &[SocketAddr]) -> Option<Arc<Backend>> {
-        let set = self.backends();
-        let candidates: Vec<&Arc<Backend>> =
-            set.iter().filter(|b| b.is_available() && !skip.contains(&b.addr)).collect();
+        // A borrowed snapshot: no reference count bump on the set shared by every thread.
+        let set = self.backends.load();
+        let ok = |b: &&Arc<Backend>| b.is_available() && !skip.contains(&b.addr);
+        let keyed = matches!(
+            (&self.balance, key),
+            (Balance::HashSourceIp | Balance::HashHeader(_) | Balance::HashCookie(_), Some(_))
+        );
+        if !keyed && !matches!(self.balance, Balance::LeastConn | Balance::P2cEwma) {
+            // Round robin, the default: walked in place, without a candidate list per request.
+            let total: u64 = set.iter().filter(ok).map(|b| u64::from(b.weight)).sum();
+            if total == 0 {
+                // Every candidate weighs 0 (or there is none): the first, as the walk below.
+                return set.iter().find(ok).cloned();
+            }
+            let mut n = self.next.fetch_add(1, Ordering::Relaxed) % total;
+            for b in set.iter().filter(ok) {
+                let w = u64::from(b.weight);
+                if n < w {
+                    return Some(b.clone());
+                }
+                n -= w;
+            }
+            return set.iter().find(ok).cloned();
+        }
+        let candidates: Vec<&Arc<Backend>> = set.iter().filter(ok).collect();
         if candidates.is_empty() {
             return None;
         }

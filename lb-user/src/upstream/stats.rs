@@ -21,7 +21,8 @@ pub struct RequestStats {
     classes: [AtomicU64; 5],
     /// Requests that got no response from the backend (connect error, timeout, reset).
     failures: AtomicU64,
-    /// Cumulative: `buckets[i]` counts latencies ≤ `BUCKETS[i]`; the +Inf bucket is `count`.
+    /// `buckets[i]` counts latencies in (`BUCKETS[i-1]`, `BUCKETS[i]`]: one add per request
+    /// (these lines are shared by every worker thread); [`Self::snapshot`] makes them cumulative.
     buckets: [AtomicU64; BUCKETS.len()],
     sum_us: AtomicU64,
     count: AtomicU64,
@@ -43,10 +44,8 @@ impl RequestStats {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.classes[class].fetch_add(1, Ordering::Relaxed);
         let secs = elapsed.as_secs_f64();
-        for (b, le) in self.buckets.iter().zip(BUCKETS) {
-            if secs <= le {
-                b.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(i) = BUCKETS.iter().position(|&le| secs <= le) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.sum_us.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -59,10 +58,15 @@ impl RequestStats {
 
     pub fn snapshot(&self) -> Snapshot {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut below = 0;
+        let buckets = self.buckets.each_ref().map(|b| {
+            below += load(b);
+            below
+        });
         Snapshot {
             classes: self.classes.each_ref().map(load),
             failures: load(&self.failures),
-            buckets: self.buckets.each_ref().map(load),
+            buckets,
             sum_seconds: load(&self.sum_us) as f64 / 1e6,
             count: load(&self.count),
         }
