@@ -28,6 +28,10 @@ pub mod maps {
     /// `Array<u32>` of 65536, indexed by destination port (host order): non-zero when some VIP
     /// listens on that port. A frame to any other port skips the flow and VIP lookups.
     pub const VIP_PORTS: &str = "LB_VIP_PORTS";
+    /// `Array<u32>` of 65536, indexed by [`crate::vip_addr_slot`] of the destination address:
+    /// non-zero when some VIP's address folds to that slot. With `VIP_PORTS`, a frame to a
+    /// backend's or the host's own address on a VIP port skips the lookups too.
+    pub const VIP_ADDRS: &str = "LB_VIP_ADDRS";
     /// `Array<BackendInfo>` indexed by backend id (0 is never used).
     pub const BACKENDS: &str = "LB_BACKENDS";
     /// `LruHashMap<FlowKey, FlowState>`: client-side connection tracking.
@@ -50,10 +54,11 @@ pub mod maps {
     pub const STATS: &str = "LB_STATS";
 
     /// Every map, for the check after load and for pinning.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         VIPS,
         RING,
         VIP_PORTS,
+        VIP_ADDRS,
         BACKENDS,
         FLOWS,
         NAT,
@@ -100,6 +105,14 @@ pub struct VipKey {
     pub _pad: [u8; 4],
 }
 const _: () = assert!(size_of::<VipKey>() == 24);
+
+/// The slot of `maps::VIP_ADDRS` for an address (network byte order, IPv4 in the first 4
+/// bytes): its last two bytes, where addresses of one subnet differ most.
+#[inline(always)]
+pub fn vip_addr_slot(addr: &[u8; 16], family: u8) -> u32 {
+    let (hi, lo) = if family == FAMILY_V4 { (addr[2], addr[3]) } else { (addr[14], addr[15]) };
+    (hi as u32) << 8 | lo as u32
+}
 
 /// `VipInfo::flags`: hash the whole five-tuple instead of the client address alone.
 pub const VIP_F_FIVE_TUPLE: u32 = 1;

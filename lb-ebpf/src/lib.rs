@@ -20,7 +20,7 @@ use lb_common::{FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, HOP_TTL_NS, PROTO_TCP, st
 
 use crate::{
     flow::Tracked,
-    maps::{BACKEND_STATS, FLOWS, NAT, SERVICE_STATS, VIPS, account, count, is_vip_port},
+    maps::{BACKEND_STATS, FLOWS, NAT, SERVICE_STATS, VIPS, account, count, maybe_vip},
     nat::rewrite,
     parse::parse,
     scratch::Work,
@@ -42,9 +42,9 @@ pub fn balance(ctx: &XdpContext) -> u32 {
 fn try_balance(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     parse(ctx, &mut w.pkt)?;
     flow::load_settings(&mut w.s);
-    // Most frames that are not for a VIP are told apart by their port alone (an array read),
-    // and replies from backends never reach the flow and VIP lookups.
-    if is_vip_port(w.pkt.dport) {
+    // Most frames that are not for a VIP are told apart by port and address with two array
+    // reads: replies from backends and other traffic never reach the flow and VIP lookups.
+    if maybe_vip(&w.pkt.dst, w.pkt.family, w.pkt.dport) {
         if let Some(action) = forward(ctx, w)? {
             return Ok(action);
         }

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendInfo, Counter, DEFAULT_MAX_FLOWS, FlowKey, FlowState, IfaceAddrs, MAX_BACKENDS,
-    MAX_SERVICES, NatKey, NatState, RING_SIZE, Settings, VipInfo, VipKey, stat,
+    MAX_SERVICES, NatKey, NatState, RING_SIZE, Settings, VipInfo, VipKey, stat, vip_addr_slot,
 };
 
 /// Interfaces a balancer may serve; the devmap and address table hold one entry each.
@@ -20,11 +20,16 @@ pub static RING: Array<u32> = Array::with_max_entries(MAX_SERVICES * RING_SIZE, 
 #[map(name = "LB_VIP_PORTS")]
 pub static VIP_PORTS: Array<u32> = Array::with_max_entries(65536, 0);
 
-/// True when some VIP listens on `port` (network byte order). Userspace may leave a port
-/// marked after its last VIP went (the frame then just takes the longer way).
+#[map(name = "LB_VIP_ADDRS")]
+pub static VIP_ADDRS: Array<u32> = Array::with_max_entries(65536, 0);
+
+/// False when no VIP can match: no VIP listens on `port` (network byte order) or no VIP
+/// address folds to the slot of `addr`. Two array reads; a true answer may be a false
+/// positive (the frame then just takes the longer way).
 #[inline(always)]
-pub fn is_vip_port(port: u16) -> bool {
+pub fn maybe_vip(addr: &[u8; 16], family: u8, port: u16) -> bool {
     matches!(VIP_PORTS.get(u16::from_be(port) as u32), Some(&v) if v != 0)
+        && matches!(VIP_ADDRS.get(vip_addr_slot(addr, family)), Some(&v) if v != 0)
 }
 
 #[map(name = "LB_BACKENDS")]

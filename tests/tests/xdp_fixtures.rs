@@ -356,6 +356,9 @@ fn vip_port_filter_follows_service_changes() {
         let syn = |dst, port, sport| Frame::tcp(ip("10.0.0.2"), sport, dst, port, TCP_SYN).bytes();
         assert_eq!(run(dp, &syn(vip, 80, 41000)).0, XDP_REDIRECT);
         assert_eq!(run(dp, &syn(ip("10.200.0.2"), 80, 41001)).0, XDP_REDIRECT);
+        // A VIP port on another address (a backend's, reached directly) is not a VIP.
+        let direct = syn(ip("10.1.1.2"), 80, 41006);
+        assert_eq!(run(dp, &direct), (XDP_PASS, direct.clone()), "backend address");
 
         // web moves to 8080; web2 still holds port 80.
         let moved = lb_user::config::Config::parse(
@@ -379,6 +382,6 @@ fn vip_port_filter_follows_service_changes() {
         dp.apply(&only_8080.xdp.unwrap().services).unwrap();
         let gone = syn(ip("10.200.0.2"), 80, 41005);
         assert_eq!(run(dp, &gone), (XDP_PASS, gone.clone()), "removed VIP");
-        assert_eq!(stats(dp)["pass_not_vip"], 2, "{:?}", stats(dp));
+        assert_eq!(stats(dp)["pass_not_vip"], 3, "{:?}", stats(dp));
     });
 }

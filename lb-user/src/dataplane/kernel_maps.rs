@@ -3,7 +3,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
 };
-use lb_common::{BackendInfo, RING_SIZE, VipInfo, VipKey, maps};
+use lb_common::{BackendInfo, RING_SIZE, VipInfo, VipKey, maps, vip_addr_slot};
 
 use super::tables::{Maps, TableError};
 
@@ -15,11 +15,15 @@ fn map_err(e: impl std::fmt::Display) -> TableError {
 }
 
 impl KernelMaps<'_> {
-    /// Marks (or clears) `port` (network byte order) in the VIP port filter.
-    pub fn mark_port(&mut self, port: u16, used: bool) -> Result<(), TableError> {
+    /// Marks (or clears) the VIP's port and address slot in the filters in front of the
+    /// program's lookups.
+    pub fn mark(&mut self, vip: &VipKey, port: bool, addr: bool) -> Result<(), TableError> {
         let mut m: Array<&mut MapData, u32> =
             Array::try_from(self.map(maps::VIP_PORTS)?).map_err(map_err)?;
-        m.set(u32::from(u16::from_be(port)), u32::from(used), 0).map_err(map_err)
+        m.set(u32::from(u16::from_be(vip.port)), u32::from(port), 0).map_err(map_err)?;
+        let mut m: Array<&mut MapData, u32> =
+            Array::try_from(self.map(maps::VIP_ADDRS)?).map_err(map_err)?;
+        m.set(vip_addr_slot(&vip.addr, vip.family), u32::from(addr), 0).map_err(map_err)
     }
 
     fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map, TableError> {
@@ -32,7 +36,7 @@ impl Maps for KernelMaps<'_> {
         let mut m: HashMap<&mut MapData, VipKey, VipInfo> =
             HashMap::try_from(self.map(maps::VIPS)?).map_err(map_err)?;
         m.insert(key, info, 0).map_err(map_err)?;
-        self.mark_port(key.port, true)
+        self.mark(key, true, true)
     }
 
     fn remove_vip(&mut self, key: &VipKey) -> Result<(), TableError> {
@@ -42,9 +46,12 @@ impl Maps for KernelMaps<'_> {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(e)),
         }
-        // The port stays marked while another VIP (another address or protocol) uses it.
-        let still_used = m.keys().filter_map(Result::ok).any(|k| k.port == key.port);
-        self.mark_port(key.port, still_used)
+        // The port (address slot) stays marked while another VIP uses it.
+        let others: Vec<VipKey> = m.keys().filter_map(Result::ok).collect();
+        let port_used = others.iter().any(|k| k.port == key.port);
+        let slot = |k: &VipKey| vip_addr_slot(&k.addr, k.family);
+        let addr_used = others.iter().any(|k| slot(k) == slot(key));
+        self.mark(key, port_used, addr_used)
     }
 
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<(), TableError> {

@@ -159,10 +159,10 @@ impl Dataplane {
         dp.write_settings(&opts.settings)?;
         if adopted {
             let (vips, backends) = dp.read_tables()?;
-            // Pins from a version without the port filter get it filled here.
+            // Pins from a version without the filters get them filled here.
             let mut maps = KernelMaps(&mut dp.ebpf);
             for (key, _) in &vips {
-                maps.mark_port(key.port, true)?;
+                maps.mark(key, true, true)?;
             }
             dp.tables.recover(&vips, &backends);
         }
