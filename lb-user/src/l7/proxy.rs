@@ -154,7 +154,8 @@ async fn forward(
         let sent = Instant::now();
         let eject = |b: &Arc<crate::upstream::Backend>| {
             b.requests.record_failure();
-            b.record_failure(upstream.config.eject_after, upstream.config.eject_for())
+            let may = upstream.group.may_eject();
+            b.record_failure(upstream.config.eject_after, upstream.config.eject_for(), may)
         };
         let result =
             tokio::time::timeout(upstream.config.response_timeout(), upstream.client.request(up))

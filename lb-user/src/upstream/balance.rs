@@ -262,13 +262,32 @@ mod tests {
     async fn consecutive_failures_eject_for_a_while() {
         let g = group("round-robin", r#"["127.0.0.1:1", "127.0.0.1:2"]"#);
         let b = g.backends()[0].clone();
-        assert!(!b.record_failure(3, Duration::from_millis(100)));
+        assert!(!b.record_failure(3, Duration::from_millis(100), true));
         b.record_success();
-        assert!(!b.record_failure(3, Duration::from_millis(100)));
-        assert!(!b.record_failure(3, Duration::from_millis(100)));
-        assert!(b.record_failure(3, Duration::from_millis(100)), "third in a row ejects");
+        assert!(!b.record_failure(3, Duration::from_millis(100), true));
+        assert!(!b.record_failure(3, Duration::from_millis(100), true));
+        assert!(b.record_failure(3, Duration::from_millis(100), true), "third in a row ejects");
         assert!((0..4).all(|_| port(&g.pick(None, &[]).unwrap()) == 2));
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(b.is_available(), "back after the ejection time");
+    }
+
+    #[tokio::test]
+    async fn passive_ejection_leaves_half_of_the_group() {
+        let eject = |g: &Group, i: usize| {
+            let b = g.backends()[i].clone();
+            b.record_failure(1, Duration::from_secs(60), g.may_eject())
+        };
+        let one = group("round-robin", r#"["127.0.0.1:1"]"#);
+        assert!(!eject(&one, 0), "the only backend stays");
+        let three = group("round-robin", r#"["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]"#);
+        assert!(eject(&three, 0));
+        assert!(!eject(&three, 1), "a second of three would leave less than half");
+        assert!(three.backends()[1].is_available());
+        let four =
+            group("round-robin", r#"["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]"#);
+        assert!(eject(&four, 0) && eject(&four, 1));
+        assert!(!eject(&four, 2));
+        assert_eq!(four.pick(None, &[]).map(|b| port(&b) >= 3), Some(true));
     }
 }

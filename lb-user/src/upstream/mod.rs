@@ -73,11 +73,16 @@ impl Backend {
     }
 
     /// A request to this backend failed. After `eject_after` in a row the backend is marked
-    /// unhealthy for `eject_for` (passive ejection); returns true when this call ejected it.
-    /// Needs a tokio runtime (the timer that brings the backend back).
-    pub fn record_failure(self: &Arc<Self>, eject_after: u32, eject_for: Duration) -> bool {
+    /// unhealthy for `eject_for` (passive ejection) if `may_eject`; returns true when this call
+    /// ejected it. Needs a tokio runtime (the timer that brings the backend back).
+    pub fn record_failure(
+        self: &Arc<Self>,
+        eject_after: u32,
+        eject_for: Duration,
+        may_eject: bool,
+    ) -> bool {
         let streak = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if eject_after == 0 || streak < eject_after {
+        if eject_after == 0 || streak < eject_after || !may_eject {
             return false;
         }
         if !self.healthy.swap(false, Ordering::Relaxed) {
@@ -142,6 +147,16 @@ impl Group {
             backends: ArcSwap::from_pointee(list),
             next: AtomicU64::new(0),
         }
+    }
+
+    /// Whether passive ejection may take one more backend out: it never leaves fewer than
+    /// half of the group available (Envoy caps ejection the same way). When failures are the
+    /// balancer's own or everyone's (overload, its source ports run out), ejecting every
+    /// backend would turn a slowdown into a 503 for every request.
+    pub fn may_eject(&self) -> bool {
+        let list = self.backends.load();
+        let available = list.iter().filter(|b| b.is_available()).count();
+        available > 1 && (available - 1) * 2 >= list.len()
     }
 
     /// The current backend set (a snapshot; cheap).
