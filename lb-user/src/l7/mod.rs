@@ -9,6 +9,7 @@ mod proxy;
 pub mod route;
 mod server;
 mod upstream;
+mod warn;
 
 use std::{net::SocketAddr, sync::Arc};
 

@@ -55,7 +55,7 @@ pub async fn handle(
         Ok(ok) => ok,
         Err((e, backend)) => {
             if e.blames_backend() {
-                log::warn!("{}: {e}", ctx.listener);
+                super::warn::backend_failure(format_args!("{}: {e}", ctx.listener));
             } else {
                 log::debug!("{}: {peer}: {e}", ctx.listener);
             }
@@ -191,7 +191,10 @@ async fn forward(
                 // response timeout is not retried: the backend may still be working on it.
                 let again = connect || !matches!(err, ProxyError::Timeout { .. });
                 if again && retryable && attempts < MAX_ATTEMPTS {
-                    log::warn!("{}: {err}; retrying on another backend", ctx.listener);
+                    super::warn::backend_failure(format_args!(
+                        "{}: {err}; retrying on another backend",
+                        ctx.listener
+                    ));
                     last_error = Some((err, Some(addr)));
                     continue;
                 }
