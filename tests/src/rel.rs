@@ -354,3 +354,29 @@ pub fn syn_retransmits(ns: &Netns) -> u64 {
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// The loopback set-up of the single-backend load tests: a namespace with one backend process
+/// on 127.0.0.1:18080; `lb` is to listen on 127.0.0.1:8080 with its admin API on :9901.
+pub struct Loopback {
+    /// Declared first: dropped (killed) before its namespace goes.
+    pub server: ProcBackend,
+    pub ns: Netns,
+    pub backend: SocketAddr,
+    pub admin: SocketAddr,
+    pub listen: SocketAddr,
+}
+
+impl Loopback {
+    pub fn new(role: &str) -> anyhow::Result<Self> {
+        let ns = Netns::new(role)?;
+        let backend: SocketAddr = "127.0.0.1:18080".parse()?;
+        let server = ProcBackend::start(&ns, "backend", &[backend])?;
+        Ok(Self {
+            server,
+            ns,
+            backend,
+            admin: "127.0.0.1:9901".parse()?,
+            listen: "127.0.0.1:8080".parse()?,
+        })
+    }
+}

@@ -58,11 +58,8 @@ fn slowloris_leaves_normal_clients_their_throughput() {
         return;
     }
     rel::raise_nofile();
-    let ns = Netns::new("slw").unwrap();
-    let backend_addr: SocketAddr = "127.0.0.1:18080".parse().unwrap();
-    let _backend = ProcBackend::start(&ns, "backend", &[backend_addr]).unwrap();
-    let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
-    let listen: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let rel::Loopback { ns, backend: backend_addr, admin, listen, server: _backend } =
+        rel::Loopback::new("slw").unwrap();
     let config = format!(
         r#"
 [admin]

@@ -115,11 +115,8 @@ fn ten_thousand_connections_through_l7_and_xdp() {
     );
 
     // L7: lb and the backend process in one namespace on loopback.
-    let ns = Netns::new("ld7").unwrap();
-    let backend_addr: SocketAddr = "127.0.0.1:18080".parse().unwrap();
-    let _backend = ProcBackend::start(&ns, "backend", &[backend_addr]).unwrap();
-    let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
-    let listen: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let rel::Loopback { ns, backend: backend_addr, admin, listen, server: _backend } =
+        rel::Loopback::new("ld7").unwrap();
     let config = format!(
         r#"
 [admin]
@@ -236,11 +233,8 @@ fn nine_thousand_connections_through_the_userspace_l4_relay() {
         return;
     }
     rel::raise_nofile();
-    let ns = Netns::new("ld4").unwrap();
-    let backend_addr: SocketAddr = "127.0.0.1:18080".parse().unwrap();
-    let _backend = ProcBackend::start(&ns, "backend", &[backend_addr]).unwrap();
-    let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
-    let listen: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let rel::Loopback { ns, backend: backend_addr, admin, listen, server: _backend } =
+        rel::Loopback::new("ld4").unwrap();
     let config = format!(
         r#"
 [admin]
