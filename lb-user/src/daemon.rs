@@ -18,23 +18,20 @@ use crate::{
 
 /// Loads, attaches and fills the XDP program, preparing the host on the way.
 pub fn start_xdp(xdp: &XdpConfig) -> Result<Dataplane, DataplaneError> {
-    let mut dp = Dataplane::load(&LoadOptions::from_config(xdp))?;
-    if dp.adopted {
-        log::info!("adopted the pinned XDP maps under {}", xdp.pin_path.display());
-    }
-    let adopted = dp.adopted;
-    match fill_xdp(&mut dp, xdp) {
-        Ok(()) => Ok(dp),
-        Err(e) => {
-            // A first start that failed leaves nothing pinned (the maps are hundreds of MiB of
-            // kernel memory); an adopted program keeps forwarding as it was.
-            if !adopted {
-                drop(dp);
-                let _ = crate::dataplane::detach(&xdp.pin_path);
-            }
-            Err(e)
+    let adopting = Dataplane::pinned_at(&xdp.pin_path);
+    let started = Dataplane::load(&LoadOptions::from_config(xdp)).and_then(|mut dp| {
+        if dp.adopted {
+            log::info!("adopted the pinned XDP maps under {}", xdp.pin_path.display());
         }
+        fill_xdp(&mut dp, xdp)?;
+        Ok(dp)
+    });
+    // A first start that failed leaves nothing pinned (the maps are hundreds of MiB of kernel
+    // memory until `lb detach`); an adopted program keeps forwarding as it was.
+    if started.is_err() && !adopting {
+        let _ = crate::dataplane::detach(&xdp.pin_path);
     }
+    started
 }
 
 fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {

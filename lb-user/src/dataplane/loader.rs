@@ -112,6 +112,11 @@ fn pin_err(path: &Path, e: impl std::fmt::Display) -> DataplaneError {
 }
 
 impl Dataplane {
+    /// True when a previous daemon left its maps pinned under `dir` (a load adopts them).
+    pub fn pinned_at(dir: &Path) -> bool {
+        dir.join(maps::VIPS).exists()
+    }
+
     /// Loads the program into the kernel without attaching it anywhere.
     pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
         let mut loader = EbpfLoader::new();
@@ -121,24 +126,12 @@ impl Dataplane {
         if let Some(dir) = &opts.pin_dir {
             ensure_bpffs(dir)?;
             std::fs::create_dir_all(dir).map_err(|e| pin_err(dir, e))?;
-            adopted = dir.join(maps::VIPS).exists();
+            adopted = Self::pinned_at(dir);
             for name in maps::ALL {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let ebpf = loader.load(OBJECT).map_err(DataplaneError::Load);
-        let dp = ebpf.and_then(|ebpf| Self::prepare(ebpf, opts, adopted));
-        if dp.is_err() && !adopted {
-            // Maps pinned for a start that failed would hold hundreds of MiB of kernel memory
-            // until someone ran `lb detach`.
-            if let Some(dir) = &opts.pin_dir {
-                let _ = detach(dir);
-            }
-        }
-        dp
-    }
-
-    fn prepare(mut ebpf: Ebpf, opts: &LoadOptions, adopted: bool) -> Result<Self, DataplaneError> {
+        let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
         for name in maps::ALL {
             if ebpf.map(name).is_none() {
                 return Err(DataplaneError::Missing(name));
