@@ -59,6 +59,15 @@ pub fn stats(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
             println!("{name:<22} {v:>12}");
         }
     }
+    // Userspace L4 listeners: every counter that moved, then errors by kind.
+    for l in &s.l4 {
+        println!("\nL4 LISTENER {}", l.name);
+        let errors = l.errors.iter().map(|(k, v)| (format!("error {k}"), v));
+        let counters = l.counters.iter().map(|(k, v)| (k.clone(), v));
+        for (name, v) in counters.chain(errors).filter(|(_, v)| **v != 0) {
+            println!("{name:<22} {v:>12}");
+        }
+    }
     Ok(())
 }
 

@@ -177,6 +177,13 @@ upstream = "dns"
     assert_eq!(names, ["web", "tls-edge", "dns"]);
     assert_eq!(l4[1]["counters"]["relayed"], 3);
     assert_eq!(l4[2]["counters"]["udp_sessions_created"], 6);
+    // And in `lb stats`' table.
+    let lb = lb_tests::lb::lb_binary().unwrap();
+    let table =
+        topo.lb.exec(&[lb.to_str().unwrap(), "stats", "--admin", "127.0.0.1:9901"]).unwrap();
+    assert!(table.contains("L4 LISTENER tls-edge") && table.contains("L4 LISTENER dns"), "{table}");
+    let line = table.lines().find(|l| l.starts_with("udp_sessions_created")).expect("row");
+    assert!(line.ends_with(" 6"), "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
