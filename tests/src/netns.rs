@@ -17,15 +17,23 @@ pub fn unique(role: &str) -> String {
 
 pub struct Netns {
     pub name: String,
+    /// False for a [`Netns::share`]d handle: only the owner deletes the namespace.
+    owned: bool,
 }
 
 impl Netns {
     pub fn new(role: &str) -> anyhow::Result<Self> {
         let name = unique(role);
         run(&["ip", "netns", "add", &name])?;
-        let ns = Self { name };
+        let ns = Self { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A handle on the same namespace that does not delete it when dropped: for threads and
+    /// helpers that outlive a borrow while the test keeps the owner.
+    pub fn share(&self) -> Self {
+        Self { name: self.name.clone(), owned: false }
     }
 
     /// Runs `ip -n NAME ARGS...`.
@@ -78,6 +86,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         // Kill what still runs inside (servers spawned with `ip netns exec`), then delete.
         if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {

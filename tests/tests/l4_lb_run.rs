@@ -2,19 +2,15 @@
 //! (TLS passthrough by SNI, plain TCP with the XDP path's client stickiness, UDP), and as an
 //! unprivileged user with no `[xdp]` section; the listeners' counters on /metrics and /stats.
 //! Namespaces need root.
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use lb_tests::{
-    l4::{
-        LbProcess, T, TlsBackend, client_config, echo_backend_on, echo_roundtrip, tls_client,
-        udp_echo_on, whole,
-    },
+    T,
+    backends::{HttpBackend, TlsBackend, echo_backend_on, udp_echo_on},
+    client::{echo_roundtrip, http_get, udp_socket},
+    lb::Lb,
     netns::Netns,
-    privileged_or_skip,
-    servers::{HttpBackend, http_get, udp_socket},
+    tls::{client_config, https_request, tls_client, whole},
     topology::Topology,
 };
 use lb_user::{config::Config, l4::balance::client_key, maglev};
@@ -30,27 +26,6 @@ fn xdp_choice(config: &Config, group: &str, client: IpAddr) -> SocketAddr {
     entries[table[slot as usize] as usize].addr
 }
 
-/// The body of GET `path` on the admin API (127.0.0.1:9901 in `ns`).
-fn admin_get(ns: &Netns, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let req = format!("GET {path} HTTP/1.1\r\nhost: lb\r\nconnection: close\r\n\r\n");
-    let resp = ns
-        .run(move || -> std::io::Result<String> {
-            let mut s =
-                std::net::TcpStream::connect_timeout(&"127.0.0.1:9901".parse().unwrap(), T)?;
-            s.set_read_timeout(Some(T))?;
-            s.write_all(req.as_bytes())?;
-            let mut r = String::new();
-            s.read_to_string(&mut r)?;
-            Ok(r)
-        })
-        .unwrap()
-        .unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").expect("a response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
 /// The value of the Prometheus sample `series` (name and labels) in `text`.
 fn sample(text: &str, series: &str) -> u64 {
     text.lines()
@@ -58,19 +33,9 @@ fn sample(text: &str, series: &str) -> u64 {
         .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
 }
 
-/// True once a TCP connect to `addr` from inside `ns` succeeds.
-fn listening(ns: &Netns, addr: SocketAddr) -> bool {
-    ns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
-        .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lb_run_serves_tls_passthrough_tcp_and_udp_with_the_xdp_paths_stickiness() {
-    if !privileged_or_skip(
-        "lb_run_serves_tls_passthrough_tcp_and_udp_with_the_xdp_paths_stickiness",
-    ) {
-        return;
-    }
+    lb_tests::privileged!();
     let topo = Topology::new(3).expect("topology");
     let mut http = Vec::new();
     let mut tls = Vec::new();
@@ -120,8 +85,8 @@ upstream = "dns"
 "#;
     let parsed = Config::parse(config).unwrap();
     let web: SocketAddr = "10.0.0.1:8080".parse().unwrap();
-    let _lb =
-        LbProcess::start(&topo.lb, config, None, || listening(&topo.client, web)).expect("lb run");
+    let lb =
+        Lb::builder(&topo.lb, config).wait_listening(&topo.client, web).start().expect("lb run");
 
     // Plain TCP: each client address reaches the backend the XDP path would pick.
     let clients = topo.add_client_addresses(24).unwrap();
@@ -162,7 +127,7 @@ upstream = "dns"
     }
 
     // The listeners' counters on the admin API: /metrics and the `l4` part of /stats.
-    let m = admin_get(&topo.lb, "/metrics");
+    let m = lb.admin().get("/metrics").unwrap();
     // 24 clients, plus the connects that waited for the listener.
     assert!(sample(&m, "lb_l4_connections_total{listener=\"web\"}") >= 24, "{m}");
     assert!(sample(&m, "lb_l4_relayed_total{listener=\"web\"}") >= 24, "{m}");
@@ -171,16 +136,15 @@ upstream = "dns"
     assert_eq!(sample(&m, "lb_l4_sni_routed_total{listener=\"tls-edge\"}"), 2);
     assert_eq!(sample(&m, "lb_l4_connect_failures_total{listener=\"web\"}"), 0);
     assert_eq!(sample(&m, "lb_l4_datagrams_total{listener=\"dns\",direction=\"to_backend\"}"), 6);
-    let stats: serde_json::Value = serde_json::from_str(&admin_get(&topo.lb, "/stats")).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&lb.admin().get("/stats").unwrap()).unwrap();
     let l4 = stats["l4"].as_array().expect("l4 in /stats");
     let names: Vec<&str> = l4.iter().filter_map(|l| l["name"].as_str()).collect();
     assert_eq!(names, ["web", "tls-edge", "dns"]);
     assert_eq!(l4[1]["counters"]["relayed"], 3);
     assert_eq!(l4[2]["counters"]["udp_sessions_created"], 6);
     // And in `lb stats`' table.
-    let lb = lb_tests::lb::lb_binary().unwrap();
-    let table =
-        topo.lb.exec(&[lb.to_str().unwrap(), "stats", "--admin", "127.0.0.1:9901"]).unwrap();
+    let table = lb.cli(&["stats"]).unwrap();
     assert!(table.contains("L4 LISTENER tls-edge") && table.contains("L4 LISTENER dns"), "{table}");
     let line = table.lines().find(|l| l.starts_with("udp_sessions_created")).expect("row");
     assert!(line.ends_with(" 6"), "{table}");
@@ -188,9 +152,7 @@ upstream = "dns"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lb_run_without_xdp_serves_tcp_tls_and_udp_as_an_unprivileged_user() {
-    if !privileged_or_skip("lb_run_without_xdp_serves_tcp_tls_and_udp_as_an_unprivileged_user") {
-        return;
-    }
+    lb_tests::privileged!();
     let ns = Netns::new("u").unwrap();
     let lo: IpAddr = "127.0.0.1".parse().unwrap();
     let l = ns.run(move || std::net::TcpListener::bind((lo, 7000))).unwrap().unwrap();
@@ -223,8 +185,9 @@ protocol = "udp"
 upstream = "dns"
 "#;
     let tcp: SocketAddr = "127.0.0.1:18080".parse().unwrap();
-    let lb = LbProcess::start(&ns, config, Some(65534), || listening(&ns, tcp))
-        .expect("lb run as nobody");
+    let admin = "127.0.0.1:19901".parse().unwrap();
+    let lb = Lb::builder(&ns, config).admin(admin).uid(65534).wait_listening(&ns, tcp);
+    let mut lb = lb.start().expect("lb run as nobody");
     assert_eq!(lb.uids().unwrap(), "65534 65534 65534 65534", "runs as nobody");
 
     let (greeting, rest) =
@@ -251,11 +214,7 @@ upstream = "dns"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lb_run_terminates_some_sni_routes_and_passes_others_through_on_one_port() {
-    if !privileged_or_skip(
-        "lb_run_terminates_some_sni_routes_and_passes_others_through_on_one_port",
-    ) {
-        return;
-    }
+    lb_tests::privileged!();
     let topo = Topology::new(2).expect("topology");
     // Backend 1 terminates TLS itself (passthrough target); backend 2 serves plain HTTP behind
     // lb's own TLS termination.
@@ -302,8 +261,8 @@ upstream = "db"
         ours.key.display()
     );
     let edge: SocketAddr = "10.0.0.1:8443".parse().unwrap();
-    let _lb = LbProcess::start(&topo.lb, &config, None, || listening(&topo.client, edge))
-        .expect("lb run");
+    let _lb =
+        Lb::builder(&topo.lb, config).wait_listening(&topo.client, edge).start().expect("lb run");
 
     // db.example.com: relayed untouched; the client sees the backend's own certificate.
     let roots = client_config(&[&db.cert, &ours_der]);
@@ -315,21 +274,10 @@ upstream = "db"
 
     // www.example.com on the same port: terminated by lb with its certificate, proxied as HTTP.
     let want = ours_der.clone();
+    let get = b"GET / HTTP/1.1\r\nhost: www.example.com\r\nconnection: close\r\n\r\n";
     let (cert, response) = topo
         .client
-        .run(move || -> anyhow::Result<_> {
-            use std::io::{Read as _, Write as _};
-            let name = rustls::pki_types::ServerName::try_from("www.example.com")?;
-            let conn = rustls::ClientConnection::new(std::sync::Arc::new(roots), name)?;
-            let tcp = std::net::TcpStream::connect_timeout(&edge, T)?;
-            tcp.set_read_timeout(Some(T))?;
-            let mut tls = rustls::StreamOwned::new(conn, tcp);
-            tls.write_all(b"GET / HTTP/1.1\r\nhost: www.example.com\r\nconnection: close\r\n\r\n")?;
-            let mut response = String::new();
-            let _ = tls.read_to_string(&mut response);
-            let cert = tls.conn.peer_certificates().and_then(|c| c.first()).cloned();
-            Ok((cert, response))
-        })
+        .run(move || https_request(edge, "www.example.com", roots, get))
         .unwrap()
         .unwrap();
     assert_eq!(cert.as_ref(), Some(&want), "lb presented its own certificate");

@@ -6,7 +6,11 @@ use std::{
     net::SocketAddr,
 };
 
-use lb_tests::l4::{L4Harness, ProxySeen, T, proxy_backend};
+use lb_tests::{
+    T,
+    backends::{ProxySeen, proxy_backend},
+    l4::L4Harness,
+};
 use lb_user::l4::{ErrorKind, Handoffs, proxy_protocol};
 
 /// Connects, sends `bytes`, half-closes, returns (client's own address, what came back).

@@ -6,7 +6,12 @@ use std::{
     sync::atomic::Ordering,
 };
 
-use lb_tests::l4::{L4Harness, T, echo_backend, echo_roundtrip, udp_echo};
+use lb_tests::{
+    T,
+    backends::{echo_backend, udp_echo},
+    client::echo_roundtrip,
+    l4::L4Harness,
+};
 use lb_user::{
     config::Config,
     l4::{ErrorKind, Handoffs, balance::client_key},

@@ -7,9 +7,11 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use lb_tests::l4::{
-    L4Harness, T, TlsBackend, cert, client_config, refragment, serve_tls, server_config,
-    tls_client, trickle, whole,
+use lb_tests::{
+    T,
+    backends::{TlsBackend, echo_backend, serve_tls},
+    l4::L4Harness,
+    tls::{TlsSeen, cert, client_config, refragment, server_config, tls_client, trickle, whole},
 };
 use lb_user::l4::{ErrorKind, Handoff, Handoffs, Refused, TlsHandoff};
 use rustls::pki_types::CertificateDer;
@@ -36,7 +38,7 @@ async fn setup() -> Setup {
     let db = TlsBackend::start("db", &["db.example.com"]).await;
     let api = TlsBackend::start("api", &["*.api.example.com"]).await;
     let fallback = TlsBackend::start("fallback", &["fallback.test"]).await;
-    let echo = lb_tests::l4::echo_backend("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let echo = echo_backend("127.0.0.1:0".parse().unwrap(), "echo").await;
 
     // The L7 side: a rustls acceptor with its own certificate, reached through the hand-off.
     let (l7_cert, l7_key) = cert(&["*.example.com", "queued.example.org"]);
@@ -108,7 +110,7 @@ async fn client(
     sni: &'static str,
     config: rustls::ClientConfig,
     send: impl FnOnce(&mut std::net::TcpStream, &[u8]) + Send + 'static,
-) -> lb_tests::l4::TlsSeen {
+) -> TlsSeen {
     tokio::task::spawn_blocking(move || tls_client(addr, sni, config, send))
         .await
         .unwrap()

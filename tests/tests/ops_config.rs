@@ -1,9 +1,9 @@
 //! `lb check` and `lb run` on invalid configs: every semantic error names its line and a fix,
 //! exit 1; a non-loopback admin API without a token is refused. Needs no root: nothing is
 //! bound or loaded before validation.
-use std::process::{Command, Output};
+use std::process::Output;
 
-use lb_tests::lb::lb_binary;
+use lb_tests::lb::command;
 
 fn write(name: &str, text: &str) -> std::path::PathBuf {
     let path =
@@ -13,14 +13,7 @@ fn write(name: &str, text: &str) -> std::path::PathBuf {
 }
 
 fn lb(args: &[&str], config: &std::path::Path) -> Output {
-    Command::new(lb_binary().expect("lb binary"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env_remove("LB_ADMIN_TOKEN")
-        .env_remove("LB_ADMIN_LISTEN")
-        .output()
-        .expect("run lb")
+    command(None).unwrap().args(args).arg("--config").arg(config).output().expect("run lb")
 }
 
 const BAD: &str = r#"[admin]
@@ -95,12 +88,9 @@ fn a_valid_config_checks_ok_and_a_token_allows_a_public_admin() {
     assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
     // The same without a token, but with the token from the environment.
     let path2 = write("envtoken", "[admin]\nlisten = \"0.0.0.0:9901\"\n");
-    let out = Command::new(lb_binary().unwrap())
-        .args(["check", "--config"])
-        .arg(&path2)
-        .env("LB_ADMIN_TOKEN", "0123456789abcdef0123")
-        .output()
-        .unwrap();
+    let mut check = command(None).unwrap();
+    check.args(["check", "--config"]).arg(&path2).env("LB_ADMIN_TOKEN", "0123456789abcdef0123");
+    let out = check.output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = lb(&["check"], &path2);
     assert_eq!(out.status.code(), Some(1), "no token: refused");

@@ -1,13 +1,11 @@
 //! `/metrics` after known traffic: XDP flows and packets per service and backend, L7 requests
 //! and responses per listener and backend, latency histograms, health and readiness.
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::collections::HashMap;
 
 use lb_tests::{
-    lb::{Lb, pin_path},
-    ops::admin_request,
-    privileged_or_skip,
-    servers::{HttpBackend, http_get},
-    topology::{Topology, VIP4},
+    conf,
+    scenario::{L7, Scenario, WEB},
+    topology::VIP4,
 };
 
 /// `name{labels} value` lines by their full series name.
@@ -34,64 +32,19 @@ fn sum(m: &HashMap<String, f64>, name: &str, want: &[&str]) -> f64 {
 
 #[test]
 fn metrics_count_the_traffic_sent() {
-    if !privileged_or_skip("metrics_count_the_traffic_sent") {
-        return;
-    }
-    let topo = Topology::new(2).expect("topology");
-    let _servers: Vec<HttpBackend> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            HttpBackend::start(&b.ns, "0.0.0.0:80".parse().unwrap(), &format!("backend-{}", i + 1))
-                .unwrap()
-        })
-        .collect();
-    let ifaces: Vec<String> = topo.lb_interfaces().iter().map(|i| format!("{i:?}")).collect();
-    let b: Vec<String> = topo.backends.iter().map(|b| format!("\"{}:80\"", b.v4)).collect();
-    let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
-    let config = format!(
-        r#"
-[admin]
-listen = "{admin}"
-[xdp]
-interfaces = [{}]
-pin_path = "{}"
-[[xdp.service]]
-name = "web"
-vip = "{VIP4}:80"
-backends = [{}]
-[[http.listener]]
-name = "public"
-listen = "10.0.0.1:8080"
-[[http.route]]
-listener = "public"
-upstream = "app"
-[upstream.app]
-backends = [{}]
-[health.app]
-type = "http"
-interval = 0.2
-timeout = 0.2
-"#,
-        ifaces.join(", "),
-        pin_path(),
-        b.join(", "),
-        b.join(", ")
-    );
-    let lb = Lb::start(&topo.lb, &config, admin).expect("lb run");
-    let vip = SocketAddr::new(VIP4.into(), 80);
-    let l7: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+    lb_tests::privileged!();
+    let s = Scenario::topology(2).xdp_service("").l7("public", L7, "");
+    let s = s.config(&conf::health("app", "http", 0.2)).start().expect("lb run");
+    let (lb, topo) = (s.lb(), s.topo());
     const XDP_N: usize = 20;
     const L7_N: usize = 15;
     for _ in 0..XDP_N {
-        http_get(&topo.client, None, vip, Duration::from_secs(3)).expect("XDP request");
+        s.get(WEB).expect("XDP request");
     }
     for _ in 0..L7_N {
-        http_get(&topo.client, None, l7, Duration::from_secs(3)).expect("L7 request");
+        s.get(L7).expect("L7 request");
     }
-    let (status, text) = admin_request(&topo.lb, admin, "GET", "/metrics", None).unwrap();
-    assert_eq!(status, 200);
+    let text = s.admin().get("/metrics").unwrap();
     let m = parse(&text);
     let svc = format!("service=\"web\",vip=\"{VIP4}:80\"");
     assert_eq!(m[&format!("lb_xdp_service_flows_total{{{svc}}}")], XDP_N as f64, "{text}");
@@ -116,7 +69,7 @@ timeout = 0.2
     assert_eq!(m["lb_ready"], 1.0);
 
     // `lb top --once`: one view with a line per service and backend.
-    let top = lb.cli(&topo.lb, &["top", "--once", "--interval", "0.2"]).expect("lb top");
+    let top = lb.cli(&["top", "--once", "--interval", "0.2"]).expect("lb top");
     assert!(top.contains("PPS") && top.contains("FLOWS/S") && top.contains("IN-FLIGHT"), "{top}");
     for b in &topo.backends {
         assert!(top.contains(&format!("{}:80", b.v4)), "{top}");
@@ -125,5 +78,4 @@ timeout = 0.2
         top.lines().any(|l| l.starts_with("web ")) && top.lines().any(|l| l.starts_with("app ")),
         "{top}"
     );
-    drop(lb);
 }

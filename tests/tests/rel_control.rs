@@ -4,65 +4,32 @@
 //! 100 reloads.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, TcpStream},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    lb::{Lb, pin_path},
-    ops::keepalive_get,
-    privileged_or_skip,
-    rel::{self, Traffic, admin_call, toml_list},
-    servers::{HttpBackend, connect_from},
-    topology::{Topology, VIP4},
+    client::{connect_in, keepalive_get},
+    conf,
+    load::Load,
+    rel,
+    scenario::{L7, Scenario, TIMEOUT, WEB},
 };
-
-const TIMEOUT: Duration = Duration::from_secs(3);
-const ADMIN: &str = "127.0.0.1:9901";
-const L7: &str = "10.0.0.1:8080";
-
-fn vip() -> SocketAddr {
-    SocketAddr::new(VIP4.into(), 80)
-}
-
-fn start_servers(topo: &Topology) -> Vec<HttpBackend> {
-    topo.backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            HttpBackend::start(&b.ns, "0.0.0.0:80".parse().unwrap(), &format!("backend-{}", i + 1))
-                .unwrap()
-        })
-        .collect()
-}
 
 #[test]
 fn backend_churn_keeps_established_flows() {
-    if !privileged_or_skip("backend_churn_keeps_established_flows") {
-        return;
-    }
-    let topo = Topology::new(4).expect("topology");
-    let _servers = start_servers(&topo);
-    let addr = |i: usize| format!("{}:80", topo.backends[i].v4);
-    let config = format!(
-        r#"
-[admin]
-listen = "{ADMIN}"
-[xdp]
-interfaces = [{}]
-pin_path = "{}"
-[[xdp.service]]
-name = "web"
-vip = "{VIP4}:80"
-hash = "five-tuple"
-backends = [{}]
-"#,
-        toml_list(topo.lb_interfaces()),
-        pin_path(),
-        toml_list([addr(0), addr(1), addr(3)]),
+    lb_tests::privileged!();
+    let s = Scenario::topology(4);
+    let addr = |i: usize| s.backend_addrs()[i].to_string();
+    let service = conf::xdp_service(
+        "web",
+        WEB,
+        &conf::list([addr(0), addr(1), addr(3)]),
+        "hash = \"five-tuple\"\n",
     );
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    let lb = Lb::start(&topo.lb, &config, admin).expect("lb run");
+    let s = s.xdp_raw(&service).start().expect("lb run");
+    let (lb, topo, admin) = (s.lb(), s.topo(), s.admin());
+    let addr = |i: usize| s.backends[i].to_string();
 
     // Held keep-alive flows (five-tuple hash, so they and the load spread over every backend):
     // those on the two backends that never leave must answer from the same backend throughout.
@@ -71,10 +38,8 @@ backends = [{}]
         .iter()
         .take(24)
         .map(|c| {
-            let c = *c;
-            let mut s =
-                topo.client.run(move || connect_from(Some(c), vip(), TIMEOUT)).unwrap().unwrap();
-            (keepalive_get(&mut s).expect("held flow"), s)
+            let mut c = connect_in(&topo.client, Some(*c), WEB, TIMEOUT).unwrap();
+            (keepalive_get(&mut c).expect("held flow"), c)
         })
         .collect();
     let held_on: BTreeMap<String, u64> = held.iter().fold(BTreeMap::new(), |mut m, (w, _)| {
@@ -83,7 +48,8 @@ backends = [{}]
     });
 
     let retrans_before = rel::syn_retransmits(&topo.client);
-    let load = Traffic::start(&topo.client, vec![vip()], 2, Duration::from_secs(120));
+    let load =
+        Load::builder(&topo.client, vec![WEB]).threads(2).limit(Duration::from_secs(120)).start();
     let run_for = rel::scaled(Duration::from_secs(10), Duration::from_secs(60));
     let start = Instant::now();
     let mut ops = 0u64;
@@ -98,27 +64,13 @@ backends = [{}]
         for (k, p) in phase.iter_mut().enumerate() {
             let a = addr(2 + k);
             let r = match *p {
-                0 => admin_call(
-                    &topo.lb,
-                    admin,
+                0 => admin.send(
                     "POST",
                     "/services/web/backends",
                     Some(serde_json::json!({ "addr": a, "weight": 1 })),
                 ),
-                1 => admin_call(
-                    &topo.lb,
-                    admin,
-                    "POST",
-                    &format!("/services/web/backends/{a}/drain"),
-                    None,
-                ),
-                _ => admin_call(
-                    &topo.lb,
-                    admin,
-                    "DELETE",
-                    &format!("/services/web/backends/{a}"),
-                    None,
-                ),
+                1 => admin.request("POST", &format!("/services/web/backends/{a}/drain")),
+                _ => admin.request("DELETE", &format!("/services/web/backends/{a}")),
             };
             ops += 1;
             match r {
@@ -149,7 +101,7 @@ backends = [{}]
     // earlier client tuple; at ~400 connections/s per backend, 60 s of TIME_WAIT covers most of
     // the 31k ports) is answered with an ACK, the client resets and retries the SYN 1 s later,
     // and the retry is a new flow. Each extra flow is such a client SYN retransmission.
-    let stats = lb.json(&topo.lb, &["backend", "list", "web"]).unwrap();
+    let stats = lb.json(&["backend", "list", "web"]).unwrap();
     let backends = stats["services"][0]["backends"].as_array().unwrap().clone();
     let flows_of = |a: &str| {
         backends.iter().find(|b| b["addr"] == a).and_then(|b| b["flows"].as_u64()).unwrap_or(0)
@@ -204,53 +156,26 @@ backends = [{}]
 
 #[test]
 fn reload_storm_fails_no_request() {
-    if !privileged_or_skip("reload_storm_fails_no_request") {
-        return;
-    }
-    let topo = Topology::new(3).expect("topology");
-    let _servers = start_servers(&topo);
-    let pin = pin_path();
+    lb_tests::privileged!();
+    let s = Scenario::topology(3).xdp_service("").l7("public", L7, "").start().expect("lb run");
     let config = |weights: [u32; 3], valid: bool| {
-        let list = topo
-            .backends
-            .iter()
-            .zip(weights)
-            .map(|(b, w)| format!("{{ addr = \"{}:80\", weight = {w} }}", b.v4))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = conf::weighted(s.backends.iter().zip(weights));
         // Invalid in two ways that validation catches: a weight of 0 and an unknown route
         // upstream (the TOML itself parses).
         let broken =
             if valid { "" } else { "[[http.route]]\nlistener = \"public\"\nupstream = \"nope\"\n" };
-        format!(
-            r#"
-[admin]
-listen = "{ADMIN}"
-[xdp]
-interfaces = [{}]
-pin_path = "{pin}"
-[[xdp.service]]
-name = "web"
-vip = "{VIP4}:80"
-backends = [{list}]
-[[http.listener]]
-name = "public"
-listen = "{L7}"
-[[http.route]]
-listener = "public"
-upstream = "app"
-{broken}
-[upstream.app]
-backends = [{}]
-"#,
-            toml_list(topo.lb_interfaces()),
-            if valid { list.clone() } else { list.replace("weight = 1", "weight = 0") }
-        )
+        let xdp = if valid { list.clone() } else { list.replace("weight = 1", "weight = 0") };
+        [
+            conf::xdp(s.interfaces(), ""),
+            conf::xdp_service("web", WEB, &xdp, ""),
+            conf::l7("public", L7, "app", &s.backend_list(), ""),
+            broken.to_string(),
+        ]
+        .concat()
     };
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    let lb = Lb::start(&topo.lb, &config([1, 1, 1], true), admin).expect("lb run");
-    let l7: SocketAddr = L7.parse().unwrap();
-    let load = Traffic::start(&topo.client, vec![vip(), l7], 2, Duration::from_secs(300));
+    let (lb, admin) = (s.lb(), s.admin());
+    let load =
+        Load::builder(s.client(), vec![WEB, L7]).threads(2).limit(Duration::from_secs(300)).start();
     load.wait_for(50);
     // 100 reloads take a few seconds: the full count in the default command too.
     let reloads = 100;
@@ -260,8 +185,8 @@ backends = [{}]
         let valid = i % 2 == 0;
         // Valid ones alternate weights (Maglev slots move; tracked flows stay).
         let weights = if i % 4 == 0 { [1, 2, 1] } else { [1, 1, 1] };
-        std::fs::write(&lb.config, config(weights, valid)).unwrap();
-        let (status, body) = admin_call(&topo.lb, admin, "POST", "/reload", None).unwrap();
+        lb.write_config(&config(weights, valid)).unwrap();
+        let (status, body) = admin.request("POST", "/reload").unwrap();
         match (valid, status) {
             (true, 200) => applied += 1,
             (false, s) if s != 200 => refused += 1,

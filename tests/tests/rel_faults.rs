@@ -2,115 +2,63 @@
 //! started again; a backend process killed, its link set down, a backend that never answers,
 //! one that resets mid-response. Each run writes a row for RELIABILITY.md (`lb_tests::rel`).
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::TcpStream,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    lb::{Lb, pin_path},
+    backends::Reply,
+    client::{connect_in, keepalive_get},
+    conf,
+    load::{Load, LoadReport},
     netns::Netns,
-    ops::keepalive_get,
-    privileged_or_skip,
-    rel::{self, Fault, FaultyBackend, ProcBackend, Traffic, toml_list},
-    servers::connect_from,
-    topology::{Topology, VIP4},
+    rel,
+    scenario::{L7, Running, Scenario, Serve, TIMEOUT, WEB},
 };
 
-const TIMEOUT: Duration = Duration::from_secs(3);
-const L7: &str = "10.0.0.1:8080";
 /// Health checks: interval 0.2 s, timeout 0.2 s, fall 2: down within 0.4–0.6 s.
 const HEALTH_BOUND: Duration = Duration::from_millis(600);
 /// What the bound gets on a loaded 2-core machine (checker rounds, CLI polling).
 const SLACK: Duration = Duration::from_millis(1500);
 
-/// XDP service `web` (five-tuple hash, so one client address spreads over every backend) and
-/// L7 group `app` over the same backends, both health-checked when `health` is set.
-fn config(topo: &Topology, pin: &str, health: bool) -> String {
-    let backends = toml_list(topo.backends.iter().map(|b| format!("{}:80", b.v4)));
-    let health = if health {
-        ["web", "app"]
-            .map(|n| {
-                format!(
-                    "[health.{n}]\ntype = \"http\"\npath = \"/\"\ninterval = 0.2\ntimeout = 0.2\nfall = 2\nrise = 2\n"
-                )
-            })
-            .concat()
+/// Three backend processes behind XDP service `web` (five-tuple hash, so one client address
+/// spreads over every backend) and L7 group `app`, both health-checked when `health` is set.
+fn start(health: bool) -> Running {
+    let s = Scenario::topology(3).serve(Serve::Process).xdp_service("hash = \"five-tuple\"\n");
+    let s = s.l7("public", L7, "connect_timeout_ms = 300\nresponse_timeout_ms = 1000\n");
+    let checks = if health {
+        conf::fast_health("web", "http") + &conf::fast_health("app", "http")
     } else {
         String::new()
     };
-    format!(
-        r#"
-[admin]
-listen = "127.0.0.1:9901"
-[xdp]
-interfaces = [{}]
-pin_path = "{pin}"
-[[xdp.service]]
-name = "web"
-vip = "{VIP4}:80"
-hash = "five-tuple"
-backends = [{backends}]
-[[http.listener]]
-name = "public"
-listen = "{L7}"
-[[http.route]]
-listener = "public"
-upstream = "app"
-[upstream.app]
-backends = [{backends}]
-connect_timeout_ms = 300
-response_timeout_ms = 1000
-{health}
-"#,
-        toml_list(topo.lb_interfaces()),
-    )
+    s.config(&checks).start().expect("lb run")
 }
 
-fn vip() -> SocketAddr {
-    SocketAddr::new(VIP4.into(), 80)
-}
-
-fn start_backends(topo: &Topology) -> Vec<ProcBackend> {
-    topo.backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            ProcBackend::start(
-                &b.ns,
-                &format!("backend-{}", i + 1),
-                &["0.0.0.0:80".parse().unwrap()],
-            )
-            .expect("backend process")
-        })
-        .collect()
+/// Load from the client namespace: `threads` threads to `target` for at most `limit`.
+fn load(s: &Running, target: std::net::SocketAddr, threads: usize, limit: Duration) -> Load {
+    Load::builder(s.client(), vec![target]).threads(threads).limit(limit).start()
 }
 
 /// Keep-alive connections through the VIP, each with the backend that answered.
 fn hold_flows(ns: &Netns, n: usize) -> Vec<(String, TcpStream)> {
     (0..n)
         .map(|_| {
-            let mut s = ns.run(|| connect_from(None, vip(), TIMEOUT)).unwrap().unwrap();
-            let who = keepalive_get(&mut s).expect("first request on a held flow");
-            (who, s)
+            let mut c = connect_in(ns, None, WEB, TIMEOUT).unwrap();
+            let who = keepalive_get(&mut c).expect("first request on a held flow");
+            (who, c)
         })
         .collect()
 }
 
 #[test]
 fn sigkill_and_restart_keeps_xdp_forwarding() {
-    if !privileged_or_skip("sigkill_and_restart_keeps_xdp_forwarding") {
-        return;
-    }
-    let topo = Topology::new(3).expect("topology");
-    let _backends = start_backends(&topo);
-    let pin = pin_path();
-    let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
-    let mut lb = Lb::start(&topo.lb, &config(&topo, &pin, false), admin).expect("lb run");
-    let l7: SocketAddr = L7.parse().unwrap();
+    lb_tests::privileged!();
+    let mut s = start(false);
+    let l7 = L7;
     let kills = rel::scaled(2, 10);
 
-    let xdp = Traffic::start(&topo.client, vec![vip()], 2, Duration::from_secs(300));
-    let l7_load = Traffic::start(&topo.client, vec![l7], 1, Duration::from_secs(300));
+    let xdp = load(&s, WEB, 2, Duration::from_secs(300));
+    let l7_load = load(&s, l7, 1, Duration::from_secs(300));
     xdp.wait_for(50);
     let mut held_l7_lost = 0;
     let mut held_l7 = 0;
@@ -119,25 +67,23 @@ fn sigkill_and_restart_keeps_xdp_forwarding() {
         // Keep-alive L7 connections open on the process about to die.
         let mut open: Vec<TcpStream> = (0..10)
             .map(|_| {
-                let mut s =
-                    topo.client.run(move || connect_from(None, l7, TIMEOUT)).unwrap().unwrap();
-                keepalive_get(&mut s).expect("L7 keep-alive request");
-                s
+                let mut c = connect_in(s.client(), None, l7, TIMEOUT).unwrap();
+                keepalive_get(&mut c).expect("L7 keep-alive request");
+                c
             })
             .collect();
         held_l7 += open.len();
-        let pid = rel::lb_pid(&lb.config).expect("lb pid");
         let killed = xdp.start.elapsed();
-        lb_tests::netns::run(&["kill", "-KILL", &pid.to_string()]).unwrap();
+        s.lb_mut().kill().expect("SIGKILL lb run");
         let down = Instant::now();
         std::thread::sleep(Duration::from_millis(200));
-        lb.restart(&topo.lb).expect("restart after SIGKILL");
+        s.lb_mut().restart().expect("restart after SIGKILL");
         let ready = xdp.start.elapsed();
         windows.push((killed, ready, down.elapsed()));
-        let status = lb.json(&topo.lb, &["status"]).unwrap();
+        let status = s.lb().json(&["status"]).unwrap();
         assert_eq!(status["adopted"], true, "the new daemon adopts the pinned maps: {status}");
-        for s in &mut open {
-            if keepalive_get(s).is_err() {
+        for c in &mut open {
+            if keepalive_get(c).is_err() {
                 held_l7_lost += 1;
             }
         }
@@ -187,15 +133,11 @@ enum Injected {
 }
 
 fn backend_fault(what: Injected, label: &str) {
-    let topo = Topology::new(3).expect("topology");
-    let mut backends = start_backends(&topo);
-    let pin = pin_path();
-    let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
-    let lb = Lb::start(&topo.lb, &config(&topo, &pin, true), admin).expect("lb run");
-    let l7: SocketAddr = L7.parse().unwrap();
-    let b3 = format!("{}:80", topo.backends[2].v4);
+    let s = start(true);
+    let lb = s.lb();
+    let b3 = s.backends[2].to_string();
     let state = |service: &str| -> String {
-        let v = lb.json(&topo.lb, &["backend", "list", service]).expect("backend list");
+        let v = lb.json(&["backend", "list", service]).expect("backend list");
         v["services"][0]["backends"]
             .as_array()
             .unwrap()
@@ -205,37 +147,28 @@ fn backend_fault(what: Injected, label: &str) {
             .unwrap_or_default()
     };
     assert!(
-        lb_tests::ops::wait_until(Duration::from_secs(5), || state("web") == "up"
+        lb_tests::wait_until(Duration::from_secs(5), || state("web") == "up"
             && state("app") == "up"),
         "backends up before the fault"
     );
     let mut held: Vec<(String, TcpStream)> =
-        hold_flows(&topo.client, 9).into_iter().filter(|(w, _)| w != "backend-3").collect();
+        hold_flows(s.client(), 9).into_iter().filter(|(w, _)| w != "backend-3").collect();
     assert!(!held.is_empty(), "a held flow to a healthy backend");
 
-    let xdp = Traffic::start(&topo.client, vec![vip()], 2, Duration::from_secs(60));
-    let l7_load = Traffic::start(&topo.client, vec![l7], 1, Duration::from_secs(60));
+    let xdp = load(&s, WEB, 2, Duration::from_secs(60));
+    let l7_load = load(&s, L7, 1, Duration::from_secs(60));
     xdp.wait_for(60);
     l7_load.wait_for(30);
 
     let injected_at = xdp.start.elapsed();
-    let _faulty = match what {
-        Injected::Killed => {
-            backends[2].kill();
-            None
-        }
+    match what {
+        Injected::Killed => s.stop_backend(2),
         Injected::LinkDown => {
-            topo.backends[2].ns.ip(&["link", "set", "eth0", "down"]).unwrap();
-            None
+            s.backend_ns(2).ip(&["link", "set", "eth0", "down"]).unwrap();
         }
-        Injected::Silent | Injected::Reset => {
-            backends[2].kill();
-            let fault =
-                if what == Injected::Silent { Fault::Silent } else { Fault::ResetMidResponse };
-            let addr = SocketAddr::new(topo.backends[2].v4.into(), 80);
-            Some(FaultyBackend::start(&topo.backends[2].ns, addr, fault).unwrap())
-        }
-    };
+        Injected::Silent => s.replace_backend(2, Reply::Silent).unwrap(),
+        Injected::Reset => s.replace_backend(2, Reply::ResetMidResponse).unwrap(),
+    }
     let t0 = Instant::now();
     let (mut web_down, mut app_down) = (None, None);
     let mut held_failed = 0;
@@ -267,7 +200,7 @@ fn backend_fault(what: Injected, label: &str) {
     let ms =
         |d: Option<Duration>| d.map_or("never".to_string(), |d| format!("{} ms", d.as_millis()));
     // A request that began after the ejection (plus one checker round of slack) must not fail.
-    let after = |d: Option<Duration>, r: &rel::TrafficReport| {
+    let after = |d: Option<Duration>, r: &LoadReport| {
         let cut = injected_at + d.unwrap_or(Duration::MAX / 4) + Duration::from_millis(200);
         r.failures.iter().filter(|(t, ..)| *t > cut).count()
     };
@@ -315,28 +248,24 @@ fn backend_fault(what: Injected, label: &str) {
 
 #[test]
 fn backend_process_killed() {
-    if privileged_or_skip("backend_process_killed") {
-        backend_fault(Injected::Killed, "backend process SIGKILLed");
-    }
+    lb_tests::privileged!();
+    backend_fault(Injected::Killed, "backend process SIGKILLed");
 }
 
 #[test]
 fn backend_link_down() {
-    if privileged_or_skip("backend_link_down") {
-        backend_fault(Injected::LinkDown, "backend namespace link set down");
-    }
+    lb_tests::privileged!();
+    backend_fault(Injected::LinkDown, "backend namespace link set down");
 }
 
 #[test]
 fn backend_accepts_but_never_answers() {
-    if privileged_or_skip("backend_accepts_but_never_answers") {
-        backend_fault(Injected::Silent, "backend accepts, never answers");
-    }
+    lb_tests::privileged!();
+    backend_fault(Injected::Silent, "backend accepts, never answers");
 }
 
 #[test]
 fn backend_resets_mid_response() {
-    if privileged_or_skip("backend_resets_mid_response") {
-        backend_fault(Injected::Reset, "backend resets mid-response");
-    }
+    lb_tests::privileged!();
+    backend_fault(Injected::Reset, "backend resets mid-response");
 }

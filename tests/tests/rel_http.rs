@@ -5,9 +5,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use lb_tests::{
+    backends::raw::{RawBackend, RawRequest},
+    h2,
     http::{Proxy, config},
     rel,
-    rel_http::{RawBackend, RawRequest, h2},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},

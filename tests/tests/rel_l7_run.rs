@@ -14,16 +14,12 @@ use std::{
 };
 
 use lb_tests::{
-    lb::{Lb, pin_path},
+    client::{connect_from, connect_in, keepalive_get},
     netns::Netns,
-    ops::keepalive_get,
-    privileged_or_skip,
-    rel::{self, ProcBackend, toml_list},
-    servers::connect_from,
-    topology::{Topology, VIP4},
+    procs, rel,
+    scenario::{L7, Scenario, Serve, TIMEOUT},
+    topology::VIP4,
 };
-
-const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Keep-alive GETs from `workers` connections for `d`: requests per second.
 fn throughput(ns: &Netns, target: SocketAddr, workers: usize, d: Duration) -> f64 {
@@ -31,7 +27,7 @@ fn throughput(ns: &Netns, target: SocketAddr, workers: usize, d: Duration) -> f6
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..workers)
         .map(|_| {
-            let mut s = ns.run(move || connect_from(None, target, TIMEOUT)).unwrap().unwrap();
+            let mut s = connect_in(ns, None, target, TIMEOUT).unwrap();
             let (count, stop) = (count.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
@@ -54,33 +50,17 @@ fn throughput(ns: &Netns, target: SocketAddr, workers: usize, d: Duration) -> f6
 
 #[test]
 fn slowloris_leaves_normal_clients_their_throughput() {
-    if !privileged_or_skip("slowloris_leaves_normal_clients_their_throughput") {
-        return;
-    }
-    rel::raise_nofile();
-    let rel::Loopback { ns, backend: backend_addr, admin, listen, server: _backend } =
-        rel::Loopback::new("slw").unwrap();
-    let config = format!(
-        r#"
-[admin]
-listen = "{admin}"
-[http]
-header_timeout_ms = 4000
-[[http.listener]]
-name = "web"
-listen = "{listen}"
-[[http.route]]
-listener = "web"
-upstream = "app"
-[upstream.app]
-backends = ["{backend_addr}"]
-"#
-    );
-    let _lb = Lb::start(&ns, &config, admin).expect("lb run");
+    lb_tests::privileged!();
+    procs::raise_nofile();
+    let listen = "127.0.0.1:8080".parse().unwrap();
+    let s =
+        Scenario::loopback(1).serve(Serve::Process).config("[http]\nheader_timeout_ms = 4000\n");
+    let s = s.l7("web", listen, "").start().expect("lb run");
+    let ns = s.balancer();
     // The machine is shared: a noisy attempt is repeated once.
     let mut best = None;
     for _ in 0..2 {
-        let attempt = slowloris_attempt(&ns, listen);
+        let attempt = slowloris_attempt(ns, listen);
         let better = best.as_ref().is_none_or(|b: &Attempt| attempt.ratio() > b.ratio());
         if better {
             best = Some(attempt);
@@ -181,41 +161,10 @@ fn slowloris_attempt(ns: &Netns, listen: SocketAddr) -> Attempt {
 
 #[test]
 fn admin_api_is_not_reachable_from_the_data_plane() {
-    if !privileged_or_skip("admin_api_is_not_reachable_from_the_data_plane") {
-        return;
-    }
-    let topo = Topology::new(1).expect("topology");
-    let b = &topo.backends[0];
-    let _backend =
-        ProcBackend::start(&b.ns, "backend-1", &["0.0.0.0:80".parse().unwrap()]).unwrap();
-    let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
-    let config = format!(
-        r#"
-[admin]
-listen = "{admin}"
-[xdp]
-interfaces = [{}]
-pin_path = "{}"
-[[xdp.service]]
-name = "web"
-vip = "{VIP4}:80"
-backends = ["{}:80"]
-[[http.listener]]
-name = "public"
-listen = "0.0.0.0:8080"
-[[http.route]]
-listener = "public"
-upstream = "app"
-[upstream.app]
-backends = ["{}:80"]
-"#,
-        toml_list(topo.lb_interfaces()),
-        pin_path(),
-        b.v4,
-        b.v4
-    );
-    let _lb = Lb::start(&topo.lb, &config, admin).expect("lb run");
-    let l7: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+    lb_tests::privileged!();
+    let s = Scenario::topology(1).serve(Serve::Process).xdp_service("");
+    let s = s.l7("public", "0.0.0.0:8080".parse().unwrap(), "").start().expect("lb run");
+    let (topo, l7) = (s.topo(), L7);
     let mut problems = Vec::new();
     let requests = [
         "GET /stats HTTP/1.1\r\nHost: 127.0.0.1:9901\r\nConnection: close\r\n\r\n",
@@ -227,7 +176,7 @@ backends = ["{}:80"]
         "CONNECT 127.0.0.1:9901 HTTP/1.1\r\nHost: 127.0.0.1:9901\r\n\r\nGET /stats HTTP/1.1\r\nHost: x\r\n\r\n",
     ];
     for req in requests {
-        let mut s = topo.client.run(move || connect_from(None, l7, TIMEOUT)).unwrap().unwrap();
+        let mut s = connect_in(&topo.client, None, l7, TIMEOUT).unwrap();
         s.write_all(req.as_bytes()).unwrap();
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
@@ -251,7 +200,7 @@ backends = ["{}:80"]
         }
     }
     // Still there for the operator, and the backend set was not touched.
-    let v = _lb.json(&topo.lb, &["backend", "list", "web"]).unwrap();
+    let v = s.lb().json(&["backend", "list", "web"]).unwrap();
     if v["services"][0]["backends"].as_array().map(|a| a.len()) != Some(1) {
         problems.push(format!("backend set changed: {v}"));
     }

@@ -10,12 +10,12 @@ use std::{
 };
 
 use lb_tests::{
-    lb::{Lb, pin_path},
+    client::connect_from,
+    conf,
+    load::Load,
     netns::Netns,
-    privileged_or_skip,
-    rel::{self, ProcBackend, Traffic, toml_list},
-    servers::connect_from,
-    topology::{Topology, VIP4},
+    procs, rel,
+    scenario::{L7, Scenario, Serve, WEB},
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -30,7 +30,7 @@ async fn get_on(s: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
         let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk)).await??;
         anyhow::ensure!(n > 0, "connection closed");
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(body) = lb_tests::ops::one_response(&buf)? {
+        if let Some(body) = lb_tests::client::one_response(&buf)? {
             return Ok(body);
         }
     }
@@ -105,84 +105,35 @@ fn hold(
 
 #[test]
 fn ten_thousand_connections_through_l7_and_xdp() {
-    if !privileged_or_skip("ten_thousand_connections_through_l7_and_xdp") {
-        return;
-    }
-    let limit = rel::raise_nofile();
+    lb_tests::privileged!();
+    let limit = procs::raise_nofile();
     assert!(
         limit as usize > CONNS + 1000,
         "open-file hard limit {limit} too low for {CONNS} connections"
     );
 
     // L7: lb and the backend process in one namespace on loopback.
-    let rel::Loopback { ns, backend: backend_addr, admin, listen, server: _backend } =
-        rel::Loopback::new("ld7").unwrap();
-    let config = format!(
-        r#"
-[admin]
-listen = "{admin}"
-[http]
-max_connections = 12000
-header_timeout_ms = 120000
-idle_timeout_ms = 120000
-[[http.listener]]
-name = "web"
-listen = "{listen}"
-[[http.route]]
-listener = "web"
-upstream = "app"
-[upstream.app]
-backends = ["{backend_addr}"]
-"#
-    );
-    let lb = Lb::start(&ns, &config, admin).expect("lb run");
-    let pid = rel::lb_pid(&lb.config).expect("lb pid");
-    let lb_limit = rel::nofile_of(pid).unwrap_or(0);
-    let peak = Arc::new(std::sync::Mutex::new(rel::Sample::default()));
+    let listen = "127.0.0.1:8080".parse().unwrap();
+    let http =
+        "[http]\nmax_connections = 12000\nheader_timeout_ms = 120000\nidle_timeout_ms = 120000\n";
+    let s = Scenario::loopback(1).serve(Serve::Process).config(http).l7("web", listen, "");
+    let s = s.start().expect("lb run");
+    let (ns, pid) = (s.balancer(), s.lb().pid());
+    let lb_limit = procs::nofile_of(pid).unwrap_or(0);
+    let peak = Arc::new(std::sync::Mutex::new(procs::Sample::default()));
     let p = peak.clone();
     let (l7_ok, l7_errors, l7_secs, _) =
-        hold(&ns, listen, CONNS, 256, move || *p.lock().unwrap() = rel::sample(pid));
+        hold(ns, listen, CONNS, 256, move || *p.lock().unwrap() = procs::sample(pid));
     let peak = *peak.lock().unwrap();
-    drop(lb);
-    drop(ns);
+    drop(s);
 
     // XDP: three backend processes behind the VIP (five-tuple hash spreads one client).
-    let topo = Topology::new(3).expect("topology");
-    let _backends: Vec<ProcBackend> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            ProcBackend::start(
-                &b.ns,
-                &format!("backend-{}", i + 1),
-                &["0.0.0.0:80".parse().unwrap()],
-            )
-            .unwrap()
-        })
-        .collect();
-    let config = format!(
-        r#"
-[admin]
-listen = "{admin}"
-[xdp]
-interfaces = [{}]
-pin_path = "{}"
-[[xdp.service]]
-name = "web"
-vip = "{VIP4}:80"
-hash = "five-tuple"
-backends = [{}]
-"#,
-        toml_list(topo.lb_interfaces()),
-        pin_path(),
-        toml_list(topo.backends.iter().map(|b| format!("{}:80", b.v4)))
-    );
-    let lb = Lb::start(&topo.lb, &config, admin).expect("lb run");
-    let (x_ok, x_errors, x_secs, spread) =
-        hold(&topo.client, SocketAddr::new(VIP4.into(), 80), CONNS, 512, || {});
-    let flows: u64 = lb
-        .json(&topo.lb, &["stats"])
+    let s = Scenario::topology(3).serve(Serve::Process).xdp_service("hash = \"five-tuple\"\n");
+    let s = s.start().expect("lb run");
+    let (x_ok, x_errors, x_secs, spread) = hold(s.client(), WEB, CONNS, 512, || {});
+    let flows: u64 = s
+        .lb()
+        .json(&["stats"])
         .map(|v| v["services"][0]["flows"].as_u64().unwrap_or(0))
         .unwrap_or(0);
 
@@ -229,31 +180,18 @@ const L4_CONNS: usize = 9_000;
 
 #[test]
 fn nine_thousand_connections_through_the_userspace_l4_relay() {
-    if !privileged_or_skip("nine_thousand_connections_through_the_userspace_l4_relay") {
-        return;
-    }
-    rel::raise_nofile();
-    let rel::Loopback { ns, backend: backend_addr, admin, listen, server: _backend } =
-        rel::Loopback::new("ld4").unwrap();
-    let config = format!(
-        r#"
-[admin]
-listen = "{admin}"
-[[tcp.listener]]
-name = "web"
-listen = "{listen}"
-upstream = "app"
-max_connections = 12000
-[upstream.app]
-backends = ["{backend_addr}"]
-"#
+    lb_tests::privileged!();
+    procs::raise_nofile();
+    let listen = "127.0.0.1:8080".parse().unwrap();
+    let tcp = format!(
+        "[[tcp.listener]]\nname = \"web\"\nlisten = \"{listen}\"\nupstream = \"app\"\nmax_connections = 12000\n[upstream.app]\nbackends = [\"127.0.0.1:18080\"]\n"
     );
-    let lb = Lb::start(&ns, &config, admin).expect("lb run");
-    let pid = rel::lb_pid(&lb.config).expect("lb pid");
-    let peak = Arc::new(std::sync::Mutex::new(rel::Sample::default()));
+    let s = Scenario::loopback(1).serve(Serve::Process).config(&tcp).start().expect("lb run");
+    let pid = s.lb().pid();
+    let peak = Arc::new(std::sync::Mutex::new(procs::Sample::default()));
     let p = peak.clone();
     let (ok, errors, secs, _) =
-        hold(&ns, listen, L4_CONNS, 256, move || *p.lock().unwrap() = rel::sample(pid));
+        hold(s.balancer(), listen, L4_CONNS, 256, move || *p.lock().unwrap() = procs::sample(pid));
     let peak = *peak.lock().unwrap();
     let observed = format!(
         "{ok} of {} requests ok on {L4_CONNS} connections held {secs:.1} s, {} errors; lb held {} \
@@ -283,71 +221,24 @@ fn soak() {
         eprintln!("SKIPPED soak: set LB_REL_SOAK_SECS (`cargo xtask soak`)");
         return;
     };
-    if !privileged_or_skip("soak") {
-        return;
-    }
-    let topo = Topology::new(2).expect("topology");
-    let _backends: Vec<ProcBackend> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            ProcBackend::start(
-                &b.ns,
-                &format!("backend-{}", i + 1),
-                &["0.0.0.0:80".parse().unwrap()],
-            )
-            .unwrap()
-        })
-        .collect();
-    let backends = toml_list(topo.backends.iter().map(|b| format!("{}:80", b.v4)));
-    let config = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:9901"
-[xdp]
-interfaces = [{}]
-pin_path = "{}"
-[[xdp.service]]
-name = "web"
-vip = "{VIP4}:80"
-hash = "five-tuple"
-backends = [{backends}]
-[[http.listener]]
-name = "public"
-listen = "10.0.0.1:8080"
-[[http.route]]
-listener = "public"
-upstream = "app"
-[upstream.app]
-backends = [{backends}]
-[health.app]
-type = "http"
-path = "/"
-interval = 1
-timeout = 1
-"#,
-        toml_list(topo.lb_interfaces()),
-        pin_path(),
-    );
-    let lb = Lb::start(&topo.lb, &config, "127.0.0.1:9901".parse().unwrap()).expect("lb run");
-    let pid = rel::lb_pid(&lb.config).expect("lb pid");
+    lb_tests::privileged!();
+    let s = Scenario::topology(2).serve(Serve::Process).xdp_service("hash = \"five-tuple\"\n");
+    let s =
+        s.l7("public", L7, "").config(&conf::health("app", "http", 1.0)).start().expect("lb run");
+    let (lb, pid) = (s.lb(), s.lb().pid());
     let total = Duration::from_secs(secs);
-    let l7: SocketAddr = "10.0.0.1:8080".parse().unwrap();
-    let load = Traffic::start(
-        &topo.client,
-        vec![l7, l7, SocketAddr::new(VIP4.into(), 80)],
-        2,
-        total + Duration::from_secs(5),
-    );
+    let load = Load::builder(s.client(), vec![L7, L7, WEB])
+        .threads(2)
+        .limit(total + Duration::from_secs(5))
+        .start();
     let warmup = (total / 5).max(Duration::from_secs(60)).min(total / 2);
     let start = Instant::now();
     let mut samples = Vec::new();
     while start.elapsed() < total {
         std::thread::sleep(Duration::from_secs(10).min(total.saturating_sub(start.elapsed())));
         // Ask for stats too, so the admin path is part of the soak.
-        let _ = lb.json(&topo.lb, &["stats"]);
-        samples.push((start.elapsed(), rel::sample(pid)));
+        let _ = lb.json(&["stats"]);
+        samples.push((start.elapsed(), procs::sample(pid)));
     }
     let report = load.stop();
     let at_warmup = samples.iter().find(|(t, _)| *t >= warmup).map(|s| s.1).unwrap_or_default();

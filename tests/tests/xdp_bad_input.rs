@@ -7,7 +7,6 @@ use std::{collections::HashSet, net::IpAddr};
 use lb_tests::{
     fixture::*,
     packet::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, checksums_valid, fields},
-    privileged_or_skip,
 };
 
 const CONFIG: &str = r#"
@@ -128,9 +127,7 @@ fn mutate(r: &mut Rng, mut f: Vec<u8>) -> Vec<u8> {
 
 #[test]
 fn hundred_thousand_bad_frames_get_their_documented_action() {
-    if !privileged_or_skip("hundred_thousand_bad_frames_get_their_documented_action") {
-        return;
-    }
+    lb_tests::privileged!();
     let ns = namespace().expect("fixture namespace");
     ns.run(|| {
         let dp = dataplane(CONFIG).expect("load program");

@@ -8,9 +8,10 @@ use std::{
 };
 
 use lb_tests::{
+    backends::HttpBackend,
+    client::http_get,
     lb::{Lb, pin_path},
     netns::Netns,
-    servers::{HttpBackend, http_get},
     topology::{Topology, VIP4},
 };
 
@@ -73,7 +74,7 @@ fn run() -> anyhow::Result<()> {
     println!("== lb config:\n{config}");
     let mut lb = Lb::start(&topo.lb, &config, admin)?;
     println!("== lb status");
-    print!("{}", lb.cli(&topo.lb, &["status"])?);
+    print!("{}", lb.cli(&["status"])?);
 
     let sources = topo.add_client_addresses(300)?;
     println!("== 300 clients (10.0.4.1 ...) each open a connection to the VIP {VIP4}:80");
@@ -82,21 +83,21 @@ fn run() -> anyhow::Result<()> {
     let sticky = before.iter().zip(&again).filter(|(a, b)| a == b).count();
     println!("   {sticky} of 300 clients reached the same backend both times");
     println!("== lb stats: per-backend counters from the XDP program");
-    print!("{}", lb.cli(&topo.lb, &["stats"])?);
+    print!("{}", lb.cli(&["stats"])?);
 
     let b3 = format!("{}:80", topo.backends[2].v4);
     println!("== lb backend remove web {b3}");
-    print!("{}", lb.cli(&topo.lb, &["backend", "remove", "web", &b3])?);
+    print!("{}", lb.cli(&["backend", "remove", "web", &b3])?);
     let after = round(&topo.client, &sources, "answered by")?;
     let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
     let from_b3 = before.iter().filter(|b| *b == "backend-3").count();
     println!("   {moved} clients moved; {from_b3} had been on backend-3");
     println!("== lb backend add web {b3}");
-    print!("{}", lb.cli(&topo.lb, &["backend", "add", "web", &b3])?);
+    print!("{}", lb.cli(&["backend", "add", "web", &b3])?);
     let back = round(&topo.client, &sources, "answered by")?;
     let same = before.iter().zip(&back).filter(|(a, b)| a == b).count();
     println!("   {same} of 300 clients are back on their original backend");
-    print!("{}", lb.cli(&topo.lb, &["backend", "list", "web"])?);
+    print!("{}", lb.cli(&["backend", "list", "web"])?);
 
     println!("== L7: the same daemon proxies HTTP on 10.0.0.1:8080 and HTTPS on 10.0.0.1:8443");
     let plain: SocketAddr = "10.0.0.1:8080".parse()?;
@@ -113,7 +114,7 @@ fn run() -> anyhow::Result<()> {
         })
         .collect::<Result<_, _>>()?;
     println!("   6 HTTPS requests (TLS terminated by lb for demo.lb.test): {}", answers.join(", "));
-    print!("{}", lb.cli(&topo.lb, &["backend", "list", "app"])?);
+    print!("{}", lb.cli(&["backend", "list", "app"])?);
 
     lb.stop()?;
     drop(lb);

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (name, addrs) = args.split_first().ok_or_else(|| anyhow::anyhow!("usage: NAME ADDR..."))?;
-    lb_tests::rel::raise_nofile();
+    lb_tests::procs::raise_nofile();
     let body = Bytes::from(format!("{name}\n"));
     let mut tasks = Vec::new();
     for a in addrs {

@@ -185,7 +185,7 @@ fn table(n: usize, contenders: &[usize], rounds: usize, secs: u32) -> anyhow::Re
             s.errors += ka.errors + close.errors;
             if let Some(mut l) = lbd {
                 if std::env::var_os("LB_BENCH_DEBUG").is_some() {
-                    eprintln!("{}", l.cli(&topo.lb, &["stats"])?);
+                    eprintln!("{}", l.cli(&["stats"])?);
                     // TCP counters of every host: SYN retransmits, TIME_WAIT, PAWS rejects.
                     for ns in topo.backends.iter().map(|b| &b.ns).chain([&topo.client]) {
                         eprintln!(

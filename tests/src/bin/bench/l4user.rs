@@ -171,7 +171,7 @@ fn measure(c: &Contender, tls: &TlsFiles, secs: u32, s: &mut Samples) -> anyhow:
     s.errors += ka.errors + close.errors + probe.errors;
     if let Some(mut l) = lbd {
         if std::env::var_os("LB_BENCH_DEBUG").is_some() {
-            eprintln!("{}", l.cli(&topo.lb, &["stats"])?);
+            eprintln!("{}", l.cli(&["stats"])?);
         }
         l.stop()?;
     }
@@ -306,7 +306,7 @@ impl TlsFiles {
         std::fs::write(dir.join("cert.pem"), c.cert.pem())?;
         std::fs::write(dir.join("key.pem"), c.key_pair.serialize_pem())?;
         std::fs::write(dir.join("big"), vec![b'x'; BIG])?;
-        let config = lb_tests::l4::client_config(&[c.cert.der()]);
+        let config = lb_tests::tls::client_config(&[c.cert.der()]);
         let name = rustls::pki_types::ServerName::try_from(HOST)?;
         let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
         let mut hello = Vec::new();

@@ -101,17 +101,5 @@ pub fn from_pidfile(path: &std::path::Path) -> anyhow::Result<u32> {
     }
 }
 
-/// Raises this process's open-file limit to the hard limit; children (the balancers, wrk,
-/// nginx) inherit it. Returns the new soft limit.
-pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-    }
-    lim.rlim_cur
-}
+/// The harness's one open-file limit raise; children (the balancers, wrk, nginx) inherit it.
+pub use lb_tests::procs::raise_nofile;

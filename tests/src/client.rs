@@ -1,0 +1,137 @@
+//! Clients that run inside a namespace: HTTP/1.1 GETs on fresh or kept-alive connections from a
+//! chosen source address, a TCP echo round trip, and UDP sockets. Every call is bounded by its timeout.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::netns::Netns;
+
+/// One HTTP/1.1 GET over a fresh connection from `ns`, bound to `source` if given; returns the
+/// body. Times out after `timeout`.
+pub fn http_get(
+    ns: &Netns,
+    source: Option<IpAddr>,
+    target: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let stream = ns.run(move || connect_from(source, target, timeout))??;
+    request_on(stream, target, timeout)
+}
+
+/// Connects to `target` from `source` (port chosen by the kernel). Call inside a namespace.
+pub fn connect_from(
+    source: Option<IpAddr>,
+    target: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<TcpStream> {
+    let sock = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(src) = source {
+        sock.bind(&SocketAddr::new(src, 0).into()).with_context(|| format!("bind {src}"))?;
+    }
+    sock.connect_timeout(&target.into(), timeout).with_context(|| format!("connect {target}"))?;
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// [`connect_from`] run inside `ns`.
+pub fn connect_in(
+    ns: &Netns,
+    source: Option<IpAddr>,
+    target: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<TcpStream> {
+    ns.run(move || connect_from(source, target, timeout))?
+}
+
+/// Sends GET / with `connection: close` on an open connection and returns the body.
+pub fn request_on(
+    mut stream: TcpStream,
+    target: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET / HTTP/1.1\r\nhost: {target}\r\nconnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp).context("read response")?;
+    let (head, body) = resp.split_once("\r\n\r\n").context("no end of headers in response")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "unexpected response: {head}");
+    Ok(body.trim().to_string())
+}
+
+/// GET / on an open keep-alive connection; returns the body (the backend's name).
+pub fn keepalive_get(stream: &mut TcpStream) -> anyhow::Result<String> {
+    write!(stream, "GET / HTTP/1.1\r\nhost: lb\r\n\r\n")?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk)?;
+        anyhow::ensure!(n > 0, "connection closed");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(body) = one_response(&buf)? {
+            return Ok(body);
+        }
+    }
+}
+
+/// The body of a complete `200` response with a Content-Length at the start of `buf`, `None`
+/// while more bytes are needed, an error for another status.
+pub fn one_response(buf: &[u8]) -> anyhow::Result<Option<String>> {
+    let text = String::from_utf8_lossy(buf);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else { return Ok(None) };
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    if body.len() < len {
+        return Ok(None);
+    }
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+    Ok(Some(body.trim().to_string()))
+}
+
+/// A UDP socket bound in `ns` (to `source` if given) that sends datagrams to `target`.
+pub fn udp_socket(
+    ns: &Netns,
+    source: Option<IpAddr>,
+    target: SocketAddr,
+) -> anyhow::Result<UdpSocket> {
+    let bind = match source {
+        Some(s) => SocketAddr::new(s, 0),
+        None if target.is_ipv4() => "0.0.0.0:0".parse()?,
+        None => "[::]:0".parse()?,
+    };
+    let sock = ns.run(move || UdpSocket::bind(bind))??;
+    sock.connect(target)?;
+    Ok(sock)
+}
+
+/// Connects (from `source` if given), reads the greeting line, sends `payload`, half-closes,
+/// and returns (greeting, everything after it). Blocking.
+pub fn echo_roundtrip(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    payload: &[u8],
+) -> anyhow::Result<(String, Vec<u8>)> {
+    let mut s = connect_from(source, target, crate::T)?;
+    s.set_nodelay(true)?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut greeting = String::new();
+    r.read_line(&mut greeting)?;
+    anyhow::ensure!(!greeting.is_empty(), "closed before the greeting");
+    s.write_all(payload)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest)?;
+    Ok((greeting.trim().to_string(), rest))
+}
