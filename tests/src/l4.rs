@@ -1,12 +1,17 @@
 //! The userspace L4 listeners of a config running in this process on loopback (no root), with
 //! their counters; the backends they relay to are in [`crate::backends`], the TLS clients in
 //! [`crate::tls`].
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use lb_user::{
     config::Config,
-    l4::{Handoffs, L4, ListenerStats},
-    upstream,
+    l4::{Handoffs, L4, ListenerStats, balance::client_key},
+    maglev, upstream,
 };
 use tokio::{sync::watch, task::JoinSet};
 
@@ -62,4 +67,17 @@ impl L4Harness {
             r.expect("task").expect("listener");
         }
     }
+}
+
+/// The backend the XDP path picks for `client` among `group`'s backends, computed the way the
+/// XDP side builds its table: `maglev::table` over (addr, weight), `source_hash % size`.
+pub fn xdp_choice(config: &Config, group: &str, client: IpAddr) -> SocketAddr {
+    let entries: Vec<maglev::Entry> = config.upstream[group]
+        .backends
+        .iter()
+        .map(|b| maglev::Entry { addr: b.addr(), weight: b.weight() })
+        .collect();
+    let table = maglev::table(&entries, maglev::DEFAULT_SIZE);
+    let slot = lb_common::hash::source_hash(&client_key(client)) % maglev::DEFAULT_SIZE;
+    entries[table[slot as usize] as usize].addr
 }

@@ -8,23 +8,13 @@ use lb_tests::{
     T,
     backends::{HttpBackend, TlsBackend, echo_backend_on, udp_echo_on},
     client::{echo_roundtrip, http_get, udp_socket},
+    l4::xdp_choice,
     lb::Lb,
     netns::Netns,
     tls::{client_config, https_request, tls_client, whole},
     topology::Topology,
 };
-use lb_user::{config::Config, l4::balance::client_key, maglev};
-
-fn xdp_choice(config: &Config, group: &str, client: IpAddr) -> SocketAddr {
-    let entries: Vec<maglev::Entry> = config.upstream[group]
-        .backends
-        .iter()
-        .map(|b| maglev::Entry { addr: b.addr(), weight: b.weight() })
-        .collect();
-    let table = maglev::table(&entries, maglev::DEFAULT_SIZE);
-    let slot = lb_common::hash::source_hash(&client_key(client)) % maglev::DEFAULT_SIZE;
-    entries[table[slot as usize] as usize].addr
-}
+use lb_user::config::Config;
 
 /// The value of the Prometheus sample `series` (name and labels) in `text`.
 fn sample(text: &str, series: &str) -> u64 {

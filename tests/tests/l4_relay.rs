@@ -10,29 +10,15 @@ use lb_tests::{
     T,
     backends::{echo_backend, udp_echo},
     client::echo_roundtrip,
-    l4::L4Harness,
+    l4::{L4Harness, xdp_choice},
 };
 use lb_user::{
     config::Config,
-    l4::{ErrorKind, Handoffs, balance::client_key},
-    maglev,
+    l4::{ErrorKind, Handoffs},
 };
 
 fn lo(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
-}
-
-/// The backend the XDP path picks for `client` among `group`'s backends, computed the way the
-/// XDP side builds its table: `maglev::table` over (addr, weight), `source_hash % size`.
-fn xdp_choice(config: &Config, group: &str, client: IpAddr) -> SocketAddr {
-    let entries: Vec<maglev::Entry> = config.upstream[group]
-        .backends
-        .iter()
-        .map(|b| maglev::Entry { addr: b.addr(), weight: b.weight() })
-        .collect();
-    let table = maglev::table(&entries, maglev::DEFAULT_SIZE);
-    let slot = lb_common::hash::source_hash(&client_key(client)) % maglev::DEFAULT_SIZE;
-    entries[table[slot as usize] as usize].addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

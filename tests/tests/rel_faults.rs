@@ -246,26 +246,20 @@ fn backend_fault(what: Injected, label: &str) {
     }
 }
 
-#[test]
-fn backend_process_killed() {
-    lb_tests::privileged!();
-    backend_fault(Injected::Killed, "backend process SIGKILLed");
+/// One test per injected fault, each a row of its own in RELIABILITY.md.
+macro_rules! fault_tests {
+    ($($name:ident: $what:ident, $label:literal;)*) => {$(
+        #[test]
+        fn $name() {
+            lb_tests::privileged!();
+            backend_fault(Injected::$what, $label);
+        }
+    )*};
 }
 
-#[test]
-fn backend_link_down() {
-    lb_tests::privileged!();
-    backend_fault(Injected::LinkDown, "backend namespace link set down");
-}
-
-#[test]
-fn backend_accepts_but_never_answers() {
-    lb_tests::privileged!();
-    backend_fault(Injected::Silent, "backend accepts, never answers");
-}
-
-#[test]
-fn backend_resets_mid_response() {
-    lb_tests::privileged!();
-    backend_fault(Injected::Reset, "backend resets mid-response");
+fault_tests! {
+    backend_process_killed: Killed, "backend process SIGKILLed";
+    backend_link_down: LinkDown, "backend namespace link set down";
+    backend_accepts_but_never_answers: Silent, "backend accepts, never answers";
+    backend_resets_mid_response: Reset, "backend resets mid-response";
 }

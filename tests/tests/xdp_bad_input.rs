@@ -5,23 +5,19 @@
 use std::{collections::HashSet, net::IpAddr};
 
 use lb_tests::{
+    conf,
     fixture::*,
     packet::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, checksums_valid, fields},
 };
 
-const CONFIG: &str = r#"
-[xdp]
-interfaces = ["c0", "b1", "b2"]
-[[xdp.service]]
-name = "web"
-vip = "10.200.0.1:80"
-backends = ["10.1.1.2:80", "10.1.2.2:80"]
-[[xdp.service]]
-name = "dns6"
-vip = "[fd00:200::1]:53"
-protocol = "udp"
-backends = ["[fd01:1::2]:53"]
-"#;
+/// Two services on the fixture's interfaces: TCP `web` over two backends, UDP `dns6`.
+fn config() -> String {
+    let web =
+        conf::xdp_service("web", "10.200.0.1:80", &conf::list(["10.1.1.2:80", "10.1.2.2:80"]), "");
+    let dns6 =
+        conf::xdp_service("dns6", "[fd00:200::1]:53", "\"[fd01:1::2]:53\"", "protocol = \"udp\"\n");
+    conf::xdp(["c0", "b1", "b2"], "") + &web + &dns6
+}
 
 /// xorshift64*: deterministic, so a failure reproduces with the same seed.
 struct Rng(u64);
@@ -130,7 +126,7 @@ fn hundred_thousand_bad_frames_get_their_documented_action() {
     lb_tests::privileged!();
     let ns = namespace().expect("fixture namespace");
     ns.run(|| {
-        let dp = dataplane(CONFIG).expect("load program");
+        let dp = dataplane(&config()).expect("load program");
         let vips: HashSet<(IpAddr, u16, u8)> =
             [(ip("10.200.0.1"), 80, 6), (ip("fd00:200::1"), 53, 17)].into_iter().collect();
         let backends: HashSet<IpAddr> =

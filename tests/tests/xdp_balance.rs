@@ -28,12 +28,18 @@ fn who(s: &Running, src: IpAddr) -> String {
     s.get_from(src, WEB).unwrap_or_else(|e| panic!("request from {src}: {e:#}"))
 }
 
+/// `n` more client addresses, and the backend each of them reaches first.
+fn first_answers(s: &Running, n: usize) -> (Vec<IpAddr>, Vec<String>) {
+    let clients = s.topo().add_client_addresses(n).unwrap();
+    let first = clients.iter().map(|c| who(s, *c)).collect();
+    (clients, first)
+}
+
 #[test]
 fn spreads_clients_by_weight_and_keeps_each_on_one_backend() {
     lb_tests::privileged!();
     let s = setup([1, 1, 2]);
-    let clients = s.topo().add_client_addresses(600).unwrap();
-    let first: Vec<String> = clients.iter().map(|c| who(&s, *c)).collect();
+    let (clients, first) = first_answers(&s, 600);
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for b in &first {
         *counts.entry(b.as_str()).or_default() += 1;
@@ -65,8 +71,7 @@ fn spreads_clients_by_weight_and_keeps_each_on_one_backend() {
 fn backend_changes_move_only_the_affected_clients() {
     lb_tests::privileged!();
     let s = setup([1, 1, 1]);
-    let clients = s.topo().add_client_addresses(150).unwrap();
-    let before: Vec<String> = clients.iter().map(|c| who(&s, *c)).collect();
+    let (clients, before) = first_answers(&s, 150);
     // One open keep-alive connection per backend, from a client that maps to it.
     let mut open = HashMap::new();
     for b in ["backend-1", "backend-2", "backend-3"] {

@@ -123,65 +123,40 @@ impl Drop for RawBackend {
 
 async fn serve(mut stream: TcpStream, seen: &Mutex<Vec<RawRequest>>) -> std::io::Result<()> {
     let mut buf = Vec::new();
-    loop {
-        let head_end = loop {
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p;
-            }
-            if !read_more(&mut stream, &mut buf).await? {
-                return Ok(());
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        buf.drain(..head_end + 4);
-        let mut req = RawRequest { head, body: Vec::new() };
+    // Each `None` below is the client closing mid-request: the connection just ends.
+    while let Some(head) = take_until(&mut stream, &mut buf, b"\r\n\r\n").await? {
+        let mut req =
+            RawRequest { head: String::from_utf8_lossy(&head).into_owned(), body: Vec::new() };
         let te = req.headers("transfer-encoding");
         if te.iter().any(|t| t.eq_ignore_ascii_case("chunked")) {
             loop {
-                let line_end = loop {
-                    if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
-                        break p;
-                    }
-                    if !read_more(&mut stream, &mut buf).await? {
-                        return Ok(());
-                    }
+                let Some(line) = take_until(&mut stream, &mut buf, b"\r\n").await? else {
+                    return Ok(());
                 };
-                let line = String::from_utf8_lossy(&buf[..line_end]).into_owned();
-                buf.drain(..line_end + 2);
+                let line = String::from_utf8_lossy(&line).into_owned();
                 let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
                     .map_err(|_| std::io::Error::other("bad chunk size"))?;
                 if size == 0 {
                     // Trailers until an empty line.
                     loop {
-                        let end = loop {
-                            if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
-                                break p;
-                            }
-                            if !read_more(&mut stream, &mut buf).await? {
-                                return Ok(());
-                            }
-                        };
-                        buf.drain(..end + 2);
-                        if end == 0 {
-                            break;
+                        match take_until(&mut stream, &mut buf, b"\r\n").await? {
+                            None => return Ok(()),
+                            Some(l) if l.is_empty() => break,
+                            Some(_) => {}
                         }
                     }
                     break;
                 }
-                while buf.len() < size + 2 {
-                    if !read_more(&mut stream, &mut buf).await? {
-                        return Ok(());
-                    }
+                if !fill(&mut stream, &mut buf, size + 2).await? {
+                    return Ok(());
                 }
                 req.body.extend_from_slice(&buf[..size]);
                 buf.drain(..size + 2);
             }
         } else if let Some(cl) = req.headers("content-length").first() {
             let n: usize = cl.parse().map_err(|_| std::io::Error::other("bad content-length"))?;
-            while buf.len() < n {
-                if !read_more(&mut stream, &mut buf).await? {
-                    return Ok(());
-                }
+            if !fill(&mut stream, &mut buf, n).await? {
+                return Ok(());
             }
             req.body = buf.drain(..n).collect();
         }
@@ -195,6 +170,36 @@ async fn serve(mut stream: TcpStream, seen: &Mutex<Vec<RawRequest>>) -> std::io:
         }
         stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await?;
     }
+    Ok(())
+}
+
+/// The bytes of `buf` (read on from `stream` as needed) before the first `delim`, removed with
+/// it; `None` if the stream ends first.
+async fn take_until(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    delim: &[u8],
+) -> std::io::Result<Option<Vec<u8>>> {
+    loop {
+        if let Some(p) = buf.windows(delim.len()).position(|w| w == delim) {
+            let part = buf[..p].to_vec();
+            buf.drain(..p + delim.len());
+            return Ok(Some(part));
+        }
+        if !read_more(stream, buf).await? {
+            return Ok(None);
+        }
+    }
+}
+
+/// Reads until `buf` holds at least `n` bytes; false if the stream ends first.
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> std::io::Result<bool> {
+    while buf.len() < n {
+        if !read_more(stream, buf).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
