@@ -31,6 +31,16 @@ pub fn xdp_service(name: &str, vip: impl Display, backends: &str, extra: &str) -
     format!("[[xdp.service]]\nname = \"{name}\"\nvip = \"{vip}\"\n{extra}backends = [{backends}]\n")
 }
 
+/// An `[[http.listener]]` on `listen` with `keys` (TLS certificates, ...).
+pub fn http_listener(name: &str, listen: impl Display, keys: &str) -> String {
+    format!("[[http.listener]]\nname = \"{name}\"\nlisten = \"{listen}\"\n{keys}")
+}
+
+/// An `[[http.route]]` of `listener` to `upstream` for every host and path.
+pub fn route(listener: &str, upstream: &str) -> String {
+    format!("[[http.route]]\nlistener = \"{listener}\"\nupstream = \"{upstream}\"\n")
+}
+
 /// An `[[http.listener]]` on `listen` whose one route goes to `[upstream.UPSTREAM]` over
 /// `backends` (a list body), with `extra` keys for the upstream.
 pub fn l7(
@@ -40,9 +50,13 @@ pub fn l7(
     backends: &str,
     extra: &str,
 ) -> String {
-    format!(
-        "[[http.listener]]\nname = \"{listener}\"\nlisten = \"{listen}\"\n[[http.route]]\nlistener = \"{listener}\"\nupstream = \"{upstream}\"\n[upstream.{upstream}]\nbackends = [{backends}]\n{extra}"
-    )
+    [
+        http_listener(listener, listen, ""),
+        route(listener, upstream),
+        self::upstream(upstream, backends),
+        extra.to_string(),
+    ]
+    .concat()
 }
 
 /// `[health.NAME]` of `kind` (an HTTP check GETs the default path, `/`) every `secs`
@@ -55,4 +69,20 @@ pub fn health(name: &str, kind: &str, secs: f64) -> String {
 /// successes.
 pub fn fast_health(name: &str, kind: &str) -> String {
     health(name, kind, 0.2) + "fall = 2\nrise = 2\n"
+}
+
+/// `[upstream.NAME]` over `backends` (a list body).
+pub fn upstream(name: &str, backends: &str) -> String {
+    format!("[upstream.{name}]\nbackends = [{backends}]\n")
+}
+
+/// A `[[tcp.listener]]` on `listen` with `keys` (upstream, SNI routes, timeouts, ...).
+pub fn tcp(name: &str, listen: impl Display, keys: &str) -> String {
+    format!("[[tcp.listener]]\nname = \"{name}\"\nlisten = \"{listen}\"\n{keys}")
+}
+
+/// Upstream `name` over `backends` (a list body) and a listener of the same name on a free
+/// loopback port relaying to it, with `keys` for the listener.
+pub fn tcp_over(name: &str, backends: &str, keys: &str) -> String {
+    upstream(name, backends) + &tcp(name, "127.0.0.1:0", &format!("upstream = \"{name}\"\n{keys}"))
 }

@@ -8,6 +8,7 @@ use lb_tests::{
     T,
     backends::{HttpBackend, TlsBackend, echo_backend_on, udp_echo_on},
     client::{echo_roundtrip, http_get, udp_socket},
+    conf,
     l4::xdp_choice,
     lb::Lb,
     netns::Netns,
@@ -44,36 +45,20 @@ async fn lb_run_serves_tls_passthrough_tcp_and_udp_with_the_xdp_paths_stickiness
             b.ns.run(move || std::net::UdpSocket::bind(SocketAddr::new(ip, 53))).unwrap().unwrap();
         udp_echo_on(u, &format!("u{}", i + 1));
     }
-    let config = r#"
-[admin]
-listen = "127.0.0.1:9901"
-[upstream.web]
-backends = ["10.1.1.2:80", { addr = "10.1.2.2:80", weight = 2 }, "10.1.3.2:80"]
-[upstream.db]
-backends = ["10.1.1.2:443"]
-[upstream.www]
-backends = ["10.1.2.2:443"]
-[upstream.fallback]
-backends = ["10.1.3.2:443"]
-[upstream.dns]
-backends = ["10.1.1.2:53", "10.1.2.2:53", "10.1.3.2:53"]
-[[tcp.listener]]
-name = "web"
-listen = "10.0.0.1:8080"
-upstream = "web"
-[[tcp.listener]]
-name = "tls-edge"
-listen = "10.0.0.1:8443"
-sni = [ { host = "db.example.com", upstream = "db", passthrough = true },
-        { host = "*.example.com", upstream = "www", passthrough = true } ]
-upstream = "fallback"
-[[tcp.listener]]
-name = "dns"
-listen = "10.0.0.1:5353"
-protocol = "udp"
-upstream = "dns"
-"#;
-    let parsed = Config::parse(config).unwrap();
+    let web_backends = conf::weighted([("10.1.1.2:80", 1), ("10.1.2.2:80", 2), ("10.1.3.2:80", 1)]);
+    let sni = "sni = [ { host = \"db.example.com\", upstream = \"db\", passthrough = true },\n        { host = \"*.example.com\", upstream = \"www\", passthrough = true } ]\n";
+    let config = [
+        conf::upstream("web", &web_backends),
+        conf::upstream("db", "\"10.1.1.2:443\""),
+        conf::upstream("www", "\"10.1.2.2:443\""),
+        conf::upstream("fallback", "\"10.1.3.2:443\""),
+        conf::upstream("dns", &conf::list(["10.1.1.2:53", "10.1.2.2:53", "10.1.3.2:53"])),
+        conf::tcp("web", "10.0.0.1:8080", "upstream = \"web\"\n"),
+        conf::tcp("tls-edge", "10.0.0.1:8443", &format!("{sni}upstream = \"fallback\"\n")),
+        conf::tcp("dns", "10.0.0.1:5353", "protocol = \"udp\"\nupstream = \"dns\"\n"),
+    ]
+    .concat();
+    let parsed = Config::parse(&config).unwrap();
     let web: SocketAddr = "10.0.0.1:8080".parse().unwrap();
     let lb =
         Lb::builder(&topo.lb, config).wait_listening(&topo.client, web).start().expect("lb run");
@@ -151,29 +136,17 @@ async fn lb_run_without_xdp_serves_tcp_tls_and_udp_as_an_unprivileged_user() {
     let tls = TlsBackend::on(l, "tls", &["db.example.com"]);
     let u = ns.run(move || std::net::UdpSocket::bind((lo, 7053))).unwrap().unwrap();
     udp_echo_on(u, "udp");
-    let config = r#"
-[admin]
-listen = "127.0.0.1:19901"
-[upstream.echo]
-backends = ["127.0.0.1:7000"]
-[upstream.tls]
-backends = ["127.0.0.1:7443"]
-[upstream.dns]
-backends = ["127.0.0.1:7053"]
-[[tcp.listener]]
-name = "tcp"
-listen = "127.0.0.1:18080"
-upstream = "echo"
-[[tcp.listener]]
-name = "tls"
-listen = "127.0.0.1:18443"
-sni = [ { host = "db.example.com", upstream = "tls", passthrough = true } ]
-[[tcp.listener]]
-name = "udp"
-listen = "127.0.0.1:15353"
-protocol = "udp"
-upstream = "dns"
-"#;
+    let passthrough =
+        "sni = [ { host = \"db.example.com\", upstream = \"tls\", passthrough = true } ]\n";
+    let config = [
+        conf::upstream("echo", "\"127.0.0.1:7000\""),
+        conf::upstream("tls", "\"127.0.0.1:7443\""),
+        conf::upstream("dns", "\"127.0.0.1:7053\""),
+        conf::tcp("tcp", "127.0.0.1:18080", "upstream = \"echo\"\n"),
+        conf::tcp("tls", "127.0.0.1:18443", passthrough),
+        conf::tcp("udp", "127.0.0.1:15353", "protocol = \"udp\"\nupstream = \"dns\"\n"),
+    ]
+    .concat();
     let tcp: SocketAddr = "127.0.0.1:18080".parse().unwrap();
     let admin = "127.0.0.1:19901".parse().unwrap();
     let lb = Lb::builder(&ns, config).admin(admin).uid(65534).wait_listening(&ns, tcp);
@@ -225,31 +198,20 @@ async fn lb_run_terminates_some_sni_routes_and_passes_others_through_on_one_port
     let dir = lb_tests::http::temp_dir("sni-terminate");
     let ours = lb_tests::http::write_cert(&dir, "wild", &["*.example.com"]);
     let ours_der = rustls::pki_types::CertificateDer::from(ours.der.clone());
-    let config = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:9901"
-[[http.listener]]
-name = "public"
-listen = "10.0.0.1:9443"
-tls = [{{ cert = "{}", key = "{}" }}]
-[[http.route]]
-listener = "public"
-upstream = "app"
-[upstream.app]
-backends = ["10.1.2.2:80"]
-[upstream.db]
-backends = ["10.1.1.2:443"]
-[[tcp.listener]]
-name = "edge"
-listen = "10.0.0.1:8443"
-sni = [ {{ host = "db.example.com", upstream = "db", passthrough = true }},
-        {{ host = "*.example.com", terminate = "public" }} ]
-upstream = "db"
-"#,
+    let sni = "sni = [ { host = \"db.example.com\", upstream = \"db\", passthrough = true },\n        { host = \"*.example.com\", terminate = \"public\" } ]\n";
+    let tls = format!(
+        "tls = [{{ cert = \"{}\", key = \"{}\" }}]\n",
         ours.cert.display(),
         ours.key.display()
     );
+    let config = [
+        conf::http_listener("public", "10.0.0.1:9443", &tls),
+        conf::route("public", "app"),
+        conf::upstream("app", "\"10.1.2.2:80\""),
+        conf::upstream("db", "\"10.1.1.2:443\""),
+        conf::tcp("edge", "10.0.0.1:8443", &format!("{sni}upstream = \"db\"\n")),
+    ]
+    .concat();
     let edge: SocketAddr = "10.0.0.1:8443".parse().unwrap();
     let _lb =
         Lb::builder(&topo.lb, config).wait_listening(&topo.client, edge).start().expect("lb run");

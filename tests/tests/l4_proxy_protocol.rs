@@ -9,6 +9,7 @@ use std::{
 use lb_tests::{
     T,
     backends::{ProxySeen, proxy_backend},
+    conf,
     l4::L4Harness,
 };
 use lb_user::l4::{ErrorKind, Handoffs, proxy_protocol};
@@ -39,27 +40,14 @@ async fn next(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_and_v2_headers_carry_the_client_address_to_backends() {
     let (backend, mut seen) = proxy_backend().await;
-    let config = format!(
-        r#"
-[upstream.b]
-backends = ["{backend}"]
-[[tcp.listener]]
-name = "v1"
-listen = "127.0.0.1:0"
-upstream = "b"
-proxy_protocol = "v1"
-[[tcp.listener]]
-name = "v2"
-listen = "127.0.0.1:0"
-upstream = "b"
-proxy_protocol = "v2"
-[[tcp.listener]]
-name = "v2-on-v6"
-listen = "[::1]:0"
-upstream = "b"
-proxy_protocol = "v2"
-"#
-    );
+    let to_b = |version: &str| format!("upstream = \"b\"\nproxy_protocol = \"{version}\"\n");
+    let config = [
+        conf::upstream("b", &conf::list([backend])),
+        conf::tcp("v1", "127.0.0.1:0", &to_b("v1")),
+        conf::tcp("v2", "127.0.0.1:0", &to_b("v2")),
+        conf::tcp("v2-on-v6", "[::1]:0", &to_b("v2")),
+    ]
+    .concat();
     let lb = L4Harness::start(&config, Handoffs::new()).await;
     for (name, version) in [("v1", 1), ("v2", 2), ("v2-on-v6", 2)] {
         let (me, back) = send(lb.addr(name), b"hello backend".to_vec()).await;
@@ -76,25 +64,14 @@ proxy_protocol = "v2"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_accepted_only_from_trusted_sources_within_the_timeout() {
     let (backend, mut seen) = proxy_backend().await;
-    let config = format!(
-        r#"
-[upstream.b]
-backends = ["{backend}"]
-[[tcp.listener]]
-name = "trusting"
-listen = "127.0.0.1:0"
-upstream = "b"
-proxy_protocol = "v2"
-accept_proxy_from = ["127.0.0.0/8"]
-peek_timeout = 0.5
-[[tcp.listener]]
-name = "wary"
-listen = "127.0.0.1:0"
-upstream = "b"
-proxy_protocol = "v1"
-accept_proxy_from = ["10.0.0.0/8", "::1"]
-"#
-    );
+    let trusting = "upstream = \"b\"\nproxy_protocol = \"v2\"\naccept_proxy_from = [\"127.0.0.0/8\"]\npeek_timeout = 0.5\n";
+    let wary = "upstream = \"b\"\nproxy_protocol = \"v1\"\naccept_proxy_from = [\"10.0.0.0/8\", \"::1\"]\n";
+    let config = [
+        conf::upstream("b", &conf::list([backend])),
+        conf::tcp("trusting", "127.0.0.1:0", trusting),
+        conf::tcp("wary", "127.0.0.1:0", wary),
+    ]
+    .concat();
     let lb = L4Harness::start(&config, Handoffs::new()).await;
     let trusting = lb.addr("trusting");
     let claimed: SocketAddr = "203.0.113.7:5555".parse().unwrap();

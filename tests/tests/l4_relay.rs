@@ -10,6 +10,7 @@ use lb_tests::{
     T,
     backends::{echo_backend, udp_echo},
     client::echo_roundtrip,
+    conf,
     l4::{L4Harness, xdp_choice},
 };
 use lb_user::{
@@ -24,23 +25,16 @@ fn lo(n: u8) -> IpAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_a_megabyte_with_half_close_by_splice_and_by_copy() {
     let echo = echo_backend("127.0.0.1:0".parse().unwrap(), "echo").await;
-    let config = format!(
-        r#"
-[upstream.echo]
-backends = ["{echo}"]
-[[tcp.listener]]
-name = "splice"
-listen = "127.0.0.1:0"
-upstream = "echo"
-buffer_size = 16384
-[[tcp.listener]]
-name = "copy"
-listen = "127.0.0.1:0"
-upstream = "echo"
-zero_copy = false
-buffer_size = 4096
-"#
-    );
+    let config = [
+        conf::upstream("echo", &conf::list([echo])),
+        conf::tcp("splice", "127.0.0.1:0", "upstream = \"echo\"\nbuffer_size = 16384\n"),
+        conf::tcp(
+            "copy",
+            "127.0.0.1:0",
+            "upstream = \"echo\"\nzero_copy = false\nbuffer_size = 4096\n",
+        ),
+    ]
+    .concat();
     let lb = L4Harness::start(&config, Handoffs::new()).await;
     let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
     for name in ["splice", "copy"] {
@@ -67,9 +61,8 @@ buffer_size = 4096
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_and_counted() {
     let echo = echo_backend("127.0.0.1:0".parse().unwrap(), "echo").await;
-    let config = format!(
-        "[upstream.echo]\nbackends = [\"{echo}\"]\n[[tcp.listener]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nupstream = \"echo\"\nidle_timeout = 0.3\n"
-    );
+    let config = conf::upstream("echo", &conf::list([echo]))
+        + &conf::tcp("t", "127.0.0.1:0", "upstream = \"echo\"\nidle_timeout = 0.3\n");
     let lb = L4Harness::start(&config, Handoffs::new()).await;
     let addr = lb.addr("t");
     let read = tokio::task::spawn_blocking(move || {
@@ -94,17 +87,8 @@ async fn picks_the_backend_the_xdp_path_would_for_each_client_address() {
     for i in 0..4 {
         backends.push(echo_backend("127.0.0.1:0".parse().unwrap(), &format!("b{i}")).await);
     }
-    let config = format!(
-        r#"
-[upstream.web]
-backends = ["{}", {{ addr = "{}", weight = 2 }}, "{}", "{}"]
-[[tcp.listener]]
-name = "web"
-listen = "127.0.0.1:0"
-upstream = "web"
-"#,
-        backends[0], backends[1], backends[2], backends[3]
-    );
+    let weights = backends.iter().zip([1, 2, 1, 1]);
+    let config = conf::tcp_over("web", &conf::weighted(weights), "");
     let parsed = Config::parse(&config).unwrap();
     let lb = L4Harness::start(&config, Handoffs::new()).await;
     let addr = lb.addr("web");
@@ -134,22 +118,8 @@ fn refused_addr() -> SocketAddr {
 async fn a_refused_backend_connect_is_retried_on_another_backend() {
     let live = echo_backend("127.0.0.1:0".parse().unwrap(), "live").await;
     let (dead1, dead2) = (refused_addr(), refused_addr());
-    let config = format!(
-        r#"
-[upstream.mixed]
-backends = ["{dead1}", "{live}", "{dead2}"]
-[upstream.dead]
-backends = ["{dead1}", "{dead2}"]
-[[tcp.listener]]
-name = "mixed"
-listen = "127.0.0.1:0"
-upstream = "mixed"
-[[tcp.listener]]
-name = "dead"
-listen = "127.0.0.1:0"
-upstream = "dead"
-"#
-    );
+    let config = conf::tcp_over("mixed", &conf::list([dead1, live, dead2]), "")
+        + &conf::tcp_over("dead", &conf::list([dead1, dead2]), "");
     let parsed = Config::parse(&config).unwrap();
     let lb = L4Harness::start(&config, Handoffs::new()).await;
     let addr = lb.addr("mixed");
@@ -192,19 +162,8 @@ async fn udp_sessions_are_per_client_sticky_and_expire() {
     for i in 0..3 {
         backends.push(udp_echo("127.0.0.1:0".parse().unwrap(), &format!("u{i}")).await);
     }
-    let config = format!(
-        r#"
-[upstream.dns]
-backends = ["{}", "{}", "{}"]
-[[tcp.listener]]
-name = "dns"
-listen = "127.0.0.1:0"
-protocol = "udp"
-upstream = "dns"
-idle_timeout = 0.4
-"#,
-        backends[0], backends[1], backends[2]
-    );
+    let config =
+        conf::tcp_over("dns", &conf::list(&backends), "protocol = \"udp\"\nidle_timeout = 0.4\n");
     let parsed = Config::parse(&config).unwrap();
     let lb = L4Harness::start(&config, Handoffs::new()).await;
     let addr = lb.addr("dns");

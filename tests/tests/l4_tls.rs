@@ -10,6 +10,7 @@ use std::{
 use lb_tests::{
     T,
     backends::{TlsBackend, echo_backend, serve_tls},
+    conf,
     l4::L4Harness,
     tls::{TlsSeen, cert, client_config, refragment, server_config, tls_client, trickle, whole},
 };
@@ -62,44 +63,28 @@ async fn setup() -> Setup {
     handoffs.insert("public".into(), Arc::new(public) as Arc<dyn TlsHandoff>);
     handoffs.insert("queue".into(), Arc::new(queue_tx) as Arc<dyn TlsHandoff>);
 
-    let config = format!(
-        r#"
-[upstream.db]
-backends = ["{db}"]
-[upstream.api]
-backends = ["{api}"]
-[upstream.fallback]
-backends = ["{fallback}"]
-[upstream.echo]
-backends = ["{echo}"]
-
-[[tcp.listener]]
-name = "edge"
-listen = "127.0.0.1:0"
-sni = [ {{ host = "db.example.com", upstream = "db", passthrough = true }},
-        {{ host = "*.api.example.com", upstream = "api", passthrough = true }},
-        {{ host = "*.example.com", terminate = "public" }},
-        {{ host = "queued.example.org", terminate = "queue" }} ]
-upstream = "fallback"
-peek_timeout = 2
-
-[[tcp.listener]]
-name = "strict"
-listen = "127.0.0.1:0"
-sni = [ {{ host = "db.example.com", upstream = "db", passthrough = true }} ]
-peek_timeout = 0.5
-zero_copy = false
-
-[[tcp.listener]]
-name = "plainish"
-listen = "127.0.0.1:0"
-sni = [ {{ host = "db.example.com", upstream = "db", passthrough = true }} ]
-upstream = "echo"
-"#,
-        db = db.addr,
-        api = api.addr,
-        fallback = fallback.addr,
+    let db_route = "{ host = \"db.example.com\", upstream = \"db\", passthrough = true }";
+    let edge = format!(
+        "sni = [ {db_route},\n        {{ host = \"*.api.example.com\", upstream = \"api\", passthrough = true }},\n        {{ host = \"*.example.com\", terminate = \"public\" }},\n        {{ host = \"queued.example.org\", terminate = \"queue\" }} ]\nupstream = \"fallback\"\npeek_timeout = 2\n"
     );
+    let config = [
+        conf::upstream("db", &conf::list([db.addr])),
+        conf::upstream("api", &conf::list([api.addr])),
+        conf::upstream("fallback", &conf::list([fallback.addr])),
+        conf::upstream("echo", &conf::list([echo])),
+        conf::tcp("edge", "127.0.0.1:0", &edge),
+        conf::tcp(
+            "strict",
+            "127.0.0.1:0",
+            &format!("sni = [ {db_route} ]\npeek_timeout = 0.5\nzero_copy = false\n"),
+        ),
+        conf::tcp(
+            "plainish",
+            "127.0.0.1:0",
+            &format!("sni = [ {db_route} ]\nupstream = \"echo\"\n"),
+        ),
+    ]
+    .concat();
     let lb = L4Harness::start(&config, handoffs).await;
     Setup { lb, db, api, fallback, l7_cert, handed }
 }
