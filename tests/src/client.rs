@@ -135,3 +135,14 @@ pub fn echo_roundtrip(
     r.read_to_end(&mut rest)?;
     Ok((greeting.trim().to_string(), rest))
 }
+
+/// Connects to `target` and sends nothing: what the peer wrote before it closed (empty when it
+/// just closed, or reset). Blocking; bounded by [`crate::T`].
+pub fn read_silently(target: SocketAddr) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect_timeout(&target, crate::T)?;
+    s.set_read_timeout(Some(crate::T))?;
+    let mut b = Vec::new();
+    // A reset is a close too.
+    let _ = s.read_to_end(&mut b);
+    Ok(b)
+}

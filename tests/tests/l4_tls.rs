@@ -10,6 +10,7 @@ use std::{
 use lb_tests::{
     T,
     backends::{TlsBackend, echo_backend, serve_tls},
+    client::read_silently,
     conf,
     l4::L4Harness,
     tls::{TlsSeen, cert, client_config, refragment, server_config, tls_client, trickle, whole},
@@ -240,15 +241,7 @@ async fn garbage_is_closed_and_counted_never_a_panic() {
     s.lb.wait_for("strict", "not_tls", |st| st.errors(ErrorKind::NotTls) == 1).await;
 
     // Silence: closed after peek_timeout (0.5 s) and counted.
-    let back = tokio::task::spawn_blocking(move || {
-        let mut tcp = std::net::TcpStream::connect_timeout(&strict, T).unwrap();
-        tcp.set_read_timeout(Some(T)).unwrap();
-        let mut b = Vec::new();
-        let _ = tcp.read_to_end(&mut b);
-        b
-    })
-    .await
-    .unwrap();
+    let back = tokio::task::spawn_blocking(move || read_silently(strict)).await.unwrap().unwrap();
     assert!(back.is_empty());
     s.lb.wait_for("strict", "peek_timeout", |st| st.errors(ErrorKind::PeekTimeout) == 1).await;
     // A TLS client whose SNI has no route and no default: closed, counted.

@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use lb_tests::{
+    conf,
     http::{Backend, Proxy, TestCert, temp_dir, write_cert},
     rel,
 };
@@ -17,20 +18,13 @@ use tokio::{
 async fn tls_proxy() -> (Proxy, Backend, TestCert) {
     let backend = Backend::start("b").await;
     let cert = write_cert(&temp_dir("rel-tls"), "lb", &["lb.test"]);
-    let config = format!(
-        r#"
-[[http.listener]]
-name = "tls"
-listen = "127.0.0.1:0"
-tls = [{{ cert = {:?}, key = {:?} }}]
-[[http.route]]
-listener = "tls"
-upstream = "u"
-[upstream.u]
-backends = ["{}"]
-"#,
-        cert.cert, cert.key, backend.addr
-    );
+    let tls = format!("tls = [{{ cert = {:?}, key = {:?} }}]\n", cert.cert, cert.key);
+    let config = [
+        conf::http_listener("tls", "127.0.0.1:0", &tls),
+        conf::route("tls", "u"),
+        conf::upstream("u", &conf::list([backend.addr])),
+    ]
+    .concat();
     (Proxy::start(&config).await, backend, cert)
 }
 
