@@ -201,6 +201,10 @@ impl LbBuilder {
         launch.ns = Some(self.ns.name.clone());
         let out = launch.command()?.args(["run", "--config"]).arg(&config).output();
         let _ = std::fs::remove_file(&config);
+        // lb unpins a failed first start itself; this covers a run that got further.
+        if let Some(pin) = &self.pin {
+            let _ = lb_user::dataplane::detach(Path::new(pin));
+        }
         out.context("run lb run")
     }
 }
