@@ -13,13 +13,9 @@ fn admin_api_with_a_token() {
     // A public admin address is allowed because a token is set; the harness reaches it on
     // loopback and sends the token (`lb status` while waiting for the start, too).
     let admin = conf::admin("0.0.0.0:9901") + &format!("token = \"{TOKEN}\"\n");
-    let s = Scenario::loopback(1).names(&["a"]).config(&admin).token(TOKEN);
-    let s = s.config(&conf::health("app", "http", 0.5)).l7(
-        "web",
-        "127.0.0.1:8080".parse().unwrap(),
-        "",
-    );
-    let s = s.start().expect("lb run");
+    let web = "127.0.0.1:8080".parse().unwrap();
+    let s = Scenario::loopback(1).names(&["a"]).config(&admin).token(TOKEN).l7("web", web, "");
+    let s = s.config(&conf::health("app", "http", 0.5)).start().expect("lb run");
     let ns = s.balancer();
     let backend = s.backends[0];
     let req = |method: &str, path: &str, token: Option<&str>| {
