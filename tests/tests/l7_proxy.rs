@@ -229,7 +229,9 @@ async fn header_rules() {
     assert_eq!(h["x-forwarded-host"], "site.test:8080");
     assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=\"site.test:8080\"");
     assert_eq!(h["x-end-to-end"], "kept");
-    for gone in ["x-drop-me", "keep-alive", "te", "proxy-authorization", "upgrade"] {
+    // `TE: trailers` is the one TE a proxy passes on (gRPC needs it; RFC 9110 §10.1.4).
+    assert_eq!(h["te"], "trailers");
+    for gone in ["x-drop-me", "keep-alive", "proxy-authorization", "upgrade"] {
         assert!(h.get(gone).is_none(), "{gone} was forwarded");
     }
     assert_ne!(h.get("connection").map(|v| v.to_str().unwrap()), Some("keep-alive, x-drop-me"));

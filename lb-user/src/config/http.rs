@@ -43,6 +43,21 @@ pub struct HttpConfig {
     /// On shutdown, how long in-flight requests may take to finish, in milliseconds.
     #[serde(default = "default_grace_ms")]
     pub grace_ms: u64,
+    /// A request body that sends nothing for this long gets 408, in milliseconds (never a
+    /// backend failure).
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
+    /// A request in flight ends when its client takes no response bytes (or its backend sends
+    /// none mid-body) for this long, in milliseconds (Envoy's stream idle timeout).
+    #[serde(default = "default_stream_idle_timeout_ms")]
+    pub stream_idle_timeout_ms: u64,
+    /// An upgraded connection (WebSocket) with no bytes either way for this long is closed,
+    /// in milliseconds.
+    #[serde(default = "default_tunnel_idle_timeout_ms")]
+    pub tunnel_idle_timeout_ms: u64,
+    /// Route on the normalized path (dot segments, `//`, unreserved escapes) and forward it.
+    #[serde(default = "default_true")]
+    pub normalize_path: bool,
 }
 
 impl Default for HttpConfig {
@@ -93,6 +108,15 @@ impl HttpConfig {
     pub fn grace(&self) -> Duration {
         Duration::from_millis(self.grace_ms)
     }
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
+    pub fn stream_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.stream_idle_timeout_ms)
+    }
+    pub fn tunnel_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.tunnel_idle_timeout_ms)
+    }
 
     pub(super) fn validate(
         &self,
@@ -130,7 +154,20 @@ impl HttpConfig {
         if self.max_connections == 0 || self.max_headers == 0 {
             errors.push("http.max_connections and http.max_headers must be at least 1".into());
         }
-        if self.header_timeout_ms == 0 || self.idle_timeout_ms == 0 {
+        if self.max_headers > crate::l7::MAX_HEADERS {
+            errors.push(format!(
+                "http.max_headers must be at most {} (the parser's field slots)",
+                crate::l7::MAX_HEADERS
+            ));
+        }
+        let timeouts = [
+            self.header_timeout_ms,
+            self.idle_timeout_ms,
+            self.body_timeout_ms,
+            self.stream_idle_timeout_ms,
+            self.tunnel_idle_timeout_ms,
+        ];
+        if timeouts.contains(&0) {
             errors.push("http timeouts must be at least 1 ms".into());
         }
     }
@@ -156,6 +193,18 @@ fn default_max_connections() -> usize {
 }
 fn default_grace_ms() -> u64 {
     10_000
+}
+fn default_body_timeout_ms() -> u64 {
+    30_000
+}
+fn default_stream_idle_timeout_ms() -> u64 {
+    300_000
+}
+fn default_tunnel_idle_timeout_ms() -> u64 {
+    3_600_000
+}
+fn default_true() -> bool {
+    true
 }
 
 /// An address block, `10.0.0.0/8` or a single address.

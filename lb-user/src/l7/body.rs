@@ -46,6 +46,8 @@ impl FaultFlag {
 /// The client's request body on its way to the backend, cut off past `limit` bytes.
 #[derive(Debug)]
 pub struct RequestBody {
+    /// A body read whole before sending (HTTP/1 clients of HTTP/2 backends).
+    full: Option<Bytes>,
     inner: Option<Incoming>,
     seen: u64,
     limit: u64,
@@ -54,11 +56,16 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64, fault: FaultFlag) -> Self {
-        Self { inner: Some(inner), seen: 0, limit, fault }
+        Self { full: None, inner: Some(inner), seen: 0, limit, fault }
     }
 
     pub fn empty() -> Self {
-        Self { inner: None, seen: 0, limit: 0, fault: FaultFlag::default() }
+        Self { full: None, inner: None, seen: 0, limit: 0, fault: FaultFlag::default() }
+    }
+
+    pub fn full(bytes: Bytes) -> Self {
+        let full = (!bytes.is_empty()).then_some(bytes);
+        Self { full, inner: None, seen: 0, limit: 0, fault: FaultFlag::default() }
     }
 }
 
@@ -71,6 +78,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(b) = this.full.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
         let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -94,10 +104,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.full.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(b) = &self.full {
+            return SizeHint::with_exact(b.len() as u64);
+        }
         self.inner.as_ref().map(Body::size_hint).unwrap_or_else(|| SizeHint::with_exact(0))
     }
 }

@@ -20,6 +20,10 @@ pub enum ProxyError {
     HeadersTooLarge,
     #[error("request body too large")]
     BodyTooLarge,
+    #[error("the request body stalled past body_timeout_ms")]
+    BodyTimeout,
+    #[error("CONNECT is not served (lb is a reverse proxy)")]
+    Method,
     #[error("cannot connect to backend {addr}: {source}")]
     Connect { addr: SocketAddr, source: BoxError },
     #[error("backend {addr} failed: {source}")]
@@ -36,6 +40,8 @@ impl ProxyError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Method => StatusCode::METHOD_NOT_ALLOWED,
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -43,7 +49,14 @@ impl ProxyError {
 
     /// The client connection cannot carry another request (its framing or body is unknown).
     pub fn closes_connection(&self) -> bool {
-        matches!(self, Self::BadRequest(_) | Self::BodyTooLarge | Self::HeadersTooLarge)
+        matches!(
+            self,
+            Self::BadRequest(_)
+                | Self::BodyTooLarge
+                | Self::HeadersTooLarge
+                | Self::BodyTimeout
+                | Self::Method
+        )
     }
 
     /// The backend itself failed: counts toward its ejection.

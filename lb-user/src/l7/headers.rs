@@ -13,14 +13,14 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that only concern one connection, whatever `Connection` lists.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// (`Trailer` is not one: RFC 9110 §6.6.2 keeps it end to end.)
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 
@@ -63,13 +63,43 @@ pub struct Client<'a> {
     pub trusted: bool,
 }
 
+/// The client's address as forwarding fields show it: IPv4-mapped IPv6 as IPv4.
+pub fn unmapped(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
+        v4 => v4,
+    }
+}
+
+/// Writes `addr` as text (no allocation: straight into `out`).
+pub fn write_addr(out: &mut Vec<u8>, addr: IpAddr) {
+    use std::io::Write as _;
+    let _ = write!(out, "{addr}");
+}
+
+/// Writes one RFC 7239 element: `for=ADDR;proto=PROTO[;host=HOST]`.
+pub fn write_forwarded(out: &mut Vec<u8>, addr: IpAddr, proto: &str, host: Option<&[u8]>) {
+    out.extend_from_slice(b"for=");
+    match addr {
+        IpAddr::V4(_) => write_addr(out, addr),
+        IpAddr::V6(_) => {
+            out.extend_from_slice(b"\"[");
+            write_addr(out, addr);
+            out.extend_from_slice(b"]\"");
+        }
+    }
+    out.extend_from_slice(b";proto=");
+    out.extend_from_slice(proto.as_bytes());
+    if let Some(host) = host {
+        out.extend_from_slice(b";host=");
+        push_quoted_if_needed(out, host);
+    }
+}
+
 /// Adds the forwarding headers; from an untrusted client, its own are dropped first so it
 /// cannot forge an address.
 pub fn add_forwarded(headers: &mut HeaderMap, c: Client<'_>) {
-    let addr = match c.addr {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(c.addr),
-        v4 => v4,
-    };
+    let addr = unmapped(c.addr);
     let prior_xff = if c.trusted { joined(headers, &X_FORWARDED_FOR) } else { None };
     let prior_fwd = if c.trusted { joined(headers, &header::FORWARDED) } else { None };
     if !c.trusted {
@@ -80,38 +110,19 @@ pub fn add_forwarded(headers: &mut HeaderMap, c: Client<'_>) {
     headers.remove(&X_FORWARDED_FOR);
     headers.remove(header::FORWARDED);
 
-    // One string per request for the address, shared by X-Forwarded-For and Forwarded.
-    let addr_text = addr.to_string();
-    let xff = prior_xff.map(|p| format!("{p}, {addr_text}"));
-    set(headers, X_FORWARDED_FOR, xff.as_deref().unwrap_or(&addr_text));
+    let mut xff = prior_xff.map(|p| p + ", ").unwrap_or_default().into_bytes();
+    write_addr(&mut xff, addr);
+    set(headers, X_FORWARDED_FOR, &xff);
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(c.proto));
     }
     if let Some(host) = c.host {
         if !headers.contains_key(&X_FORWARDED_HOST) {
-            set(headers, X_FORWARDED_HOST, host);
+            set(headers, X_FORWARDED_HOST, host.as_bytes());
         }
     }
-
-    let mut fwd = match prior_fwd {
-        Some(p) => p + ", ",
-        None => String::new(),
-    };
-    fwd.push_str("for=");
-    match addr {
-        IpAddr::V4(_) => fwd.push_str(&addr_text),
-        IpAddr::V6(_) => {
-            fwd.push_str("\"[");
-            fwd.push_str(&addr_text);
-            fwd.push_str("]\"");
-        }
-    }
-    fwd.push_str(";proto=");
-    fwd.push_str(c.proto);
-    if let Some(host) = c.host {
-        fwd.push_str(";host=");
-        push_quoted_if_needed(&mut fwd, host);
-    }
+    let mut fwd = prior_fwd.map(|p| p + ", ").unwrap_or_default().into_bytes();
+    write_forwarded(&mut fwd, addr, c.proto, c.host.map(str::as_bytes));
     set(headers, header::FORWARDED, &fwd);
 }
 
@@ -120,27 +131,27 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join(", "))
 }
 
-fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &[u8]) {
     // Values come from parsed headers and addresses, so they are valid; skip rather than panic.
-    if let Ok(v) = HeaderValue::from_str(value) {
+    if let Ok(v) = HeaderValue::from_bytes(value) {
         headers.insert(name, v);
     }
 }
 
 /// RFC 7239 values are tokens or quoted strings; `host:port` needs quotes.
-fn push_quoted_if_needed(out: &mut String, v: &str) {
-    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if v.bytes().all(tchar) {
-        out.push_str(v);
+fn push_quoted_if_needed(out: &mut Vec<u8>, v: &[u8]) {
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    if v.iter().all(tchar) {
+        out.extend_from_slice(v);
     } else {
-        out.push('"');
-        for ch in v.chars() {
-            if ch == '\\' || ch == '"' {
-                out.push('\\');
+        out.push(b'"');
+        for &b in v {
+            if b == b'\\' || b == b'"' {
+                out.push(b'\\');
             }
-            out.push(ch);
+            out.push(b);
         }
-        out.push('"');
+        out.push(b'"');
     }
 }
 

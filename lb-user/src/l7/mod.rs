@@ -3,8 +3,10 @@
 mod body;
 mod error;
 mod framing;
-pub mod h1guard;
+pub mod h1;
+mod h2pool;
 mod headers;
+pub mod path;
 mod proxy;
 pub mod route;
 mod server;
@@ -16,6 +18,8 @@ use std::{net::SocketAddr, sync::Arc};
 use thiserror::Error;
 
 pub use error::ProxyError;
+/// The most header fields one HTTP/1 head may carry (`http.max_headers` is capped here).
+pub const MAX_HEADERS: usize = h1::head::MAX_FIELDS;
 pub use server::Server;
 
 use crate::{config::Config, tls::TlsError, upstream::Groups};

@@ -15,7 +15,9 @@ use hyper_util::rt::TokioIo;
 use super::{
     body::{Active, Fault, FaultFlag, RequestBody, ResponseBody},
     error::{ProxyError, is_timeout},
-    framing, headers,
+    framing,
+    h2pool::SendError,
+    headers,
     route::Router,
     upstream::Upstream,
 };
@@ -78,12 +80,13 @@ pub async fn handle(
 }
 
 type Forwarded = (Response<ResponseBody>, Option<SocketAddr>);
+type Failure = (ProxyError, Option<SocketAddr>);
 
 async fn forward(
     ctx: &Ctx,
     peer: SocketAddr,
     mut req: Request<Incoming>,
-) -> Result<Forwarded, (ProxyError, Option<SocketAddr>)> {
+) -> Result<Forwarded, Failure> {
     let fail = |e| (e, None);
     if req.headers().len() > ctx.http.max_headers {
         return Err(fail(ProxyError::HeadersTooLarge));
@@ -92,12 +95,23 @@ async fn forward(
     if req.body().size_hint().lower() > ctx.http.max_body_bytes {
         return Err(fail(ProxyError::BodyTooLarge));
     }
+    // RFC 9113 §8.3.1: `:authority` and `host` must name the same authority.
+    if let (Some(a), Some(h)) = (req.uri().authority(), req.headers().get(header::HOST)) {
+        if !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) {
+            return Err(fail(ProxyError::BadRequest(":authority and host disagree")));
+        }
+    }
     let host = host_of(&req);
-    let name =
-        ctx.router.route(host.as_deref(), req.uri().path()).ok_or(fail(ProxyError::NoRoute))?;
+    let mut normalized = Vec::new();
+    let path = req.uri().path();
+    let route_path = if super::path::normalize(path, &mut normalized) {
+        std::str::from_utf8(&normalized).unwrap_or(path)
+    } else {
+        path
+    };
+    let name = ctx.router.route(host.as_deref(), route_path).ok_or(fail(ProxyError::NoRoute))?;
     let upstream = ctx.upstreams.get(name).ok_or(fail(ProxyError::NoRoute))?;
-    let group = &upstream.group;
-    let key = hash_key(&group.balance, peer.ip(), req.headers());
+    let key = hash_key(&upstream.group.balance, peer.ip(), req.headers());
 
     let upgrade = if req.version() == Version::HTTP_11 {
         headers::requested_upgrade(req.headers())
@@ -106,8 +120,17 @@ async fn forward(
     };
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    let te_trailers = parts
+        .headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| super::h1::head::has_token(v.as_bytes(), b"trailers"));
     let mut out_headers = parts.headers;
     headers::strip_hop_by_hop(&mut out_headers);
+    if te_trailers {
+        // The one TE a proxy passes on: gRPC backends refuse requests without it.
+        out_headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     let trusted = ctx.http.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
     let proto = if ctx.tls { "https" } else { "http" };
     let client = headers::Client { addr: peer.ip(), proto, host: host.as_deref(), trusted };
@@ -116,81 +139,162 @@ async fn forward(
         out_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         out_headers.insert(header::UPGRADE, u.clone());
     }
-    if !out_headers.contains_key(header::HOST) {
-        if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
-            out_headers.insert(header::HOST, h);
-        }
+    let mut path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    if !normalized.is_empty() && ctx.http.normalize_path {
+        let query = path_and_query.find('?').map(|i| path_and_query[i..].to_string());
+        path_and_query = String::from_utf8(normalized).unwrap_or(path_and_query);
+        path_and_query.push_str(query.as_deref().unwrap_or(""));
     }
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-
     // Only a request without a body can be sent twice: the body of a failed attempt is gone.
     let retryable = is_idempotent(&parts.method) && body.is_end_stream();
     let fault = FaultFlag::default();
-    let mut body = Some(RequestBody::new(body, ctx.http.max_body_bytes, fault.clone()));
+    let body = RequestBody::new(body, ctx.http.max_body_bytes, fault.clone());
+    let outgoing = Outgoing {
+        method: parts.method,
+        authority: host.as_deref(),
+        path_and_query: &path_and_query,
+        headers: out_headers,
+        retryable,
+    };
+    let sent = send(ctx, upstream, key.as_deref(), outgoing, body, &fault).await?;
+    let addr = sent.backend.addr;
+    let resp = match (sent.resp.status(), client_upgrade) {
+        (StatusCode::SWITCHING_PROTOCOLS, Some(client_up)) => {
+            tunnel(sent.resp, client_up, sent.in_flight)
+        }
+        (StatusCode::SWITCHING_PROTOCOLS, None) => {
+            let source = "101 to a request that asked for no upgrade".into();
+            return Err((ProxyError::Upstream { addr, source }, Some(addr)));
+        }
+        _ => {
+            let (mut parts, body) = sent.resp.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            // Our own version toward the client, not the backend's (RFC 9110 §6.2).
+            parts.version = Version::HTTP_11;
+            Response::from_parts(parts, ResponseBody::upstream(body, sent.in_flight))
+        }
+    };
+    Ok((resp, Some(addr)))
+}
+
+/// A request on its way to a backend, whatever the client spoke.
+pub struct Outgoing<'a> {
+    pub method: Method,
+    /// The client's authority (`:authority` toward HTTP/2 backends, else the Host field).
+    pub authority: Option<&'a str>,
+    pub path_and_query: &'a str,
+    /// Hop-by-hop fields removed, forwarding fields added.
+    pub headers: HeaderMap,
+    /// Body-less and idempotent: may go to another backend when no response head came.
+    pub retryable: bool,
+}
+
+/// A backend's response head, with the backend and its in-flight count.
+pub struct Sent {
+    pub resp: Response<Incoming>,
+    pub backend: Arc<crate::upstream::Backend>,
+    pub in_flight: crate::upstream::InFlight,
+}
+
+/// Picks a backend and sends `out` with the response timeout; retries a retryable request on
+/// other backends when connecting fails or the connection ends before a response head (not on
+/// a response timeout: the backend may still be working on it).
+pub async fn send(
+    ctx: &Ctx,
+    upstream: &Upstream,
+    key: Option<&[u8]>,
+    mut out: Outgoing<'_>,
+    body: RequestBody,
+    fault: &FaultFlag,
+) -> Result<Sent, Failure> {
+    let group = &upstream.group;
+    let h2 = upstream.config.http2;
+    if h2 {
+        // HTTP/2 carries the authority as `:authority`, from the URI.
+        out.headers.remove(header::HOST);
+    } else if !out.headers.contains_key(header::HOST) {
+        if let Some(h) = out.authority.and_then(|h| HeaderValue::from_str(h).ok()) {
+            out.headers.insert(header::HOST, h);
+        }
+    }
+    let mut body = Some(body);
     // Backends tried so far: tried[..attempts].
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_ATTEMPTS];
     let mut attempts = 0;
     let mut last_error = None;
     loop {
-        let Some(backend) = group.pick(key.as_deref(), &tried[..attempts]) else {
+        let Some(backend) = group.pick(key, &tried[..attempts]) else {
             // Nothing left to retry on: the last failure is the answer.
-            return Err(last_error.unwrap_or(fail(ProxyError::NoBackend)));
+            return Err(last_error.unwrap_or((ProxyError::NoBackend, None)));
         };
         let addr = backend.addr;
         tried[attempts] = addr;
         attempts += 1;
         let in_flight = backend.start();
-        let attempt_body = if retryable {
+        let attempt_body = if out.retryable {
             RequestBody::empty()
         } else {
             body.take().unwrap_or_else(RequestBody::empty)
         };
         let mut up = Request::new(attempt_body);
-        *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = upstream.uri(addr, path_and_query);
-        *up.version_mut() = if upstream.config.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-        *up.headers_mut() = out_headers.clone();
-
+        *up.method_mut() = out.method.clone();
+        *up.headers_mut() = out.headers.clone();
         let sent = Instant::now();
+        let result = if h2 {
+            *up.version_mut() = Version::HTTP_2;
+            let authority = out.authority.map_or_else(|| addr.to_string(), str::to_string);
+            let uri = format!("{}://{authority}{}", upstream.scheme, out.path_and_query);
+            *up.uri_mut() = uri.parse().unwrap_or_else(|_| upstream.uri(addr, out.path_and_query));
+            let call = upstream.h2.send(addr, up);
+            tokio::time::timeout(upstream.config.response_timeout(), call).await.map(|r| {
+                r.map_err(|e| match e {
+                    SendError::Connect(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+                        ProxyError::Timeout { addr }
+                    }
+                    SendError::Connect(io) => ProxyError::Connect { addr, source: io.into() },
+                    SendError::Http(e) if is_timeout(&e) => ProxyError::Timeout { addr },
+                    SendError::Http(e) => ProxyError::Upstream { addr, source: e.into() },
+                })
+            })
+        } else {
+            *up.version_mut() = Version::HTTP_11;
+            *up.uri_mut() = upstream.uri(addr, out.path_and_query);
+            let call = upstream.client.request(up);
+            tokio::time::timeout(upstream.config.response_timeout(), call).await.map(|r| {
+                r.map_err(|e| {
+                    if is_timeout(&e) {
+                        ProxyError::Timeout { addr }
+                    } else if e.is_connect() {
+                        ProxyError::Connect { addr, source: e.into() }
+                    } else {
+                        ProxyError::Upstream { addr, source: e.into() }
+                    }
+                })
+            })
+        };
         let eject = |b: &Arc<crate::upstream::Backend>| {
             b.requests.record_failure();
             let may = upstream.group.may_eject();
             b.record_failure(upstream.config.eject_after, upstream.config.eject_for(), may)
         };
-        let result =
-            tokio::time::timeout(upstream.config.response_timeout(), upstream.client.request(up))
-                .await;
-        let resp = match result {
+        match result {
             Err(_elapsed) => {
                 eject(&backend);
                 return Err((ProxyError::Timeout { addr }, Some(addr)));
             }
-            Ok(Err(e)) => {
+            Ok(Err(err)) => {
                 match fault.get() {
                     Fault::TooLarge => return Err((ProxyError::BodyTooLarge, Some(addr))),
                     Fault::Broken => {
-                        return Err((
-                            ProxyError::BadRequest("unreadable request body"),
-                            Some(addr),
-                        ));
+                        let err = ProxyError::BadRequest("unreadable request body");
+                        return Err((err, Some(addr)));
                     }
                     Fault::None => {}
                 }
                 eject(&backend);
-                let connect = e.is_connect();
-                let err = if is_timeout(&e) {
-                    ProxyError::Timeout { addr }
-                } else if connect {
-                    ProxyError::Connect { addr, source: e.into() }
-                } else {
-                    ProxyError::Upstream { addr, source: e.into() }
-                };
-                // No response head came back, so an idempotent body-less request is safe to
-                // send again: a refused connect, or a connection closed or reset before the
-                // answer (a backend that died mid-request, a stale pooled connection). A
-                // response timeout is not retried: the backend may still be working on it.
-                let again = connect || !matches!(err, ProxyError::Timeout { .. });
-                if again && retryable && attempts < MAX_ATTEMPTS {
+                let again = !matches!(err, ProxyError::Timeout { .. })
+                    || matches!(err, ProxyError::Connect { .. });
+                if again && out.retryable && attempts < MAX_ATTEMPTS {
                     super::warn::backend_failure(format_args!(
                         "{}: {err}; retrying on another backend",
                         ctx.listener
@@ -200,31 +304,14 @@ async fn forward(
                 }
                 return Err((err, Some(addr)));
             }
-            Ok(Ok(resp)) => resp,
-        };
-        let took = sent.elapsed();
-        backend.latency.observe(took);
-        backend.requests.record(resp.status().as_u16(), took);
-        backend.record_success();
-        let resp = match (resp.status(), client_upgrade) {
-            (StatusCode::SWITCHING_PROTOCOLS, Some(client_up)) => {
-                tunnel(resp, client_up, in_flight)
+            Ok(Ok(resp)) => {
+                let took = sent.elapsed();
+                backend.latency.observe(took);
+                backend.requests.record(resp.status().as_u16(), took);
+                backend.record_success();
+                return Ok(Sent { resp, backend, in_flight });
             }
-            (StatusCode::SWITCHING_PROTOCOLS, None) => {
-                let source = "101 to a request that asked for no upgrade".into();
-                return Err((ProxyError::Upstream { addr, source }, Some(addr)));
-            }
-            _ => {
-                let (mut parts, body) = resp.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers);
-                // Our own version toward the client, not the backend's (RFC 9110 §6.2): an
-                // HTTP/1.0 backend's close-delimited body then reaches an HTTP/1.1 client
-                // chunked, on a connection that stays open.
-                parts.version = Version::HTTP_11;
-                Response::from_parts(parts, ResponseBody::upstream(body, in_flight))
-            }
-        };
-        return Ok((resp, Some(addr)));
+        }
     }
 }
 

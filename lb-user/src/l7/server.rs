@@ -1,21 +1,11 @@
 //! One L7 listener: accept with a connection limit, terminate TLS, serve HTTP/1.1 and HTTP/2
 //! (ALPN or prior knowledge) with header-read and idle timeouts, drain gracefully on shutdown.
-use std::{
-    convert::Infallible,
-    future::{pending, poll_fn},
-    net::SocketAddr,
-    sync::Arc,
-    task::Poll,
-    time::Duration,
-};
+use std::{convert::Infallible, future::pending, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 
-use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use hyper::{server::conn::http2, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore, watch},
@@ -26,7 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{
     L7Error,
     body::Active,
-    h1guard::{H1Guard, Park},
+    h1,
     proxy::{self, Ctx},
     route::Router,
     upstream::Upstream,
@@ -39,7 +29,7 @@ use crate::{
 /// Pending connections a listener queues before `accept` (capped by net.core.somaxconn).
 const LISTEN_BACKLOG: u32 = 4096;
 /// What an HTTP/2 prior-knowledge connection starts with; anything else on a plain listener
-/// is HTTP/1 (see [`Server::serve_h1`]).
+/// is HTTP/1.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A listener's server, built from the config without binding (see [`Server::bind`]).
@@ -50,9 +40,8 @@ pub struct Server {
     ctx: ArcSwap<Ctx>,
     http: Arc<HttpConfig>,
     tls: Option<(Arc<SniResolver>, TlsAcceptor)>,
-    builder: auto::Builder<TokioExecutor>,
-    /// The same HTTP/1 settings, for plain connections that are HTTP/1 from their first bytes.
-    h1: http1::Builder,
+    /// HTTP/2 connections (h2c prior knowledge, ALPN h2); HTTP/1 is `h1/`'s.
+    h2: http2::Builder<TokioExecutor>,
 }
 
 impl Server {
@@ -81,32 +70,11 @@ impl Server {
             tls: tls.is_some(),
             stats: crate::upstream::stats::listener(&listener.name),
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(http.header_timeout())
-            .max_buf_size(http.max_header_bytes)
-            .max_headers(http.max_headers);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX));
-        let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(http.header_timeout())
-            .max_buf_size(http.max_header_bytes)
-            .max_headers(http.max_headers);
         let ctx = ArcSwap::new(ctx);
-        Ok(Self {
-            name: listener.name.clone(),
-            listen: listener.listen,
-            ctx,
-            http,
-            tls,
-            builder,
-            h1,
-        })
+        Ok(Self { name: listener.name.clone(), listen: listener.listen, ctx, http, tls, h2 })
     }
 
     /// True when this listener terminates TLS.
@@ -233,25 +201,34 @@ impl Server {
     ) {
         let _ = stream.set_nodelay(true);
         if self.tls.is_some() {
-            // Boxed: this task's size is what every parked plain connection holds, and a TLS
+            // Boxed: this task's size is what every idle plain connection holds, and a TLS
             // stream is large.
             return Box::pin(self.serve_tls(stream, peer, shutdown)).await;
         }
-        // hyper's header timer starts with the first byte (h1/h2 detection waits for it): a
-        // client that sends nothing gets the same bound.
-        let mut first = [0u8; H2_PREFACE.len()];
-        let peek = tokio::time::timeout(self.http.header_timeout(), stream.peek(&mut first));
-        let Ok(peeked) = peek.await else {
-            log::debug!("{}: {peer} sent nothing within the header timeout", self.name);
-            return;
-        };
-        let n = peeked.unwrap_or(0);
-        if n > 0 && !H2_PREFACE.starts_with(&first[..n]) {
-            self.serve_h1(stream, peer, shutdown).await
-        } else {
-            // HTTP/2 prior knowledge (or too few bytes to tell): hyper-util decides.
-            let io = H1Guard::new(stream, self.http.max_header_bytes);
-            Box::pin(self.serve(TokioIo::new(io), peer, shutdown)).await
+        match self.sniff(&stream).await {
+            Some(false) => h1::serve(stream, peer, &self.ctx, &self.http, shutdown).await,
+            Some(true) => Box::pin(self.serve_h2(TokioIo::new(stream), peer, shutdown)).await,
+            None => log::debug!("{}: {peer} sent nothing within the header timeout", self.name),
+        }
+    }
+
+    /// Whether a plain connection starts with the HTTP/2 preface (prior knowledge): true, or
+    /// false for HTTP/1; None when the client sent nothing within the header timeout.
+    async fn sniff(&self, stream: &TcpStream) -> Option<bool> {
+        let deadline = tokio::time::Instant::now() + self.http.header_timeout();
+        let mut first = [0u8; 3];
+        loop {
+            let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
+            let n = peeked.ok()?.ok()?;
+            if n == 0 {
+                return None;
+            }
+            // "PRI" is no HTTP/1 method (RFC 9113 §3.4 reserves it), so three bytes decide.
+            if n == first.len() || !H2_PREFACE.starts_with(&first[..n]) {
+                return Some(n == first.len() && first[..] == H2_PREFACE[..n]);
+            }
+            // One or two bytes of a segment: peek would return them again at once.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -264,17 +241,22 @@ impl Server {
         let Some((_, acceptor)) = &self.tls else { return };
         // The handshake shares the header timeout: a silent client is a slowloris too.
         match tokio::time::timeout(self.http.header_timeout(), acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => {
-                let io = H1Guard::new(tls, self.http.max_header_bytes);
-                self.clone().serve(TokioIo::new(io), peer, shutdown).await
+            // Exactly the protocol ALPN chose: h2, or HTTP/1.1 (also without ALPN).
+            Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                self.clone().serve_h2(TokioIo::new(tls), peer, shutdown).await
             }
+            Ok(Ok(tls)) => h1::serve(tls, peer, &self.ctx, &self.http, shutdown).await,
             Ok(Err(e)) => log::debug!("{}: TLS handshake with {peer}: {e}", self.name),
             Err(_) => log::debug!("{}: TLS handshake with {peer} timed out", self.name),
         }
     }
 
-    async fn serve<I>(self: Arc<Self>, io: I, peer: SocketAddr, mut shutdown: watch::Receiver<bool>)
-    where
+    async fn serve_h2<I>(
+        self: Arc<Self>,
+        io: I,
+        peer: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
+    ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let (active_tx, mut active_rx) = watch::channel(0usize);
@@ -284,7 +266,7 @@ impl Server {
             let ctx = server.ctx.load_full();
             async move { Ok::<_, Infallible>(proxy::handle(ctx, peer, req, active).await) }
         });
-        let conn = self.builder.serve_connection_with_upgrades(io, service);
+        let conn = self.h2.serve_connection(io, service);
         tokio::pin!(conn);
         let idle = idle(&mut active_rx, self.http.idle_timeout());
         tokio::pin!(idle);
@@ -308,124 +290,6 @@ impl Server {
             }
         }
     }
-}
-
-impl Server {
-    /// Serves a plain HTTP/1 connection. hyper's connection (with its read and write buffers,
-    /// 8 KiB each) lives only while the client talks: once hyper waits for the next request
-    /// with nothing pending, the connection is parked on the bare socket (hyper closes its
-    /// side without shutting the socket, see [`Park`]) until the client sends more, the idle
-    /// timeout ends it or shutdown does. What a parked connection holds is this future (the
-    /// talking part is boxed, so it is freed too), the socket and the guard's empty buffers.
-    async fn serve_h1(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let (active_tx, active_rx) = watch::channel(0usize);
-        let server = self.clone();
-        let mut service = service_fn(move |req| {
-            let active = Active::new(&active_tx);
-            let ctx = server.ctx.load_full();
-            async move { Ok::<_, Infallible>(proxy::handle(ctx, peer, req, active).await) }
-        });
-        let park = Arc::new(Park::default());
-        let mut guard = H1Guard::parkable(stream, self.http.max_header_bytes, park.clone());
-        loop {
-            let talk = self.talk_h1(guard, service, peer, &park, &active_rx, &mut shutdown);
-            let Some(back) = Box::pin(talk).await else { return };
-            (guard, service) = back;
-            guard.unpark();
-            tokio::select! {
-                ready = tokio::time::timeout(self.http.idle_timeout(), guard.get_ref().readable()) => {
-                    if !matches!(ready, Ok(Ok(()))) {
-                        return;
-                    }
-                }
-                _ = stopped(&mut shutdown) => return,
-            }
-        }
-    }
-
-    /// One hyper connection over `guard` until it closes (None) or parks (the guard and the
-    /// service back).
-    async fn talk_h1<S>(
-        &self,
-        guard: H1Guard<TcpStream>,
-        service: S,
-        peer: SocketAddr,
-        park: &Park,
-        active: &watch::Receiver<usize>,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Option<(H1Guard<TcpStream>, S)>
-    where
-        S: hyper::service::HttpService<
-                hyper::body::Incoming,
-                ResBody = super::body::ResponseBody,
-                Error = Infallible,
-            > + Unpin
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
-        let mut conn = self.h1.serve_connection(TokioIo::new(guard), service).with_upgrades();
-        let mut idle_rx = active.clone();
-        let idle = idle(&mut idle_rx, self.http.idle_timeout());
-        tokio::pin!(idle);
-        let (mut closing, mut parking) = (false, false);
-        loop {
-            tokio::select! {
-                // hyper first: it sets the guard's idle flag that the next branch reads.
-                biased;
-                done = Pin::new(&mut conn) => {
-                    if let Err(e) = done {
-                        log::debug!("{}: connection from {peer}: {e}", self.name);
-                        return None;
-                    }
-                    break;
-                }
-                _ = parkable(park, active), if !closing => {
-                    park.request();
-                    Pin::new(&mut conn).graceful_shutdown();
-                    (closing, parking) = (true, true);
-                }
-                _ = &mut idle, if !closing => {
-                    Pin::new(&mut conn).graceful_shutdown();
-                    closing = true;
-                }
-                _ = stopped(shutdown), if !closing => {
-                    Pin::new(&mut conn).graceful_shutdown();
-                    closing = true;
-                }
-            }
-        }
-        if !parking {
-            return None;
-        }
-        // None: the connection was upgraded and is someone else's now.
-        let parts = conn.into_parts()?;
-        let guard = parts.io.into_inner();
-        // In doubt (hyper kept bytes or stopped mid-message), close as an idle timeout would.
-        if !parts.read_buf.is_empty() || !guard.at_boundary() {
-            return None;
-        }
-        Some((guard, parts.service))
-    }
-}
-
-/// Resolves when hyper waits for the next request with nothing pending and no request of the
-/// connection is in progress. It registers no waker: both only change while hyper runs, which
-/// happens on this task, so the `select!` polls it again after every change.
-fn parkable<'a>(
-    park: &'a Park,
-    active: &'a watch::Receiver<usize>,
-) -> impl std::future::Future<Output = ()> + 'a {
-    poll_fn(
-        move |_| {
-            if park.is_idle() && *active.borrow() == 0 { Poll::Ready(()) } else { Poll::Pending }
-        },
-    )
 }
 
 /// Resolves when shutdown is asked for, or when nobody can ask any more.

@@ -11,7 +11,12 @@ use hyper_util::{
 };
 use rustls_pki_types::ServerName;
 
-use super::{L7Error, body::RequestBody};
+use super::{
+    L7Error,
+    body::RequestBody,
+    h1::pool::{Pool, Tls},
+    h2pool::H2Pool,
+};
 use crate::{
     config::{UpstreamConfig, UpstreamTls},
     upstream::{Group, Groups},
@@ -26,6 +31,11 @@ pub struct Upstream {
     pub client: HttpClient,
     /// `http` or `https`: the scheme of the URIs sent to the pool.
     pub scheme: &'static str,
+    /// HTTP/1.1 backend connections for the HTTP/1 codec (`h1/`); `client` serves HTTP/2
+    /// clients of HTTP/1.1 backends.
+    pub pool: Arc<Pool>,
+    /// HTTP/2 backends (`http2 = true`).
+    pub h2: H2Pool,
 }
 
 impl Upstream {
@@ -34,6 +44,23 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout()));
+        let pool_tls = |alpn: &[u8]| -> Result<Option<Tls>, L7Error> {
+            let Some(t) = &config.tls else { return Ok(None) };
+            let mut c = tls_config(&group.name, t)?;
+            c.alpn_protocols = vec![alpn.to_vec()];
+            Ok(Some(Tls {
+                connector: tokio_rustls::TlsConnector::from(Arc::new(c)),
+                name: server_name(&group.name, &t.sni)?,
+            }))
+        };
+        let h2 = H2Pool::new(config.connect_timeout(), pool_tls(b"h2")?);
+        let pool_tls = pool_tls(b"http/1.1")?;
+        let pool = Pool::new(
+            config.pool_max_idle,
+            config.pool_idle_timeout(),
+            config.connect_timeout(),
+            pool_tls,
+        );
         let (tls, scheme) = match &config.tls {
             Some(t) => (tls_config(&group.name, t)?, "https"),
             // Plain groups share the connector type; http:// URIs never start a handshake.
@@ -41,13 +68,9 @@ impl Upstream {
         };
         let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
         let builder = match &config.tls {
-            Some(t) => {
-                let name = ServerName::try_from(t.sni.clone()).map_err(|_| L7Error::Upstream {
-                    group: group.name.clone(),
-                    message: format!("tls.sni {:?} is not a DNS name", t.sni),
-                })?;
-                builder.with_server_name_resolver(FixedServerNameResolver::new(name))
-            }
+            Some(t) => builder.with_server_name_resolver(FixedServerNameResolver::new(
+                server_name(&group.name, &t.sni)?,
+            )),
             None => builder,
         };
         let connector = if config.http2 {
@@ -64,7 +87,7 @@ impl Upstream {
             // The proxy sets Host from the client's request; the URI carries the backend.
             .set_host(false)
             .build(connector);
-        Ok(Self { group, config: config.clone(), client, scheme })
+        Ok(Self { group, config: config.clone(), client, scheme, pool, h2 })
     }
 
     /// The URI of `path_and_query` on backend `addr`: the pool key is its scheme + authority.
@@ -72,6 +95,13 @@ impl Upstream {
         let s = format!("{}://{addr}{path_and_query}", self.scheme);
         s.parse().unwrap_or_else(|_| Uri::from_static("/"))
     }
+}
+
+fn server_name(group: &str, sni: &str) -> Result<ServerName<'static>, L7Error> {
+    ServerName::try_from(sni.to_string()).map_err(|_| L7Error::Upstream {
+        group: group.to_string(),
+        message: format!("tls.sni {sni:?} is not a DNS name"),
+    })
 }
 
 fn tls_config(group: &str, t: &UpstreamTls) -> Result<rustls::ClientConfig, L7Error> {

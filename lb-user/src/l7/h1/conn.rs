@@ -1,0 +1,209 @@
+//! One HTTP/1 client connection: read a head, serve the exchange, repeat while both sides keep
+//! the connection; between requests a plain connection holds no buffer (see `buf.rs`).
+use std::{net::SocketAddr, time::Instant};
+
+use arc_swap::ArcSwap;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::watch,
+};
+
+use super::{
+    buf::{Buf, Bufs},
+    exchange::{self, Outcome},
+    head::{self, Head, HeadError},
+    write,
+};
+use crate::{config::HttpConfig, l7::proxy::Ctx};
+
+/// A client stream the codec can serve.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The bare socket, when nothing sits buffered above it (plain TCP): the connection can
+    /// then wait for its next request on the socket alone, its buffers given back.
+    fn bare(&self) -> Option<&TcpStream>;
+}
+
+impl ClientIo for TcpStream {
+    fn bare(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+    fn bare(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+/// Serves `io` until the client or the proxy ends the connection.
+pub async fn serve<S: ClientIo>(
+    mut io: S,
+    peer: SocketAddr,
+    ctx: &ArcSwap<Ctx>,
+    http: &HttpConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut bufs: Option<Box<Bufs>> = None;
+    let mut first = true;
+    loop {
+        if bufs.as_ref().is_none_or(|b| b.client.is_empty()) {
+            if let Some(sock) = io.bare() {
+                if let Some(b) = bufs.take() {
+                    b.give();
+                }
+                let wait = if first { http.header_timeout() } else { http.idle_timeout() };
+                tokio::select! {
+                    r = tokio::time::timeout(wait, sock.readable()) => {
+                        if !matches!(r, Ok(Ok(()))) {
+                            break;
+                        }
+                    }
+                    _ = stopped(&mut shutdown) => break,
+                }
+            }
+        }
+        let b = bufs.get_or_insert_with(Bufs::take);
+        let keep = exchange_one(&mut io, b, ctx, http, peer, first, &mut shutdown).await;
+        first = false;
+        if !keep || *shutdown.borrow() {
+            break;
+        }
+    }
+    if let Some(b) = bufs {
+        b.give();
+    }
+    // Bounded: a TLS close_notify toward a client that reads nothing must not hold the task.
+    let _ = tokio::time::timeout(http.header_timeout(), io.shutdown()).await;
+}
+
+/// Reads and serves one request; true when the connection can carry another.
+async fn exchange_one<S: ClientIo>(
+    io: &mut S,
+    b: &mut Bufs,
+    ctx: &ArcSwap<Ctx>,
+    http: &HttpConfig,
+    peer: SocketAddr,
+    first: bool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let head = match read_head(io, b, http, first, shutdown).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return false,
+        Err(e) => {
+            let status = match e {
+                HeadError::Bad(why) => {
+                    log::debug!("{peer}: bad request: {why}");
+                    hyper::StatusCode::BAD_REQUEST
+                }
+                HeadError::TooLarge => hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                HeadError::Method => hyper::StatusCode::METHOD_NOT_ALLOWED,
+            };
+            let ctx = ctx.load();
+            ctx.stats.record(status.as_u16(), std::time::Duration::ZERO);
+            b.out.clear();
+            write::error(&mut b.out, status, true);
+            let _ = tokio::time::timeout(http.header_timeout(), io.write_all(&b.out)).await;
+            return false;
+        }
+    };
+    let start = Instant::now();
+    let ctx = ctx.load_full();
+    let outcome = exchange::forward(io, b, &ctx, http, peer, &head, shutdown).await;
+    let Outcome { status, backend, keep } = outcome;
+    if let Some(status) = status {
+        ctx.stats.record(status, start.elapsed());
+    }
+    if log::log_enabled!(target: "lb::access", log::Level::Info) {
+        // The head's bytes were consumed; the access line is built from what forward kept.
+        log::info!(
+            target: "lb::access",
+            "{} {peer} \"{:?} {}\" {} backend={} {}ms",
+            ctx.listener,
+            head.method,
+            if head.minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" },
+            status.unwrap_or(0),
+            backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
+            start.elapsed().as_millis()
+        );
+    }
+    keep
+}
+
+/// Resolves when shutdown is asked for, or when nobody can ask any more.
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|v| *v).await.map(|_| ());
+}
+
+/// Reads until a whole head is buffered. `Ok(None)`: the connection ends quietly (closed
+/// between requests, idle, shutdown, or a head that did not arrive in time).
+async fn read_head<S: ClientIo>(
+    io: &mut S,
+    b: &mut Bufs,
+    http: &HttpConfig,
+    first: bool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Head>, HeadError> {
+    // The first request of a connection gets the header timeout from the start (a client
+    // that sends nothing is a slowloris too); later ones from their first byte.
+    let mut deadline = first.then(|| tokio::time::Instant::now() + http.header_timeout());
+    // Bytes already looked at for the end of the head: a head trickled in small reads is
+    // parsed once when it can be complete, not once per read.
+    let mut scanned = 0;
+    loop {
+        if !b.client.is_empty() {
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + http.header_timeout());
+            let filled = b.client.filled();
+            if scanned == 0 || may_end(filled, scanned) {
+                let max = http.max_header_bytes;
+                if let Some(h) = head::parse(filled, &mut b.fields, http.max_headers, max)? {
+                    return Ok(Some(h));
+                }
+            }
+            scanned = filled.len();
+            if b.client.spare().is_empty() && !b.client.grow(http.max_header_bytes) {
+                return Err(HeadError::TooLarge);
+            }
+        }
+        let read = read_into(io, &mut b.client);
+        let n = if scanned > 0 {
+            // Inside a head: only its deadline counts (shutdown waits for the request).
+            let d = deadline.expect("set with the first byte");
+            match tokio::time::timeout_at(d, read).await {
+                Ok(r) => r,
+                Err(_) => return Ok(None),
+            }
+        } else {
+            // Between requests: the first byte may take the idle timeout (the header
+            // timeout for a connection's first request); shutdown ends the wait.
+            let d = deadline.unwrap_or_else(|| tokio::time::Instant::now() + http.idle_timeout());
+            tokio::select! {
+                r = tokio::time::timeout_at(d, read) => match r {
+                    Ok(r) => r,
+                    Err(_) => return Ok(None),
+                },
+                _ = stopped(shutdown) => return Ok(None),
+            }
+        };
+        match n {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// True when the bytes after `scanned` could complete a head (an empty line, or a bare LF the
+/// parser refuses).
+fn may_end(filled: &[u8], scanned: usize) -> bool {
+    let from = scanned.saturating_sub(3);
+    filled[from..].contains(&b'\n')
+        && (filled[from..].windows(4).any(|w| w == b"\r\n\r\n")
+            || filled[from..].windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'))
+}
+
+/// One read into the buffer's spare room.
+pub async fn read_into<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Buf) -> std::io::Result<usize> {
+    let n = io.read(buf.spare()).await?;
+    buf.filled_by(n);
+    Ok(n)
+}
