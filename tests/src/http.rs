@@ -321,3 +321,39 @@ pub fn tls_client(roots: &[&[u8]], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> 
     c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(c)
 }
+
+/// A backend on 127.0.0.1 that reads each request head and answers it with `response` as is
+/// (raw bytes: trailers, odd framing), reporting every head it read.
+pub async fn scripted_backend(
+    response: &'static [u8],
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(Ok(n)) = tokio::time::timeout(WAIT, s.read(&mut chunk)).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                        if s.write_all(response).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}

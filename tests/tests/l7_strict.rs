@@ -283,3 +283,42 @@ async fn keep_alive_connections_behave_the_same_after_pauses() {
     assert_eq!(a.requests.load(Ordering::Relaxed), forwarded, "nothing more forwarded");
     p.stop().await;
 }
+
+/// Requests that switched the old read-side guard off for the rest of a connection: each is
+/// refused itself or leaves the next request on the connection checked as strictly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn former_guard_bypasses_are_refused() {
+    let a = Backend::start("a").await;
+    let p = Proxy::start(&config(&[a.addr], "", "")).await;
+    let smuggle: &[u8] =
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n";
+    // An Upgrade field without `Connection: upgrade`, then CL+TE on the same connection.
+    let mut both = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: foo\r\n\r\n".to_vec();
+    both.extend_from_slice(smuggle);
+    let resp = raw(p.addr(), &both).await;
+    assert!(status_line(&resp).starts_with("HTTP/1.1 200"), "{resp:?}");
+    assert!(resp.contains("HTTP/1.1 400"), "the smuggled request is refused: {resp:?}");
+    assert_eq!(a.requests.load(Ordering::Relaxed), 1, "only the first reached the backend");
+    // A head ending in bare LFs.
+    let resp = raw(p.addr(), b"GET / HTTP/1.1\nHost: x\n\n").await;
+    assert!(status_line(&resp).starts_with("HTTP/1.1 400"), "{resp:?}");
+    // An upgrade the backend refuses (200, no switch) keeps the connection strict.
+    let mut up =
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n".to_vec();
+    up.extend_from_slice(smuggle);
+    let resp = raw(p.addr(), &up).await;
+    assert!(resp.contains("HTTP/1.1 400"), "{resp:?}");
+    assert_eq!(a.requests.load(Ordering::Relaxed), 2);
+    // 60 KB of trailer lines: refused in bounded time and stack; the proxy lives on.
+    let mut trailers =
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n".to_vec();
+    for _ in 0..20_000 {
+        trailers.extend_from_slice(b"a:\r\n");
+    }
+    trailers.extend_from_slice(b"\r\n");
+    let resp = raw(p.addr(), &trailers).await;
+    assert!(status_line(&resp).starts_with("HTTP/1.1 4"), "{:?}", status_line(&resp));
+    let ok = raw(p.addr(), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(status_line(&ok).starts_with("HTTP/1.1 200"), "{ok}");
+    p.stop().await;
+}

@@ -14,10 +14,10 @@ impl HostMatch {
     fn matches(&self, host: &str) -> bool {
         match self {
             Self::Any => true,
-            Self::Exact(h) => h == host,
-            Self::Wildcard(parent) => host
-                .split_once('.')
-                .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
+            Self::Exact(h) => h.eq_ignore_ascii_case(host),
+            Self::Wildcard(parent) => host.split_once('.').is_some_and(|(label, rest)| {
+                !label.is_empty() && rest.eq_ignore_ascii_case(parent)
+            }),
         }
     }
 
@@ -69,22 +69,23 @@ impl Router {
 
     /// The upstream group for a request. `host` may carry a port; `path` is the URI path.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&str> {
-        let host = host.map(normalize_host).unwrap_or_default();
+        let host = host.map(bare_host).unwrap_or_default();
         self.routes
             .iter()
-            .find(|r| r.host.matches(&host) && path_has_prefix(path, &r.path))
+            .find(|r| r.host.matches(host) && path_has_prefix(path, &r.path))
             .map(|r| r.upstream.as_str())
     }
 }
 
-/// Lowercase, without port and trailing dot (`[v6]:port` keeps its brackets).
-pub fn normalize_host(host: &str) -> String {
+/// Without port and trailing dot (`[v6]:port` keeps its brackets); compared without regard
+/// to case, so nothing is copied per request.
+pub fn bare_host(host: &str) -> &str {
     let host = if host.starts_with('[') {
         host.split_once(']').map(|(h, _)| &host[..=h.len()]).unwrap_or(host)
     } else {
         host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    host.trim_end_matches('.')
 }
 
 /// `/v1` matches `/v1`, `/v1/x` and `/v1?q`, not `/v10`; a prefix ending in `/` matches as is.
@@ -136,8 +137,8 @@ mod tests {
 
     #[test]
     fn hosts_normalize() {
-        assert_eq!(normalize_host("Example.COM:80"), "example.com");
-        assert_eq!(normalize_host("example.com."), "example.com");
-        assert_eq!(normalize_host("[::1]:8080"), "[::1]");
+        assert_eq!(bare_host("Example.COM:80"), "Example.COM");
+        assert_eq!(bare_host("example.com."), "example.com");
+        assert_eq!(bare_host("[::1]:8080"), "[::1]");
     }
 }
