@@ -92,7 +92,7 @@ pub struct Bufs {
 /// Bytes per read buffer: a typical head and a good share of a body in one read.
 pub const SIZE: usize = 16 * 1024;
 /// Buffers kept per thread for connections that wake up.
-const KEEP: usize = 512;
+const KEEP: usize = 64;
 
 thread_local! {
     #[expect(clippy::vec_box, reason = "connections hold `Box<Bufs>`: the pool moves pointers")]

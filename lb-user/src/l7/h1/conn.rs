@@ -1,6 +1,9 @@
 //! One HTTP/1 client connection: read a head, serve the exchange, repeat while both sides keep
 //! the connection; between requests a plain connection holds no buffer (see `buf.rs`).
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use arc_swap::ArcSwap;
 use tokio::{
@@ -36,6 +39,11 @@ impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
+/// How long a plain connection stays busy (its exchange state and buffers allocated) after a
+/// response while the client sends nothing: a client that sends its next request at once costs
+/// no allocation; an idle one holds only the socket and this task's small state.
+const PARK_AFTER: Duration = Duration::from_millis(50);
+
 /// Serves `io` until the client or the proxy ends the connection.
 pub async fn serve<S: ClientIo>(
     mut io: S,
@@ -44,37 +52,58 @@ pub async fn serve<S: ClientIo>(
     http: &HttpConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut bufs: Option<Box<Bufs>> = None;
     let mut first = true;
     loop {
-        if bufs.as_ref().is_none_or(|b| b.client.is_empty()) {
-            if let Some(sock) = io.bare() {
-                if let Some(b) = bufs.take() {
-                    b.give();
-                }
-                let wait = if first { http.header_timeout() } else { http.idle_timeout() };
-                tokio::select! {
-                    r = tokio::time::timeout(wait, sock.readable()) => {
-                        if !matches!(r, Ok(Ok(()))) {
-                            break;
-                        }
+        if let Some(sock) = io.bare() {
+            let wait = if first { http.header_timeout() } else { http.idle_timeout() };
+            tokio::select! {
+                r = tokio::time::timeout(wait, sock.readable()) => {
+                    if !matches!(r, Ok(Ok(()))) {
+                        break;
                     }
-                    _ = stopped(&mut shutdown) => break,
                 }
+                _ = stopped(&mut shutdown) => break,
             }
         }
-        let b = bufs.get_or_insert_with(Bufs::take);
-        let keep = exchange_one(&mut io, b, ctx, http, peer, first, &mut shutdown).await;
-        first = false;
-        if !keep || *shutdown.borrow() {
+        // Boxed: the exchange's state is large and lives only while the client talks.
+        let busy = Box::pin(busy(&mut io, peer, ctx, http, &mut shutdown, &mut first));
+        if !busy.await {
             break;
         }
     }
-    if let Some(b) = bufs {
-        b.give();
-    }
     // Bounded: a TLS close_notify toward a client that reads nothing must not hold the task.
     let _ = tokio::time::timeout(http.header_timeout(), io.shutdown()).await;
+}
+
+/// Serves requests while they come; false when the connection is over, true when it went
+/// quiet and parks (buffers back in the pool).
+async fn busy<S: ClientIo>(
+    io: &mut S,
+    peer: SocketAddr,
+    ctx: &ArcSwap<Ctx>,
+    http: &HttpConfig,
+    shutdown: &mut watch::Receiver<bool>,
+    first: &mut bool,
+) -> bool {
+    let mut b = Bufs::take();
+    let more = loop {
+        let keep = exchange_one(io, &mut b, ctx, http, peer, *first, shutdown).await;
+        *first = false;
+        if !keep || *shutdown.borrow() {
+            break false;
+        }
+        if !b.client.is_empty() {
+            continue;
+        }
+        let Some(sock) = io.bare() else { continue };
+        match tokio::time::timeout(PARK_AFTER, sock.readable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break false,
+            Err(_) => break true,
+        }
+    };
+    b.give();
+    more
 }
 
 /// Reads and serves one request; true when the connection can carry another.

@@ -48,3 +48,28 @@ mod tests {
         t.unwrap().join().expect("no stack overflow");
     }
 }
+
+#[cfg(test)]
+mod size {
+    /// What every idle keep-alive connection holds is this task's state (the busy part is
+    /// boxed and freed when the connection parks): it must stay small.
+    #[tokio::test]
+    async fn an_idle_connection_holds_little() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let config = crate::config::Config::parse("").unwrap();
+        let ctx = arc_swap::ArcSwap::from_pointee(crate::l7::proxy::Ctx {
+            listener: "l".into(),
+            router: crate::l7::route::Router::default(),
+            upstreams: Default::default(),
+            http: std::sync::Arc::new(config.http.clone()),
+            tls: false,
+            stats: crate::upstream::stats::listener("l"),
+        });
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let peer = s.local_addr().unwrap();
+        let fut = super::serve(s, peer, &ctx, &config.http, rx);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 1024, "a parked connection's task holds {size} bytes");
+    }
+}
