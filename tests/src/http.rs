@@ -58,6 +58,11 @@ impl Backend {
         Self::serve(listener, name, None, Duration::ZERO)
     }
 
+    /// A backend on a listener the caller bound (an IPv6 address, say).
+    pub fn serve_on(listener: TcpListener, name: &str) -> Self {
+        Self::serve(listener, name, None, Duration::ZERO)
+    }
+
     /// A backend that takes `delay` for every response.
     pub async fn start_slow(name: &str, delay: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");

@@ -58,6 +58,26 @@ pub struct HttpConfig {
     /// Route on the normalized path (dot segments, `//`, unreserved escapes) and forward it.
     #[serde(default = "default_true")]
     pub normalize_path: bool,
+    /// One line per request on the `lb::access` log target: `text`, `json` or `off`.
+    #[serde(default)]
+    pub access_log: AccessLog,
+    /// Streams one HTTP/2 client connection may have open at once.
+    #[serde(default = "default_h2_streams")]
+    pub h2_max_concurrent_streams: u32,
+    /// An idle HTTP/2 client connection is PINGed this often, in milliseconds, and closed
+    /// when the PING goes unanswered for as long.
+    #[serde(default = "default_h2_keepalive_ms")]
+    pub h2_keepalive_ms: u64,
+}
+
+/// `[http] access_log`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    #[default]
+    Text,
+    Json,
+    Off,
 }
 
 impl Default for HttpConfig {
@@ -114,6 +134,9 @@ impl HttpConfig {
     pub fn stream_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.stream_idle_timeout_ms)
     }
+    pub fn h2_keepalive(&self) -> Duration {
+        Duration::from_millis(self.h2_keepalive_ms)
+    }
     pub fn tunnel_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.tunnel_idle_timeout_ms)
     }
@@ -166,7 +189,11 @@ impl HttpConfig {
             self.body_timeout_ms,
             self.stream_idle_timeout_ms,
             self.tunnel_idle_timeout_ms,
+            self.h2_keepalive_ms,
         ];
+        if self.h2_max_concurrent_streams == 0 {
+            errors.push("http.h2_max_concurrent_streams must be at least 1".into());
+        }
         if timeouts.contains(&0) {
             errors.push("http timeouts must be at least 1 ms".into());
         }
@@ -205,6 +232,12 @@ fn default_tunnel_idle_timeout_ms() -> u64 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_h2_streams() -> u32 {
+    100
+}
+fn default_h2_keepalive_ms() -> u64 {
+    30_000
 }
 
 /// An address block, `10.0.0.0/8` or a single address.

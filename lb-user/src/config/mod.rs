@@ -17,7 +17,7 @@ use thiserror::Error;
 pub use backend::BackendSpec;
 pub use env::{ENV_VARS, redacted};
 pub use health::{CheckKind, HealthConfig};
-pub use http::{CertConfig, Cidr, HttpConfig, ListenerConfig, RouteConfig};
+pub use http::{AccessLog, CertConfig, Cidr, HttpConfig, ListenerConfig, RouteConfig};
 pub use tcp::{ProxyProtocol, Secs, SniAction, SniRoute, TcpConfig, TcpListenerConfig};
 pub use upstream::{Balance, UpstreamConfig, UpstreamTls};
 pub use xdp::{DEFAULT_PIN_PATH, HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};

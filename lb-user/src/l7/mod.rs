@@ -1,5 +1,6 @@
 //! The L7 proxy: HTTP/1.1 and HTTP/2 listeners (TLS optional), routing by host and path,
 //! balancing over upstream groups, pooled connections to backends.
+pub mod access;
 mod body;
 mod error;
 mod framing;

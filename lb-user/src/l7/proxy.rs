@@ -46,12 +46,12 @@ pub async fn handle(
     active: Active,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
-    // The access line's fields, only when it is written (lb-bench and most deployments log at
-    // warn): two strings per request otherwise.
-    let access = log::log_enabled!(target: "lb::access", log::Level::Info).then(|| {
+    let format = ctx.http.access_log;
+    // The access line's fields, only when it is written.
+    let access = super::access::enabled(format).then(|| {
         let host = host_of(&req).unwrap_or_default();
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-        (req.method().clone(), req.version(), host, path)
+        (req.method().clone(), host, path)
     });
     let (mut resp, backend) = match forward(&ctx, peer, req).await {
         Ok(ok) => ok,
@@ -66,15 +66,20 @@ pub async fn handle(
     };
     resp.body_mut().hold(active);
     ctx.stats.record(resp.status().as_u16(), start.elapsed());
-    if let Some((method, version, host, path)) = access {
-        log::info!(
-            target: "lb::access",
-            "{} {peer} \"{method} {host}{path} {version:?}\" {} backend={} {}ms",
-            ctx.listener,
-            resp.status().as_u16(),
-            backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
-            start.elapsed().as_millis()
-        );
+    if let Some((method, host, path)) = access {
+        let line = super::access::Line {
+            time: super::access::now(),
+            listener: &ctx.listener,
+            client: peer,
+            method: method.as_str(),
+            authority: &host,
+            path: &path,
+            status: resp.status().as_u16(),
+            backend,
+            bytes: resp.body().size_hint().exact().unwrap_or(0),
+            duration: super::access::millis(start.elapsed()),
+        };
+        super::access::write(format, &line);
     }
     resp
 }

@@ -72,7 +72,14 @@ impl Server {
         });
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(http.h2_max_concurrent_streams)
+            .keep_alive_interval(Some(http.h2_keepalive()))
+            .keep_alive_timeout(http.h2_keepalive())
+            // Rapid reset (CVE-2023-44487): a client that resets streams faster than the
+            // server completes them gets GOAWAY (ENHANCE_YOUR_CALM) past this many.
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(256));
         let ctx = ArcSwap::new(ctx);
         Ok(Self { name: listener.name.clone(), listen: listener.listen, ctx, http, tls, h2 })
     }

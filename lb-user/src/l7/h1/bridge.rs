@@ -105,7 +105,7 @@ pub async fn forward<S: ClientIo>(
             match read.await {
                 Err(_) => return Err((ProxyError::BodyTimeout, None, false)),
                 Ok(Ok(0) | Err(_)) => {
-                    return Ok(Outcome { status: None, backend: None, keep: false });
+                    return Ok(Outcome { status: None, backend: None, keep: false, bytes: 0 });
                 }
                 Ok(Ok(_)) => {}
             }
@@ -158,8 +158,11 @@ pub async fn forward<S: ClientIo>(
     }
     out.extend_from_slice(if keep { b"\r\n".as_slice() } else { b"Connection: close\r\n\r\n" });
     let idle = http.stream_idle_timeout();
-    let done = |keep| Ok(Outcome { status: Some(status.as_u16()), backend: Some(addr), keep });
-    let cut = || Ok(Outcome { status: Some(status.as_u16()), backend: Some(addr), keep: false });
+    let done =
+        |keep| Ok(Outcome { status: Some(status.as_u16()), backend: Some(addr), keep, bytes: 0 });
+    let cut = || {
+        Ok(Outcome { status: Some(status.as_u16()), backend: Some(addr), keep: false, bytes: 0 })
+    };
     if write_timeout(io, out, idle).await.is_err() {
         return cut();
     }

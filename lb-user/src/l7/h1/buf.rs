@@ -87,6 +87,8 @@ pub struct Bufs {
     pub rfields: Vec<Field>,
     /// The request's normalized path, when it differs.
     pub path: Vec<u8>,
+    /// The access line's request part (method, authority, path), when the log is on.
+    pub access: Vec<u8>,
 }
 
 /// Bytes per read buffer: a typical head and a good share of a body in one read.
@@ -110,6 +112,7 @@ impl Bufs {
                 fields: Vec::with_capacity(32),
                 rfields: Vec::with_capacity(32),
                 path: Vec::new(),
+                access: Vec::new(),
             })
         })
     }

@@ -138,23 +138,38 @@ async fn exchange_one<S: ClientIo>(
     };
     let start = Instant::now();
     let ctx = ctx.load_full();
+    let log = crate::l7::access::enabled(http.access_log);
+    if log {
+        // The head's bytes are consumed by forward: what the line shows is copied first.
+        let hb = &b.client.filled()[..head.len];
+        b.access.clear();
+        b.access.extend_from_slice(head.method_span.of(hb));
+        b.access.push(b' ');
+        b.access.extend_from_slice(head.authority.map_or(&b""[..], |a| a.of(hb)));
+        b.access.push(b' ');
+        b.access.extend_from_slice(head.path(hb));
+    }
     let outcome = exchange::forward(io, b, &ctx, http, peer, &head, shutdown).await;
-    let Outcome { status, backend, keep } = outcome;
+    let Outcome { status, backend, keep, bytes } = outcome;
     if let Some(status) = status {
         ctx.stats.record(status, start.elapsed());
     }
-    if log::log_enabled!(target: "lb::access", log::Level::Info) {
-        // The head's bytes were consumed; the access line is built from what forward kept.
-        log::info!(
-            target: "lb::access",
-            "{} {peer} \"{:?} {}\" {} backend={} {}ms",
-            ctx.listener,
-            head.method,
-            if head.minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" },
-            status.unwrap_or(0),
-            backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
-            start.elapsed().as_millis()
-        );
+    if log {
+        let text = String::from_utf8_lossy(&b.access);
+        let mut parts = text.splitn(3, ' ');
+        let line = crate::l7::access::Line {
+            time: crate::l7::access::now(),
+            listener: &ctx.listener,
+            client: peer,
+            method: parts.next().unwrap_or(""),
+            authority: parts.next().unwrap_or(""),
+            path: parts.next().unwrap_or(""),
+            status: status.unwrap_or(0),
+            backend,
+            bytes,
+            duration: crate::l7::access::millis(start.elapsed()),
+        };
+        crate::l7::access::write(http.access_log, &line);
     }
     keep
 }

@@ -41,6 +41,8 @@ pub struct Outcome {
     pub backend: Option<SocketAddr>,
     /// The connection can carry another request.
     pub keep: bool,
+    /// Response body bytes sent.
+    pub bytes: u64,
 }
 
 /// The request body still to come from the client.
@@ -189,7 +191,7 @@ pub async fn forward<S: ClientIo>(
             }
             Err(Failed::Client(err)) => {
                 let Some(err) = err else {
-                    return Outcome { status: None, backend: Some(addr), keep: false };
+                    return Outcome { status: None, backend: Some(addr), keep: false, bytes: 0 };
                 };
                 return answer(io, b, http, &err, Some(addr), false).await;
             }
@@ -213,7 +215,7 @@ pub async fn forward<S: ClientIo>(
     backend.record_success();
     let addr = backend.addr;
     let _in_flight = backend.start();
-    let ok = |keep| Outcome { status: Some(resp.code), backend: Some(addr), keep };
+    let ok = |keep, bytes| Outcome { status: Some(resp.code), backend: Some(addr), keep, bytes };
     if resp.code == 101 {
         if head.upgrade.is_none() {
             let err = ProxyError::Upstream {
@@ -230,7 +232,7 @@ pub async fn forward<S: ClientIo>(
             let idle = http.tunnel_idle_timeout();
             tunnel::run(io, &mut up, &mut b.client, &mut b.upstream, idle, shutdown).await;
         }
-        return ok(false);
+        return ok(false, 0);
     }
     let mode = write::BodyOut::for_client(resp.framing, head.minor);
     let keep = !head.close && !closing && body.is_done() && mode != write::BodyOut::Close;
@@ -245,17 +247,19 @@ pub async fn forward<S: ClientIo>(
         head.minor,
     );
     b.upstream.consume(resp.len);
-    let relayed = relay(io, &mut up, &mut b.upstream, &mut b.out, resp.framing, mode, http).await;
+    let mut sent = 0;
+    let relayed =
+        relay(io, &mut up, &mut b.upstream, &mut b.out, resp.framing, mode, http, &mut sent).await;
     match relayed {
         Ok(clean) => {
             if clean && !resp.close && body.is_done() {
                 upstream.pool.put(addr, up);
             }
-            ok(keep)
+            ok(keep, sent)
         }
         Err(e) => {
             log::debug!("{}: {peer}: response from {addr} cut short: {e}", ctx.listener);
-            ok(false)
+            ok(false, sent)
         }
     }
 }
@@ -523,8 +527,9 @@ async fn pump<S: ClientIo>(
     .await
 }
 
-/// Relays the response body; true when the backend connection ends clean (the whole body
-/// read, nothing after it).
+/// Relays the response body (the head is in `out`), counting body bytes in `sent`; true when
+/// the backend connection ends clean (the whole body read, nothing after it).
+#[expect(clippy::too_many_arguments, reason = "the exchange's parts, borrowed apart")]
 async fn relay<S: ClientIo>(
     io: &mut S,
     up: &mut UpIo,
@@ -533,6 +538,7 @@ async fn relay<S: ClientIo>(
     framing: Framing,
     mode: write::BodyOut,
     http: &HttpConfig,
+    sent: &mut u64,
 ) -> std::io::Result<bool> {
     use write::BodyOut;
     let idle = http.stream_idle_timeout();
@@ -581,6 +587,7 @@ async fn relay<S: ClientIo>(
         }
         out.clear();
         upstream.consume(n);
+        *sent += n as u64;
         if done {
             return Ok(upstream.is_empty());
         }
@@ -635,5 +642,5 @@ async fn answer<S: ClientIo>(
     b.out.clear();
     write::error(&mut b.out, status, !keep);
     let sent = write_timeout(io, &b.out, http.stream_idle_timeout()).await.is_ok();
-    Outcome { status: Some(status.as_u16()), backend, keep: keep && sent }
+    Outcome { status: Some(status.as_u16()), backend, keep: keep && sent, bytes: 0 }
 }
