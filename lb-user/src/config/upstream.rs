@@ -38,6 +38,10 @@ pub struct UpstreamConfig {
     /// How long an ejected backend gets no requests, in milliseconds.
     #[serde(default = "default_eject_ms")]
     pub eject_ms: u64,
+    /// Requests in flight to one backend at most (its connections, for HTTP/1.1); beyond it
+    /// another backend is tried, and 503 when none has room (Envoy's circuit breaker). 0: no cap.
+    #[serde(default)]
+    pub max_connections_per_backend: u64,
 }
 
 /// TLS from the proxy to the backends of a group.

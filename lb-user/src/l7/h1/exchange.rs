@@ -182,8 +182,18 @@ pub async fn forward<S: ClientIo>(
         let addr = backend.addr;
         tried[attempts] = addr;
         attempts += 1;
-        let sent = Instant::now();
         let in_flight = backend.start();
+        let cap = upstream.config.max_connections_per_backend;
+        if cap > 0 && backend.in_flight.load(std::sync::atomic::Ordering::Relaxed) > cap {
+            // Full: another backend may have room; 503 when none has (not the backend's fault).
+            drop(in_flight);
+            last = last.or(Some((ProxyError::NoBackend, addr)));
+            if attempts < MAX_ATTEMPTS {
+                continue;
+            }
+            return answer(io, b, http, &ProxyError::NoBackend, Some(addr), body.is_done()).await;
+        }
+        let sent = Instant::now();
         match attempt(io, b, &upstream, addr, &mut body, head, http).await {
             Ok((up, resp)) => {
                 drop(in_flight);
