@@ -77,6 +77,8 @@ struct Launch {
     ns: Option<String>,
     uid: Option<u32>,
     env: Vec<(String, String)>,
+    /// Another `lb` binary than [`lb_binary`] (the benchmarks' baseline build).
+    binary: Option<PathBuf>,
 }
 
 impl Launch {
@@ -92,7 +94,10 @@ impl Launch {
                     .map(OsString::from),
             );
         }
-        argv.push(lb_binary()?.into());
+        argv.push(match &self.binary {
+            Some(b) => b.clone().into(),
+            None => lb_binary()?.into(),
+        });
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]).stdin(Stdio::null());
         for k in LB_ENV {
@@ -146,6 +151,12 @@ impl LbBuilder {
     pub fn pin_path(mut self, pin: String) -> Self {
         self.pin = Some(pin.clone());
         self.env("LB_PIN_PATH", &pin)
+    }
+
+    /// Runs this `lb` binary instead of the workspace's (an older build, for comparisons).
+    pub fn binary(mut self, path: PathBuf) -> Self {
+        self.launch.binary = Some(path);
+        self
     }
 
     /// One more variable for the daemon and its commands.

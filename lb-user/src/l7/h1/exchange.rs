@@ -625,9 +625,17 @@ pub(super) async fn write_timeout<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let mut rest = bytes;
     while !rest.is_empty() {
-        let n = match tokio::time::timeout(idle, io.write(rest)).await {
-            Ok(r) => r?,
-            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        // A write the socket takes at once (nearly all of them) arms no timer.
+        let now = poll_fn(|cx| match Pin::new(&mut *io).poll_write(cx, rest) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            Poll::Pending => Poll::Ready(None),
+        });
+        let n = match now.await {
+            Some(r) => r?,
+            None => match tokio::time::timeout(idle, io.write(rest)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+            },
         };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());

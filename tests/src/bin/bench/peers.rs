@@ -27,6 +27,8 @@ pub const SERVER_NAME: &str = "lb.bench";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     Lb,
+    /// `lb` built from the code before the change being measured (`LB_BASELINE_BIN`).
+    LbBefore,
     Nginx,
     Haproxy,
     Pingora,
@@ -36,6 +38,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Lb => "lb L7",
+            Kind::LbBefore => "lb L7 before (baseline build)",
             Kind::Nginx => "nginx 1.22 proxy_pass",
             Kind::Haproxy => "HAProxy 2.6 HTTP mode",
             Kind::Pingora => "Pingora 0.9 (rustls)",
@@ -46,6 +49,9 @@ impl Kind {
     /// of them named in `LB_BENCH_PEERS` (e.g. `lb,nginx`; for iterating on one).
     pub fn all() -> Vec<Kind> {
         let mut v = vec![Kind::Lb, Kind::Nginx, Kind::Haproxy];
+        if baseline_bin().is_some() {
+            v.insert(1, Kind::LbBefore);
+        }
         if pingora_bin().is_some() {
             v.push(Kind::Pingora);
         }
@@ -55,6 +61,11 @@ impl Kind {
         }
         v
     }
+}
+
+/// An `lb` binary built from older code, measured beside the current one: `LB_BASELINE_BIN`.
+pub fn baseline_bin() -> Option<PathBuf> {
+    std::env::var_os("LB_BASELINE_BIN").map(PathBuf::from).filter(|p| p.is_file())
 }
 
 /// The bench-only Pingora proxy (`bench/pingora-lb`, built by `cargo xtask bench` into
@@ -129,7 +140,7 @@ pub fn start(topo: &Topology, kind: Kind, certs: &Certs) -> anyhow::Result<Peer>
     std::fs::create_dir_all(&dir)?;
     let d = dir.display();
     let (tree, lb, child) = match kind {
-        Kind::Lb => {
+        Kind::Lb | Kind::LbBefore => {
             let admin: SocketAddr = "127.0.0.1:9901".parse()?;
             let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
             // Idle keep-alive connections end after header_timeout_ms in lb (hyper's header
@@ -149,7 +160,11 @@ pub fn start(topo: &Topology, kind: Kind, certs: &Certs) -> anyhow::Result<Peer>
                 certs.key.display(),
                 list.join(", ")
             );
-            let lb = Lb::start(ns, &config, admin)?;
+            let mut builder = Lb::builder(ns, config).admin(admin);
+            if kind == Kind::LbBefore {
+                builder = builder.binary(baseline_bin().context("LB_BASELINE_BIN")?);
+            }
+            let lb = builder.start()?;
             let pid = procs::find(lb.config.to_str().context("config path")?)?;
             (Tree(pid), Some(lb), None)
         }
