@@ -189,3 +189,31 @@ backends = ["{}"]
     assert_eq!(admin.last_seen().uri, "/public/../admin/x");
     p.stop().await;
 }
+
+/// `hash-source-ip` on L7 picks with the Maglev table and client hash of the XDP and L4 paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_source_ip_agrees_with_the_l4_paths() {
+    let backends =
+        [Backend::start("a").await, Backend::start("b").await, Backend::start("c").await];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let p = Proxy::start(&config(&addrs, "balance = \"hash-source-ip\"", "")).await;
+    let picker = lb_user::l4::balance::Picker::new(p.groups["u"].clone());
+    let mut seen = std::collections::BTreeSet::new();
+    for last in 1..=40u8 {
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, last);
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind((ip, 0).into()).unwrap();
+        let mut s = sock.connect(p.addr()).await.unwrap();
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await.unwrap().unwrap();
+        let answered = out.rsplit("\r\n\r\n").next().unwrap_or("").to_string();
+        let expected = picker.pick(ip.into()).unwrap().addr;
+        let name = backends.iter().find(|b| b.addr == expected).unwrap().name.clone();
+        assert_eq!(answered, name, "client {ip}");
+        seen.insert(name);
+    }
+    assert!(seen.len() > 1, "40 clients spread over the backends: {seen:?}");
+    p.stop().await;
+}

@@ -160,6 +160,7 @@ async fn forward(
         path_and_query: &path_and_query,
         headers: out_headers,
         retryable,
+        client: peer.ip(),
     };
     let sent = send(ctx, upstream, key.as_deref(), outgoing, body, &fault).await?;
     let addr = sent.backend.addr;
@@ -192,6 +193,8 @@ pub struct Outgoing<'a> {
     pub headers: HeaderMap,
     /// Body-less and idempotent: may go to another backend when no response head came.
     pub retryable: bool,
+    /// The client's address (`hash-source-ip`).
+    pub client: std::net::IpAddr,
 }
 
 /// A backend's response head, with the backend and its in-flight count.
@@ -212,7 +215,6 @@ pub async fn send(
     body: RequestBody,
     fault: &FaultFlag,
 ) -> Result<Sent, Failure> {
-    let group = &upstream.group;
     let h2 = upstream.config.http2;
     if h2 {
         // HTTP/2 carries the authority as `:authority`, from the URI.
@@ -228,7 +230,7 @@ pub async fn send(
     let mut attempts = 0;
     let mut last_error = None;
     loop {
-        let Some(backend) = group.pick(key, &tried[..attempts]) else {
+        let Some(backend) = upstream.pick(out.client, key, &tried[..attempts]) else {
             // Nothing left to retry on: the last failure is the answer.
             return Err(last_error.unwrap_or((ProxyError::NoBackend, None)));
         };

@@ -36,6 +36,25 @@ pub struct Upstream {
     pub pool: Arc<Pool>,
     /// HTTP/2 backends (`http2 = true`).
     pub h2: H2Pool,
+    /// `hash-source-ip`: the Maglev table and client hash of the L4 paths, so one client meets
+    /// the same backend on the XDP, userspace L4 and L7 paths of one backend set.
+    pub by_client: Option<crate::l4::balance::Picker>,
+}
+
+impl Upstream {
+    /// A backend for `client` not in `tried`: by the group's policy, or by Maglev for
+    /// `hash-source-ip`.
+    pub fn pick(
+        &self,
+        client: std::net::IpAddr,
+        key: Option<&[u8]>,
+        tried: &[std::net::SocketAddr],
+    ) -> Option<Arc<crate::upstream::Backend>> {
+        match &self.by_client {
+            Some(p) => p.pick_avoiding(client, tried),
+            None => self.group.pick(key, tried),
+        }
+    }
 }
 
 impl Upstream {
@@ -87,7 +106,9 @@ impl Upstream {
             // The proxy sets Host from the client's request; the URI carries the backend.
             .set_host(false)
             .build(connector);
-        Ok(Self { group, config: config.clone(), client, scheme, pool, h2 })
+        let by_client = (config.balance == crate::config::Balance::HashSourceIp)
+            .then(|| crate::l4::balance::Picker::new(group.clone()));
+        Ok(Self { group, config: config.clone(), client, scheme, pool, h2, by_client })
     }
 
     /// The URI of `path_and_query` on backend `addr`: the pool key is its scheme + authority.

@@ -34,6 +34,7 @@ pub struct Request {
     pub authority: Option<String>,
     pub path: String,
     pub headers: HeaderMap,
+    pub client: std::net::IpAddr,
 }
 
 impl Request {
@@ -80,7 +81,7 @@ impl Request {
         };
         headers::add_forwarded(&mut map, client);
         let path = String::from_utf8_lossy(path).into_owned();
-        Ok(Self { method, authority, path, headers: map })
+        Ok(Self { method, authority, path, headers: map, client: peer.ip() })
     }
 }
 
@@ -126,6 +127,7 @@ pub async fn forward<S: ClientIo>(
         path_and_query: &req.path,
         headers: req.headers,
         retryable: retryable && whole.is_empty(),
+        client: req.client,
     };
     let fault = FaultFlag::default();
     let body = RequestBody::full(Bytes::from(whole));

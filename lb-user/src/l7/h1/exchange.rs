@@ -170,12 +170,11 @@ pub async fn forward<S: ClientIo>(
         Err(e) => return answer(io, b, http, &e, None, false).await,
     }
     let retryable = head.method.is_idempotent() && body.is_done() && head.upgrade.is_none();
-    let group = &upstream.group;
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_ATTEMPTS];
     let mut attempts = 0;
     let mut last: Option<(ProxyError, SocketAddr)> = None;
     let (mut up, backend, resp, took) = loop {
-        let Some(backend) = group.pick(key.as_deref(), &tried[..attempts]) else {
+        let Some(backend) = upstream.pick(peer.ip(), key.as_deref(), &tried[..attempts]) else {
             let (err, addr) = last.map_or((ProxyError::NoBackend, None), |(e, a)| (e, Some(a)));
             return answer(io, b, http, &err, addr, body.is_done()).await;
         };
