@@ -192,6 +192,11 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 pub const FLOW_F_FIN_CLIENT: u32 = 1;
 pub const FLOW_F_FIN_BACKEND: u32 = 2;
 pub const FLOW_F_RST: u32 = 4;
+/// The backend answered the SYN with a SYN-ACK.
+pub const FLOW_F_SYNACK: u32 = 8;
+/// The client acknowledged the backend's SYN-ACK: the flow is confirmed (established). Until
+/// then a TCP flow may be a spoofed or abandoned SYN and ages under `Settings::tcp_syn_ns`.
+pub const FLOW_F_CONFIRMED: u32 = 16;
 
 /// A cached next hop: where `bpf_fib_lookup` last said to send a flow's frames. Refreshed after
 /// [`HOP_TTL_NS`], so established flows skip the FIB on most packets.
@@ -223,7 +228,8 @@ pub struct FlowState {
     pub _pad: u16,
     /// `FLOW_F_*`, set by either direction.
     pub flags: u32,
-    /// `bpf_ktime_get_coarse_ns` of the last packet, either direction.
+    /// `bpf_ktime_get_coarse_ns` of the last client packet (and of FIN/RST and UDP replies);
+    /// for an unconfirmed TCP flow, of its creation, so retransmitted SYNs do not extend it.
     pub last_seen_ns: u64,
     /// Next hop toward the backend.
     pub hop: Hop,
@@ -258,8 +264,14 @@ pub struct NatState {
     pub service_id: u32,
     /// Next hop toward the client.
     pub hop: Hop,
+    /// `bpf_ktime_get_coarse_ns` of creation, then of replies (rate-limited): with the flow's
+    /// own time it tells an idle TCP flow from one where only the backend talks.
+    pub last_seen_ns: u64,
+    /// 0 while the entry's flow owns it; set to 1 (compare-and-swap) by the one CPU that
+    /// reclaims the port, so two reclaimers of one dead entry cannot both win.
+    pub claim: u64,
 }
-const _: () = assert!(size_of::<NatState>() == 72);
+const _: () = assert!(size_of::<NatState>() == 88);
 
 /// The balancer's own addresses on one interface, network byte order; all-zero when absent.
 #[repr(C, align(8))]
@@ -282,17 +294,25 @@ pub struct Settings {
     pub udp_idle_ns: u64,
     /// A TCP flow closed (RST, or FIN both ways) this long ago is gone (nanoseconds).
     pub tcp_closed_ns: u64,
+    /// A TCP flow not confirmed (no client ACK after the backend's SYN-ACK) this long after
+    /// its SYN is gone (nanoseconds).
+    pub tcp_syn_ns: u64,
+    /// A confirmed TCP flow with no packet either way for this long is gone (nanoseconds).
+    pub tcp_idle_ns: u64,
     /// SNAT ports are taken from `[nat_port_min, nat_port_max]`, host byte order.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
     /// CPUs the program may run on; each owns a slice of the port range.
     pub cpus: u32,
 }
-const _: () = assert!(size_of::<Settings>() == 24);
+const _: () = assert!(size_of::<Settings>() == 40);
 
 /// Defaults for [`Settings`].
 pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
 pub const DEFAULT_TCP_CLOSED_NS: u64 = 2_000_000_000;
+pub const DEFAULT_TCP_SYN_NS: u64 = 10_000_000_000;
+/// Six hours, as Cilium's `bpf-ct-timeout-regular-tcp`.
+pub const DEFAULT_TCP_IDLE_NS: u64 = 21_600_000_000_000;
 pub const DEFAULT_NAT_PORT_MIN: u16 = 1024;
 pub const DEFAULT_NAT_PORT_MAX: u16 = 32767;
 
@@ -335,6 +355,8 @@ pub mod stat {
         DROP_NO_NEIGH = 24, "drop_no_neigh";
         PASS_TTL = 25, "pass_ttl_exceeded";
         PORT_RECLAIMED = 26, "port_reclaimed";
+        EXPIRED_SYN = 27, "flow_expired_syn";
+        EXPIRED_IDLE = 28, "flow_expired_idle";
     }
 }
 

@@ -4,8 +4,9 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_get_prandom_u32, programs::XdpContext};
 use lb_common::{
     BACKEND_F_ACTIVE, BackendInfo, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN,
-    DEFAULT_TCP_CLOSED_NS, DEFAULT_UDP_IDLE_NS, FAMILY_V4, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT,
-    FLOW_F_RST, FlowState, PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
+    DEFAULT_TCP_CLOSED_NS, DEFAULT_TCP_IDLE_NS, DEFAULT_TCP_SYN_NS, DEFAULT_UDP_IDLE_NS, FAMILY_V4,
+    FLOW_F_CONFIRMED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_RST, FLOW_F_SYNACK, FlowState,
+    NatState, PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
     hash::{five_tuple_hash, source_hash},
     stat,
 };
@@ -22,11 +23,16 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-/// Ports tried per new flow before giving up (each try is one atomic insert).
-const MAX_PORT_TRIES: u32 = 8;
+/// Ports the cursor walks per new flow before giving up (each try is one atomic insert, plus
+/// two lookups when the port is held). A range this small is searched whole on every SYN; a
+/// larger one is swept across SYNs, since the cursor moves on by exactly the ports tried.
+const MAX_PORT_TRIES: u32 = 64;
+/// A NAT entry whose flow is not in the flow table yet may be one a CPU has just inserted
+/// (`create` inserts the NAT entry first): it is not reclaimable for this long.
+const SETUP_NS: u64 = 10_000_000;
 const BPF_NOEXIST: u64 = 1;
 /// last_seen is rewritten at most this often, to keep the cache line quiet.
-const TOUCH_NS: u64 = 100_000_000;
+pub const TOUCH_NS: u64 = 100_000_000;
 
 #[inline(always)]
 fn drop(reason: u32) -> u32 {
@@ -42,6 +48,8 @@ pub fn load_settings(s: &mut Settings) {
         _ => {
             s.udp_idle_ns = DEFAULT_UDP_IDLE_NS;
             s.tcp_closed_ns = DEFAULT_TCP_CLOSED_NS;
+            s.tcp_syn_ns = DEFAULT_TCP_SYN_NS;
+            s.tcp_idle_ns = DEFAULT_TCP_IDLE_NS;
             s.nat_port_min = DEFAULT_NAT_PORT_MIN;
             s.nat_port_max = DEFAULT_NAT_PORT_MAX;
             s.cpus = 1;
@@ -74,6 +82,30 @@ pub fn flags_of(pkt: &Packet, fin_bit: u32) -> u32 {
     f
 }
 
+/// The bits a backend's packet adds: FIN/RST, and that it answered the SYN.
+#[inline(always)]
+pub fn backend_flags_of(pkt: &Packet) -> u32 {
+    let mut f = flags_of(pkt, FLOW_F_FIN_BACKEND);
+    if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        f |= FLOW_F_SYNACK;
+    }
+    f
+}
+
+/// The bits a client packet on a tracked flow adds: FIN/RST, and the confirmation when it
+/// acknowledges (ACK without SYN) a SYN-ACK the backend sent. A spoofed SYN's sender never
+/// sees the SYN-ACK, so it cannot time this ACK; conntrack's SYN_RECV → ESTABLISHED.
+#[inline(always)]
+pub fn client_flags_of(pkt: &Packet, flags: u32) -> u32 {
+    let mut f = flags_of(pkt, FLOW_F_FIN_CLIENT);
+    if flags & (FLOW_F_SYNACK | FLOW_F_CONFIRMED) == FLOW_F_SYNACK
+        && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
+    {
+        f |= FLOW_F_CONFIRMED;
+    }
+    f
+}
+
 /// A client SYN that opens a connection (not a SYN-ACK).
 #[inline(always)]
 pub fn is_syn(pkt: &Packet) -> bool {
@@ -89,7 +121,8 @@ pub enum Tracked {
     Unknown,
 }
 
-/// Looks `w.key` up and decides whether the flow is still live.
+/// Looks `w.key` up and decides whether the flow is still live. An expired flow is counted by
+/// why it expired.
 #[inline(always)]
 pub fn lookup(w: &mut Work, now: u64) -> Tracked {
     let Some(ptr) = FLOWS.get_ptr_mut(&w.key) else {
@@ -101,23 +134,116 @@ pub fn lookup(w: &mut Work, now: u64) -> Tracked {
     let reused = w.pkt.proto == PROTO_TCP
         && is_syn(&w.pkt)
         && flags & (FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND | FLOW_F_RST) != 0;
-    if reused || is_over(w.pkt.proto, flags, last, now, &w.s) {
+    if reused {
         // SAFETY: as above.
         mem::copy(&mut w.st, unsafe { &*ptr });
-        Tracked::Ended
-    } else {
-        Tracked::Live(ptr)
+        return Tracked::Ended;
+    }
+    let mut e = expiry(w.pkt.proto, flags, last, 0, now, &w.s);
+    if let Expiry::Live = e {
+        return Tracked::Live(ptr);
+    }
+    // SAFETY: as above.
+    mem::copy(&mut w.st, unsafe { &*ptr });
+    if let Expiry::Idle = e
+        && w.pkt.proto == PROTO_TCP
+    {
+        // Replies do not touch the flow entry (that would cost a lookup per reply); the NAT
+        // entry keeps their time. Only a flow that looks idle pays for this lookup.
+        e = expiry(w.pkt.proto, flags, last, nat_last_seen(w), now, &w.s);
+        if let Expiry::Live = e {
+            return Tracked::Live(ptr);
+        }
+    }
+    e.count();
+    Tracked::Ended
+}
+
+/// The last reply time of the flow in `w.st` (0 when its NAT entry is gone or not its own).
+#[inline(always)]
+fn nat_last_seen(w: &mut Work) -> u64 {
+    if !backend(w.st.backend_id, &mut w.be) {
+        return 0;
+    }
+    nat_key_of_flow(w);
+    // SAFETY: a valid map value; two fields are read.
+    match unsafe { NAT.get(&w.nk) } {
+        Some(ns) if mem::eq(&ns.flow, &w.key) => ns.last_seen_ns,
+        _ => 0,
     }
 }
 
-/// Records a packet on a live flow: new FIN/RST bits, and the time (rate-limited). Racing
-/// updates from other CPUs are benign: bits only get set, and any recent timestamp will do.
+/// Fills `w.nk` with the reverse key of the flow in `w.st` toward `w.be`.
+#[inline(always)]
+fn nat_key_of_flow(w: &mut Work) {
+    mem::copy16(&mut w.nk.backend, &w.be.addr);
+    mem::copy16(&mut w.nk.snat, &w.st.snat);
+    w.nk.backend_port = w.be.port;
+    w.nk.nat_port = w.st.nat_port;
+    w.nk.proto = w.pkt.proto;
+    w.nk.family = w.pkt.family;
+    w.nk._pad = 0;
+}
+
+/// Whether a flow is still live, and if not, why it ended.
+#[derive(Clone, Copy)]
+pub enum Expiry {
+    Live,
+    /// TCP closed (RST, or FIN both ways) longer than the grace time.
+    Closed,
+    /// TCP never confirmed within `tcp_syn_ns`.
+    Syn,
+    /// No packet within `tcp_idle_ns` (confirmed TCP) or `udp_idle_ns`.
+    Idle,
+}
+
+impl Expiry {
+    /// Counts a timeout (a close is the flow's normal end, not counted here).
+    #[inline(always)]
+    pub fn count(self) {
+        match self {
+            Expiry::Syn => count(stat::EXPIRED_SYN),
+            Expiry::Idle => count(stat::EXPIRED_IDLE),
+            Expiry::Live | Expiry::Closed => {}
+        }
+    }
+}
+
+/// Whether a flow with these flags has ended: `last` is its own last-seen time, `nat_last`
+/// its NAT entry's (replies), which counts only for a confirmed TCP flow's idle time.
+#[inline(always)]
+fn expiry(proto: u8, flags: u32, last: u64, nat_last: u64, now: u64, s: &Settings) -> Expiry {
+    // `>=` throughout: with the coarse clock a zero timeout must still mean "at once".
+    if proto != PROTO_TCP {
+        return if now.saturating_sub(last) >= s.udp_idle_ns { Expiry::Idle } else { Expiry::Live };
+    }
+    let fins = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
+    if flags & FLOW_F_RST != 0 || flags & fins == fins {
+        if now.saturating_sub(last) >= s.tcp_closed_ns {
+            return Expiry::Closed;
+        }
+        return Expiry::Live;
+    }
+    if flags & FLOW_F_CONFIRMED == 0 {
+        if now.saturating_sub(last) >= s.tcp_syn_ns {
+            return Expiry::Syn;
+        }
+        return Expiry::Live;
+    }
+    let last = if nat_last > last { nat_last } else { last };
+    if now.saturating_sub(last) >= s.tcp_idle_ns { Expiry::Idle } else { Expiry::Live }
+}
+
+/// Records a packet on a live flow: new flag bits, and the time (rate-limited). An unconfirmed
+/// TCP flow keeps its time until a new bit (SYN-ACK, confirmation, close): retransmitted or
+/// repeated SYNs do not extend its `tcp_syn_ns`. Racing updates from other CPUs are benign:
+/// bits only get set, and any recent timestamp will do.
 #[inline(always)]
 pub fn touch(st: &mut FlowState, add_flags: u32, now: u64) {
     if add_flags & !st.flags != 0 {
         st.flags |= add_flags;
         st.last_seen_ns = now;
-    } else if now.saturating_sub(st.last_seen_ns) > TOUCH_NS {
+    } else if st.flags & FLOW_F_CONFIRMED != 0 && now.saturating_sub(st.last_seen_ns) > TOUCH_NS {
         st.last_seen_ns = now;
     }
 }
@@ -197,12 +323,16 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.ns.service_id = vip.service_id;
     // The client-side hop is looked up on the first reply.
     w.ns.hop.at_ns = 0;
+    w.ns.last_seen_ns = now;
+    w.ns.claim = 0;
     alloc_port(w)?;
     w.st.backend_id = id;
     w.st.generation = w.be.generation;
     w.st.nat_port = w.nk.nat_port;
     w.st._pad = 0;
-    w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT);
+    // UDP has no handshake: its flows are confirmed from the start.
+    let confirmed = if w.pkt.proto == PROTO_TCP { 0 } else { FLOW_F_CONFIRMED };
+    w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT) | confirmed;
     w.st.last_seen_ns = now;
     if FLOWS.insert(&w.key, &w.st, 0).is_err() {
         let _ = NAT.remove(&w.nk);
@@ -218,13 +348,18 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
 /// its TCP timestamp is newer; timestamps are consistent per client 4-tuple, so mapping the same
 /// client tuple to the same SNAT port keeps reuse acceptable, where a port handed to a
 /// *different* client tuple would be refused now and then (a 1 s stall for that client). The
-/// fallbacks walk a per-CPU cursor (randomly seeded) over the whole range.
+/// fallbacks walk a per-CPU cursor (randomly seeded) one port at a time: the first free port
+/// wins; failing that, the first port of a finished flow seen on the way is reclaimed (free
+/// ports first, because the backend may keep a reclaimed port's old 4-tuple in TIME_WAIT).
 #[inline(always)]
 fn alloc_port(w: &mut Work) -> Result<(), u32> {
     let range = (w.s.nat_port_max as u32).saturating_sub(w.s.nat_port_min as u32) + 1;
     let preferred = source_hash(&w.pkt.src).wrapping_add(u16::from_be(w.pkt.sport) as u32);
-    if try_port(w, preferred % range, false) {
-        return Ok(());
+    let preferred = preferred % range;
+    match probe(w, preferred, false) {
+        Probe::Won => return Ok(()),
+        Probe::Held if reclaim(w, preferred, false) => return Ok(()),
+        _ => {}
     }
     let cursor = PORT_CURSOR.get_ptr_mut(0).ok_or_else(|| drop(stat::DROP_NO_PORT))?;
     // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
@@ -235,88 +370,117 @@ fn alloc_port(w: &mut Work) -> Result<(), u32> {
             *cursor = bpf_get_prandom_u32() | 1;
         }
     }
-    // Free ports first; only then ports held by finished flows of other clients, which the
-    // backend may still keep in TIME_WAIT for the old 4-tuple (it would refuse the new SYN).
-    for i in 0..2 * MAX_PORT_TRIES {
+    let tries = if range < MAX_PORT_TRIES { range } else { MAX_PORT_TRIES };
+    let mut fallback = u32::MAX;
+    for i in 0..MAX_PORT_TRIES {
+        if i >= tries {
+            break;
+        }
         // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
         let c = unsafe {
             let c = *cursor;
             *cursor = c.wrapping_add(1);
             c
         };
-        if try_port(w, c % range, i >= MAX_PORT_TRIES) {
-            return Ok(());
+        let offset = c % range;
+        match probe(w, offset, fallback == u32::MAX) {
+            Probe::Won => return Ok(()),
+            Probe::Dead => fallback = offset,
+            Probe::Held => {}
         }
+    }
+    if fallback != u32::MAX && reclaim(w, fallback, true) {
+        return Ok(());
     }
     Err(drop(stat::DROP_NO_PORT))
 }
 
-/// Tries SNAT port `nat_port_min + offset`: free, or held by a finished flow (reclaimed when
-/// that flow was this client tuple's, or `any_dead`).
+/// What [`probe`] found at a port.
+enum Probe {
+    /// The port was free and is now this flow's.
+    Won,
+    /// Held by a finished flow: [`reclaim`] may take it.
+    Dead,
+    /// Held (by a live flow, or not checked).
+    Held,
+}
+
+/// Tries to take SNAT port `nat_port_min + offset` if it is free; with `check`, also says
+/// whether the flow holding it has ended (any client's).
 #[inline(always)]
-fn try_port(w: &mut Work, offset: u32, any_dead: bool) -> bool {
+fn probe(w: &mut Work, offset: u32, check: bool) -> Probe {
     w.nk.nat_port = ((w.s.nat_port_min as u32 + offset) as u16).to_be();
     if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
-        return true;
+        return Probe::Won;
     }
-    // Taken. If the flow holding it is over, reclaim the port: delete, then the same atomic
-    // insert-if-absent, so two CPUs reclaiming at once cannot both win.
-    if holder_is_dead(w, any_dead) {
-        let _ = NAT.remove(&w.nk);
-        if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
-            count(stat::PORT_RECLAIMED);
-            return true;
-        }
+    if !check {
+        return Probe::Held;
     }
-    false
+    match NAT.get_ptr_mut(&w.nk) {
+        Some(holder) => match holder_expiry(w, holder, true) {
+            Expiry::Live => Probe::Held,
+            _ => Probe::Dead,
+        },
+        // Removed since the insert failed: free again.
+        None if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() => Probe::Won,
+        None => Probe::Held,
+    }
 }
 
-/// True when the flow that holds the NAT entry `w.nk` has ended (gone from the flow table,
-/// closed for longer than the grace time, or UDP idle) and was this client tuple's unless
-/// `any_holder`. Without this, ports of finished flows would stay taken until LRU eviction.
+/// Takes SNAT port `nat_port_min + offset` from a finished flow (this client tuple's previous
+/// one, or any client's with `any_holder`). Only the entry's owner or its one reclaimer changes
+/// a NAT entry: the reclaimer first wins the entry's `claim` word by compare-and-swap, then
+/// overwrites it in one update (so the key is never absent for a third CPU to grab). A CPU
+/// that looked at the entry earlier sees the claim taken, or the new, live owner.
 #[inline(always)]
-fn holder_is_dead(w: &Work, any_holder: bool) -> bool {
-    // SAFETY: a valid map value; only its flow key is read.
-    let Some(holder) = (unsafe { NAT.get(&w.nk) }) else {
-        return true;
+fn reclaim(w: &mut Work, offset: u32, any_holder: bool) -> bool {
+    w.nk.nat_port = ((w.s.nat_port_min as u32 + offset) as u16).to_be();
+    let Some(holder) = NAT.get_ptr_mut(&w.nk) else {
+        return NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok();
     };
-    if !any_holder && !mem::eq(&holder.flow, &w.key) {
+    let e = holder_expiry(w, holder, any_holder);
+    if let Expiry::Live = e {
         return false;
     }
+    // SAFETY: `claim` is a field of a live map value (RCU keeps the element's memory valid
+    // for this program run even if it is replaced meanwhile).
+    if !mem::claim(unsafe { &mut (*holder).claim }) {
+        return false;
+    }
+    // Any flag: if LRU pressure evicted the claimed entry meanwhile, the key is free anyway.
+    if NAT.insert(&w.nk, &w.ns, 0).is_err() {
+        return false;
+    }
+    count(stat::PORT_RECLAIMED);
+    e.count();
+    true
+}
+
+/// Whether the flow holding the NAT entry `holder` has ended. This client tuple's own entry is
+/// always over (a new flow is being created for the tuple, so lookup found the old one ended);
+/// another tuple's counts only with `any_holder`. Without this, ports of finished flows would
+/// stay taken until LRU eviction.
+#[inline(always)]
+fn holder_expiry(w: &Work, holder: *mut NatState, any_holder: bool) -> Expiry {
+    // SAFETY: a valid map value; its flow key and times are read.
+    let holder = unsafe { &*holder };
+    if mem::eq(&holder.flow, &w.key) {
+        return Expiry::Closed;
+    }
+    if !any_holder {
+        return Expiry::Live;
+    }
     let Some(st) = FLOWS.get_ptr(&holder.flow) else {
-        return true;
+        if w.now.saturating_sub(holder.last_seen_ns) < SETUP_NS {
+            return Expiry::Live;
+        }
+        return Expiry::Closed;
     };
-    // SAFETY: a valid map value; two fields are read.
-    let (flags, last) = unsafe { ((*st).flags, (*st).last_seen_ns) };
-    is_over(holder.flow.proto, flags, last, w.now, &w.s)
-}
-
-/// True when a flow with these flags, last seen at `last`, has ended: TCP closed (RST, or FIN
-/// both ways) for longer than the grace time, or UDP idle past its timeout.
-#[inline(always)]
-fn is_over(proto: u8, flags: u32, last: u64, now: u64, s: &Settings) -> bool {
-    let idle = now.saturating_sub(last);
-    if proto == PROTO_TCP {
-        let fins = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
-        let closed = flags & FLOW_F_RST != 0 || flags & fins == fins;
-        // `>=`: with the coarse clock a zero grace time must still mean "at once".
-        closed && idle >= s.tcp_closed_ns
-    } else {
-        idle >= s.udp_idle_ns
+    // SAFETY: a valid map value; three fields are read.
+    let (flags, last, port) = unsafe { ((*st).flags, (*st).last_seen_ns, (*st).nat_port) };
+    if port != w.nk.nat_port {
+        // The tuple's flow now is a later one on another port: this entry is an orphan.
+        return Expiry::Closed;
     }
-}
-
-/// Forgets the reverse entry of the flow that ended (in `w.st`).
-#[inline(always)]
-pub fn forget(w: &mut Work) {
-    if backend(w.st.backend_id, &mut w.be) {
-        mem::copy16(&mut w.nk.backend, &w.be.addr);
-        mem::copy16(&mut w.nk.snat, &w.st.snat);
-        w.nk.backend_port = w.be.port;
-        w.nk.nat_port = w.st.nat_port;
-        w.nk.proto = w.pkt.proto;
-        w.nk.family = w.pkt.family;
-        w.nk._pad = 0;
-        let _ = NAT.remove(&w.nk);
-    }
+    expiry(holder.flow.proto, flags, last, holder.last_seen_ns, w.now, &w.s)
 }

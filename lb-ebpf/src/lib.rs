@@ -3,6 +3,9 @@
 //! functions joined with `?`; an `Err` carries the action, so every early exit says what
 //! happens to the packet, and each is counted.
 #![no_std]
+// For `atomic_cxchg` (mem::claim): the BPF target spec offers no compare-and-swap atomics.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 // Map keys are passed by reference on purpose: `Borrow<K>` by value would copy 40-byte keys
 // onto the 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
@@ -16,7 +19,7 @@ pub mod parse;
 pub mod scratch;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use lb_common::{FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, HOP_TTL_NS, PROTO_TCP, stat};
+use lb_common::{HOP_TTL_NS, PROTO_TCP, stat};
 
 use crate::{
     flow::Tracked,
@@ -95,7 +98,8 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
                 mem::copy(unsafe { &mut (*ptr).hop }, &w.st.hop);
             }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
-            flow::touch(unsafe { &mut *ptr }, flow::flags_of(&w.pkt, FLOW_F_FIN_CLIENT), now);
+            let st = unsafe { &mut *ptr };
+            flow::touch(st, flow::client_flags_of(&w.pkt, st.flags), now);
             (w.be.service_id, false)
         }
         tracked => {
@@ -120,9 +124,9 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
                 count(stat::DROP_NOT_SYN);
                 return Err(xdp_action::XDP_DROP);
             }
-            if let Tracked::Ended = tracked {
-                flow::forget(w);
-            }
+            // An ended flow's NAT entry is left alone: the port may already be another
+            // flow's (reclaimed), and only its owner or one reclaimer may change it.
+            let _ = tracked;
             flow::create(ctx, w, &vip, now)?;
             count(stat::FLOW_NEW);
             (vip.service_id, true)
@@ -169,10 +173,16 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     }
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // The client-side flow only needs to hear about a reply that closes it (TCP FIN/RST) or
-    // keeps it alive (UDP, whose idle time counts both directions); skipping the lookup
+    // The client-side flow only needs to hear about a reply that closes it (TCP FIN/RST),
+    // answers its SYN, or keeps it alive (UDP, whose idle time counts both directions); skipping the lookup
     // otherwise saves a hash lookup on most replies.
-    let add = flow::flags_of(&w.pkt, FLOW_F_FIN_BACKEND);
+    let add = flow::backend_flags_of(&w.pkt);
+    // SAFETY: a valid map value; a racing writer stores an equally recent time.
+    unsafe {
+        if now.saturating_sub((*ns_ptr).last_seen_ns) > flow::TOUCH_NS {
+            (*ns_ptr).last_seen_ns = now;
+        }
+    }
     if (add != 0 || w.pkt.proto != PROTO_TCP)
         && let Some(st) = FLOWS.get_ptr_mut(&w.ns.flow)
     {

@@ -23,7 +23,7 @@ pub const C0_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0];
 /// The balancer's MACs on `b1` (10.1.1.1/24, fd01:1::1/64) and `b2` (10.1.2.1/24).
 pub const B1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
 pub const B2_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
-/// Neighbours: the client (10.0.0.2, fd00::2) and backends 10.1.1.2/fd01:1::2 and 10.1.2.2.
+/// Neighbours: the client (10.0.0.2, fd00::2; also .3, .4 and fd00::3) and backends 10.1.1.2/fd01:1::2 and 10.1.2.2.
 pub const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0xc, 2];
 pub const BACKEND1_MAC: [u8; 6] = [2, 0, 0, 0, 0xb, 1];
 pub const BACKEND2_MAC: [u8; 6] = [2, 0, 0, 0, 0xb, 2];
@@ -64,6 +64,10 @@ pub fn namespace() -> anyhow::Result<Netns> {
     for (addr, m, dev) in [
         ("10.0.0.2", CLIENT_MAC, "c0"),
         ("fd00::2", CLIENT_MAC, "c0"),
+        // More clients behind the same router MAC, for fixtures with several flows.
+        ("10.0.0.3", CLIENT_MAC, "c0"),
+        ("10.0.0.4", CLIENT_MAC, "c0"),
+        ("fd00::3", CLIENT_MAC, "c0"),
         ("10.1.1.2", BACKEND1_MAC, "b1"),
         ("fd01:1::2", BACKEND1_MAC, "b1"),
         ("10.1.2.2", BACKEND2_MAC, "b2"),

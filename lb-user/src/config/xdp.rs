@@ -23,10 +23,20 @@ pub struct XdpConfig {
     /// Seconds after which an idle UDP flow is new again (and may go to another backend).
     #[serde(default = "default_udp_idle")]
     pub udp_idle_timeout: u64,
+    /// Seconds a TCP flow may stay unconfirmed (SYN forwarded, no client ACK after the
+    /// backend's SYN-ACK) before it ends and frees its SNAT port.
+    #[serde(default = "default_tcp_syn")]
+    pub tcp_syn_timeout: u64,
+    /// Seconds an established TCP flow may go without a packet in either direction.
+    #[serde(default = "default_tcp_idle")]
+    pub tcp_idle_timeout: u64,
     /// The SNAT source ports `[first, last]`; keep them out of the host's ephemeral range.
     #[serde(default = "default_nat_ports")]
     pub nat_ports: [u16; 2],
 }
+
+/// The longest flow timeout accepted (a year), far below where nanoseconds overflow.
+const MAX_TIMEOUT_SECS: u64 = 365 * 86_400;
 
 /// The default pin directory.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
@@ -41,6 +51,14 @@ fn default_max_flows() -> u32 {
 
 fn default_udp_idle() -> u64 {
     lb_common::DEFAULT_UDP_IDLE_NS / 1_000_000_000
+}
+
+fn default_tcp_syn() -> u64 {
+    lb_common::DEFAULT_TCP_SYN_NS / 1_000_000_000
+}
+
+fn default_tcp_idle() -> u64 {
+    lb_common::DEFAULT_TCP_IDLE_NS / 1_000_000_000
 }
 
 fn default_nat_ports() -> [u16; 2] {
@@ -115,6 +133,18 @@ impl XdpConfig {
                 "xdp.max_flows = {} is too small: use at least 1024",
                 self.max_flows
             ));
+        }
+        // A zero timeout would end every flow at its next packet; seconds beyond u64 ns wrap.
+        for (key, v) in [
+            ("udp_idle_timeout", self.udp_idle_timeout),
+            ("tcp_syn_timeout", self.tcp_syn_timeout),
+            ("tcp_idle_timeout", self.tcp_idle_timeout),
+        ] {
+            if v == 0 || v > MAX_TIMEOUT_SECS {
+                errors.push(format!(
+                    "xdp.{key} = {v} is out of range: use 1 to {MAX_TIMEOUT_SECS} seconds"
+                ));
+            }
         }
         let [lo, hi] = self.nat_ports;
         if lo < 1024 || hi < lo {

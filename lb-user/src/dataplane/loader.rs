@@ -76,6 +76,8 @@ impl LoadOptions {
             max_flows: xdp.max_flows,
             settings: Settings {
                 udp_idle_ns: xdp.udp_idle_timeout.saturating_mul(1_000_000_000),
+                tcp_syn_ns: xdp.tcp_syn_timeout.saturating_mul(1_000_000_000),
+                tcp_idle_ns: xdp.tcp_idle_timeout.saturating_mul(1_000_000_000),
                 nat_port_min: xdp.nat_ports[0],
                 nat_port_max: xdp.nat_ports[1],
                 ..default_settings()
@@ -88,6 +90,8 @@ fn default_settings() -> Settings {
     Settings {
         udp_idle_ns: lb_common::DEFAULT_UDP_IDLE_NS,
         tcp_closed_ns: lb_common::DEFAULT_TCP_CLOSED_NS,
+        tcp_syn_ns: lb_common::DEFAULT_TCP_SYN_NS,
+        tcp_idle_ns: lb_common::DEFAULT_TCP_IDLE_NS,
         nat_port_min: lb_common::DEFAULT_NAT_PORT_MIN,
         nat_port_max: lb_common::DEFAULT_NAT_PORT_MAX,
         cpus: aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1),
