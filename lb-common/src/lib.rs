@@ -34,10 +34,17 @@ pub mod maps {
     pub const VIP_ADDRS: &str = "LB_VIP_ADDRS";
     /// `Array<BackendInfo>` indexed by backend id (0 is never used).
     pub const BACKENDS: &str = "LB_BACKENDS";
-    /// `LruHashMap<FlowKey, FlowState>`: client-side connection tracking.
+    /// `LruHashMap<FlowKey, FlowState>`: client-side connection tracking of confirmed flows
+    /// (TCP after the client's ACK of the SYN-ACK; UDP from the start).
     pub const FLOWS: &str = "LB_FLOWS";
-    /// `LruHashMap<NatKey, NatState>`: backend-side reverse NAT.
+    /// `LruHashMap<NatKey, NatState>`: backend-side reverse NAT of confirmed flows.
     pub const NAT: &str = "LB_NAT";
+    /// `LruHashMap<FlowKey, FlowState>`: TCP flows not confirmed yet. Apart from `FLOWS`, so a
+    /// SYN flood evicts only other unconfirmed flows, never an established one.
+    pub const FLOWS_NEW: &str = "LB_FLOWS_NEW";
+    /// `LruHashMap<NatKey, NatState>`: reverse NAT of the flows in `FLOWS_NEW`. A SNAT port is
+    /// in at most one of `NAT` and `NAT_NEW`.
+    pub const NAT_NEW: &str = "LB_NAT_NEW";
     /// `HashMap<u32, IfaceAddrs>`: the balancer's own address per ifindex (the SNAT source).
     pub const IFACES: &str = "LB_IFACES";
     /// `DevMapHash`: the interfaces frames may be redirected to, keyed by ifindex.
@@ -54,7 +61,7 @@ pub mod maps {
     pub const STATS: &str = "LB_STATS";
 
     /// Every map, for the check after load and for pinning.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 16] = [
         VIPS,
         RING,
         VIP_PORTS,
@@ -62,6 +69,8 @@ pub mod maps {
         BACKENDS,
         FLOWS,
         NAT,
+        FLOWS_NEW,
+        NAT_NEW,
         IFACES,
         DEVMAP,
         SETTINGS,
@@ -286,6 +295,10 @@ const _: () = assert!(size_of::<IfaceAddrs>() == 24);
 /// Default capacity of the flow and NAT tables (each); `xdp.max_flows` overrides it.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 
+/// Default capacity of the unconfirmed flow and NAT tables (each); `xdp.max_unconfirmed_flows`
+/// overrides it (the daemon's default is a quarter of `max_flows`).
+pub const DEFAULT_MAX_UNCONFIRMED_FLOWS: u32 = DEFAULT_MAX_FLOWS / 4;
+
 /// Runtime settings written by the daemon.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -357,6 +370,8 @@ pub mod stat {
         PORT_RECLAIMED = 26, "port_reclaimed";
         EXPIRED_SYN = 27, "flow_expired_syn";
         EXPIRED_IDLE = 28, "flow_expired_idle";
+        FLOW_CONFIRMED = 29, "flow_confirmed";
+        DROP_UNCONFIRMED_LOST = 30, "drop_unconfirmed_lost";
     }
 }
 

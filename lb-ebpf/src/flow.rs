@@ -1,41 +1,34 @@
 //! Connection tracking and backend choice. Only new flows (TCP SYN, UDP after idle) consult the
 //! Maglev ring; everything else follows its tracked state, so a backend-set change never moves
 //! an established flow.
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_get_prandom_u32, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     BACKEND_F_ACTIVE, BackendInfo, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN,
     DEFAULT_TCP_CLOSED_NS, DEFAULT_TCP_IDLE_NS, DEFAULT_TCP_SYN_NS, DEFAULT_UDP_IDLE_NS, FAMILY_V4,
     FLOW_F_CONFIRMED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_RST, FLOW_F_SYNACK, FlowState,
-    NatState, PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
+    PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
     hash::{five_tuple_hash, source_hash},
     stat,
 };
 
 use crate::{
     fib::{self, FibMiss},
-    maps::{BACKENDS, FLOWS, IFACES, NAT, PORT_CURSOR, RING, SETTINGS, count},
+    maps::{BACKENDS, FLOWS, FLOWS_NEW, IFACES, NAT, NAT_NEW, RING, SETTINGS, count},
     mem,
     parse::Packet,
     scratch::Work,
+    snat,
 };
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-/// Ports the cursor walks per new flow before giving up (each try is one atomic insert, plus
-/// two lookups when the port is held). A range this small is searched whole on every SYN; a
-/// larger one is swept across SYNs, since the cursor moves on by exactly the ports tried.
-const MAX_PORT_TRIES: u32 = 64;
-/// A NAT entry whose flow is not in the flow table yet may be one a CPU has just inserted
-/// (`create` inserts the NAT entry first): it is not reclaimable for this long.
-const SETUP_NS: u64 = 10_000_000;
-const BPF_NOEXIST: u64 = 1;
 /// last_seen is rewritten at most this often, to keep the cache line quiet.
 pub const TOUCH_NS: u64 = 100_000_000;
 
 #[inline(always)]
-fn drop(reason: u32) -> u32 {
+pub fn drop(reason: u32) -> u32 {
     count(reason);
     xdp_action::XDP_DROP
 }
@@ -112,22 +105,35 @@ pub fn is_syn(pkt: &Packet) -> bool {
     pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// What a lookup found; `confirmed` names the table (`FLOWS`, or else `FLOWS_NEW`).
 pub enum Tracked {
     /// A live flow: keep following it.
-    Live(*mut FlowState),
+    Live(*mut FlowState, bool),
     /// A flow that ended (closed, idle, or a SYN reusing the tuple), copied into `w.st`: a new
     /// one may replace it.
-    Ended,
+    Ended(bool),
     Unknown,
 }
 
 /// Looks `w.key` up and decides whether the flow is still live. An expired flow is counted by
-/// why it expired.
+/// why it expired. Confirmed flows come first: an established packet costs one lookup.
 #[inline(always)]
 pub fn lookup(w: &mut Work, now: u64) -> Tracked {
-    let Some(ptr) = FLOWS.get_ptr_mut(&w.key) else {
-        return Tracked::Unknown;
-    };
+    if let Some(ptr) = FLOWS.get_ptr_mut(&w.key) {
+        return classify(w, ptr, true, now);
+    }
+    // Only TCP flows are ever unconfirmed.
+    if w.pkt.proto == PROTO_TCP
+        && let Some(ptr) = FLOWS_NEW.get_ptr_mut(&w.key)
+    {
+        return classify(w, ptr, false, now);
+    }
+    Tracked::Unknown
+}
+
+/// Decides whether the flow at `ptr` (in `FLOWS` when `confirmed`) is still live.
+#[inline(always)]
+fn classify(w: &mut Work, ptr: *mut FlowState, confirmed: bool, now: u64) -> Tracked {
     // SAFETY: a valid map value; concurrent writers only set flag bits and timestamps.
     let (flags, last) = unsafe { ((*ptr).flags, (*ptr).last_seen_ns) };
     // A SYN on a closing TCP flow is the client reusing the tuple: a new connection.
@@ -137,11 +143,11 @@ pub fn lookup(w: &mut Work, now: u64) -> Tracked {
     if reused {
         // SAFETY: as above.
         mem::copy(&mut w.st, unsafe { &*ptr });
-        return Tracked::Ended;
+        return Tracked::Ended(confirmed);
     }
     let mut e = expiry(w.pkt.proto, flags, last, 0, now, &w.s);
     if let Expiry::Live = e {
-        return Tracked::Live(ptr);
+        return Tracked::Live(ptr, confirmed);
     }
     // SAFETY: as above.
     mem::copy(&mut w.st, unsafe { &*ptr });
@@ -152,11 +158,11 @@ pub fn lookup(w: &mut Work, now: u64) -> Tracked {
         // entry keeps their time. Only a flow that looks idle pays for this lookup.
         e = expiry(w.pkt.proto, flags, last, nat_last_seen(w), now, &w.s);
         if let Expiry::Live = e {
-            return Tracked::Live(ptr);
+            return Tracked::Live(ptr, confirmed);
         }
     }
     e.count();
-    Tracked::Ended
+    Tracked::Ended(confirmed)
 }
 
 /// The last reply time of the flow in `w.st` (0 when its NAT entry is gone or not its own).
@@ -175,7 +181,7 @@ fn nat_last_seen(w: &mut Work) -> u64 {
 
 /// Fills `w.nk` with the reverse key of the flow in `w.st` toward `w.be`.
 #[inline(always)]
-fn nat_key_of_flow(w: &mut Work) {
+pub fn nat_key_of_flow(w: &mut Work) {
     mem::copy16(&mut w.nk.backend, &w.be.addr);
     mem::copy16(&mut w.nk.snat, &w.st.snat);
     w.nk.backend_port = w.be.port;
@@ -212,7 +218,7 @@ impl Expiry {
 /// Whether a flow with these flags has ended: `last` is its own last-seen time, `nat_last`
 /// its NAT entry's (replies), which counts only for a confirmed TCP flow's idle time.
 #[inline(always)]
-fn expiry(proto: u8, flags: u32, last: u64, nat_last: u64, now: u64, s: &Settings) -> Expiry {
+pub fn expiry(proto: u8, flags: u32, last: u64, nat_last: u64, now: u64, s: &Settings) -> Expiry {
     // `>=` throughout: with the coarse clock a zero timeout must still mean "at once".
     if proto != PROTO_TCP {
         return if now.saturating_sub(last) >= s.udp_idle_ns { Expiry::Idle } else { Expiry::Live };
@@ -325,162 +331,57 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.ns.hop.at_ns = 0;
     w.ns.last_seen_ns = now;
     w.ns.claim = 0;
-    alloc_port(w)?;
+    // A TCP flow starts unconfirmed, in the tables of its own; UDP has no handshake.
+    let fresh = w.pkt.proto == PROTO_TCP;
+    snat::alloc_port(w, fresh)?;
     w.st.backend_id = id;
     w.st.generation = w.be.generation;
     w.st.nat_port = w.nk.nat_port;
     w.st._pad = 0;
-    // UDP has no handshake: its flows are confirmed from the start.
-    let confirmed = if w.pkt.proto == PROTO_TCP { 0 } else { FLOW_F_CONFIRMED };
+    let confirmed = if fresh { 0 } else { FLOW_F_CONFIRMED };
     w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT) | confirmed;
     w.st.last_seen_ns = now;
-    if FLOWS.insert(&w.key, &w.st, 0).is_err() {
+    // The NAT entry was inserted first (it claims the port); nobody reclaims it before this
+    // insert makes its flow visible (snat::SETUP_NS), so removing it on failure is safe.
+    if fresh {
+        if FLOWS_NEW.insert(&w.key, &w.st, 0).is_err() {
+            let _ = NAT_NEW.remove(&w.nk);
+            return Err(drop(stat::DROP_MAP_FULL));
+        }
+    } else if FLOWS.insert(&w.key, &w.st, 0).is_err() {
         let _ = NAT.remove(&w.nk);
         return Err(drop(stat::DROP_MAP_FULL));
     }
     Ok(())
 }
 
-/// Claims a SNAT port for `w.nk` with an atomic insert-if-absent, so two CPUs never share one.
-///
-/// The first choice is a fixed function of the client's address and port. Backends keep
-/// closed connections in TIME_WAIT for 60 s and accept a new SYN on the same 4-tuple only if
-/// its TCP timestamp is newer; timestamps are consistent per client 4-tuple, so mapping the same
-/// client tuple to the same SNAT port keeps reuse acceptable, where a port handed to a
-/// *different* client tuple would be refused now and then (a 1 s stall for that client). The
-/// fallbacks walk a per-CPU cursor (randomly seeded) one port at a time: the first free port
-/// wins; failing that, the first port of a finished flow seen on the way is reclaimed (free
-/// ports first, because the backend may keep a reclaimed port's old 4-tuple in TIME_WAIT).
-#[inline(always)]
-fn alloc_port(w: &mut Work) -> Result<(), u32> {
-    let range = (w.s.nat_port_max as u32).saturating_sub(w.s.nat_port_min as u32) + 1;
-    let preferred = source_hash(&w.pkt.src).wrapping_add(u16::from_be(w.pkt.sport) as u32);
-    let preferred = preferred % range;
-    match probe(w, preferred, false) {
-        Probe::Won => return Ok(()),
-        Probe::Held if reclaim(w, preferred, false) => return Ok(()),
-        _ => {}
-    }
-    let cursor = PORT_CURSOR.get_ptr_mut(0).ok_or_else(|| drop(stat::DROP_NO_PORT))?;
-    // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
-    unsafe {
-        if *cursor == 0 {
-            // A fresh table starts at a random point, not where a previous instance started:
-            // backends may still hold those ports in TIME_WAIT.
-            *cursor = bpf_get_prandom_u32() | 1;
+/// Moves a flow the client just confirmed from the unconfirmed tables to the main ones: flow
+/// entry first, then NAT entry, so that at every moment the port's NAT entry has its flow in
+/// the table that goes with it (snat::holder_expiry relies on that). `w.st` holds the flow's
+/// state with the confirmation, `w.be` its backend. Not inlined: once per connection.
+#[inline(never)]
+pub fn promote(w: &mut Work) -> Result<(), u32> {
+    nat_key_of_flow(w);
+    // SAFETY: a valid map value, copied out.
+    match unsafe { NAT_NEW.get(&w.nk) } {
+        Some(ns) if mem::eq(&ns.flow, &w.key) => mem::copy(&mut w.ns, ns),
+        _ => {
+            // Its NAT entry was evicted by newer unconfirmed flows (and the port may be
+            // another's now): replies could not be translated, so the flow cannot go on.
+            let _ = FLOWS_NEW.remove(&w.key);
+            return Err(drop(stat::DROP_UNCONFIRMED_LOST));
         }
     }
-    let tries = if range < MAX_PORT_TRIES { range } else { MAX_PORT_TRIES };
-    let mut fallback = u32::MAX;
-    for i in 0..MAX_PORT_TRIES {
-        if i >= tries {
-            break;
-        }
-        // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
-        let c = unsafe {
-            let c = *cursor;
-            *cursor = c.wrapping_add(1);
-            c
-        };
-        let offset = c % range;
-        match probe(w, offset, fallback == u32::MAX) {
-            Probe::Won => return Ok(()),
-            Probe::Dead => fallback = offset,
-            Probe::Held => {}
-        }
+    w.ns.claim = 0;
+    if FLOWS.insert(&w.key, &w.st, 0).is_err() {
+        return Err(drop(stat::DROP_MAP_FULL));
     }
-    if fallback != u32::MAX && reclaim(w, fallback, true) {
-        return Ok(());
+    if NAT.insert(&w.nk, &w.ns, snat::BPF_NOEXIST).is_err() {
+        let _ = FLOWS.remove(&w.key);
+        return Err(drop(stat::DROP_MAP_FULL));
     }
-    Err(drop(stat::DROP_NO_PORT))
-}
-
-/// What [`probe`] found at a port.
-enum Probe {
-    /// The port was free and is now this flow's.
-    Won,
-    /// Held by a finished flow: [`reclaim`] may take it.
-    Dead,
-    /// Held (by a live flow, or not checked).
-    Held,
-}
-
-/// Tries to take SNAT port `nat_port_min + offset` if it is free; with `check`, also says
-/// whether the flow holding it has ended (any client's).
-#[inline(always)]
-fn probe(w: &mut Work, offset: u32, check: bool) -> Probe {
-    w.nk.nat_port = ((w.s.nat_port_min as u32 + offset) as u16).to_be();
-    if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
-        return Probe::Won;
-    }
-    if !check {
-        return Probe::Held;
-    }
-    match NAT.get_ptr_mut(&w.nk) {
-        Some(holder) => match holder_expiry(w, holder, true) {
-            Expiry::Live => Probe::Held,
-            _ => Probe::Dead,
-        },
-        // Removed since the insert failed: free again.
-        None if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() => Probe::Won,
-        None => Probe::Held,
-    }
-}
-
-/// Takes SNAT port `nat_port_min + offset` from a finished flow (this client tuple's previous
-/// one, or any client's with `any_holder`). Only the entry's owner or its one reclaimer changes
-/// a NAT entry: the reclaimer first wins the entry's `claim` word by compare-and-swap, then
-/// overwrites it in one update (so the key is never absent for a third CPU to grab). A CPU
-/// that looked at the entry earlier sees the claim taken, or the new, live owner.
-#[inline(always)]
-fn reclaim(w: &mut Work, offset: u32, any_holder: bool) -> bool {
-    w.nk.nat_port = ((w.s.nat_port_min as u32 + offset) as u16).to_be();
-    let Some(holder) = NAT.get_ptr_mut(&w.nk) else {
-        return NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok();
-    };
-    let e = holder_expiry(w, holder, any_holder);
-    if let Expiry::Live = e {
-        return false;
-    }
-    // SAFETY: `claim` is a field of a live map value (RCU keeps the element's memory valid
-    // for this program run even if it is replaced meanwhile).
-    if !mem::claim(unsafe { &mut (*holder).claim }) {
-        return false;
-    }
-    // Any flag: if LRU pressure evicted the claimed entry meanwhile, the key is free anyway.
-    if NAT.insert(&w.nk, &w.ns, 0).is_err() {
-        return false;
-    }
-    count(stat::PORT_RECLAIMED);
-    e.count();
-    true
-}
-
-/// Whether the flow holding the NAT entry `holder` has ended. This client tuple's own entry is
-/// always over (a new flow is being created for the tuple, so lookup found the old one ended);
-/// another tuple's counts only with `any_holder`. Without this, ports of finished flows would
-/// stay taken until LRU eviction.
-#[inline(always)]
-fn holder_expiry(w: &Work, holder: *mut NatState, any_holder: bool) -> Expiry {
-    // SAFETY: a valid map value; its flow key and times are read.
-    let holder = unsafe { &*holder };
-    if mem::eq(&holder.flow, &w.key) {
-        return Expiry::Closed;
-    }
-    if !any_holder {
-        return Expiry::Live;
-    }
-    let Some(st) = FLOWS.get_ptr(&holder.flow) else {
-        if w.now.saturating_sub(holder.last_seen_ns) < SETUP_NS {
-            return Expiry::Live;
-        }
-        return Expiry::Closed;
-    };
-    // SAFETY: a valid map value; three fields are read.
-    let (flags, last, port) = unsafe { ((*st).flags, (*st).last_seen_ns, (*st).nat_port) };
-    if port != w.nk.nat_port {
-        // The tuple's flow now is a later one on another port: this entry is an orphan.
-        return Expiry::Closed;
-    }
-    expiry(holder.flow.proto, flags, last, holder.last_seen_ns, w.now, &w.s)
+    let _ = NAT_NEW.remove(&w.nk);
+    let _ = FLOWS_NEW.remove(&w.key);
+    count(stat::FLOW_CONFIRMED);
+    Ok(())
 }

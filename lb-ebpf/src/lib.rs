@@ -17,13 +17,17 @@ pub mod mem;
 pub mod nat;
 pub mod parse;
 pub mod scratch;
+pub mod snat;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use lb_common::{HOP_TTL_NS, PROTO_TCP, stat};
+use lb_common::{FLOW_F_CONFIRMED, HOP_TTL_NS, PROTO_TCP, stat};
 
 use crate::{
     flow::Tracked,
-    maps::{BACKEND_STATS, FLOWS, NAT, SERVICE_STATS, VIPS, account, count, maybe_vip},
+    maps::{
+        BACKEND_STATS, FLOWS, FLOWS_NEW, NAT, NAT_NEW, SERVICE_STATS, VIPS, account, count,
+        maybe_vip,
+    },
     nat::rewrite,
     parse::parse,
     scratch::Work,
@@ -48,9 +52,7 @@ fn try_balance(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     // Most frames that are not for a VIP are told apart by port and address with two array
     // reads: replies from backends and other traffic never reach the flow and VIP lookups.
     if maybe_vip(&w.pkt.dst, w.pkt.family, w.pkt.dport) {
-        if let Some(action) = forward(ctx, w)? {
-            return Ok(action);
-        }
+        return forward(ctx, w);
     }
     reply(ctx, w)
 }
@@ -61,12 +63,12 @@ fn frame_len(ctx: &XdpContext) -> u64 {
     (ctx.data_end() - ctx.data()) as u64
 }
 
-/// Client → VIP becomes balancer → backend; `None` when the frame is not for a VIP. A tracked
-/// flow is looked up first, so established packets cost one hash lookup; only misses look
-/// the VIP up. Not inlined: the two directions then get separate stack frames instead of one
+/// Client → VIP becomes balancer → backend; a frame that is not for a VIP goes on to
+/// `reply`. A tracked flow is looked up first, so established packets cost one hash lookup;
+/// only misses look the VIP up. Not inlined: the two directions then get separate stack frames instead of one
 /// frame holding both.
 #[inline(never)]
-fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
+fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     flow::make_key(w);
     // The coarse clock (one tick, a few ms, behind) is enough for every timer here: idle and
     // close timeouts in seconds, the 1 s next-hop cache, 100 ms last-seen updates. It reads a
@@ -76,12 +78,12 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
     w.now = now;
     let tracked = flow::lookup(w, now);
     let (service_id, new) = match tracked {
-        Tracked::Live(ptr) => {
+        Tracked::Live(ptr, confirmed) => {
             count(stat::VIP_HIT);
             if w.pkt.ttl <= 1 {
                 // The kernel answers with ICMP time exceeded.
                 count(stat::PASS_TTL);
-                return Ok(Some(xdp_action::XDP_PASS));
+                return Ok(xdp_action::XDP_PASS);
             }
             count(stat::FLOW_HIT);
             // SAFETY: a valid map value.
@@ -99,7 +101,13 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
             }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
             let st = unsafe { &mut *ptr };
-            flow::touch(st, flow::client_flags_of(&w.pkt, st.flags), now);
+            let add = flow::client_flags_of(&w.pkt, st.flags);
+            flow::touch(st, add, now);
+            if !confirmed && add & FLOW_F_CONFIRMED != 0 {
+                w.st.flags |= add;
+                w.st.last_seen_ns = now;
+                flow::promote(w)?;
+            }
             (w.be.service_id, false)
         }
         tracked => {
@@ -111,12 +119,15 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
             mem::copy16(&mut w.vk.addr, &w.pkt.dst);
             // SAFETY: the value is plain data, copied out at once.
             let Some(vip) = (unsafe { VIPS.get(&w.vk) }).copied() else {
-                return Ok(None);
+                // Not a VIP after all (the filter's false positive): maybe a reply. Called from
+                // here rather than signalled with `Ok(None)`: LLVM leaves an `Option`'s unused
+                // payload register unset across the call, which the verifier refuses to read.
+                return reply(ctx, w);
             };
             count(stat::VIP_HIT);
             if w.pkt.ttl <= 1 {
                 count(stat::PASS_TTL);
-                return Ok(Some(xdp_action::XDP_PASS));
+                return Ok(xdp_action::XDP_PASS);
             }
             count(stat::FLOW_MISS);
             if w.pkt.proto == PROTO_TCP && !flow::is_syn(&w.pkt) {
@@ -125,8 +136,13 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
                 return Err(xdp_action::XDP_DROP);
             }
             // An ended flow's NAT entry is left alone: the port may already be another
-            // flow's (reclaimed), and only its owner or one reclaimer may change it.
-            let _ = tracked;
+            // flow's (reclaimed), and only its owner or one reclaimer may change it. Its flow
+            // entry goes when the new TCP flow starts in FLOWS_NEW: lookups try FLOWS first.
+            if let Tracked::Ended(true) = tracked
+                && w.pkt.proto == PROTO_TCP
+            {
+                let _ = FLOWS.remove(&w.key);
+            }
             flow::create(ctx, w, &vip, now)?;
             count(stat::FLOW_NEW);
             (vip.service_id, true)
@@ -142,7 +158,7 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
     w.t.smac = w.st.hop.smac;
     w.t.dmac = w.st.hop.dmac;
     rewrite(ctx, &w.pkt, &w.t)?;
-    Ok(Some(fib::send(ctx, w.st.hop.ifindex)))
+    Ok(fib::send(ctx, w.st.hop.ifindex))
 }
 
 /// Backend → balancer (a tracked SNAT port) becomes VIP → client; anything else passes.
@@ -160,9 +176,16 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     w.nk.proto = w.pkt.proto;
     w.nk.family = w.pkt.family;
     w.nk._pad = 0;
-    let Some(ns_ptr) = NAT.get_ptr_mut(&w.nk) else {
-        count(stat::PASS_NOT_VIP);
-        return Ok(xdp_action::XDP_PASS);
+    // Confirmed flows first: most replies cost one lookup.
+    let (ns_ptr, confirmed) = match NAT.get_ptr_mut(&w.nk) {
+        Some(p) => (p, true),
+        None => match NAT_NEW.get_ptr_mut(&w.nk) {
+            Some(p) => (p, false),
+            None => {
+                count(stat::PASS_NOT_VIP);
+                return Ok(xdp_action::XDP_PASS);
+            }
+        },
     };
     // SAFETY: a valid map value, copied out.
     mem::copy(&mut w.ns, unsafe { &*ns_ptr });
@@ -183,11 +206,16 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
             (*ns_ptr).last_seen_ns = now;
         }
     }
-    if (add != 0 || w.pkt.proto != PROTO_TCP)
-        && let Some(st) = FLOWS.get_ptr_mut(&w.ns.flow)
-    {
-        // SAFETY: a valid map value (see flow::touch on concurrent updates).
-        flow::touch(unsafe { &mut *st }, add, now);
+    if add != 0 || w.pkt.proto != PROTO_TCP {
+        let st = if confirmed {
+            FLOWS.get_ptr_mut(&w.ns.flow)
+        } else {
+            FLOWS_NEW.get_ptr_mut(&w.ns.flow)
+        };
+        if let Some(st) = st {
+            // SAFETY: a valid map value (see flow::touch on concurrent updates).
+            flow::touch(unsafe { &mut *st }, add, now);
+        }
     }
     let len = frame_len(ctx);
     account(&SERVICE_STATS, w.ns.service_id, len, false);

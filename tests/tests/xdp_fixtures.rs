@@ -569,3 +569,46 @@ fn a_nat_entry_belongs_to_one_flow() {
         assert_eq!(fields(&out).dst, ip("fd00::2"));
     });
 }
+
+/// Issue 12, item 2: a SYN flood ten times `max_flows` from spoofed sources (they never
+/// acknowledge a SYN-ACK) fills only the unconfirmed tables; every established flow keeps its
+/// backend, SNAT port and reverse translation, and a real client still connects afterwards.
+#[test]
+fn a_syn_flood_ten_times_max_flows_leaves_established_flows_working() {
+    let mut opts = lb_user::dataplane::LoadOptions::private();
+    opts.max_flows = 1024;
+    opts.max_unconfirmed_flows = 256;
+    opts.settings.cpus = 1;
+    with_options("a_syn_flood_leaves_established_flows_working", CONFIG, opts, |dp| {
+        let vip = ip("10.200.0.1");
+        let held: Vec<(u16, u16)> =
+            (0..30).map(|i| (50000 + i, handshake(dp, "10.0.0.2", 50000 + i))).collect();
+        assert_eq!(stats(dp)["flow_confirmed"], 30);
+        let mut forwarded = 0;
+        for i in 0..10 * 1024u32 {
+            let src = ip(&format!("10.{}.{}.{}", 50 + i / 65536, (i / 256) % 256, i % 256));
+            let syn = Frame::tcp(src, 1024 + (i % 60000) as u16, vip, 80, TCP_SYN).bytes();
+            if run(dp, &syn).0 == XDP_REDIRECT {
+                forwarded += 1;
+            }
+        }
+        assert_eq!(forwarded, 10 * 1024, "the flood's SYNs are forwarded too: {:?}", stats(dp));
+        for &(sport, port) in &held {
+            let ack = Frame::tcp(ip("10.0.0.2"), sport, vip, 80, TCP_ACK).bytes();
+            let (a, out) = run(dp, &ack);
+            assert_eq!((a, fields(&out).sport), (XDP_REDIRECT, port), "client side of {sport}");
+            let data = Frame::tcp(ip("10.1.1.2"), 80, ip("10.1.1.1"), port, TCP_ACK).bytes();
+            let (a, out) = run(dp, &data);
+            let r = fields(&out);
+            assert_eq!((a, r.dst, r.dport), (XDP_REDIRECT, ip("10.0.0.2"), sport), "reply {sport}");
+        }
+        handshake(dp, "10.0.0.3", 50000);
+        let s = stats(dp);
+        assert_eq!((s["drop_not_syn"], s["flow_confirmed"]), (0, 31), "{s:?}");
+        assert_eq!(
+            dp.flows_per_backend().unwrap().values().sum::<u64>(),
+            31,
+            "FLOWS holds the established flows only"
+        );
+    });
+}

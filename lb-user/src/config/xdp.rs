@@ -20,6 +20,10 @@ pub struct XdpConfig {
     /// Capacity of the flow table (and of the NAT table), in flows.
     #[serde(default = "default_max_flows")]
     pub max_flows: u32,
+    /// Capacity of the tables of unconfirmed TCP flows (SYN seen, handshake not finished), in
+    /// flows; a SYN flood evicts only these. Default: a quarter of `max_flows`.
+    #[serde(default)]
+    pub max_unconfirmed_flows: Option<u32>,
     /// Seconds after which an idle UDP flow is new again (and may go to another backend).
     #[serde(default = "default_udp_idle")]
     pub udp_idle_timeout: u64,
@@ -116,6 +120,11 @@ pub struct ServiceConfig {
 }
 
 impl XdpConfig {
+    /// `max_unconfirmed_flows`, or its default.
+    pub fn max_unconfirmed(&self) -> u32 {
+        self.max_unconfirmed_flows.unwrap_or(self.max_flows / 4)
+    }
+
     /// Appends every problem found; each message names the fix.
     pub fn validate(&self, errors: &mut Vec<String>) {
         if self.interfaces.is_empty() {
@@ -145,6 +154,12 @@ impl XdpConfig {
                     "xdp.{key} = {v} is out of range: use 1 to {MAX_TIMEOUT_SECS} seconds"
                 ));
             }
+        }
+        if self.max_unconfirmed() < 256 {
+            errors.push(format!(
+                "xdp.max_unconfirmed_flows = {} is too small: use at least 256",
+                self.max_unconfirmed()
+            ));
         }
         let [lo, hi] = self.nat_ports;
         if lo < 1024 || hi < lo {

@@ -57,6 +57,8 @@ pub struct LoadOptions {
     /// this process, detached when it exits.
     pub pin_dir: Option<PathBuf>,
     pub max_flows: u32,
+    /// Capacity of the unconfirmed flow and NAT tables (each).
+    pub max_unconfirmed_flows: u32,
     pub settings: Settings,
 }
 
@@ -66,6 +68,7 @@ impl LoadOptions {
         Self {
             pin_dir: None,
             max_flows: lb_common::DEFAULT_MAX_FLOWS,
+            max_unconfirmed_flows: lb_common::DEFAULT_MAX_UNCONFIRMED_FLOWS,
             settings: default_settings(),
         }
     }
@@ -74,6 +77,7 @@ impl LoadOptions {
         Self {
             pin_dir: Some(xdp.pin_path.clone()),
             max_flows: xdp.max_flows,
+            max_unconfirmed_flows: xdp.max_unconfirmed(),
             settings: Settings {
                 udp_idle_ns: xdp.udp_idle_timeout.saturating_mul(1_000_000_000),
                 tcp_syn_ns: xdp.tcp_syn_timeout.saturating_mul(1_000_000_000),
@@ -126,6 +130,8 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::FLOWS, opts.max_flows);
         loader.map_max_entries(maps::NAT, opts.max_flows);
+        loader.map_max_entries(maps::FLOWS_NEW, opts.max_unconfirmed_flows);
+        loader.map_max_entries(maps::NAT_NEW, opts.max_unconfirmed_flows);
         let mut adopted = false;
         if let Some(dir) = &opts.pin_dir {
             ensure_bpffs(dir)?;
