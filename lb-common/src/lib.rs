@@ -242,8 +242,12 @@ pub struct FlowState {
     pub last_seen_ns: u64,
     /// Next hop toward the backend.
     pub hop: Hop,
+    /// TCP: the sequence number after the client's latest segment (host byte order), the
+    /// reference for telling a client RST the backend would accept from a blind one.
+    pub client_next: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<FlowState>() == 64);
+const _: () = assert!(size_of::<FlowState>() == 72);
 
 /// The backend side of a tracked flow: the reply's (src=backend, dst=SNAT address, ports).
 #[repr(C, align(8))]
@@ -372,6 +376,7 @@ pub mod stat {
         EXPIRED_IDLE = 28, "flow_expired_idle";
         FLOW_CONFIRMED = 29, "flow_confirmed";
         DROP_UNCONFIRMED_LOST = 30, "drop_unconfirmed_lost";
+        RST_OUT_OF_WINDOW = 31, "rst_out_of_window";
     }
 }
 

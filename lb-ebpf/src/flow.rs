@@ -24,6 +24,14 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+/// How far from the client's next sequence number (as this program saw it) an RST may be
+/// and still end the flow: the RFC 793 window check conntrack also makes (a backend on
+/// Linux resets only on an exact match, RFC 5961), with a 64 KiB window. A blind attacker has
+/// to hit it out of 2^32.
+const RST_WINDOW: u32 = 65_535;
+/// How far ahead of or behind `client_next` a segment may start and still move it:
+/// retransmissions and reordering before the balancer stay well inside this.
+const ADVANCE_WINDOW: u32 = 1 << 20;
 /// last_seen is rewritten at most this often, to keep the cache line quiet.
 pub const TOUCH_NS: u64 = 100_000_000;
 
@@ -87,11 +95,30 @@ pub fn backend_flags_of(pkt: &Packet) -> u32 {
 
 /// The bits a client packet on a tracked flow adds: FIN/RST, and the confirmation when it
 /// acknowledges (ACK without SYN) a SYN-ACK the backend sent. A spoofed SYN's sender never
-/// sees the SYN-ACK, so it cannot time this ACK; conntrack's SYN_RECV → ESTABLISHED.
+/// sees the SYN-ACK, so it cannot time this ACK; conntrack's SYN_RECV → ESTABLISHED. Also
+/// moves the flow's `client_next` on, and leaves out an RST the backend would ignore.
 #[inline(always)]
-pub fn client_flags_of(pkt: &Packet, flags: u32) -> u32 {
+pub fn client_flags_of(pkt: &Packet, st: &mut FlowState) -> u32 {
     let mut f = flags_of(pkt, FLOW_F_FIN_CLIENT);
-    if flags & (FLOW_F_SYNACK | FLOW_F_CONFIRMED) == FLOW_F_SYNACK
+    if pkt.proto != PROTO_TCP {
+        return f;
+    }
+    let offset = pkt.seq.wrapping_sub(st.client_next) as i32;
+    if f & FLOW_F_RST != 0 {
+        if offset.unsigned_abs() > RST_WINDOW {
+            // Forwarded all the same (the backend decides), but it does not end the flow here.
+            f &= !FLOW_F_RST;
+            count(stat::RST_OUT_OF_WINDOW);
+        }
+    } else {
+        // Moves on only for a segment that starts near the known point: a blind packet with
+        // a chosen sequence number cannot drag the RST window to where its next RST lands.
+        let end = pkt.seq.wrapping_add(pkt.seq_len);
+        if offset.unsigned_abs() < ADVANCE_WINDOW && end.wrapping_sub(st.client_next) as i32 > 0 {
+            st.client_next = end;
+        }
+    }
+    if st.flags & (FLOW_F_SYNACK | FLOW_F_CONFIRMED) == FLOW_F_SYNACK
         && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
     {
         f |= FLOW_F_CONFIRMED;
@@ -341,6 +368,8 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     let confirmed = if fresh { 0 } else { FLOW_F_CONFIRMED };
     w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT) | confirmed;
     w.st.last_seen_ns = now;
+    w.st.client_next = w.pkt.seq.wrapping_add(w.pkt.seq_len);
+    w.st._pad2 = 0;
     // The NAT entry was inserted first (it claims the port); nobody reclaims it before this
     // insert makes its flow visible (snat::SETUP_NS), so removing it on failure is safe.
     if fresh {

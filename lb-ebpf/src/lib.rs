@@ -101,11 +101,12 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
             }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
             let st = unsafe { &mut *ptr };
-            let add = flow::client_flags_of(&w.pkt, st.flags);
+            let add = flow::client_flags_of(&w.pkt, st);
             flow::touch(st, add, now);
             if !confirmed && add & FLOW_F_CONFIRMED != 0 {
                 w.st.flags |= add;
                 w.st.last_seen_ns = now;
+                w.st.client_next = st.client_next;
                 flow::promote(w)?;
             }
             (w.be.service_id, false)

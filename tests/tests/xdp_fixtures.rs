@@ -612,3 +612,53 @@ fn a_syn_flood_ten_times_max_flows_leaves_established_flows_working() {
         );
     });
 }
+
+/// Issue 12, item 4: a client RST far from the sequence numbers the flow has used is forwarded
+/// (the backend decides) but does not end the flow here; an in-window one does.
+#[test]
+fn blind_client_rst_does_not_end_the_flow() {
+    const V6: &str = r#"
+[xdp]
+interfaces = ["c0", "b1", "b2"]
+[[xdp.service]]
+name = "web"
+vip = "10.200.0.1:80"
+backends = ["10.1.1.2:80"]
+[[xdp.service]]
+name = "web6"
+vip = "[fd00:200::1]:80"
+backends = ["[fd01:1::2]:80"]
+"#;
+    let mut opts = lb_user::dataplane::LoadOptions::private();
+    opts.settings.tcp_closed_ns = 0;
+    with_options("blind_client_rst_does_not_end_the_flow", V6, opts, |dp| {
+        for (client, vip) in [("10.0.0.2", "10.200.0.1"), ("fd00::2", "fd00:200::1")] {
+            let (c, v) = (ip(client), ip(vip));
+            let (a, out) = run(dp, &Frame::tcp(c, 52000, v, 80, TCP_SYN).bytes());
+            assert_eq!(a, XDP_REDIRECT);
+            let port = fields(&out).sport;
+            // Data moves the client's sequence number on: 1001 + 100 bytes.
+            let mut data = Frame::tcp(c, 52000, v, 80, TCP_ACK);
+            data.seq = 1001;
+            data.payload = vec![7; 100];
+            assert_eq!(run(dp, &data.bytes()).0, XDP_REDIRECT);
+            for blind in [1101u32.wrapping_add(1 << 20), 1101u32.wrapping_sub(70_000)] {
+                let mut rst = Frame::tcp(c, 52000, v, 80, TCP_RST);
+                rst.seq = blind;
+                let (a, out) = run(dp, &rst.bytes());
+                assert_eq!((a, fields(&out).sport), (XDP_REDIRECT, port), "{client}: forwarded");
+            }
+            // Still live (with no grace time after a close, an accepted RST would end it now).
+            let mut ack = Frame::tcp(c, 52000, v, 80, TCP_ACK);
+            ack.seq = 1101;
+            let (a, out) = run(dp, &ack.bytes());
+            assert_eq!((a, fields(&out).sport), (XDP_REDIRECT, port), "{client}: {:?}", stats(dp));
+            let mut rst = Frame::tcp(c, 52000, v, 80, TCP_RST);
+            rst.seq = 1101;
+            assert_eq!(run(dp, &rst.bytes()).0, XDP_REDIRECT);
+            assert_eq!(run(dp, &ack.bytes()).0, XDP_DROP, "{client}: the real RST ends it");
+        }
+        let s = stats(dp);
+        assert_eq!((s["rst_out_of_window"], s["drop_not_syn"]), (4, 2), "{s:?}");
+    });
+}
