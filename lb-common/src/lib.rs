@@ -283,8 +283,12 @@ pub struct NatState {
     /// 0 while the entry's flow owns it; set to 1 (compare-and-swap) by the one CPU that
     /// reclaims the port, so two reclaimers of one dead entry cannot both win.
     pub claim: u64,
+    /// The interface through which the backend is reached: replies arriving on any other
+    /// one are not the backend's and are dropped.
+    pub backend_ifindex: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<NatState>() == 88);
+const _: () = assert!(size_of::<NatState>() == 96);
 
 /// The balancer's own addresses on one interface, network byte order; all-zero when absent.
 #[repr(C, align(8))]
@@ -377,6 +381,7 @@ pub mod stat {
         FLOW_CONFIRMED = 29, "flow_confirmed";
         DROP_UNCONFIRMED_LOST = 30, "drop_unconfirmed_lost";
         RST_OUT_OF_WINDOW = 31, "rst_out_of_window";
+        DROP_WRONG_IFACE = 32, "drop_wrong_iface";
     }
 }
 

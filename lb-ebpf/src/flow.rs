@@ -358,6 +358,8 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.ns.hop.at_ns = 0;
     w.ns.last_seen_ns = now;
     w.ns.claim = 0;
+    w.ns.backend_ifindex = w.st.hop.ifindex;
+    w.ns._pad = 0;
     // A TCP flow starts unconfirmed, in the tables of its own; UDP has no handshake.
     let fresh = w.pkt.proto == PROTO_TCP;
     snat::alloc_port(w, fresh)?;
@@ -382,6 +384,26 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
         return Err(drop(stat::DROP_MAP_FULL));
     }
     Ok(())
+}
+
+/// Records a changed route toward the backend (`w.st.hop`, refreshed) in the flow's NAT entry,
+/// so its replies are expected on the new interface. Rare: only when the route moved.
+#[inline(never)]
+pub fn reroute(w: &mut Work) {
+    nat_key_of_flow(w);
+    let ns = match NAT.get_ptr_mut(&w.nk) {
+        Some(ns) => ns,
+        None => match NAT_NEW.get_ptr_mut(&w.nk) {
+            Some(ns) => ns,
+            None => return,
+        },
+    };
+    // SAFETY: a valid map value; only its owner's packets write this field.
+    unsafe {
+        if mem::eq(&(*ns).flow, &w.key) {
+            (*ns).backend_ifindex = w.st.hop.ifindex;
+        }
+    }
 }
 
 /// Moves a flow the client just confirmed from the unconfirmed tables to the main ones: flow

@@ -95,9 +95,13 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
             // SAFETY: as above.
             mem::copy(&mut w.st, unsafe { &*ptr });
             if now.wrapping_sub(w.st.hop.at_ns) > HOP_TTL_NS {
+                let before = w.st.hop.ifindex;
                 flow::route_to_backend(ctx, w, false, now)?;
                 // SAFETY: as above; a racing refresh writes an equally fresh hop.
                 mem::copy(unsafe { &mut (*ptr).hop }, &w.st.hop);
+                if w.st.hop.ifindex != before {
+                    flow::reroute(w);
+                }
             }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
             let st = unsafe { &mut *ptr };
@@ -190,6 +194,12 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     };
     // SAFETY: a valid map value, copied out.
     mem::copy(&mut w.ns, unsafe { &*ns_ptr });
+    if ctx.ingress_ifindex() as u32 != w.ns.backend_ifindex {
+        // Claims to come from a backend but arrived where that backend is not reached: a
+        // spoofed reply (translating it would let anyone inject into the flow).
+        count(stat::DROP_WRONG_IFACE);
+        return Err(xdp_action::XDP_DROP);
+    }
     count(stat::REPLY);
     if w.pkt.ttl <= 1 {
         count(stat::PASS_TTL);

@@ -662,3 +662,30 @@ backends = ["[fd01:1::2]:80"]
         assert_eq!((s["rst_out_of_window"], s["drop_not_syn"]), (4, 2), "{s:?}");
     });
 }
+
+/// Issue 12, item 4: a reply is translated only when it arrives on the interface through
+/// which its backend is reached; the same bytes from elsewhere are a spoof and are dropped.
+#[test]
+fn replies_count_only_from_the_backends_interface() {
+    with_fixture("replies_count_only_from_the_backends_interface", CONFIG, |dp| {
+        let (_, out) =
+            run(dp, &Frame::tcp(ip("10.0.0.2"), 53000, ip("10.200.0.1"), 80, TCP_SYN).bytes());
+        let port = fields(&out).sport;
+        let synack =
+            Frame::tcp(ip("10.1.1.2"), 80, ip("10.1.1.1"), port, TCP_SYN | TCP_ACK).bytes();
+        let (_, out) =
+            run(dp, &Frame::udp(ip("fd00::2"), 5353, ip("fd00:200::1"), 53, b"q").bytes());
+        let port6 = fields(&out).sport;
+        let answer = Frame::udp(ip("fd01:1::2"), 53, ip("fd01:1::1"), port6, b"a").bytes();
+        for spoofed_on in ["c0", "b2"] {
+            assert_eq!(run_on(dp, spoofed_on, &synack).0, XDP_DROP, "v4 reply on {spoofed_on}");
+            assert_eq!(run_on(dp, spoofed_on, &answer).0, XDP_DROP, "v6 reply on {spoofed_on}");
+        }
+        assert_eq!(stats(dp)["drop_wrong_iface"], 4);
+        let (a, out) = run_on(dp, "b1", &synack);
+        assert_eq!((a, fields(&out).dst), (XDP_REDIRECT, ip("10.0.0.2")));
+        let (a, out) = run_on(dp, "b1", &answer);
+        assert_eq!((a, fields(&out).dst), (XDP_REDIRECT, ip("fd00::2")));
+        assert_eq!(stats(dp)["reply"], 2);
+    });
+}
