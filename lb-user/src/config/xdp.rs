@@ -199,3 +199,40 @@ impl XdpConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const BASE: &str = "[xdp]\ninterfaces = [\"eth0\"]\n";
+
+    #[test]
+    fn flow_lifetimes_and_unconfirmed_table_have_defaults() {
+        let xdp = Config::parse(BASE).unwrap().xdp.unwrap();
+        assert_eq!((xdp.tcp_syn_timeout, xdp.tcp_idle_timeout), (10, 21_600));
+        assert_eq!(xdp.max_unconfirmed(), lb_common::DEFAULT_MAX_FLOWS / 4);
+        let xdp = Config::parse(&format!("{BASE}max_flows = 8192\n")).unwrap().xdp.unwrap();
+        assert_eq!(xdp.max_unconfirmed(), 2048, "a quarter of max_flows");
+        let set = format!(
+            "{BASE}tcp_syn_timeout = 3\ntcp_idle_timeout = 600\nmax_unconfirmed_flows = 1000\n"
+        );
+        let xdp = Config::parse(&set).unwrap().xdp.unwrap();
+        assert_eq!(
+            (xdp.tcp_syn_timeout, xdp.tcp_idle_timeout, xdp.max_unconfirmed()),
+            (3, 600, 1000)
+        );
+    }
+
+    #[test]
+    fn out_of_range_lifetimes_are_refused_by_key() {
+        for (line, key) in [
+            ("tcp_syn_timeout = 0", "xdp.tcp_syn_timeout"),
+            ("tcp_idle_timeout = 99999999999", "xdp.tcp_idle_timeout"),
+            ("udp_idle_timeout = 0", "xdp.udp_idle_timeout"),
+            ("max_unconfirmed_flows = 10", "xdp.max_unconfirmed_flows"),
+        ] {
+            let err = Config::parse(&format!("{BASE}{line}\n")).unwrap_err().to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
+    }
+}
