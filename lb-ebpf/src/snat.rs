@@ -93,13 +93,16 @@ fn set_port(w: &mut Work, offset: u32) {
 }
 
 /// Inserts `w.ns` under `w.nk` into the table for `fresh` if the key is in neither table.
-/// The other table is checked before and after the insert: a promotion (`flow::promote`)
-/// inserts into `NAT` before it removes from `NAT_NEW`, so a port moving between the tables is
-/// seen in one of them at every step, and an insert that raced with it is taken back.
+/// The other table is checked after the insert: a promotion (`flow::promote`) inserts into
+/// `NAT` before it removes from `NAT_NEW`, so a port moving between the tables is seen in one
+/// of them at every step, and an insert that raced with it is taken back. A new entry in
+/// `NAT_NEW` may briefly shadow nothing (replies try `NAT` first), so that path skips the
+/// check before; one in `NAT` would briefly shadow a `NAT_NEW` owner's replies, so that one
+/// looks first.
 #[inline(always)]
 fn take_free(w: &mut Work, fresh: bool) -> bool {
     if fresh {
-        if NAT.get_ptr(&w.nk).is_some() || NAT_NEW.insert(&w.nk, &w.ns, BPF_NOEXIST).is_err() {
+        if NAT_NEW.insert(&w.nk, &w.ns, BPF_NOEXIST).is_err() {
             return false;
         }
         if NAT.get_ptr(&w.nk).is_some() {
