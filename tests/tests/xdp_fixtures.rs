@@ -689,3 +689,45 @@ fn replies_count_only_from_the_backends_interface() {
         assert_eq!(stats(dp)["reply"], 2);
     });
 }
+
+/// Pins left by a version with other map layouts (this change grew `Settings`, `FlowState`
+/// and `NatState`) are refused with the fix named, not adopted into a verifier error.
+#[test]
+fn pins_of_another_layout_are_refused_with_the_fix() {
+    if !privileged_or_skip("pins_of_another_layout_are_refused_with_the_fix") {
+        return;
+    }
+    let ns = namespace().expect("fixture namespace");
+    ns.run(|| {
+        // A private bpffs in the root mount namespace, removed whatever happens below.
+        let dir = std::path::PathBuf::from(format!("/run/lb-fixture-pins-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount bpffs");
+        let pins = dir.join("lb");
+        let result = std::panic::catch_unwind(|| {
+            let mut opts = lb_user::dataplane::LoadOptions::private();
+            opts.pin_dir = Some(pins.clone());
+            opts.max_flows = 1024;
+            opts.max_unconfirmed_flows = 256;
+            drop(Dataplane::load(&opts).expect("first load pins the maps"));
+            assert!(Dataplane::load(&opts).is_ok(), "same layouts: adopted");
+            // Stand in an old layout: a 4-byte-value map under the settings' name.
+            std::fs::remove_file(pins.join("LB_SETTINGS")).unwrap();
+            std::fs::rename(pins.join("LB_VIP_PORTS"), pins.join("LB_SETTINGS")).unwrap();
+            let err = Dataplane::load(&opts).err().expect("refused").to_string();
+            assert!(err.contains("LB_SETTINGS") && err.contains("lb detach"), "{err}");
+        });
+        let _ = lb_user::dataplane::detach(&pins);
+        let _ = std::process::Command::new("umount").arg(&dir).status();
+        let _ = std::fs::remove_dir(&dir);
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    })
+    .expect("fixture body (see the panic above)");
+}

@@ -46,6 +46,10 @@ pub enum DataplaneError {
     Program(#[from] ProgramError),
     #[error("XDP map: {0}")]
     Map(#[from] MapError),
+    #[error(
+        "the maps pinned under {dir} come from another version of lb ({map} holds {found}-byte values, this build uses {expected}): run `lb detach` (tracked flows are lost) and start again"
+    )]
+    IncompatiblePins { dir: PathBuf, map: &'static str, found: u32, expected: u32 },
     #[error(transparent)]
     Table(#[from] TableError),
 }
@@ -137,6 +141,9 @@ impl Dataplane {
             ensure_bpffs(dir)?;
             std::fs::create_dir_all(dir).map_err(|e| pin_err(dir, e))?;
             adopted = Self::pinned_at(dir);
+            if adopted {
+                check_pinned_layouts(dir)?;
+            }
             for name in maps::ALL {
                 loader.map_pin_path(name, dir.join(name));
             }
@@ -359,6 +366,37 @@ fn sum(map: &PerCpuArray<&MapData, Counter>, index: u32) -> Result<Counter, Data
         total.add(c);
     }
     Ok(total)
+}
+
+/// Refuses pins whose value layouts differ from this build's: adopting them would fail in the
+/// verifier (or worse, misread state), with a message that does not say what to do.
+fn check_pinned_layouts(dir: &Path) -> Result<(), DataplaneError> {
+    use std::mem::size_of;
+    let layouts = [
+        (maps::SETTINGS, size_of::<Settings>()),
+        (maps::BACKENDS, size_of::<BackendInfo>()),
+        (maps::FLOWS, size_of::<lb_common::FlowState>()),
+        (maps::NAT, size_of::<lb_common::NatState>()),
+        (maps::FLOWS_NEW, size_of::<lb_common::FlowState>()),
+        (maps::NAT_NEW, size_of::<lb_common::NatState>()),
+    ];
+    for (map, expected) in layouts {
+        let path = dir.join(map);
+        if !path.exists() {
+            // A map this version added: the load creates and pins it.
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| pin_err(&path, e))?;
+        if info.value_size() as usize != expected {
+            return Err(DataplaneError::IncompatiblePins {
+                dir: dir.to_path_buf(),
+                map,
+                found: info.value_size(),
+                expected: expected as u32,
+            });
+        }
+    }
+    Ok(())
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
