@@ -338,7 +338,8 @@ impl Dataplane {
             .collect()
     }
 
-    /// Tracked flows per backend id (walks the flow table; for tests and diagnostics).
+    /// Confirmed flows per backend id (walks `LB_FLOWS`, not the unconfirmed table; for tests
+    /// and diagnostics).
     pub fn flows_per_backend(&self) -> Result<std::collections::HashMap<u32, u64>, DataplaneError> {
         let flows: HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState> =
             HashMap::try_from(self.map(maps::FLOWS)?)?;
