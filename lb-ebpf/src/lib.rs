@@ -65,8 +65,8 @@ fn frame_len(ctx: &XdpContext) -> u64 {
 
 /// Client → VIP becomes balancer → backend; a frame that is not for a VIP goes on to
 /// `reply`. A tracked flow is looked up first, so established packets cost one hash lookup;
-/// only misses look the VIP up. Not inlined: the two directions then get separate stack frames instead of one
-/// frame holding both.
+/// only misses look the VIP up. Not inlined: the two directions then get separate stack
+/// frames instead of one frame holding both.
 #[inline(never)]
 fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     flow::make_key(w);
