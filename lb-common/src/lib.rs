@@ -34,10 +34,17 @@ pub mod maps {
     pub const VIP_ADDRS: &str = "LB_VIP_ADDRS";
     /// `Array<BackendInfo>` indexed by backend id (0 is never used).
     pub const BACKENDS: &str = "LB_BACKENDS";
-    /// `LruHashMap<FlowKey, FlowState>`: client-side connection tracking.
+    /// `LruHashMap<FlowKey, FlowState>`: client-side connection tracking of confirmed flows
+    /// (TCP after the client's ACK of the SYN-ACK; UDP from the start).
     pub const FLOWS: &str = "LB_FLOWS";
-    /// `LruHashMap<NatKey, NatState>`: backend-side reverse NAT.
+    /// `LruHashMap<NatKey, NatState>`: backend-side reverse NAT of confirmed flows.
     pub const NAT: &str = "LB_NAT";
+    /// `LruHashMap<FlowKey, FlowState>`: TCP flows not confirmed yet. Apart from `FLOWS`, so a
+    /// SYN flood evicts only other unconfirmed flows, never an established one.
+    pub const FLOWS_NEW: &str = "LB_FLOWS_NEW";
+    /// `LruHashMap<NatKey, NatState>`: reverse NAT of the flows in `FLOWS_NEW`. A SNAT port is
+    /// in at most one of `NAT` and `NAT_NEW`.
+    pub const NAT_NEW: &str = "LB_NAT_NEW";
     /// `HashMap<u32, IfaceAddrs>`: the balancer's own address per ifindex (the SNAT source).
     pub const IFACES: &str = "LB_IFACES";
     /// `DevMapHash`: the interfaces frames may be redirected to, keyed by ifindex.
@@ -54,7 +61,7 @@ pub mod maps {
     pub const STATS: &str = "LB_STATS";
 
     /// Every map, for the check after load and for pinning.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 16] = [
         VIPS,
         RING,
         VIP_PORTS,
@@ -62,6 +69,8 @@ pub mod maps {
         BACKENDS,
         FLOWS,
         NAT,
+        FLOWS_NEW,
+        NAT_NEW,
         IFACES,
         DEVMAP,
         SETTINGS,
@@ -192,6 +201,11 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 pub const FLOW_F_FIN_CLIENT: u32 = 1;
 pub const FLOW_F_FIN_BACKEND: u32 = 2;
 pub const FLOW_F_RST: u32 = 4;
+/// The backend answered the SYN with a SYN-ACK.
+pub const FLOW_F_SYNACK: u32 = 8;
+/// The client acknowledged the backend's SYN-ACK: the flow is confirmed (established). Until
+/// then a TCP flow may be a spoofed or abandoned SYN and ages under `Settings::tcp_syn_ns`.
+pub const FLOW_F_CONFIRMED: u32 = 16;
 
 /// A cached next hop: where `bpf_fib_lookup` last said to send a flow's frames. Refreshed after
 /// [`HOP_TTL_NS`], so established flows skip the FIB on most packets.
@@ -223,12 +237,17 @@ pub struct FlowState {
     pub _pad: u16,
     /// `FLOW_F_*`, set by either direction.
     pub flags: u32,
-    /// `bpf_ktime_get_coarse_ns` of the last packet, either direction.
+    /// `bpf_ktime_get_coarse_ns` of the last client packet (and of FIN/RST and UDP replies);
+    /// for an unconfirmed TCP flow, of its creation, so retransmitted SYNs do not extend it.
     pub last_seen_ns: u64,
     /// Next hop toward the backend.
     pub hop: Hop,
+    /// TCP: the sequence number after the client's latest segment (host byte order), the
+    /// reference for telling a client RST the backend would accept from a blind one.
+    pub client_next: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<FlowState>() == 64);
+const _: () = assert!(size_of::<FlowState>() == 72);
 
 /// The backend side of a tracked flow: the reply's (src=backend, dst=SNAT address, ports).
 #[repr(C, align(8))]
@@ -258,8 +277,18 @@ pub struct NatState {
     pub service_id: u32,
     /// Next hop toward the client.
     pub hop: Hop,
+    /// `bpf_ktime_get_coarse_ns` of creation, then of replies (rate-limited): with the flow's
+    /// own time it tells an idle TCP flow from one where only the backend talks.
+    pub last_seen_ns: u64,
+    /// 0 while the entry's flow owns it; set to 1 (compare-and-swap) by the one CPU that
+    /// reclaims the port, so two reclaimers of one dead entry cannot both win.
+    pub claim: u64,
+    /// The interface through which the backend is reached: replies arriving on any other
+    /// one are not the backend's and are dropped.
+    pub backend_ifindex: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<NatState>() == 72);
+const _: () = assert!(size_of::<NatState>() == 96);
 
 /// The balancer's own addresses on one interface, network byte order; all-zero when absent.
 #[repr(C, align(8))]
@@ -274,6 +303,10 @@ const _: () = assert!(size_of::<IfaceAddrs>() == 24);
 /// Default capacity of the flow and NAT tables (each); `xdp.max_flows` overrides it.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 
+/// Default capacity of the unconfirmed flow and NAT tables (each); `xdp.max_unconfirmed_flows`
+/// overrides it (the daemon's default is a quarter of `max_flows`).
+pub const DEFAULT_MAX_UNCONFIRMED_FLOWS: u32 = DEFAULT_MAX_FLOWS / 4;
+
 /// Runtime settings written by the daemon.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -282,17 +315,25 @@ pub struct Settings {
     pub udp_idle_ns: u64,
     /// A TCP flow closed (RST, or FIN both ways) this long ago is gone (nanoseconds).
     pub tcp_closed_ns: u64,
+    /// A TCP flow not confirmed (no client ACK after the backend's SYN-ACK) this long after
+    /// its SYN is gone (nanoseconds).
+    pub tcp_syn_ns: u64,
+    /// A confirmed TCP flow with no packet either way for this long is gone (nanoseconds).
+    pub tcp_idle_ns: u64,
     /// SNAT ports are taken from `[nat_port_min, nat_port_max]`, host byte order.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
     /// CPUs the program may run on; each owns a slice of the port range.
     pub cpus: u32,
 }
-const _: () = assert!(size_of::<Settings>() == 24);
+const _: () = assert!(size_of::<Settings>() == 40);
 
 /// Defaults for [`Settings`].
 pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
 pub const DEFAULT_TCP_CLOSED_NS: u64 = 2_000_000_000;
+pub const DEFAULT_TCP_SYN_NS: u64 = 10_000_000_000;
+/// Six hours, as Cilium's `bpf-ct-timeout-regular-tcp`.
+pub const DEFAULT_TCP_IDLE_NS: u64 = 21_600_000_000_000;
 pub const DEFAULT_NAT_PORT_MIN: u16 = 1024;
 pub const DEFAULT_NAT_PORT_MAX: u16 = 32767;
 
@@ -335,6 +376,12 @@ pub mod stat {
         DROP_NO_NEIGH = 24, "drop_no_neigh";
         PASS_TTL = 25, "pass_ttl_exceeded";
         PORT_RECLAIMED = 26, "port_reclaimed";
+        EXPIRED_SYN = 27, "flow_expired_syn";
+        EXPIRED_IDLE = 28, "flow_expired_idle";
+        FLOW_CONFIRMED = 29, "flow_confirmed";
+        DROP_UNCONFIRMED_LOST = 30, "drop_unconfirmed_lost";
+        RST_OUT_OF_WINDOW = 31, "rst_out_of_window";
+        DROP_WRONG_IFACE = 32, "drop_wrong_iface";
     }
 }
 

@@ -1,35 +1,42 @@
 //! Connection tracking and backend choice. Only new flows (TCP SYN, UDP after idle) consult the
 //! Maglev ring; everything else follows its tracked state, so a backend-set change never moves
 //! an established flow.
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_get_prandom_u32, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     BACKEND_F_ACTIVE, BackendInfo, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN,
-    DEFAULT_TCP_CLOSED_NS, DEFAULT_UDP_IDLE_NS, FAMILY_V4, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT,
-    FLOW_F_RST, FlowState, PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
+    DEFAULT_TCP_CLOSED_NS, DEFAULT_TCP_IDLE_NS, DEFAULT_TCP_SYN_NS, DEFAULT_UDP_IDLE_NS, FAMILY_V4,
+    FLOW_F_CONFIRMED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_RST, FLOW_F_SYNACK, FlowState,
+    PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
     hash::{five_tuple_hash, source_hash},
     stat,
 };
 
 use crate::{
     fib::{self, FibMiss},
-    maps::{BACKENDS, FLOWS, IFACES, NAT, PORT_CURSOR, RING, SETTINGS, count},
+    maps::{BACKENDS, FLOWS, FLOWS_NEW, IFACES, NAT, NAT_NEW, RING, SETTINGS, count},
     mem,
     parse::Packet,
     scratch::Work,
+    snat,
 };
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-/// Ports tried per new flow before giving up (each try is one atomic insert).
-const MAX_PORT_TRIES: u32 = 8;
-const BPF_NOEXIST: u64 = 1;
+/// How far from the client's next sequence number (as this program saw it) an RST may be
+/// and still end the flow: the RFC 793 window check conntrack also makes (a backend on
+/// Linux resets only on an exact match, RFC 5961), with a 64 KiB window. A blind attacker has
+/// to hit it out of 2^32.
+const RST_WINDOW: u32 = 65_535;
+/// How far ahead of or behind `client_next` a segment may start and still move it:
+/// retransmissions and reordering before the balancer stay well inside this.
+const ADVANCE_WINDOW: u32 = 1 << 20;
 /// last_seen is rewritten at most this often, to keep the cache line quiet.
-const TOUCH_NS: u64 = 100_000_000;
+pub const TOUCH_NS: u64 = 100_000_000;
 
 #[inline(always)]
-fn drop(reason: u32) -> u32 {
+pub fn drop(reason: u32) -> u32 {
     count(reason);
     xdp_action::XDP_DROP
 }
@@ -42,6 +49,8 @@ pub fn load_settings(s: &mut Settings) {
         _ => {
             s.udp_idle_ns = DEFAULT_UDP_IDLE_NS;
             s.tcp_closed_ns = DEFAULT_TCP_CLOSED_NS;
+            s.tcp_syn_ns = DEFAULT_TCP_SYN_NS;
+            s.tcp_idle_ns = DEFAULT_TCP_IDLE_NS;
             s.nat_port_min = DEFAULT_NAT_PORT_MIN;
             s.nat_port_max = DEFAULT_NAT_PORT_MAX;
             s.cpus = 1;
@@ -74,50 +83,200 @@ pub fn flags_of(pkt: &Packet, fin_bit: u32) -> u32 {
     f
 }
 
+/// The bits a backend's packet adds: FIN/RST, and that it answered the SYN.
+#[inline(always)]
+pub fn backend_flags_of(pkt: &Packet) -> u32 {
+    let mut f = flags_of(pkt, FLOW_F_FIN_BACKEND);
+    if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        f |= FLOW_F_SYNACK;
+    }
+    f
+}
+
+/// The bits a client packet on a tracked flow adds: FIN/RST, and the confirmation when it
+/// acknowledges (ACK without SYN) a SYN-ACK the backend sent. A spoofed SYN's sender never
+/// sees the SYN-ACK, so it cannot time this ACK; conntrack's SYN_RECV → ESTABLISHED. Also
+/// moves the flow's `client_next` on, and leaves out an RST the backend would ignore.
+#[inline(always)]
+pub fn client_flags_of(pkt: &Packet, st: &mut FlowState) -> u32 {
+    let mut f = flags_of(pkt, FLOW_F_FIN_CLIENT);
+    if pkt.proto != PROTO_TCP {
+        return f;
+    }
+    let offset = pkt.seq.wrapping_sub(st.client_next) as i32;
+    if f & FLOW_F_RST != 0 {
+        if offset.unsigned_abs() > RST_WINDOW {
+            // Forwarded all the same (the backend decides), but it does not end the flow here.
+            f &= !FLOW_F_RST;
+            count(stat::RST_OUT_OF_WINDOW);
+        }
+    } else {
+        // Moves on only for a segment that starts near the known point: a blind packet with
+        // a chosen sequence number cannot drag the RST window to where its next RST lands.
+        let end = pkt.seq.wrapping_add(pkt.seq_len);
+        if offset.unsigned_abs() < ADVANCE_WINDOW && end.wrapping_sub(st.client_next) as i32 > 0 {
+            st.client_next = end;
+        }
+    }
+    if st.flags & (FLOW_F_SYNACK | FLOW_F_CONFIRMED) == FLOW_F_SYNACK
+        && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
+    {
+        f |= FLOW_F_CONFIRMED;
+    }
+    f
+}
+
 /// A client SYN that opens a connection (not a SYN-ACK).
 #[inline(always)]
 pub fn is_syn(pkt: &Packet) -> bool {
     pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// What a lookup found; `confirmed` names the table (`FLOWS`, or else `FLOWS_NEW`).
 pub enum Tracked {
     /// A live flow: keep following it.
-    Live(*mut FlowState),
+    Live(*mut FlowState, bool),
     /// A flow that ended (closed, idle, or a SYN reusing the tuple), copied into `w.st`: a new
     /// one may replace it.
-    Ended,
+    Ended(bool),
     Unknown,
 }
 
-/// Looks `w.key` up and decides whether the flow is still live.
+/// Looks `w.key` up and decides whether the flow is still live. An expired flow is counted by
+/// why it expired. Confirmed flows come first: an established packet costs one lookup.
 #[inline(always)]
 pub fn lookup(w: &mut Work, now: u64) -> Tracked {
-    let Some(ptr) = FLOWS.get_ptr_mut(&w.key) else {
-        return Tracked::Unknown;
-    };
+    if let Some(ptr) = FLOWS.get_ptr_mut(&w.key) {
+        return classify(w, ptr, true, now);
+    }
+    // Only TCP flows are ever unconfirmed.
+    if w.pkt.proto == PROTO_TCP
+        && let Some(ptr) = FLOWS_NEW.get_ptr_mut(&w.key)
+    {
+        return classify(w, ptr, false, now);
+    }
+    Tracked::Unknown
+}
+
+/// Decides whether the flow at `ptr` (in `FLOWS` when `confirmed`) is still live.
+#[inline(always)]
+fn classify(w: &mut Work, ptr: *mut FlowState, confirmed: bool, now: u64) -> Tracked {
     // SAFETY: a valid map value; concurrent writers only set flag bits and timestamps.
     let (flags, last) = unsafe { ((*ptr).flags, (*ptr).last_seen_ns) };
     // A SYN on a closing TCP flow is the client reusing the tuple: a new connection.
     let reused = w.pkt.proto == PROTO_TCP
         && is_syn(&w.pkt)
         && flags & (FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND | FLOW_F_RST) != 0;
-    if reused || is_over(w.pkt.proto, flags, last, now, &w.s) {
+    if reused {
         // SAFETY: as above.
         mem::copy(&mut w.st, unsafe { &*ptr });
-        Tracked::Ended
-    } else {
-        Tracked::Live(ptr)
+        return Tracked::Ended(confirmed);
+    }
+    let mut e = expiry(w.pkt.proto, flags, last, 0, now, &w.s);
+    if let Expiry::Live = e {
+        return Tracked::Live(ptr, confirmed);
+    }
+    // SAFETY: as above.
+    mem::copy(&mut w.st, unsafe { &*ptr });
+    if let Expiry::Idle = e
+        && w.pkt.proto == PROTO_TCP
+    {
+        // Replies do not touch the flow entry (that would cost a lookup per reply); the NAT
+        // entry keeps their time. Only a flow that looks idle pays for this lookup.
+        e = expiry(w.pkt.proto, flags, last, nat_last_seen(w), now, &w.s);
+        if let Expiry::Live = e {
+            return Tracked::Live(ptr, confirmed);
+        }
+    }
+    e.count();
+    Tracked::Ended(confirmed)
+}
+
+/// The last reply time of the flow in `w.st` (0 when its NAT entry is gone or not its own).
+#[inline(always)]
+fn nat_last_seen(w: &mut Work) -> u64 {
+    if !backend(w.st.backend_id, &mut w.be) {
+        return 0;
+    }
+    nat_key_of_flow(w);
+    // SAFETY: a valid map value; two fields are read.
+    match unsafe { NAT.get(&w.nk) } {
+        Some(ns) if mem::eq(&ns.flow, &w.key) => ns.last_seen_ns,
+        _ => 0,
     }
 }
 
-/// Records a packet on a live flow: new FIN/RST bits, and the time (rate-limited). Racing
-/// updates from other CPUs are benign: bits only get set, and any recent timestamp will do.
+/// Fills `w.nk` with the reverse key of the flow in `w.st` toward `w.be`.
+#[inline(always)]
+pub fn nat_key_of_flow(w: &mut Work) {
+    mem::copy16(&mut w.nk.backend, &w.be.addr);
+    mem::copy16(&mut w.nk.snat, &w.st.snat);
+    w.nk.backend_port = w.be.port;
+    w.nk.nat_port = w.st.nat_port;
+    w.nk.proto = w.pkt.proto;
+    w.nk.family = w.pkt.family;
+    w.nk._pad = 0;
+}
+
+/// Whether a flow is still live, and if not, why it ended.
+#[derive(Clone, Copy)]
+pub enum Expiry {
+    Live,
+    /// TCP closed (RST, or FIN both ways) longer than the grace time.
+    Closed,
+    /// TCP never confirmed within `tcp_syn_ns`.
+    Syn,
+    /// No packet within `tcp_idle_ns` (confirmed TCP) or `udp_idle_ns`.
+    Idle,
+}
+
+impl Expiry {
+    /// Counts a timeout (a close is the flow's normal end, not counted here).
+    #[inline(always)]
+    pub fn count(self) {
+        match self {
+            Expiry::Syn => count(stat::EXPIRED_SYN),
+            Expiry::Idle => count(stat::EXPIRED_IDLE),
+            Expiry::Live | Expiry::Closed => {}
+        }
+    }
+}
+
+/// Whether a flow with these flags has ended: `last` is its own last-seen time, `nat_last`
+/// its NAT entry's (replies), which counts only for a confirmed TCP flow's idle time.
+#[inline(always)]
+pub fn expiry(proto: u8, flags: u32, last: u64, nat_last: u64, now: u64, s: &Settings) -> Expiry {
+    // `>=` throughout: with the coarse clock a zero timeout must still mean "at once".
+    if proto != PROTO_TCP {
+        return if now.saturating_sub(last) >= s.udp_idle_ns { Expiry::Idle } else { Expiry::Live };
+    }
+    let fins = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
+    if flags & FLOW_F_RST != 0 || flags & fins == fins {
+        if now.saturating_sub(last) >= s.tcp_closed_ns {
+            return Expiry::Closed;
+        }
+        return Expiry::Live;
+    }
+    if flags & FLOW_F_CONFIRMED == 0 {
+        if now.saturating_sub(last) >= s.tcp_syn_ns {
+            return Expiry::Syn;
+        }
+        return Expiry::Live;
+    }
+    let last = if nat_last > last { nat_last } else { last };
+    if now.saturating_sub(last) >= s.tcp_idle_ns { Expiry::Idle } else { Expiry::Live }
+}
+
+/// Records a packet on a live flow: new flag bits, and the time (rate-limited). An unconfirmed
+/// TCP flow keeps its time until a new bit (SYN-ACK, confirmation, close): retransmitted or
+/// repeated SYNs do not extend its `tcp_syn_ns`. Racing updates from other CPUs are benign:
+/// bits only get set, and any recent timestamp will do.
 #[inline(always)]
 pub fn touch(st: &mut FlowState, add_flags: u32, now: u64) {
     if add_flags & !st.flags != 0 {
         st.flags |= add_flags;
         st.last_seen_ns = now;
-    } else if now.saturating_sub(st.last_seen_ns) > TOUCH_NS {
+    } else if st.flags & FLOW_F_CONFIRMED != 0 && now.saturating_sub(st.last_seen_ns) > TOUCH_NS {
         st.last_seen_ns = now;
     }
 }
@@ -197,126 +356,83 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.ns.service_id = vip.service_id;
     // The client-side hop is looked up on the first reply.
     w.ns.hop.at_ns = 0;
-    alloc_port(w)?;
+    w.ns.last_seen_ns = now;
+    w.ns.claim = 0;
+    w.ns.backend_ifindex = w.st.hop.ifindex;
+    w.ns._pad = 0;
+    // A TCP flow starts unconfirmed, in the tables of its own; UDP has no handshake.
+    let fresh = w.pkt.proto == PROTO_TCP;
+    snat::alloc_port(w, fresh)?;
     w.st.backend_id = id;
     w.st.generation = w.be.generation;
     w.st.nat_port = w.nk.nat_port;
     w.st._pad = 0;
-    w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT);
+    let confirmed = if fresh { 0 } else { FLOW_F_CONFIRMED };
+    w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT) | confirmed;
     w.st.last_seen_ns = now;
-    if FLOWS.insert(&w.key, &w.st, 0).is_err() {
+    w.st.client_next = w.pkt.seq.wrapping_add(w.pkt.seq_len);
+    w.st._pad2 = 0;
+    // The NAT entry was inserted first (it claims the port); nobody reclaims it before this
+    // insert makes its flow visible (snat::SETUP_NS), so removing it on failure is safe.
+    if fresh {
+        if FLOWS_NEW.insert(&w.key, &w.st, 0).is_err() {
+            let _ = NAT_NEW.remove(&w.nk);
+            return Err(drop(stat::DROP_MAP_FULL));
+        }
+    } else if FLOWS.insert(&w.key, &w.st, 0).is_err() {
         let _ = NAT.remove(&w.nk);
         return Err(drop(stat::DROP_MAP_FULL));
     }
     Ok(())
 }
 
-/// Claims a SNAT port for `w.nk` with an atomic insert-if-absent, so two CPUs never share one.
-///
-/// The first choice is a fixed function of the client's address and port. Backends keep
-/// closed connections in TIME_WAIT for 60 s and accept a new SYN on the same 4-tuple only if
-/// its TCP timestamp is newer; timestamps are consistent per client 4-tuple, so mapping the same
-/// client tuple to the same SNAT port keeps reuse acceptable, where a port handed to a
-/// *different* client tuple would be refused now and then (a 1 s stall for that client). The
-/// fallbacks walk a per-CPU cursor (randomly seeded) over the whole range.
-#[inline(always)]
-fn alloc_port(w: &mut Work) -> Result<(), u32> {
-    let range = (w.s.nat_port_max as u32).saturating_sub(w.s.nat_port_min as u32) + 1;
-    let preferred = source_hash(&w.pkt.src).wrapping_add(u16::from_be(w.pkt.sport) as u32);
-    if try_port(w, preferred % range, false) {
-        return Ok(());
-    }
-    let cursor = PORT_CURSOR.get_ptr_mut(0).ok_or_else(|| drop(stat::DROP_NO_PORT))?;
-    // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
+/// Records a changed route toward the backend (`w.st.hop`, refreshed) in the flow's NAT entry,
+/// so its replies are expected on the new interface. Rare: only when the route moved.
+#[inline(never)]
+pub fn reroute(w: &mut Work) {
+    nat_key_of_flow(w);
+    let ns = match NAT.get_ptr_mut(&w.nk) {
+        Some(ns) => ns,
+        None => match NAT_NEW.get_ptr_mut(&w.nk) {
+            Some(ns) => ns,
+            None => return,
+        },
+    };
+    // SAFETY: a valid map value; only its owner's packets write this field.
     unsafe {
-        if *cursor == 0 {
-            // A fresh table starts at a random point, not where a previous instance started:
-            // backends may still hold those ports in TIME_WAIT.
-            *cursor = bpf_get_prandom_u32() | 1;
+        if mem::eq(&(*ns).flow, &w.key) {
+            (*ns).backend_ifindex = w.st.hop.ifindex;
         }
     }
-    // Free ports first; only then ports held by finished flows of other clients, which the
-    // backend may still keep in TIME_WAIT for the old 4-tuple (it would refuse the new SYN).
-    for i in 0..2 * MAX_PORT_TRIES {
-        // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
-        let c = unsafe {
-            let c = *cursor;
-            *cursor = c.wrapping_add(1);
-            c
-        };
-        if try_port(w, c % range, i >= MAX_PORT_TRIES) {
-            return Ok(());
+}
+
+/// Moves a flow the client just confirmed from the unconfirmed tables to the main ones: flow
+/// entry first, then NAT entry, so that at every moment the port's NAT entry has its flow in
+/// the table that goes with it (snat::holder_expiry relies on that). `w.st` holds the flow's
+/// state with the confirmation, `w.be` its backend. Not inlined: once per connection.
+#[inline(never)]
+pub fn promote(w: &mut Work) -> Result<(), u32> {
+    nat_key_of_flow(w);
+    // SAFETY: a valid map value, copied out.
+    match unsafe { NAT_NEW.get(&w.nk) } {
+        Some(ns) if mem::eq(&ns.flow, &w.key) => mem::copy(&mut w.ns, ns),
+        _ => {
+            // Its NAT entry was evicted by newer unconfirmed flows (and the port may be
+            // another's now): replies could not be translated, so the flow cannot go on.
+            let _ = FLOWS_NEW.remove(&w.key);
+            return Err(drop(stat::DROP_UNCONFIRMED_LOST));
         }
     }
-    Err(drop(stat::DROP_NO_PORT))
-}
-
-/// Tries SNAT port `nat_port_min + offset`: free, or held by a finished flow (reclaimed when
-/// that flow was this client tuple's, or `any_dead`).
-#[inline(always)]
-fn try_port(w: &mut Work, offset: u32, any_dead: bool) -> bool {
-    w.nk.nat_port = ((w.s.nat_port_min as u32 + offset) as u16).to_be();
-    if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
-        return true;
+    w.ns.claim = 0;
+    if FLOWS.insert(&w.key, &w.st, 0).is_err() {
+        return Err(drop(stat::DROP_MAP_FULL));
     }
-    // Taken. If the flow holding it is over, reclaim the port: delete, then the same atomic
-    // insert-if-absent, so two CPUs reclaiming at once cannot both win.
-    if holder_is_dead(w, any_dead) {
-        let _ = NAT.remove(&w.nk);
-        if NAT.insert(&w.nk, &w.ns, BPF_NOEXIST).is_ok() {
-            count(stat::PORT_RECLAIMED);
-            return true;
-        }
+    if NAT.insert(&w.nk, &w.ns, snat::BPF_NOEXIST).is_err() {
+        let _ = FLOWS.remove(&w.key);
+        return Err(drop(stat::DROP_MAP_FULL));
     }
-    false
-}
-
-/// True when the flow that holds the NAT entry `w.nk` has ended (gone from the flow table,
-/// closed for longer than the grace time, or UDP idle) and was this client tuple's unless
-/// `any_holder`. Without this, ports of finished flows would stay taken until LRU eviction.
-#[inline(always)]
-fn holder_is_dead(w: &Work, any_holder: bool) -> bool {
-    // SAFETY: a valid map value; only its flow key is read.
-    let Some(holder) = (unsafe { NAT.get(&w.nk) }) else {
-        return true;
-    };
-    if !any_holder && !mem::eq(&holder.flow, &w.key) {
-        return false;
-    }
-    let Some(st) = FLOWS.get_ptr(&holder.flow) else {
-        return true;
-    };
-    // SAFETY: a valid map value; two fields are read.
-    let (flags, last) = unsafe { ((*st).flags, (*st).last_seen_ns) };
-    is_over(holder.flow.proto, flags, last, w.now, &w.s)
-}
-
-/// True when a flow with these flags, last seen at `last`, has ended: TCP closed (RST, or FIN
-/// both ways) for longer than the grace time, or UDP idle past its timeout.
-#[inline(always)]
-fn is_over(proto: u8, flags: u32, last: u64, now: u64, s: &Settings) -> bool {
-    let idle = now.saturating_sub(last);
-    if proto == PROTO_TCP {
-        let fins = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
-        let closed = flags & FLOW_F_RST != 0 || flags & fins == fins;
-        // `>=`: with the coarse clock a zero grace time must still mean "at once".
-        closed && idle >= s.tcp_closed_ns
-    } else {
-        idle >= s.udp_idle_ns
-    }
-}
-
-/// Forgets the reverse entry of the flow that ended (in `w.st`).
-#[inline(always)]
-pub fn forget(w: &mut Work) {
-    if backend(w.st.backend_id, &mut w.be) {
-        mem::copy16(&mut w.nk.backend, &w.be.addr);
-        mem::copy16(&mut w.nk.snat, &w.st.snat);
-        w.nk.backend_port = w.be.port;
-        w.nk.nat_port = w.st.nat_port;
-        w.nk.proto = w.pkt.proto;
-        w.nk.family = w.pkt.family;
-        w.nk._pad = 0;
-        let _ = NAT.remove(&w.nk);
-    }
+    let _ = NAT_NEW.remove(&w.nk);
+    let _ = FLOWS_NEW.remove(&w.key);
+    count(stat::FLOW_CONFIRMED);
+    Ok(())
 }

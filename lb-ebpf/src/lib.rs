@@ -3,6 +3,9 @@
 //! functions joined with `?`; an `Err` carries the action, so every early exit says what
 //! happens to the packet, and each is counted.
 #![no_std]
+// For `atomic_cxchg` (mem::claim): the BPF target spec offers no compare-and-swap atomics.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 // Map keys are passed by reference on purpose: `Borrow<K>` by value would copy 40-byte keys
 // onto the 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
@@ -14,13 +17,17 @@ pub mod mem;
 pub mod nat;
 pub mod parse;
 pub mod scratch;
+pub mod snat;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use lb_common::{FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, HOP_TTL_NS, PROTO_TCP, stat};
+use lb_common::{FLOW_F_CONFIRMED, HOP_TTL_NS, PROTO_TCP, stat};
 
 use crate::{
     flow::Tracked,
-    maps::{BACKEND_STATS, FLOWS, NAT, SERVICE_STATS, VIPS, account, count, maybe_vip},
+    maps::{
+        BACKEND_STATS, FLOWS, FLOWS_NEW, NAT, NAT_NEW, SERVICE_STATS, VIPS, account, count,
+        maybe_vip,
+    },
     nat::rewrite,
     parse::parse,
     scratch::Work,
@@ -45,9 +52,7 @@ fn try_balance(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     // Most frames that are not for a VIP are told apart by port and address with two array
     // reads: replies from backends and other traffic never reach the flow and VIP lookups.
     if maybe_vip(&w.pkt.dst, w.pkt.family, w.pkt.dport) {
-        if let Some(action) = forward(ctx, w)? {
-            return Ok(action);
-        }
+        return forward(ctx, w);
     }
     reply(ctx, w)
 }
@@ -58,12 +63,12 @@ fn frame_len(ctx: &XdpContext) -> u64 {
     (ctx.data_end() - ctx.data()) as u64
 }
 
-/// Client → VIP becomes balancer → backend; `None` when the frame is not for a VIP. A tracked
-/// flow is looked up first, so established packets cost one hash lookup; only misses look
-/// the VIP up. Not inlined: the two directions then get separate stack frames instead of one
-/// frame holding both.
+/// Client → VIP becomes balancer → backend; a frame that is not for a VIP goes on to
+/// `reply`. A tracked flow is looked up first, so established packets cost one hash lookup;
+/// only misses look the VIP up. Not inlined: the two directions then get separate stack
+/// frames instead of one frame holding both.
 #[inline(never)]
-fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
+fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     flow::make_key(w);
     // The coarse clock (one tick, a few ms, behind) is enough for every timer here: idle and
     // close timeouts in seconds, the 1 s next-hop cache, 100 ms last-seen updates. It reads a
@@ -73,12 +78,12 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
     w.now = now;
     let tracked = flow::lookup(w, now);
     let (service_id, new) = match tracked {
-        Tracked::Live(ptr) => {
+        Tracked::Live(ptr, confirmed) => {
             count(stat::VIP_HIT);
             if w.pkt.ttl <= 1 {
                 // The kernel answers with ICMP time exceeded.
                 count(stat::PASS_TTL);
-                return Ok(Some(xdp_action::XDP_PASS));
+                return Ok(xdp_action::XDP_PASS);
             }
             count(stat::FLOW_HIT);
             // SAFETY: a valid map value.
@@ -90,12 +95,24 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
             // SAFETY: as above.
             mem::copy(&mut w.st, unsafe { &*ptr });
             if now.wrapping_sub(w.st.hop.at_ns) > HOP_TTL_NS {
+                let before = w.st.hop.ifindex;
                 flow::route_to_backend(ctx, w, false, now)?;
                 // SAFETY: as above; a racing refresh writes an equally fresh hop.
                 mem::copy(unsafe { &mut (*ptr).hop }, &w.st.hop);
+                if w.st.hop.ifindex != before {
+                    flow::reroute(w);
+                }
             }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
-            flow::touch(unsafe { &mut *ptr }, flow::flags_of(&w.pkt, FLOW_F_FIN_CLIENT), now);
+            let st = unsafe { &mut *ptr };
+            let add = flow::client_flags_of(&w.pkt, st);
+            flow::touch(st, add, now);
+            if !confirmed && add & FLOW_F_CONFIRMED != 0 {
+                w.st.flags |= add;
+                w.st.last_seen_ns = now;
+                w.st.client_next = st.client_next;
+                flow::promote(w)?;
+            }
             (w.be.service_id, false)
         }
         tracked => {
@@ -107,12 +124,15 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
             mem::copy16(&mut w.vk.addr, &w.pkt.dst);
             // SAFETY: the value is plain data, copied out at once.
             let Some(vip) = (unsafe { VIPS.get(&w.vk) }).copied() else {
-                return Ok(None);
+                // Not a VIP after all (the filter's false positive): maybe a reply. Called from
+                // here rather than signalled with `Ok(None)`: LLVM leaves an `Option`'s unused
+                // payload register unset across the call, which the verifier refuses to read.
+                return reply(ctx, w);
             };
             count(stat::VIP_HIT);
             if w.pkt.ttl <= 1 {
                 count(stat::PASS_TTL);
-                return Ok(Some(xdp_action::XDP_PASS));
+                return Ok(xdp_action::XDP_PASS);
             }
             count(stat::FLOW_MISS);
             if w.pkt.proto == PROTO_TCP && !flow::is_syn(&w.pkt) {
@@ -120,8 +140,13 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
                 count(stat::DROP_NOT_SYN);
                 return Err(xdp_action::XDP_DROP);
             }
-            if let Tracked::Ended = tracked {
-                flow::forget(w);
+            // An ended flow's NAT entry is left alone: the port may already be another
+            // flow's (reclaimed), and only its owner or one reclaimer may change it. Its flow
+            // entry goes when the new TCP flow starts in FLOWS_NEW: lookups try FLOWS first.
+            if let Tracked::Ended(true) = tracked
+                && w.pkt.proto == PROTO_TCP
+            {
+                let _ = FLOWS.remove(&w.key);
             }
             flow::create(ctx, w, &vip, now)?;
             count(stat::FLOW_NEW);
@@ -138,7 +163,7 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<Option<u32>, u32> {
     w.t.smac = w.st.hop.smac;
     w.t.dmac = w.st.hop.dmac;
     rewrite(ctx, &w.pkt, &w.t)?;
-    Ok(Some(fib::send(ctx, w.st.hop.ifindex)))
+    Ok(fib::send(ctx, w.st.hop.ifindex))
 }
 
 /// Backend → balancer (a tracked SNAT port) becomes VIP → client; anything else passes.
@@ -156,12 +181,25 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     w.nk.proto = w.pkt.proto;
     w.nk.family = w.pkt.family;
     w.nk._pad = 0;
-    let Some(ns_ptr) = NAT.get_ptr_mut(&w.nk) else {
-        count(stat::PASS_NOT_VIP);
-        return Ok(xdp_action::XDP_PASS);
+    // Confirmed flows first: most replies cost one lookup.
+    let (ns_ptr, confirmed) = match NAT.get_ptr_mut(&w.nk) {
+        Some(p) => (p, true),
+        None => match NAT_NEW.get_ptr_mut(&w.nk) {
+            Some(p) => (p, false),
+            None => {
+                count(stat::PASS_NOT_VIP);
+                return Ok(xdp_action::XDP_PASS);
+            }
+        },
     };
     // SAFETY: a valid map value, copied out.
     mem::copy(&mut w.ns, unsafe { &*ns_ptr });
+    if ctx.ingress_ifindex() as u32 != w.ns.backend_ifindex {
+        // Claims to come from a backend but arrived where that backend is not reached: a
+        // spoofed reply (translating it would let anyone inject into the flow).
+        count(stat::DROP_WRONG_IFACE);
+        return Err(xdp_action::XDP_DROP);
+    }
     count(stat::REPLY);
     if w.pkt.ttl <= 1 {
         count(stat::PASS_TTL);
@@ -169,15 +207,26 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     }
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // The client-side flow only needs to hear about a reply that closes it (TCP FIN/RST) or
-    // keeps it alive (UDP, whose idle time counts both directions); skipping the lookup
+    // The client-side flow only needs to hear about a reply that closes it (TCP FIN/RST),
+    // answers its SYN, or keeps it alive (UDP, whose idle time counts both directions); skipping the lookup
     // otherwise saves a hash lookup on most replies.
-    let add = flow::flags_of(&w.pkt, FLOW_F_FIN_BACKEND);
-    if (add != 0 || w.pkt.proto != PROTO_TCP)
-        && let Some(st) = FLOWS.get_ptr_mut(&w.ns.flow)
-    {
-        // SAFETY: a valid map value (see flow::touch on concurrent updates).
-        flow::touch(unsafe { &mut *st }, add, now);
+    let add = flow::backend_flags_of(&w.pkt);
+    // SAFETY: a valid map value; a racing writer stores an equally recent time.
+    unsafe {
+        if now.saturating_sub((*ns_ptr).last_seen_ns) > flow::TOUCH_NS {
+            (*ns_ptr).last_seen_ns = now;
+        }
+    }
+    if add != 0 || w.pkt.proto != PROTO_TCP {
+        let st = if confirmed {
+            FLOWS.get_ptr_mut(&w.ns.flow)
+        } else {
+            FLOWS_NEW.get_ptr_mut(&w.ns.flow)
+        };
+        if let Some(st) = st {
+            // SAFETY: a valid map value (see flow::touch on concurrent updates).
+            flow::touch(unsafe { &mut *st }, add, now);
+        }
     }
     let len = frame_len(ctx);
     account(&SERVICE_STATS, w.ns.service_id, len, false);

@@ -4,8 +4,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, Counter, DEFAULT_MAX_FLOWS, FlowKey, FlowState, IfaceAddrs, MAX_BACKENDS,
-    MAX_SERVICES, NatKey, NatState, RING_SIZE, Settings, VipInfo, VipKey, stat, vip_addr_slot,
+    BackendInfo, Counter, DEFAULT_MAX_FLOWS, DEFAULT_MAX_UNCONFIRMED_FLOWS, FlowKey, FlowState,
+    IfaceAddrs, MAX_BACKENDS, MAX_SERVICES, NatKey, NatState, RING_SIZE, Settings, VipInfo, VipKey,
+    stat, vip_addr_slot,
 };
 
 /// Interfaces a balancer may serve; the devmap and address table hold one entry each.
@@ -44,6 +45,16 @@ pub static FLOWS: LruHashMap<FlowKey, FlowState> =
 
 #[map(name = "LB_NAT")]
 pub static NAT: LruHashMap<NatKey, NatState> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+// Unconfirmed TCP flows live in LRUs of their own: inserting one can only evict another
+// unconfirmed flow, so a SYN flood cannot push established flows out of FLOWS and NAT.
+#[map(name = "LB_FLOWS_NEW")]
+pub static FLOWS_NEW: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_UNCONFIRMED_FLOWS, 0);
+
+#[map(name = "LB_NAT_NEW")]
+pub static NAT_NEW: LruHashMap<NatKey, NatState> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_UNCONFIRMED_FLOWS, 0);
 
 #[map(name = "LB_IFACES")]
 pub static IFACES: HashMap<u32, IfaceAddrs> = HashMap::with_max_entries(MAX_IFACES, 0);

@@ -45,3 +45,29 @@ pub fn eq<T>(a: &T, b: &T) -> bool {
     }
     diff == 0
 }
+
+/// Atomically sets `word` from 0 to 1; true for the one caller that did. The BPF target has no
+/// `AtomicU64::compare_exchange` (atomic-cas is off in its spec), but the kernel runs
+/// BPF_CMPXCHG, which LLVM emits for this intrinsic.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+pub fn claim(word: &mut u64) -> bool {
+    use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+    // SAFETY: an aligned u64 that other CPUs only ever change through this function.
+    let (_, won) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(word, 0, 1)
+    };
+    won
+}
+
+/// The same on the host (the crate is type-checked there; the program never runs there).
+#[cfg(not(target_arch = "bpf"))]
+#[inline(always)]
+pub fn claim(word: &mut u64) -> bool {
+    use core::sync::atomic::{AtomicU64, Ordering};
+    let cell = word as *mut u64;
+    // SAFETY: an aligned u64 that other CPUs only ever change through this function.
+    unsafe { AtomicU64::from_ptr(cell) }
+        .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok()
+}

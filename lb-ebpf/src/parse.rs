@@ -50,6 +50,10 @@ pub struct Packet {
     pub l4_off: usize,
     /// The IP packet's length (IPv4 total length, or IPv6 payload + header), host byte order.
     pub ip_len: u16,
+    /// TCP sequence number, host byte order (0 for UDP).
+    pub seq: u32,
+    /// Sequence space the TCP segment takes: payload, plus one for SYN and one for FIN.
+    pub seq_len: u32,
 }
 
 /// Zeroes an 8-byte aligned address with two word stores (a plain `= [0; 16]` of both
@@ -108,16 +112,23 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), u32> {
         }
         _ => return Err(pass(stat::PASS_NOT_IP)),
     };
-    let tcp_flags = match proto {
+    let (tcp_flags, seq, seq_len) = match proto {
         PROTO_TCP => {
             let tcp: *const [u8; TCP_HLEN] =
                 ptr_at(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
             // SAFETY: ptr_at checked the bounds.
-            unsafe { (*tcp)[13] }
+            let tcp = unsafe { &*tcp };
+            let flags = tcp[13];
+            // Lengths from the headers, not the frame (which may carry Ethernet padding); a
+            // bogus header only yields a bogus length, used for RST checks alone.
+            let headers = (l4_off - ETH_HLEN) as u32 + (tcp[12] >> 4) as u32 * 4;
+            let payload = (ip_len as u32).saturating_sub(headers);
+            let len = payload + (flags & 0x02 != 0) as u32 + (flags & 0x01 != 0) as u32;
+            (flags, u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]), len)
         }
         PROTO_UDP => {
             ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
-            0
+            (0, 0, 0)
         }
         // ICMP errors quoting a balanced flow are not translated: the kernel gets them.
         PROTO_ICMP | PROTO_ICMPV6 => return Err(pass(stat::PASS_ICMP)),
@@ -133,6 +144,8 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), u32> {
     pkt.sport = u16::from_ne_bytes([ports[0], ports[1]]);
     pkt.dport = u16::from_ne_bytes([ports[2], ports[3]]);
     pkt.tcp_flags = tcp_flags;
+    pkt.seq = seq;
+    pkt.seq_len = seq_len;
     pkt.ip_len = ip_len;
     pkt.ttl = ttl;
     Ok(())

@@ -23,7 +23,7 @@ pub const C0_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0];
 /// The balancer's MACs on `b1` (10.1.1.1/24, fd01:1::1/64) and `b2` (10.1.2.1/24).
 pub const B1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
 pub const B2_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
-/// Neighbours: the client (10.0.0.2, fd00::2) and backends 10.1.1.2/fd01:1::2 and 10.1.2.2.
+/// Neighbours: the client (10.0.0.2, fd00::2; also .3, .4 and fd00::3) and backends 10.1.1.2/fd01:1::2 and 10.1.2.2.
 pub const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0xc, 2];
 pub const BACKEND1_MAC: [u8; 6] = [2, 0, 0, 0, 0xb, 1];
 pub const BACKEND2_MAC: [u8; 6] = [2, 0, 0, 0, 0xb, 2];
@@ -64,6 +64,10 @@ pub fn namespace() -> anyhow::Result<Netns> {
     for (addr, m, dev) in [
         ("10.0.0.2", CLIENT_MAC, "c0"),
         ("fd00::2", CLIENT_MAC, "c0"),
+        // More clients behind the same router MAC, for fixtures with several flows.
+        ("10.0.0.3", CLIENT_MAC, "c0"),
+        ("10.0.0.4", CLIENT_MAC, "c0"),
+        ("fd00::3", CLIENT_MAC, "c0"),
         ("10.1.1.2", BACKEND1_MAC, "b1"),
         ("fd01:1::2", BACKEND1_MAC, "b1"),
         ("10.1.2.2", BACKEND2_MAC, "b2"),
@@ -90,8 +94,40 @@ pub fn dataplane_with(config: &str, opts: LoadOptions) -> anyhow::Result<Datapla
     Ok(dp)
 }
 
-/// Runs one frame through the program: (action, output frame).
+/// Runs one frame through the program: (action, output frame). The frame arrives where its
+/// source lives: on `b1`/`b2` from the backend subnets, on `c0` from anywhere else.
 pub fn run(dp: &Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
+    run_on(dp, ingress_of(frame), frame)
+}
+
+/// The fixture interface a frame from its source address arrives on.
+fn ingress_of(frame: &[u8]) -> &'static str {
+    let Some(&[hi, lo]) = frame.get(12..14) else {
+        return "c0";
+    };
+    let src: IpAddr = match u16::from_be_bytes([hi, lo]) {
+        0x0800 if frame.len() >= 30 => <[u8; 4]>::try_from(&frame[26..30]).unwrap().into(),
+        0x86dd if frame.len() >= 38 => <[u8; 16]>::try_from(&frame[22..38]).unwrap().into(),
+        _ => return "c0",
+    };
+    let s = src.to_string();
+    if s.starts_with("10.1.1.") || s.starts_with("fd01:1::") {
+        "b1"
+    } else if s.starts_with("10.1.2.") || s.starts_with("fd01:2::") {
+        "b2"
+    } else {
+        "c0"
+    }
+}
+
+/// Runs one frame through the program as if it arrived on `iface` (BPF_PROG_TEST_RUN with an
+/// `xdp_md` naming the ingress interface).
+pub fn run_on(dp: &Dataplane, iface: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+    let index = Iface::lookup(iface).expect("fixture interface").index;
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex; the kernel wants data_end = the frame's length and no metadata.
+    let md: Vec<u8> =
+        [0, frame.len() as u32, 0, index, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut out = vec![0u8; frame.len() + 256];
     let r = dp
         .balancer()
@@ -99,6 +135,7 @@ pub fn run(dp: &Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: Some(&md),
             ..Default::default()
         })
         .expect("BPF_PROG_TEST_RUN");

@@ -29,6 +29,8 @@ pub struct Frame {
     /// IPv4 flags and fragment offset field (host order), e.g. 0x2000 for "more fragments".
     pub frag: u16,
     pub ttl: u8,
+    /// TCP sequence number (default 1000).
+    pub seq: u32,
 }
 
 impl Frame {
@@ -43,6 +45,7 @@ impl Frame {
             ip_options: Vec::new(),
             frag: 0x4000,
             ttl: 64,
+            seq: 1000,
         }
     }
 
@@ -97,7 +100,7 @@ impl Frame {
         l4.extend_from_slice(&self.dport.to_be_bytes());
         let check_at = match self.l4 {
             L4::Tcp { flags } => {
-                l4.extend_from_slice(&1000u32.to_be_bytes());
+                l4.extend_from_slice(&self.seq.to_be_bytes());
                 l4.extend_from_slice(&0u32.to_be_bytes());
                 l4.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
                 16

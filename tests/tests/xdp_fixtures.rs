@@ -385,3 +385,349 @@ fn vip_port_filter_follows_service_changes() {
         assert_eq!(stats(dp)["pass_not_vip"], 3, "{:?}", stats(dp));
     });
 }
+
+/// Runs `body` in a fresh fixture namespace with the program loaded under `opts`.
+fn with_options(
+    name: &str,
+    config: &'static str,
+    opts: lb_user::dataplane::LoadOptions,
+    body: impl FnOnce(&mut Dataplane) + Send + 'static,
+) {
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let ns = namespace().expect("fixture namespace");
+    ns.run(move || {
+        let mut dp = dataplane_with(config, opts).expect("load program");
+        body(&mut dp);
+    })
+    .expect("fixture body (see the panic above)");
+}
+
+/// Load options with SNAT ports `[lo, hi]`, one CPU slice, and every timeout at `secs`.
+fn short_timeouts(lo: u16, hi: u16, secs: f64) -> lb_user::dataplane::LoadOptions {
+    let mut opts = lb_user::dataplane::LoadOptions::private();
+    let ns = (secs * 1e9) as u64;
+    opts.settings.nat_port_min = lo;
+    opts.settings.nat_port_max = hi;
+    opts.settings.cpus = 1;
+    opts.settings.tcp_syn_ns = ns;
+    opts.settings.tcp_idle_ns = ns;
+    opts.settings.udp_idle_ns = ns;
+    opts
+}
+
+/// Sleeps past a timeout of `secs` (the program's coarse clock lags a few ms).
+fn sleep_past(secs: f64) {
+    std::thread::sleep(std::time::Duration::from_secs_f64(secs + 0.15));
+}
+
+/// The TCP handshake through the balancer: SYN, the backend's SYN-ACK, the client's ACK.
+/// Returns the SNAT port.
+fn handshake(dp: &Dataplane, client: &str, sport: u16) -> u16 {
+    let vip = ip("10.200.0.1");
+    let (a, out) = run(dp, &Frame::tcp(ip(client), sport, vip, 80, TCP_SYN).bytes());
+    assert_eq!(a, XDP_REDIRECT, "{client}:{sport} SYN");
+    let port = fields(&out).sport;
+    let synack = Frame::tcp(ip("10.1.1.2"), 80, ip("10.1.1.1"), port, TCP_SYN | TCP_ACK).bytes();
+    assert_eq!(run(dp, &synack).0, XDP_REDIRECT, "SYN-ACK to {client}:{sport}");
+    let ack = Frame::tcp(ip(client), sport, vip, 80, TCP_ACK).bytes();
+    assert_eq!(run(dp, &ack).0, XDP_REDIRECT, "{client}:{sport} ACK");
+    port
+}
+
+/// Issue 12, item 1: a SYN whose SYN-ACK the client never acknowledges holds its SNAT port
+/// for `tcp_syn_timeout` only; a confirmed flow outlives that. A SYN-ACK alone confirms nothing.
+#[test]
+fn unconfirmed_tcp_flow_expires_and_frees_its_port() {
+    let mut opts = short_timeouts(2000, 2001, 1.0);
+    opts.settings.tcp_idle_ns = 30_000_000_000;
+    with_options("unconfirmed_tcp_flow_expires_and_frees_its_port", CONFIG, opts, |dp| {
+        let vip = ip("10.200.0.1");
+        let confirmed = handshake(dp, "10.0.0.2", 47000);
+        let (a, out) = run(dp, &Frame::tcp(ip("10.0.0.3"), 47000, vip, 80, TCP_SYN).bytes());
+        assert_eq!(a, XDP_REDIRECT);
+        let unconfirmed = fields(&out).sport;
+        assert_ne!(unconfirmed, confirmed);
+        // The backend answers, the client (a spoofed source, or one that drops SYN-ACKs) never
+        // acknowledges; repeating the SYN does not extend its time either.
+        let synack =
+            Frame::tcp(ip("10.1.1.2"), 80, ip("10.1.1.1"), unconfirmed, TCP_SYN | TCP_ACK).bytes();
+        assert_eq!(run(dp, &synack).0, XDP_REDIRECT);
+        let newcomer = Frame::tcp(ip("10.0.0.4"), 47000, vip, 80, TCP_SYN).bytes();
+        assert_eq!(run(dp, &newcomer).0, XDP_DROP, "both ports held by live flows");
+        assert_eq!(stats(dp)["drop_no_port"], 1);
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        let resyn = Frame::tcp(ip("10.0.0.3"), 47000, vip, 80, TCP_SYN).bytes();
+        assert_eq!(run(dp, &resyn).0, XDP_REDIRECT, "a repeated SYN follows its flow");
+        sleep_past(0.4);
+        // Past tcp_syn_timeout: the unconfirmed flow's port goes to the newcomer at once.
+        let (a, out) = run(dp, &newcomer);
+        assert_eq!(a, XDP_REDIRECT, "{:?}", stats(dp));
+        assert_eq!(fields(&out).sport, unconfirmed);
+        let s = stats(dp);
+        assert_eq!((s["flow_expired_syn"], s["port_reclaimed"]), (1, 1), "{s:?}");
+        // The confirmed flow, as old, is untouched.
+        let (a, out) = run(dp, &Frame::tcp(ip("10.0.0.2"), 47000, vip, 80, TCP_ACK).bytes());
+        assert_eq!((a, fields(&out).sport), (XDP_REDIRECT, confirmed));
+        // The expired client's late ACK is not resumed.
+        let late = Frame::tcp(ip("10.0.0.3"), 47000, vip, 80, TCP_ACK).bytes();
+        assert_eq!(run(dp, &late).0, XDP_DROP);
+        assert_eq!(stats(dp)["drop_not_syn"], 1);
+    });
+}
+
+/// Issue 12, item 1: an established flow with no packet either way for `tcp_idle_timeout`
+/// ends and frees its port; one where only the backend talks stays.
+#[test]
+fn established_tcp_flow_expires_when_idle_both_ways() {
+    let opts = short_timeouts(2000, 2001, 1.0);
+    with_options("established_tcp_flow_expires_when_idle_both_ways", CONFIG, opts, |dp| {
+        let vip = ip("10.200.0.1");
+        let silent = handshake(dp, "10.0.0.2", 48000);
+        let pushed = handshake(dp, "10.0.0.3", 48000);
+        // Only the backend sends on the second flow (a download the client does not ACK
+        // through here, or server pushes): replies alone keep it alive.
+        let data = Frame::tcp(ip("10.1.1.2"), 80, ip("10.1.1.1"), pushed, TCP_ACK).bytes();
+        for _ in 0..4 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert_eq!(run(dp, &data).0, XDP_REDIRECT);
+        }
+        sleep_past(0.0);
+        let (a, out) = run(dp, &Frame::tcp(ip("10.0.0.3"), 48000, vip, 80, TCP_ACK).bytes());
+        assert_eq!((a, fields(&out).sport), (XDP_REDIRECT, pushed), "{:?}", stats(dp));
+        // The silent one is over: a new client takes its port.
+        let (a, out) = run(dp, &Frame::tcp(ip("10.0.0.4"), 48000, vip, 80, TCP_SYN).bytes());
+        assert_eq!((a, fields(&out).sport), (XDP_REDIRECT, silent), "{:?}", stats(dp));
+        let s = stats(dp);
+        assert_eq!((s["flow_expired_idle"], s["port_reclaimed"]), (1, 1), "{s:?}");
+        let late = Frame::tcp(ip("10.0.0.2"), 48000, vip, 80, TCP_ACK).bytes();
+        assert_eq!(run(dp, &late).0, XDP_DROP, "the idle flow is not resumed");
+    });
+}
+
+/// Issue 12, item 2 (port search): with 64 SNAT ports all held by live flows, each port freed
+/// by a close is found by the very next SYN, wherever it lies in the range (the cursor used to
+/// step by 16 and skip most of them).
+#[test]
+fn port_search_tries_every_port_of_the_range() {
+    let mut opts = short_timeouts(3000, 3063, 30.0);
+    opts.settings.tcp_closed_ns = 0;
+    with_options("port_search_tries_every_port_of_the_range", CONFIG, opts, |dp| {
+        let vip = ip("10.200.0.1");
+        let mut holders = HashMap::new();
+        for i in 0..64u16 {
+            let c = format!("10.0.1.{}", i + 1);
+            let (a, out) = run(dp, &Frame::tcp(ip(&c), 49000, vip, 80, TCP_SYN).bytes());
+            assert_eq!(a, XDP_REDIRECT, "SYN {i} gets one of the 64 ports: {:?}", stats(dp));
+            assert!(holders.insert(fields(&out).sport, c).is_none(), "a port given twice");
+        }
+        for (next, port) in [3000u16, 3017, 3030, 3031, 3063].into_iter().enumerate() {
+            let refused = format!("10.0.2.{}", next + 100);
+            let syn = Frame::tcp(ip(&refused), 49000, vip, 80, TCP_SYN).bytes();
+            assert_eq!(run(dp, &syn).0, XDP_DROP, "all 64 held");
+            let holder = &holders[&port];
+            run(dp, &Frame::tcp(ip(holder), 49000, vip, 80, TCP_RST | TCP_ACK).bytes());
+            let c = format!("10.0.2.{next}");
+            let (a, out) = run(dp, &Frame::tcp(ip(&c), 49000, vip, 80, TCP_SYN).bytes());
+            assert_eq!((a, fields(&out).sport), (XDP_REDIRECT, port), "{:?}", stats(dp));
+        }
+        let s = stats(dp);
+        assert_eq!((s["drop_no_port"], s["port_reclaimed"]), (5, 5), "{s:?}");
+    });
+}
+
+/// Issue 12, item 3: UDP flow A idles out, flow B reclaims A's SNAT port, then A sends again:
+/// A must not take the port back (nor delete B's entry), and B's replies still reach B.
+#[test]
+fn a_nat_entry_belongs_to_one_flow() {
+    let opts = short_timeouts(4000, 4000, 1.0);
+    with_options("a_nat_entry_belongs_to_one_flow", CONFIG, opts, |dp| {
+        let vip = ip("fd00:200::1");
+        let a = Frame::udp(ip("fd00::2"), 5000, vip, 53, b"from A").bytes();
+        let b = Frame::udp(ip("fd00::3"), 5001, vip, 53, b"from B").bytes();
+        let (act, out) = run(dp, &a);
+        assert_eq!((act, fields(&out).sport), (XDP_REDIRECT, 4000));
+        sleep_past(1.0);
+        let (act, out) = run(dp, &b);
+        assert_eq!((act, fields(&out).sport), (XDP_REDIRECT, 4000), "B reclaims A's port");
+        // A again: its flow is over and the only port is B's, live.
+        assert_eq!(run(dp, &a).0, XDP_DROP, "A may not take B's port");
+        let s = stats(dp);
+        assert_eq!((s["drop_no_port"], s["port_reclaimed"]), (1, 1), "{s:?}");
+        let answer = Frame::udp(ip("fd01:1::2"), 53, ip("fd01:1::1"), 4000, b"for B").bytes();
+        let (act, out) = run(dp, &answer);
+        assert_eq!(act, XDP_REDIRECT, "{:?}", stats(dp));
+        let r = fields(&out);
+        assert_eq!((r.src, r.sport, r.dst, r.dport), (vip, 53, ip("fd00::3"), 5001));
+        assert!(checksums_valid(&out));
+        // B goes on; after B idles out too, A gets the port and then A's replies reach A.
+        assert_eq!(run(dp, &b).0, XDP_REDIRECT);
+        sleep_past(1.0);
+        assert_eq!(run(dp, &a).0, XDP_REDIRECT);
+        let (_, out) = run(dp, &answer);
+        assert_eq!(fields(&out).dst, ip("fd00::2"));
+    });
+}
+
+/// Issue 12, item 2: a SYN flood ten times `max_flows` from spoofed sources (they never
+/// acknowledge a SYN-ACK) fills only the unconfirmed tables; every established flow keeps its
+/// backend, SNAT port and reverse translation, and a real client still connects afterwards.
+#[test]
+fn a_syn_flood_ten_times_max_flows_leaves_established_flows_working() {
+    let mut opts = lb_user::dataplane::LoadOptions::private();
+    opts.max_flows = 1024;
+    opts.max_unconfirmed_flows = 256;
+    opts.settings.cpus = 1;
+    with_options("a_syn_flood_leaves_established_flows_working", CONFIG, opts, |dp| {
+        let vip = ip("10.200.0.1");
+        let held: Vec<(u16, u16)> =
+            (0..30).map(|i| (50000 + i, handshake(dp, "10.0.0.2", 50000 + i))).collect();
+        assert_eq!(stats(dp)["flow_confirmed"], 30);
+        let mut forwarded = 0;
+        for i in 0..10 * 1024u32 {
+            let src = ip(&format!("10.{}.{}.{}", 50 + i / 65536, (i / 256) % 256, i % 256));
+            let syn = Frame::tcp(src, 1024 + (i % 60000) as u16, vip, 80, TCP_SYN).bytes();
+            if run(dp, &syn).0 == XDP_REDIRECT {
+                forwarded += 1;
+            }
+        }
+        assert_eq!(forwarded, 10 * 1024, "the flood's SYNs are forwarded too: {:?}", stats(dp));
+        for &(sport, port) in &held {
+            let ack = Frame::tcp(ip("10.0.0.2"), sport, vip, 80, TCP_ACK).bytes();
+            let (a, out) = run(dp, &ack);
+            assert_eq!((a, fields(&out).sport), (XDP_REDIRECT, port), "client side of {sport}");
+            let data = Frame::tcp(ip("10.1.1.2"), 80, ip("10.1.1.1"), port, TCP_ACK).bytes();
+            let (a, out) = run(dp, &data);
+            let r = fields(&out);
+            assert_eq!((a, r.dst, r.dport), (XDP_REDIRECT, ip("10.0.0.2"), sport), "reply {sport}");
+        }
+        handshake(dp, "10.0.0.3", 50000);
+        let s = stats(dp);
+        assert_eq!((s["drop_not_syn"], s["flow_confirmed"]), (0, 31), "{s:?}");
+        assert_eq!(
+            dp.flows_per_backend().unwrap().values().sum::<u64>(),
+            31,
+            "FLOWS holds the established flows only"
+        );
+    });
+}
+
+/// Issue 12, item 4: a client RST far from the sequence numbers the flow has used is forwarded
+/// (the backend decides) but does not end the flow here; an in-window one does.
+#[test]
+fn blind_client_rst_does_not_end_the_flow() {
+    const V6: &str = r#"
+[xdp]
+interfaces = ["c0", "b1", "b2"]
+[[xdp.service]]
+name = "web"
+vip = "10.200.0.1:80"
+backends = ["10.1.1.2:80"]
+[[xdp.service]]
+name = "web6"
+vip = "[fd00:200::1]:80"
+backends = ["[fd01:1::2]:80"]
+"#;
+    let mut opts = lb_user::dataplane::LoadOptions::private();
+    opts.settings.tcp_closed_ns = 0;
+    with_options("blind_client_rst_does_not_end_the_flow", V6, opts, |dp| {
+        for (client, vip) in [("10.0.0.2", "10.200.0.1"), ("fd00::2", "fd00:200::1")] {
+            let (c, v) = (ip(client), ip(vip));
+            let (a, out) = run(dp, &Frame::tcp(c, 52000, v, 80, TCP_SYN).bytes());
+            assert_eq!(a, XDP_REDIRECT);
+            let port = fields(&out).sport;
+            // Data moves the client's sequence number on: 1001 + 100 bytes.
+            let mut data = Frame::tcp(c, 52000, v, 80, TCP_ACK);
+            data.seq = 1001;
+            data.payload = vec![7; 100];
+            assert_eq!(run(dp, &data.bytes()).0, XDP_REDIRECT);
+            for blind in [1101u32.wrapping_add(1 << 20), 1101u32.wrapping_sub(70_000)] {
+                let mut rst = Frame::tcp(c, 52000, v, 80, TCP_RST);
+                rst.seq = blind;
+                let (a, out) = run(dp, &rst.bytes());
+                assert_eq!((a, fields(&out).sport), (XDP_REDIRECT, port), "{client}: forwarded");
+            }
+            // Still live (with no grace time after a close, an accepted RST would end it now).
+            let mut ack = Frame::tcp(c, 52000, v, 80, TCP_ACK);
+            ack.seq = 1101;
+            let (a, out) = run(dp, &ack.bytes());
+            assert_eq!((a, fields(&out).sport), (XDP_REDIRECT, port), "{client}: {:?}", stats(dp));
+            let mut rst = Frame::tcp(c, 52000, v, 80, TCP_RST);
+            rst.seq = 1101;
+            assert_eq!(run(dp, &rst.bytes()).0, XDP_REDIRECT);
+            assert_eq!(run(dp, &ack.bytes()).0, XDP_DROP, "{client}: the real RST ends it");
+        }
+        let s = stats(dp);
+        assert_eq!((s["rst_out_of_window"], s["drop_not_syn"]), (4, 2), "{s:?}");
+    });
+}
+
+/// Issue 12, item 4: a reply is translated only when it arrives on the interface through
+/// which its backend is reached; the same bytes from elsewhere are a spoof and are dropped.
+#[test]
+fn replies_count_only_from_the_backends_interface() {
+    with_fixture("replies_count_only_from_the_backends_interface", CONFIG, |dp| {
+        let (_, out) =
+            run(dp, &Frame::tcp(ip("10.0.0.2"), 53000, ip("10.200.0.1"), 80, TCP_SYN).bytes());
+        let port = fields(&out).sport;
+        let synack =
+            Frame::tcp(ip("10.1.1.2"), 80, ip("10.1.1.1"), port, TCP_SYN | TCP_ACK).bytes();
+        let (_, out) =
+            run(dp, &Frame::udp(ip("fd00::2"), 5353, ip("fd00:200::1"), 53, b"q").bytes());
+        let port6 = fields(&out).sport;
+        let answer = Frame::udp(ip("fd01:1::2"), 53, ip("fd01:1::1"), port6, b"a").bytes();
+        for spoofed_on in ["c0", "b2"] {
+            assert_eq!(run_on(dp, spoofed_on, &synack).0, XDP_DROP, "v4 reply on {spoofed_on}");
+            assert_eq!(run_on(dp, spoofed_on, &answer).0, XDP_DROP, "v6 reply on {spoofed_on}");
+        }
+        assert_eq!(stats(dp)["drop_wrong_iface"], 4);
+        let (a, out) = run_on(dp, "b1", &synack);
+        assert_eq!((a, fields(&out).dst), (XDP_REDIRECT, ip("10.0.0.2")));
+        let (a, out) = run_on(dp, "b1", &answer);
+        assert_eq!((a, fields(&out).dst), (XDP_REDIRECT, ip("fd00::2")));
+        assert_eq!(stats(dp)["reply"], 2);
+    });
+}
+
+/// Pins left by a version with other map layouts (this change grew `Settings`, `FlowState`
+/// and `NatState`) are refused with the fix named, not adopted into a verifier error.
+#[test]
+fn pins_of_another_layout_are_refused_with_the_fix() {
+    if !privileged_or_skip("pins_of_another_layout_are_refused_with_the_fix") {
+        return;
+    }
+    let ns = namespace().expect("fixture namespace");
+    ns.run(|| {
+        // A private bpffs in the root mount namespace, removed whatever happens below.
+        let dir = std::path::PathBuf::from(format!("/run/lb-fixture-pins-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount bpffs");
+        let pins = dir.join("lb");
+        let result = std::panic::catch_unwind(|| {
+            let mut opts = lb_user::dataplane::LoadOptions::private();
+            opts.pin_dir = Some(pins.clone());
+            opts.max_flows = 1024;
+            opts.max_unconfirmed_flows = 256;
+            drop(Dataplane::load(&opts).expect("first load pins the maps"));
+            assert!(Dataplane::load(&opts).is_ok(), "same layouts: adopted");
+            // Stand in an old layout: a 4-byte-value map under the settings' name.
+            std::fs::remove_file(pins.join("LB_SETTINGS")).unwrap();
+            std::fs::rename(pins.join("LB_VIP_PORTS"), pins.join("LB_SETTINGS")).unwrap();
+            let err = Dataplane::load(&opts).err().expect("refused").to_string();
+            assert!(err.contains("LB_SETTINGS") && err.contains("lb detach"), "{err}");
+        });
+        let _ = lb_user::dataplane::detach(&pins);
+        let _ = std::process::Command::new("umount").arg(&dir).status();
+        let _ = std::fs::remove_dir(&dir);
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    })
+    .expect("fixture body (see the panic above)");
+}

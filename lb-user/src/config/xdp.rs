@@ -20,13 +20,27 @@ pub struct XdpConfig {
     /// Capacity of the flow table (and of the NAT table), in flows.
     #[serde(default = "default_max_flows")]
     pub max_flows: u32,
+    /// Capacity of the tables of unconfirmed TCP flows (SYN seen, handshake not finished), in
+    /// flows; a SYN flood evicts only these. Default: a quarter of `max_flows`.
+    #[serde(default)]
+    pub max_unconfirmed_flows: Option<u32>,
     /// Seconds after which an idle UDP flow is new again (and may go to another backend).
     #[serde(default = "default_udp_idle")]
     pub udp_idle_timeout: u64,
+    /// Seconds a TCP flow may stay unconfirmed (SYN forwarded, no client ACK after the
+    /// backend's SYN-ACK) before it ends and frees its SNAT port.
+    #[serde(default = "default_tcp_syn")]
+    pub tcp_syn_timeout: u64,
+    /// Seconds an established TCP flow may go without a packet in either direction.
+    #[serde(default = "default_tcp_idle")]
+    pub tcp_idle_timeout: u64,
     /// The SNAT source ports `[first, last]`; keep them out of the host's ephemeral range.
     #[serde(default = "default_nat_ports")]
     pub nat_ports: [u16; 2],
 }
+
+/// The longest flow timeout accepted (a year), far below where nanoseconds overflow.
+const MAX_TIMEOUT_SECS: u64 = 365 * 86_400;
 
 /// The default pin directory.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
@@ -41,6 +55,14 @@ fn default_max_flows() -> u32 {
 
 fn default_udp_idle() -> u64 {
     lb_common::DEFAULT_UDP_IDLE_NS / 1_000_000_000
+}
+
+fn default_tcp_syn() -> u64 {
+    lb_common::DEFAULT_TCP_SYN_NS / 1_000_000_000
+}
+
+fn default_tcp_idle() -> u64 {
+    lb_common::DEFAULT_TCP_IDLE_NS / 1_000_000_000
 }
 
 fn default_nat_ports() -> [u16; 2] {
@@ -98,6 +120,11 @@ pub struct ServiceConfig {
 }
 
 impl XdpConfig {
+    /// `max_unconfirmed_flows`, or its default.
+    pub fn max_unconfirmed(&self) -> u32 {
+        self.max_unconfirmed_flows.unwrap_or(self.max_flows / 4)
+    }
+
     /// Appends every problem found; each message names the fix.
     pub fn validate(&self, errors: &mut Vec<String>) {
         if self.interfaces.is_empty() {
@@ -114,6 +141,24 @@ impl XdpConfig {
             errors.push(format!(
                 "xdp.max_flows = {} is too small: use at least 1024",
                 self.max_flows
+            ));
+        }
+        // A zero timeout would end every flow at its next packet; seconds beyond u64 ns wrap.
+        for (key, v) in [
+            ("udp_idle_timeout", self.udp_idle_timeout),
+            ("tcp_syn_timeout", self.tcp_syn_timeout),
+            ("tcp_idle_timeout", self.tcp_idle_timeout),
+        ] {
+            if v == 0 || v > MAX_TIMEOUT_SECS {
+                errors.push(format!(
+                    "xdp.{key} = {v} is out of range: use 1 to {MAX_TIMEOUT_SECS} seconds"
+                ));
+            }
+        }
+        if self.max_unconfirmed() < 256 {
+            errors.push(format!(
+                "xdp.max_unconfirmed_flows = {} is too small: use at least 256",
+                self.max_unconfirmed()
             ));
         }
         let [lo, hi] = self.nat_ports;
@@ -151,6 +196,43 @@ impl XdpConfig {
                     errors.push(format!("service {:?}: backend {} has weight 0: use drain to stop new flows, or a weight of 1 or more", s.name, b.addr()));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const BASE: &str = "[xdp]\ninterfaces = [\"eth0\"]\n";
+
+    #[test]
+    fn flow_lifetimes_and_unconfirmed_table_have_defaults() {
+        let xdp = Config::parse(BASE).unwrap().xdp.unwrap();
+        assert_eq!((xdp.tcp_syn_timeout, xdp.tcp_idle_timeout), (10, 21_600));
+        assert_eq!(xdp.max_unconfirmed(), lb_common::DEFAULT_MAX_FLOWS / 4);
+        let xdp = Config::parse(&format!("{BASE}max_flows = 8192\n")).unwrap().xdp.unwrap();
+        assert_eq!(xdp.max_unconfirmed(), 2048, "a quarter of max_flows");
+        let set = format!(
+            "{BASE}tcp_syn_timeout = 3\ntcp_idle_timeout = 600\nmax_unconfirmed_flows = 1000\n"
+        );
+        let xdp = Config::parse(&set).unwrap().xdp.unwrap();
+        assert_eq!(
+            (xdp.tcp_syn_timeout, xdp.tcp_idle_timeout, xdp.max_unconfirmed()),
+            (3, 600, 1000)
+        );
+    }
+
+    #[test]
+    fn out_of_range_lifetimes_are_refused_by_key() {
+        for (line, key) in [
+            ("tcp_syn_timeout = 0", "xdp.tcp_syn_timeout"),
+            ("tcp_idle_timeout = 99999999999", "xdp.tcp_idle_timeout"),
+            ("udp_idle_timeout = 0", "xdp.udp_idle_timeout"),
+            ("max_unconfirmed_flows = 10", "xdp.max_unconfirmed_flows"),
+        ] {
+            let err = Config::parse(&format!("{BASE}{line}\n")).unwrap_err().to_string();
+            assert!(err.contains(key), "{line}: {err}");
         }
     }
 }

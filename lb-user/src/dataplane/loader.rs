@@ -46,6 +46,10 @@ pub enum DataplaneError {
     Program(#[from] ProgramError),
     #[error("XDP map: {0}")]
     Map(#[from] MapError),
+    #[error(
+        "the maps pinned under {dir} come from another version of lb ({map} holds {found}-byte values, this build uses {expected}): run `lb detach` (tracked flows are lost) and start again"
+    )]
+    IncompatiblePins { dir: PathBuf, map: &'static str, found: u32, expected: u32 },
     #[error(transparent)]
     Table(#[from] TableError),
 }
@@ -57,6 +61,8 @@ pub struct LoadOptions {
     /// this process, detached when it exits.
     pub pin_dir: Option<PathBuf>,
     pub max_flows: u32,
+    /// Capacity of the unconfirmed flow and NAT tables (each).
+    pub max_unconfirmed_flows: u32,
     pub settings: Settings,
 }
 
@@ -66,6 +72,7 @@ impl LoadOptions {
         Self {
             pin_dir: None,
             max_flows: lb_common::DEFAULT_MAX_FLOWS,
+            max_unconfirmed_flows: lb_common::DEFAULT_MAX_UNCONFIRMED_FLOWS,
             settings: default_settings(),
         }
     }
@@ -74,8 +81,11 @@ impl LoadOptions {
         Self {
             pin_dir: Some(xdp.pin_path.clone()),
             max_flows: xdp.max_flows,
+            max_unconfirmed_flows: xdp.max_unconfirmed(),
             settings: Settings {
                 udp_idle_ns: xdp.udp_idle_timeout.saturating_mul(1_000_000_000),
+                tcp_syn_ns: xdp.tcp_syn_timeout.saturating_mul(1_000_000_000),
+                tcp_idle_ns: xdp.tcp_idle_timeout.saturating_mul(1_000_000_000),
                 nat_port_min: xdp.nat_ports[0],
                 nat_port_max: xdp.nat_ports[1],
                 ..default_settings()
@@ -88,6 +98,8 @@ fn default_settings() -> Settings {
     Settings {
         udp_idle_ns: lb_common::DEFAULT_UDP_IDLE_NS,
         tcp_closed_ns: lb_common::DEFAULT_TCP_CLOSED_NS,
+        tcp_syn_ns: lb_common::DEFAULT_TCP_SYN_NS,
+        tcp_idle_ns: lb_common::DEFAULT_TCP_IDLE_NS,
         nat_port_min: lb_common::DEFAULT_NAT_PORT_MIN,
         nat_port_max: lb_common::DEFAULT_NAT_PORT_MAX,
         cpus: aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1),
@@ -122,11 +134,16 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::FLOWS, opts.max_flows);
         loader.map_max_entries(maps::NAT, opts.max_flows);
+        loader.map_max_entries(maps::FLOWS_NEW, opts.max_unconfirmed_flows);
+        loader.map_max_entries(maps::NAT_NEW, opts.max_unconfirmed_flows);
         let mut adopted = false;
         if let Some(dir) = &opts.pin_dir {
             ensure_bpffs(dir)?;
             std::fs::create_dir_all(dir).map_err(|e| pin_err(dir, e))?;
             adopted = Self::pinned_at(dir);
+            if adopted {
+                check_pinned_layouts(dir)?;
+            }
             for name in maps::ALL {
                 loader.map_pin_path(name, dir.join(name));
             }
@@ -321,7 +338,8 @@ impl Dataplane {
             .collect()
     }
 
-    /// Tracked flows per backend id (walks the flow table; for tests and diagnostics).
+    /// Confirmed flows per backend id (walks `LB_FLOWS`, not the unconfirmed table; for tests
+    /// and diagnostics).
     pub fn flows_per_backend(&self) -> Result<std::collections::HashMap<u32, u64>, DataplaneError> {
         let flows: HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState> =
             HashMap::try_from(self.map(maps::FLOWS)?)?;
@@ -349,6 +367,37 @@ fn sum(map: &PerCpuArray<&MapData, Counter>, index: u32) -> Result<Counter, Data
         total.add(c);
     }
     Ok(total)
+}
+
+/// Refuses pins whose value layouts differ from this build's: adopting them would fail in the
+/// verifier (or worse, misread state), with a message that does not say what to do.
+fn check_pinned_layouts(dir: &Path) -> Result<(), DataplaneError> {
+    use std::mem::size_of;
+    let layouts = [
+        (maps::SETTINGS, size_of::<Settings>()),
+        (maps::BACKENDS, size_of::<BackendInfo>()),
+        (maps::FLOWS, size_of::<lb_common::FlowState>()),
+        (maps::NAT, size_of::<lb_common::NatState>()),
+        (maps::FLOWS_NEW, size_of::<lb_common::FlowState>()),
+        (maps::NAT_NEW, size_of::<lb_common::NatState>()),
+    ];
+    for (map, expected) in layouts {
+        let path = dir.join(map);
+        if !path.exists() {
+            // A map this version added: the load creates and pins it.
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| pin_err(&path, e))?;
+        if info.value_size() as usize != expected {
+            return Err(DataplaneError::IncompatiblePins {
+                dir: dir.to_path_buf(),
+                map,
+                found: info.value_size(),
+                expected: expected as u32,
+            });
+        }
+    }
+    Ok(())
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
