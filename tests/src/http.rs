@@ -362,3 +362,39 @@ pub async fn scripted_backend(
     });
     (addr, rx)
 }
+
+/// An HTTP/2 client connection (h2c by prior knowledge) to `addr`.
+pub async fn h2c(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// A config with one plain listener `l`: requests matching `first` (route keys such as
+/// `host = "a.test"` or `path = "/admin"`) go to upstream `a`, all others to `b`.
+pub fn two_routes(http_keys: &str, first: &str, a: SocketAddr, b: SocketAddr) -> String {
+    format!(
+        r#"
+[http]
+{http_keys}
+[[http.listener]]
+name = "l"
+listen = "127.0.0.1:0"
+[[http.route]]
+listener = "l"
+{first}
+upstream = "a"
+[[http.route]]
+listener = "l"
+upstream = "b"
+[upstream.a]
+backends = ["{a}"]
+[upstream.b]
+backends = ["{b}"]
+"#
+    )
+}

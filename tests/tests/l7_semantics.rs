@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, StatusCode};
-use lb_tests::http::{Backend, Proxy, WAIT, config, raw, scripted_backend};
+use lb_tests::http::{Backend, Proxy, WAIT, config, h2c, raw, scripted_backend, two_routes};
 
 fn status_line(resp: &str) -> &str {
     resp.lines().next().unwrap_or("")
@@ -34,25 +34,7 @@ async fn host_must_be_there_once() {
 async fn absolute_form_authority_replaces_host() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let cfg = format!(
-        r#"
-[[http.listener]]
-name = "l"
-listen = "127.0.0.1:0"
-[[http.route]]
-listener = "l"
-host = "a.test"
-upstream = "a"
-[[http.route]]
-listener = "l"
-upstream = "b"
-[upstream.a]
-backends = ["{}"]
-[upstream.b]
-backends = ["{}"]
-"#,
-        a.addr, b.addr
-    );
+    let cfg = two_routes("", "host = \"a.test\"", a.addr, b.addr);
     let p = Proxy::start(&cfg).await;
     let resp = raw(
         p.addr(),
@@ -71,14 +53,7 @@ backends = ["{}"]
 async fn h2_authority_and_host_must_agree() {
     let a = Backend::start("a").await;
     let p = Proxy::start(&config(&[a.addr], "", "")).await;
-    let s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(s),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c(p.addr()).await;
     let req = Request::get("http://a.test/")
         .header("host", "b.test")
         .body(Full::<Bytes>::default())
@@ -108,14 +83,7 @@ async fn te_trailers_reaches_h2_backends_with_the_clients_authority() {
     assert_eq!(seen.headers["te"], "trailers");
     assert_eq!(seen.uri, "http://site.test/p", ":authority is the client's");
     // From an h2 client.
-    let s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(s),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c(p.addr()).await;
     let req = Request::get("http://h2.test/q")
         .header("te", "trailers")
         .body(Full::<Bytes>::default())
@@ -152,27 +120,8 @@ async fn routes_match_the_normalized_path() {
     let admin = Backend::start("admin").await;
     let public = Backend::start("public").await;
     let cfg = |normalize: bool| {
-        format!(
-            r#"
-[http]
-normalize_path = {normalize}
-[[http.listener]]
-name = "l"
-listen = "127.0.0.1:0"
-[[http.route]]
-listener = "l"
-path = "/admin"
-upstream = "admin"
-[[http.route]]
-listener = "l"
-upstream = "public"
-[upstream.admin]
-backends = ["{}"]
-[upstream.public]
-backends = ["{}"]
-"#,
-            admin.addr, public.addr
-        )
+        let keys = format!("normalize_path = {normalize}");
+        two_routes(&keys, "path = \"/admin\"", admin.addr, public.addr)
     };
     let p = Proxy::start(&cfg(true)).await;
     for path in ["/public/../admin/x", "/%61dmin/x", "//admin/x", "/./admin/x"] {

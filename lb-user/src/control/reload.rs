@@ -251,6 +251,12 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
             differs("xdp.pin_path", a.pin_path != b.pin_path);
             differs("xdp.max_flows", a.max_flows != b.max_flows);
             differs("xdp.udp_idle_timeout", a.udp_idle_timeout != b.udp_idle_timeout);
+            differs("xdp.tcp_syn_timeout", a.tcp_syn_timeout != b.tcp_syn_timeout);
+            differs("xdp.tcp_idle_timeout", a.tcp_idle_timeout != b.tcp_idle_timeout);
+            differs(
+                "xdp.max_unconfirmed_flows",
+                a.max_unconfirmed_flows != b.max_unconfirmed_flows,
+            );
             differs("xdp.nat_ports", a.nat_ports != b.nat_ports);
         }
         _ => differs("[xdp] (added or removed)", true),
@@ -262,6 +268,11 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     differs("http.max_headers", a.max_headers != b.max_headers);
     differs("http.max_connections", a.max_connections != b.max_connections);
     differs("http.grace_ms", a.grace_ms != b.grace_ms);
+    differs(
+        "http.h2_max_concurrent_streams",
+        a.h2_max_concurrent_streams != b.h2_max_concurrent_streams,
+    );
+    differs("http.h2_keepalive_ms", a.h2_keepalive_ms != b.h2_keepalive_ms);
     out
 }
 

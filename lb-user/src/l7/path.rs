@@ -1,6 +1,7 @@
 //! Request path normalization (RFC 3986 §6.2.2): percent-encoded unreserved characters
 //! decoded, `//` merged, dot segments removed (§5.2.4). Routes match the normalized path, so
 //! `/api/../admin` or `/%61dmin` cannot reach a route that `/admin` would not.
+use super::h1::body::hex;
 
 /// Writes the normalized form of `path` (no query) into `out` and returns true, or returns
 /// false (leaving `out` cleared) when `path` is already normal: the common case costs one scan.
@@ -65,15 +66,6 @@ pub fn normalize(path: &str, out: &mut Vec<u8>) -> bool {
         return false;
     }
     true
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -238,12 +238,13 @@ pub async fn send(
         tried[attempts] = addr;
         attempts += 1;
         let in_flight = backend.start();
-        let cap = upstream.config.max_connections_per_backend;
-        if cap > 0 && backend.in_flight.load(std::sync::atomic::Ordering::Relaxed) > cap {
-            // Full: another backend may have room; 503 when none has.
+        if !upstream.has_room(&in_flight) {
             drop(in_flight);
-            last_error = last_error.or(Some((ProxyError::NoBackend, Some(addr))));
-            continue;
+            if attempts < MAX_ATTEMPTS {
+                last_error = last_error.or(Some((ProxyError::NoBackend, Some(addr))));
+                continue;
+            }
+            return Err((ProxyError::NoBackend, Some(addr)));
         }
         let attempt_body = if out.retryable {
             RequestBody::empty()

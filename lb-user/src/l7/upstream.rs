@@ -55,6 +55,13 @@ impl Upstream {
             None => self.group.pick(key, tried),
         }
     }
+
+    /// False when `in_flight` (with this request counted) exceeds `max_connections_per_backend`:
+    /// the request goes to another backend, or gets 503 (not the backend's fault).
+    pub fn has_room(&self, in_flight: &crate::upstream::InFlight) -> bool {
+        let cap = self.config.max_connections_per_backend;
+        cap == 0 || in_flight.backend().in_flight.load(std::sync::atomic::Ordering::Relaxed) <= cap
+    }
 }
 
 impl Upstream {

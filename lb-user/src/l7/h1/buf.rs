@@ -91,8 +91,11 @@ pub struct Bufs {
     pub access: Vec<u8>,
 }
 
-/// Bytes per read buffer: a typical head and a good share of a body in one read.
-pub const SIZE: usize = 16 * 1024;
+/// Bytes of the client-side buffer (it grows to `max_header_bytes` for a larger head): a
+/// typical request head in one read. Small, because every connection busy at once holds one.
+pub const SIZE: usize = 4 * 1024;
+/// Bytes of the backend-side buffer: a typical response head and a small body in one read.
+pub const UPSTREAM_SIZE: usize = 8 * 1024;
 /// Buffers kept per thread for connections that wake up.
 const KEEP: usize = 64;
 
@@ -107,7 +110,7 @@ impl Bufs {
         POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| {
             Box::new(Self {
                 client: Buf::new(SIZE),
-                upstream: Buf::new(SIZE),
+                upstream: Buf::new(UPSTREAM_SIZE),
                 out: Vec::with_capacity(SIZE),
                 fields: Vec::with_capacity(32),
                 rfields: Vec::with_capacity(32),
@@ -119,10 +122,10 @@ impl Bufs {
 
     /// Returns a working set to this thread's pool (a grown one is shrunk back first).
     pub fn give(mut self: Box<Self>) {
-        for b in [&mut self.client, &mut self.upstream] {
+        for (b, size) in [(&mut self.client, SIZE), (&mut self.upstream, UPSTREAM_SIZE)] {
             b.clear();
-            if b.capacity() > SIZE {
-                *b = Buf::new(SIZE);
+            if b.capacity() > size {
+                *b = Buf::new(size);
             }
         }
         if self.out.capacity() > 4 * SIZE {

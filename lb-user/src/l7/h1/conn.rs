@@ -138,6 +138,9 @@ async fn exchange_one<S: ClientIo>(
     };
     let start = Instant::now();
     let ctx = ctx.load_full();
+    // Per-request settings come from the listener's current context, so a reload reaches
+    // open connections; head limits and timeouts are the listener's own (a restart's).
+    let http = &*ctx.http;
     let log = crate::l7::access::enabled(http.access_log);
     if log {
         // The head's bytes are consumed by forward: what the line shows is copied first.

@@ -182,9 +182,7 @@ pub async fn forward<S: ClientIo>(
         tried[attempts] = addr;
         attempts += 1;
         let in_flight = backend.start();
-        let cap = upstream.config.max_connections_per_backend;
-        if cap > 0 && backend.in_flight.load(std::sync::atomic::Ordering::Relaxed) > cap {
-            // Full: another backend may have room; 503 when none has (not the backend's fault).
+        if !upstream.has_room(&in_flight) {
             drop(in_flight);
             last = last.or(Some((ProxyError::NoBackend, addr)));
             if attempts < MAX_ATTEMPTS {

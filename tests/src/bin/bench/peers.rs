@@ -38,7 +38,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Lb => "lb L7",
-            Kind::LbBefore => "lb L7 before (baseline build)",
+            Kind::LbBefore => baseline_name(),
             Kind::Nginx => "nginx 1.22 proxy_pass",
             Kind::Haproxy => "HAProxy 2.6 HTTP mode",
             Kind::Pingora => "Pingora 0.9 (rustls)",
@@ -61,6 +61,14 @@ impl Kind {
         }
         v
     }
+}
+
+/// The baseline's row label: `LB_BASELINE_NAME` (what it was built from), else a default.
+fn baseline_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::var("LB_BASELINE_NAME").unwrap_or_else(|_| "lb L7 before (baseline build)".into())
+    })
 }
 
 /// An `lb` binary built from older code, measured beside the current one: `LB_BASELINE_BIN`.
