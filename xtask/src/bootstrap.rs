@@ -20,6 +20,20 @@ const PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/setpriv"),
     ("procps", "/usr/sbin/sysctl"),
     ("systemd", "/usr/bin/systemd-analyze"),
+    // Go and the packaged Go libraries that ../shared/tools/h2spec/build.sh compiles h2spec
+    // against (GOPATH mode, no module proxy).
+    ("golang-go", "/usr/bin/go"),
+    ("golang-golang-x-net-dev", "/usr/share/gocode/src/golang.org/x/net"),
+    ("golang-golang-x-sys-dev", "/usr/share/gocode/src/golang.org/x/sys"),
+    ("golang-github-spf13-cobra-dev", "/usr/share/gocode/src/github.com/spf13/cobra"),
+    ("golang-github-spf13-pflag-dev", "/usr/share/gocode/src/github.com/spf13/pflag"),
+    ("golang-github-fatih-color-dev", "/usr/share/gocode/src/github.com/fatih/color"),
+    ("golang-github-mattn-go-colorable-dev", "/usr/share/gocode/src/github.com/mattn/go-colorable"),
+    ("golang-github-mattn-go-isatty-dev", "/usr/share/gocode/src/github.com/mattn/go-isatty"),
+    (
+        "golang-github-inconshreveable-mousetrap-dev",
+        "/usr/share/gocode/src/github.com/inconshreveable/mousetrap",
+    ),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -45,6 +59,8 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker()?;
     crate::reliability::cargo_fuzz()?;
     crate::deploy::bootstrap()?;
+    h2spec()?;
+    grpc_python()?;
     println!("xtask: bootstrap: ready");
     Ok(())
 }
@@ -122,4 +138,55 @@ fn bpf_linker() -> anyhow::Result<()> {
         &[("LLVM_PREFIX", LLVM_PREFIX), ("LLVM_SYS_221_PREFIX", LLVM_PREFIX)],
     )
     .context("bpf-linker did not build; the XDP program cannot be compiled without it")
+}
+
+/// Where the conformance tests (`tests/tests/l7_h2spec.rs`) look for h2spec.
+const H2SPEC: &str = "/opt/lb-tools/bin/h2spec";
+
+fn h2spec() -> anyhow::Result<()> {
+    if ok(&[H2SPEC, "--version"]) {
+        return Ok(());
+    }
+    // No registry packages h2spec: shared/ holds its pinned source and the script that builds
+    // it with Debian's Go. It sits beside the project's clone (in CI too), so it is found
+    // relative to the workspace root, not the current directory.
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = workspace.join("../shared/tools/h2spec/build.sh");
+    if !script.exists() {
+        bail!(
+            "{} is missing: h2spec is built from the pinned source in shared/, which must sit beside the project's clone",
+            script.display()
+        );
+    }
+    step("build h2spec (HTTP/2 conformance)", &["bash", &script.display().to_string(), H2SPEC], &[])
+        .context("h2spec did not build; the HTTP/2 conformance test needs it")
+}
+
+/// Pinned so that the gRPC tests (`tests/tests/l7_grpc.rs`) meet the same two implementations
+/// everywhere: grpcio (C core) and grpclib (pure Python, on h2), with the protobuf runtime and
+/// protoc (grpcio-tools) that generate the test's stubs.
+const GRPC_PYTHON: &[(&str, &str)] = &[
+    ("grpcio", "1.85.1"),
+    ("grpcio-tools", "1.85.1"),
+    ("grpclib", "0.4.9"),
+    ("protobuf", "7.36.2"),
+    ("h2", "4.4.1"),
+];
+
+fn grpc_python() -> anyhow::Result<()> {
+    let python = format!("{}/bin/python", crate::deploy::VENV);
+    let want: Vec<String> = GRPC_PYTHON.iter().map(|(p, v)| format!("({p:?}, {v:?})")).collect();
+    let check = format!(
+        "import importlib.metadata as m, sys; sys.exit(any(m.version(p) != v for p, v in [{}]))",
+        want.join(", ")
+    );
+    if ok(&[&python, "-c", &check]) {
+        return Ok(());
+    }
+    let pins: Vec<String> = GRPC_PYTHON.iter().map(|(p, v)| format!("{p}=={v}")).collect();
+    let pip = format!("{}/bin/pip", crate::deploy::VENV);
+    let mut args = vec![pip.as_str(), "install", "-q"];
+    args.extend(pins.iter().map(String::as_str));
+    step("install grpcio, grpcio-tools, grpclib (gRPC tests)", &args, &[])
+        .context("cannot install the gRPC Python packages from PyPI; the gRPC tests need them")
 }
