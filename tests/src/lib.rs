@@ -7,7 +7,8 @@
 //! - [`backends`]: every kind of backend; [`client`], [`load`], [`admin`], [`tls`]: the clients;
 //! - [`l4`], [`http`]: the L4 and L7 proxies in-process (no root); [`fixture`], [`packet`]: XDP
 //!   frames through `BPF_PROG_TEST_RUN`;
-//! - [`rel`], [`procs`], [`h2`]: reliability reports, process samples, hand-built h2 frames.
+//! - [`rel`], [`procs`], [`h2`]: reliability reports, process samples, hand-built h2 frames;
+//! - [`conformance`]: h2spec and real gRPC implementations (Python) run against the L7 proxy.
 //!
 //! Every name is unique to the run (pid and a counter), so concurrent runs never collide; every
 //! namespace is deleted on drop, which also runs when a test fails or panics.
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod backends;
 pub mod client;
 pub mod conf;
+pub mod conformance;
 pub mod fixture;
 pub mod h2;
 pub mod http;
