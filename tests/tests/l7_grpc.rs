@@ -29,7 +29,7 @@ struct Setup {
     dir: Dir,
     ca: PathBuf,
     proxy: Proxy,
-    _server: GrpcServer,
+    server: GrpcServer,
 }
 
 impl Setup {
@@ -65,7 +65,7 @@ http2 = true
             cert.cert, cert.key, server.addr
         ))
         .await;
-        Self { ca: cert.cert, dir, proxy, _server: server }
+        Self { ca: cert.cert, dir, proxy, server }
     }
 
     /// Runs every case with `client` against `target`, over TLS when `tls`.
@@ -82,9 +82,9 @@ http2 = true
     async fn through_lb(self, client: GrpcClient, listener: &str) {
         let tls = listener == "tls";
         let seen = self.calls(client, self.proxy.addrs[listener], tls).await;
-        let Setup { dir, proxy, _server, .. } = self;
+        let Setup { dir, proxy, server, .. } = self;
         proxy.stop().await;
-        drop((_server, dir));
+        drop((server, dir));
         check(&seen, matches!(client, GrpcClient::Grpclib) && tls);
     }
 }
@@ -160,7 +160,7 @@ fn check(seen: &Value, alpn_reported: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn baseline_without_lb() {
     let s = Setup::start("grpc-baseline").await;
-    let direct = s._server.addr;
+    let direct = s.server.addr;
     let grpcio = s.calls(GrpcClient::Grpcio, direct, false).await;
     let grpclib = s.calls(GrpcClient::Grpclib, direct, false).await;
     s.proxy.stop().await;
