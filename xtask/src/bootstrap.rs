@@ -150,7 +150,8 @@ fn h2spec() -> anyhow::Result<()> {
     // No registry packages h2spec: shared/ holds its pinned source and the script that builds
     // it with Debian's Go. It sits beside the project's clone (in CI too), so it is found
     // relative to the workspace root, not the current directory.
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let xtask = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let workspace = xtask.parent().unwrap_or(xtask);
     let script = workspace.join("../shared/tools/h2spec/build.sh");
     if !script.exists() {
         bail!(
