@@ -121,7 +121,7 @@ def run_grpcio(target, ca, name):
         "bidi": bidi,
         "fail": fail,
         "deadline_remaining": deadline_remaining,
-        "deadline_expire": lambda: deadline("expire", 0, 1.5),
+        "deadline_expire": lambda: deadline("expire", 0, 3.0),
         "deadline_sleep": lambda: deadline("sleep", 3000, 0.5),
     }
     out = {}
@@ -242,7 +242,7 @@ async def run_grpclib(target, ca, name):
         "bidi": bidi,
         "fail": fail,
         "deadline_remaining": deadline_remaining,
-        "deadline_expire": lambda: deadline("expire", 0, 1.5),
+        "deadline_expire": lambda: deadline("expire", 0, 3.0),
         "deadline_sleep": lambda: deadline("sleep", 3000, 0.5),
     }
     out = {}

@@ -55,7 +55,9 @@ class Echo(echo_pb2_grpc.EchoServicer):
         if request.text == "remaining":
             return echo_pb2.Msg(text="remaining", n=-1 if remaining is None else int(remaining * 1000))
         if request.text == "expire":
-            time.sleep(max(0.0, (remaining or 0.0) - 0.4))
+            # A full second before the deadline, so that on a loaded machine the server's status
+            # still arrives before the client's own timer fires.
+            time.sleep(max(0.0, (remaining or 0.0) - 1.0))
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "server saw its deadline")
         time.sleep(request.n / 1000)
         return echo_pb2.Msg(text="slept", n=request.n)
