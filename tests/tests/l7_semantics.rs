@@ -166,3 +166,19 @@ async fn hash_source_ip_agrees_with_the_l4_paths() {
     assert!(seen.len() > 1, "40 clients spread over the backends: {seen:?}");
     p.stop().await;
 }
+
+/// HEAD through an HTTP/2 backend: the backend's Content-Length describes a body that a HEAD
+/// response never carries; the client gets the head, not a reset stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_requests_through_h2_backends() {
+    let a = Backend::start("a").await;
+    let p = Proxy::start(&config(&[a.addr], "http2 = true", "")).await;
+    let mut sender = h2c(p.addr()).await;
+    let req = Request::head("http://x/").body(Full::<Bytes>::default()).unwrap();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = raw(p.addr(), b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(status_line(&resp).starts_with("HTTP/1.1 200"), "{resp:?}");
+    assert!(resp.ends_with("\r\n\r\n"), "no body after a HEAD response: {resp:?}");
+    p.stop().await;
+}

@@ -152,6 +152,7 @@ async fn forward(
     }
     // Only a request without a body can be sent twice: the body of a failed attempt is gone.
     let retryable = is_idempotent(&parts.method) && body.is_end_stream();
+    let head_request = parts.method == Method::HEAD;
     let fault = FaultFlag::default();
     let body = RequestBody::new(body, ctx.http.max_body_bytes, fault.clone());
     let outgoing = Outgoing {
@@ -177,6 +178,14 @@ async fn forward(
             headers::strip_hop_by_hop(&mut parts.headers);
             // Our own version toward the client, not the backend's (RFC 9110 §6.2).
             parts.version = Version::HTTP_11;
+            if head_request {
+                // An HTTP/2 backend's body of a HEAD response reports the Content-Length of
+                // the body it does not send; passed on, the client's stream would be reset.
+                return Ok((
+                    Response::from_parts(parts, ResponseBody::full(Bytes::new())),
+                    Some(addr),
+                ));
+            }
             Response::from_parts(parts, ResponseBody::upstream(body, sent.in_flight))
         }
     };
