@@ -182,3 +182,13 @@ async fn head_requests_through_h2_backends() {
     assert!(resp.ends_with("\r\n\r\n"), "no body after a HEAD response: {resp:?}");
     p.stop().await;
 }
+
+/// A proxy-made error to a `Connection: close` request ends the connection as asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_honour_connection_close() {
+    let p = Proxy::start(&config(&[], "", "")).await;
+    let resp = raw(p.addr(), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(status_line(&resp).starts_with("HTTP/1.1 503"), "{resp:?}");
+    assert!(resp.to_ascii_lowercase().contains("connection: close"), "{resp:?}");
+    p.stop().await;
+}

@@ -120,7 +120,18 @@ fn test(lint: bool) -> anyhow::Result<()> {
     // Root-only tests fail instead of skipping here: the README's command must run them all.
     cmd::step(
         "tests",
-        &["cargo", "test", "--workspace", "--exclude", "lb-ebpf", "--", "--test-threads", "2"],
+        // --no-fail-fast: one run reports every failing test binary, not only the first.
+        &[
+            "cargo",
+            "test",
+            "--workspace",
+            "--exclude",
+            "lb-ebpf",
+            "--no-fail-fast",
+            "--",
+            "--test-threads",
+            "2",
+        ],
         &[("LB_REQUIRE_PRIVILEGED", "1")],
     )?;
     // A short bounded run of every fuzz target (longer ones: `cargo xtask reliability`).

@@ -131,6 +131,8 @@ pub async fn forward<S: ClientIo>(
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Outcome {
     let closing = *shutdown.borrow();
+    // The client or a shutdown ends the connection after this exchange, whatever happens.
+    let ends = head.close || closing;
     let mut body = match head.framing {
         Framing::Empty | Framing::Close => ReqBody::Done,
         Framing::Length(n) => ReqBody::Length(n),
@@ -140,7 +142,7 @@ pub async fn forward<S: ClientIo>(
     b.client.consume(head.len);
     let (upstream, key, bridged) = match prepared {
         Ok(p) => p,
-        Err(e) => return answer(io, b, http, &e, None, body.is_done()).await,
+        Err(e) => return answer(io, b, http, ends, &e, None, body.is_done()).await,
     };
     if let Some(req) = bridged {
         let done = body.is_done();
@@ -152,13 +154,13 @@ pub async fn forward<S: ClientIo>(
                 if e.blames_backend() {
                     crate::l7::warn::backend_failure(format_args!("{}: {e}", ctx.listener));
                 }
-                answer(io, b, http, &e, addr, done || body_read).await
+                answer(io, b, http, ends, &e, addr, done || body_read).await
             }
         };
     }
     if let Framing::Length(n) = head.framing {
         if n > http.max_body_bytes {
-            return answer(io, b, http, &ProxyError::BodyTooLarge, None, false).await;
+            return answer(io, b, http, ends, &ProxyError::BodyTooLarge, None, false).await;
         }
     }
     // The first body bytes ride with the head in one write.
@@ -167,7 +169,7 @@ pub async fn forward<S: ClientIo>(
             b.out.extend_from_slice(&b.client.filled()[..n]);
             b.client.consume(n);
         }
-        Err(e) => return answer(io, b, http, &e, None, false).await,
+        Err(e) => return answer(io, b, http, ends, &e, None, false).await,
     }
     let retryable = head.method.is_idempotent() && body.is_done() && head.upgrade.is_none();
     let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_ATTEMPTS];
@@ -176,7 +178,7 @@ pub async fn forward<S: ClientIo>(
     let (mut up, backend, resp, took) = loop {
         let Some(backend) = upstream.pick(peer.ip(), key.as_deref(), &tried[..attempts]) else {
             let (err, addr) = last.map_or((ProxyError::NoBackend, None), |(e, a)| (e, Some(a)));
-            return answer(io, b, http, &err, addr, body.is_done()).await;
+            return answer(io, b, http, ends, &err, addr, body.is_done()).await;
         };
         let addr = backend.addr;
         tried[attempts] = addr;
@@ -188,7 +190,8 @@ pub async fn forward<S: ClientIo>(
             if attempts < MAX_ATTEMPTS {
                 continue;
             }
-            return answer(io, b, http, &ProxyError::NoBackend, Some(addr), body.is_done()).await;
+            return answer(io, b, http, ends, &ProxyError::NoBackend, Some(addr), body.is_done())
+                .await;
         }
         let sent = Instant::now();
         match attempt(io, b, &upstream, addr, &mut body, head, http).await {
@@ -200,7 +203,7 @@ pub async fn forward<S: ClientIo>(
                 let Some(err) = err else {
                     return Outcome { status: None, backend: Some(addr), keep: false, bytes: 0 };
                 };
-                return answer(io, b, http, &err, Some(addr), false).await;
+                return answer(io, b, http, ends, &err, Some(addr), false).await;
             }
             Err(Failed::Backend { err, again }) => {
                 eject(&upstream, &backend);
@@ -213,7 +216,7 @@ pub async fn forward<S: ClientIo>(
                     continue;
                 }
                 crate::l7::warn::backend_failure(format_args!("{}: {err}", ctx.listener));
-                return answer(io, b, http, &err, Some(addr), body.is_done()).await;
+                return answer(io, b, http, ends, &err, Some(addr), body.is_done()).await;
             }
         }
     };
@@ -229,7 +232,7 @@ pub async fn forward<S: ClientIo>(
                 addr,
                 source: "101 to a request that asked for no upgrade".into(),
             };
-            return answer(io, b, http, &err, Some(addr), false).await;
+            return answer(io, b, http, ends, &err, Some(addr), false).await;
         }
         let hb = &b.upstream.filled()[..resp.len];
         b.out.clear();
@@ -642,18 +645,20 @@ pub(super) async fn write_timeout<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Answers `err` to the client. The connection stays open only when the request was read
-/// whole and the error does not put its framing in doubt.
+/// Answers `err` to the client. The connection stays open only when `may_keep` (the request
+/// was read whole), nothing `ends` it (the client's `Connection: close`, a shutdown) and the
+/// error does not put its framing in doubt.
 async fn answer<S: ClientIo>(
     io: &mut S,
     b: &mut Bufs,
     http: &HttpConfig,
+    ends: bool,
     err: &ProxyError,
     backend: Option<SocketAddr>,
-    body_done: bool,
+    may_keep: bool,
 ) -> Outcome {
     let status: StatusCode = err.status();
-    let keep = body_done && !err.closes_connection();
+    let keep = may_keep && !ends && !err.closes_connection();
     b.out.clear();
     write::error(&mut b.out, status, !keep);
     let sent = write_timeout(io, &b.out, http.stream_idle_timeout()).await.is_ok();
