@@ -432,7 +432,9 @@ async fn attempt<S: ClientIo>(
         let d = *deadline.get_or_insert_with(|| {
             tokio::time::Instant::now() + upstream.config.response_timeout()
         });
-        let nothing_yet = b.upstream.is_empty() && !interim;
+        // No complete response head yet (a partial one may be buffered) and nothing sent to
+        // the client: a retryable request can still go to another backend.
+        let nothing_yet = !interim;
         match tokio::time::timeout_at(d, read_into(&mut up, &mut b.upstream)).await {
             Err(_) => return Err(backend_err(ProxyError::Timeout { addr }, false)),
             Ok(Ok(0)) => {
