@@ -1,22 +1,19 @@
-//! HTTP routing inputs from clients: the Host header and path through the router (the answer is
-//! one of the configured upstreams or none), and raw request bytes through the HTTP/1 guard in
-//! arbitrary read sizes (no panic, no loop, and it only ever adds a few bytes of its own).
+//! HTTP inputs from clients and backends: the Host header and path through the router (the
+//! answer is one of the configured upstreams or none) and the path normalizer, raw bytes through
+//! the HTTP/1 codec's request and response head parsers (spans stay inside the head), and
+//! through the chunked walker in arbitrary read sizes (the same verdict as in one piece).
 #![no_main]
-use std::{
-    pin::Pin,
-    sync::OnceLock,
-    task::{Context, Poll, Waker},
-};
+use std::sync::OnceLock;
 
 use lb_user::{
     config::RouteConfig,
     l7::{
-        h1guard::H1Guard,
-        route::{Router, normalize_host},
+        h1::{body::Chunked, head, response},
+        path,
+        route::{Router, bare_host},
     },
 };
 use libfuzzer_sys::fuzz_target;
-use tokio::io::{AsyncRead, ReadBuf};
 
 const UPSTREAMS: [&str; 5] = ["api", "api-v1", "wild", "static", "default"];
 
@@ -39,50 +36,57 @@ fn router() -> &'static Router {
     })
 }
 
-/// Hands out `data` in reads of `step` bytes.
-struct Chunks<'a> {
-    data: &'a [u8],
-    step: usize,
-}
-
-impl AsyncRead for Chunks<'_> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let n = self.step.min(self.data.len()).min(buf.remaining());
-        buf.put_slice(&self.data[..n]);
-        self.data = &self.data[n..];
-        Poll::Ready(Ok(()))
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else { return };
     // Routing: the text up to the first newline is the Host, the rest the path.
     let text = String::from_utf8_lossy(rest);
     let (host, path) = text.split_once('\n').unwrap_or((&text, "/"));
-    let _ = normalize_host(host);
+    let _ = bare_host(host);
     if let Some(u) = router().route(Some(host), path) {
         assert!(UPSTREAMS.contains(&u), "{u}");
     }
     assert_eq!(router().route(Some("other.test"), "/x"), Some("default"));
+    let mut normal = Vec::new();
+    if path::normalize(path, &mut normal) {
+        assert!(normal.starts_with(b"/"));
+        assert!(!normal.windows(2).any(|w| w == b"//"), "{normal:?}");
+        assert!(!normal.windows(4).any(|w| w == b"/../"), "{normal:?}");
+    }
 
-    // The guard: everything hyper would read, in reads of 1..=64 bytes.
+    // Heads: whatever the bytes, a parsed head's fields lie inside it.
+    let mut fields = Vec::new();
+    if let Ok(Some(h)) = head::parse(rest, &mut fields, 100, 65536) {
+        assert!(h.len <= rest.len());
+        assert!(fields.iter().all(|f| f.value.end as usize <= h.len && f.name.end as usize <= h.len));
+    }
+    if let Ok(Some(r)) = response::parse(rest, &mut fields, first & 1 == 1, 65536) {
+        assert!(r.len <= rest.len() && (100..600).contains(&r.code));
+    }
+
+    // The chunked walker: in reads of 1..=64 bytes it agrees with one read of everything.
     let step = usize::from(first % 64) + 1;
-    let mut guard = H1Guard::new(Chunks { data: rest, step }, 1024);
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut out = Vec::new();
-    let mut buf = [0u8; 97];
-    for _ in 0..rest.len() * 2 + 64 {
-        let mut rb = ReadBuf::new(&mut buf);
-        match Pin::new(&mut guard).poll_read(&mut cx, &mut rb) {
-            Poll::Ready(Ok(())) if rb.filled().is_empty() => break,
-            Poll::Ready(Ok(())) => out.extend_from_slice(rb.filled()),
-            Poll::Ready(Err(_)) | Poll::Pending => break,
+    let mut whole = Chunked::new(4096);
+    let verdict = whole.feed(rest);
+    let mut parts = Chunked::new(4096);
+    let mut taken = 0;
+    let mut failed = false;
+    for piece in rest.chunks(step) {
+        match parts.feed(piece) {
+            Ok(n) => taken += n,
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+        if parts.is_done() {
+            break;
         }
     }
-    // A refusal or a bad chunk line adds at most a few bytes of its own.
-    assert!(out.len() <= rest.len() + 8, "{} bytes out of {}", out.len(), rest.len());
+    match verdict {
+        Ok(n) => {
+            assert!(!failed, "refused in pieces, accepted whole");
+            assert_eq!((taken, parts.is_done()), (n, whole.is_done()));
+        }
+        Err(_) => assert!(failed, "accepted in pieces, refused whole"),
+    }
 });

@@ -47,6 +47,11 @@ pub fn parse(
     };
     let head = &buf[..len];
     let code = resp.code.unwrap_or(0);
+    // httparse takes any three digits; RFC 9110 §15 defines 100 to 599 ("050" would be
+    // written on as a two-digit status line).
+    if !(100..=599).contains(&code) {
+        return Err("status code outside 100-599");
+    }
     let minor = resp.version.unwrap_or(1);
     fields.clear();
     let (mut lengths, mut length, mut coding, mut upgrade) = (0u8, None, None, None);
@@ -146,6 +151,8 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
             b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"HTTP/1.1 050 OK\r\n\r\n",
+            b"HTTP/1.1 600 OK\r\n\r\n",
         ] {
             assert!(resp(bad, false).is_err(), "{bad:?}");
         }
