@@ -398,3 +398,29 @@ backends = ["{b}"]
 "#
     )
 }
+
+/// A config with a plain listener `h2c` and a TLS listener `tls` (certificate `cert`), both
+/// routing to upstream `u`: the HTTP/2 backend `backend`.
+pub fn h2c_and_tls(backend: SocketAddr, cert: &TestCert) -> String {
+    format!(
+        r#"
+[[http.listener]]
+name = "h2c"
+listen = "127.0.0.1:0"
+[[http.listener]]
+name = "tls"
+listen = "127.0.0.1:0"
+tls = [{{ cert = {:?}, key = {:?} }}]
+[[http.route]]
+listener = "h2c"
+upstream = "u"
+[[http.route]]
+listener = "tls"
+upstream = "u"
+[upstream.u]
+backends = ["{backend}"]
+http2 = true
+"#,
+        cert.cert, cert.key
+    )
+}

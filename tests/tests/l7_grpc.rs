@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use lb_tests::{
     conformance::{GrpcClient, GrpcServer, grpc_calls, grpc_stubs},
-    http::{Proxy, temp_dir, write_cert},
+    http::{Proxy, h2c_and_tls, temp_dir, write_cert},
 };
 use serde_json::{Value, json};
 
@@ -43,28 +43,7 @@ impl Setup {
         .await
         .expect("gRPC server");
         let cert = write_cert(&dir.0, "lb", &[NAME]);
-        let proxy = Proxy::start(&format!(
-            r#"
-[[http.listener]]
-name = "h2c"
-listen = "127.0.0.1:0"
-[[http.listener]]
-name = "tls"
-listen = "127.0.0.1:0"
-tls = [{{ cert = {:?}, key = {:?} }}]
-[[http.route]]
-listener = "h2c"
-upstream = "grpc"
-[[http.route]]
-listener = "tls"
-upstream = "grpc"
-[upstream.grpc]
-backends = ["{}"]
-http2 = true
-"#,
-            cert.cert, cert.key, server.addr
-        ))
-        .await;
+        let proxy = Proxy::start(&h2c_and_tls(server.addr, &cert)).await;
         Self { ca: cert.cert, dir, proxy, server }
     }
 

@@ -5,7 +5,7 @@
 //! reach the request path are carried end to end. No root needed: loopback only.
 use lb_tests::{
     conformance::{Case, Outcome, h2spec},
-    http::{Backend, Proxy, temp_dir, write_cert},
+    http::{Backend, Proxy, h2c_and_tls, temp_dir, write_cert},
 };
 
 /// Seconds h2spec waits for each expected reaction (its `-o`): a case that gets no answer fails
@@ -22,36 +22,12 @@ const NOT_APPLICABLE_H2C: &[(&str, &str)] = &[(
      must be a GOAWAY, and that listener is held to it)",
 )];
 
-/// A plain and a TLS listener over one h2c backend.
-fn config(backend: std::net::SocketAddr, cert: &std::path::Path, key: &std::path::Path) -> String {
-    format!(
-        r#"
-[[http.listener]]
-name = "h2c"
-listen = "127.0.0.1:0"
-[[http.listener]]
-name = "tls"
-listen = "127.0.0.1:0"
-tls = [{{ cert = {cert:?}, key = {key:?} }}]
-[[http.route]]
-listener = "h2c"
-upstream = "u"
-[[http.route]]
-listener = "tls"
-upstream = "u"
-[upstream.u]
-backends = ["{backend}"]
-http2 = true
-"#
-    )
-}
-
 /// Runs h2spec against listener `name` and returns its cases.
 async fn run(name: &str, tls: bool) -> Vec<Case> {
     let dir = temp_dir(&format!("h2spec-{name}"));
     let cert = write_cert(&dir, "lb", &["h2spec.test", "127.0.0.1"]);
     let backend = Backend::start("h2spec-backend").await;
-    let proxy = Proxy::start(&config(backend.addr, &cert.cert, &cert.key)).await;
+    let proxy = Proxy::start(&h2c_and_tls(backend.addr, &cert)).await;
     let port = proxy.addrs[name].port();
     let report_dir = dir.clone();
     let cases =

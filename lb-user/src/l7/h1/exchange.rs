@@ -426,7 +426,7 @@ async fn attempt<S: ClientIo>(
             }
         }
         if !body.is_done() {
-            pump(io, &mut up, &mut b.client, &mut b.upstream, body, http).await?;
+            pump(io, &mut up, &mut b.client, &mut b.upstream, body, http, addr).await?;
             continue;
         }
         let d = *deadline.get_or_insert_with(|| {
@@ -457,11 +457,9 @@ async fn pump<S: ClientIo>(
     upstream: &mut Buf,
     body: &mut ReqBody,
     http: &HttpConfig,
+    addr: SocketAddr,
 ) -> Result<(), Failed> {
-    let addr_err = |e: std::io::Error| Failed::Backend {
-        err: ProxyError::Upstream { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source: e.into() },
-        again: false,
-    };
+    let addr_err = |e: std::io::Error| Failed::Backend { err: backend_io(addr, e), again: false };
     let idle = http.body_timeout();
     let limit = http.max_body_bytes;
     let sleep = tokio::time::sleep(idle);
