@@ -47,6 +47,10 @@ pub mod maps {
     pub const NAT_NEW: &str = "LB_NAT_NEW";
     /// `HashMap<u32, IfaceAddrs>`: the balancer's own address per ifindex (the SNAT source).
     pub const IFACES: &str = "LB_IFACES";
+    /// `HashMap<u32, SnatPool>`: the SNAT addresses of an interface (`[[xdp.snat]]`), keyed by
+    /// ifindex. An interface without an entry (or without addresses of a packet's family)
+    /// uses its own address from `IFACES`. Read only when a new flow takes its SNAT address.
+    pub const SNAT_POOLS: &str = "LB_SNAT_POOLS";
     /// `DevMapHash`: the interfaces frames may be redirected to, keyed by ifindex.
     pub const DEVMAP: &str = "LB_DEVMAP";
     /// `Array<Settings>` with one entry.
@@ -61,7 +65,7 @@ pub mod maps {
     pub const STATS: &str = "LB_STATS";
 
     /// Every map, for the check after load and for pinning.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         VIPS,
         RING,
         VIP_PORTS,
@@ -72,6 +76,7 @@ pub mod maps {
         FLOWS_NEW,
         NAT_NEW,
         IFACES,
+        SNAT_POOLS,
         DEVMAP,
         SETTINGS,
         PORT_CURSOR,
@@ -300,6 +305,26 @@ pub struct IfaceAddrs {
 }
 const _: () = assert!(size_of::<IfaceAddrs>() == 24);
 
+/// Most SNAT addresses of one family on one interface (`[[xdp.snat]] addresses`); also the
+/// bound of the program's loop over them when one address has no free port.
+pub const MAX_SNAT_ADDRS: u32 = 16;
+
+/// The SNAT addresses of one interface, network byte order. New flows toward a backend
+/// spread over them; each address has the whole `nat_ports` range, so a backend's limit of
+/// concurrent flows through this interface is addresses × ports.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatPool {
+    /// IPv6 addresses in slots `0..v6_count`; the rest are zero.
+    pub v6: [[u8; 16]; MAX_SNAT_ADDRS as usize],
+    /// IPv4 addresses in slots `0..v4_count`; the rest are zero.
+    pub v4: [[u8; 4]; MAX_SNAT_ADDRS as usize],
+    /// How many slots of `v4` and `v6` are used (at most [`MAX_SNAT_ADDRS`] each).
+    pub v4_count: u32,
+    pub v6_count: u32,
+}
+const _: () = assert!(size_of::<SnatPool>() == 328);
+
 /// Default capacity of the flow and NAT tables (each); `xdp.max_flows` overrides it.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 
@@ -382,6 +407,7 @@ pub mod stat {
         DROP_UNCONFIRMED_LOST = 30, "drop_unconfirmed_lost";
         RST_OUT_OF_WINDOW = 31, "rst_out_of_window";
         DROP_WRONG_IFACE = 32, "drop_wrong_iface";
+        SNAT_ADDR_NEXT = 33, "snat_addr_next";
     }
 }
 
@@ -398,6 +424,7 @@ mod pod {
     unsafe impl aya::Pod for super::NatKey {}
     unsafe impl aya::Pod for super::NatState {}
     unsafe impl aya::Pod for super::IfaceAddrs {}
+    unsafe impl aya::Pod for super::SnatPool {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Hop {}
 }

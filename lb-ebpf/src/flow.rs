@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     BACKEND_F_ACTIVE, BackendInfo, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN,
-    DEFAULT_TCP_CLOSED_NS, DEFAULT_TCP_IDLE_NS, DEFAULT_TCP_SYN_NS, DEFAULT_UDP_IDLE_NS, FAMILY_V4,
+    DEFAULT_TCP_CLOSED_NS, DEFAULT_TCP_IDLE_NS, DEFAULT_TCP_SYN_NS, DEFAULT_UDP_IDLE_NS,
     FLOW_F_CONFIRMED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_RST, FLOW_F_SYNACK, FlowState,
     PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
     hash::{five_tuple_hash, source_hash},
@@ -13,7 +13,7 @@ use lb_common::{
 
 use crate::{
     fib::{self, FibMiss},
-    maps::{BACKENDS, FLOWS, FLOWS_NEW, IFACES, NAT, NAT_NEW, RING, SETTINGS, count},
+    maps::{BACKENDS, FLOWS, FLOWS_NEW, NAT, NAT_NEW, RING, SETTINGS, count},
     mem,
     parse::Packet,
     scratch::Work,
@@ -312,7 +312,7 @@ pub fn route_to_backend(
 }
 
 /// A new flow: pick the backend from the Maglev ring, route to it, take a SNAT address and a
-/// free SNAT port, and record both directions. Leaves `w.st` and `w.be` filled. Not
+/// free SNAT port ([`snat::alloc`]), and record both directions. Leaves `w.st` and `w.be` filled. Not
 /// inlined, to keep its locals out of the established path's stack frame.
 #[inline(never)]
 pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result<(), u32> {
@@ -329,24 +329,10 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     if !backend(id, &mut w.be) {
         return Err(drop(stat::DROP_NO_BACKEND));
     }
-    // Route with the client as source first: it names the egress interface, whose own address
-    // becomes the SNAT source.
+    // Route with the client as source first: it names the egress interface, whose SNAT
+    // address (its pool's, or its own) becomes the source.
     route_to_backend(ctx, w, true, now)?;
-    let addrs = IFACES.get_ptr(w.st.hop.ifindex).ok_or_else(|| drop(stat::DROP_NO_SNAT_ADDR))?;
-    crate::parse::zero16(&mut w.st.snat);
-    // SAFETY: a valid map value.
-    unsafe {
-        if w.pkt.family == FAMILY_V4 {
-            w.st.snat[..4].copy_from_slice(&(*addrs).v4);
-        } else {
-            mem::copy16(&mut w.st.snat, &(*addrs).v6);
-        }
-    }
-    if w.st.snat == [0u8; 16] {
-        return Err(drop(stat::DROP_NO_SNAT_ADDR));
-    }
     mem::copy16(&mut w.nk.backend, &w.be.addr);
-    mem::copy16(&mut w.nk.snat, &w.st.snat);
     w.nk.backend_port = w.be.port;
     w.nk.proto = w.pkt.proto;
     w.nk.family = w.pkt.family;
@@ -362,7 +348,7 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.ns._pad = 0;
     // A TCP flow starts unconfirmed, in the tables of its own; UDP has no handshake.
     let fresh = w.pkt.proto == PROTO_TCP;
-    snat::alloc_port(w, fresh)?;
+    snat::alloc(w)?;
     w.st.backend_id = id;
     w.st.generation = w.be.generation;
     w.st.nat_port = w.nk.nat_port;

@@ -5,8 +5,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendInfo, Counter, DEFAULT_MAX_FLOWS, DEFAULT_MAX_UNCONFIRMED_FLOWS, FlowKey, FlowState,
-    IfaceAddrs, MAX_BACKENDS, MAX_SERVICES, NatKey, NatState, RING_SIZE, Settings, VipInfo, VipKey,
-    stat, vip_addr_slot,
+    IfaceAddrs, MAX_BACKENDS, MAX_SERVICES, NatKey, NatState, RING_SIZE, Settings, SnatPool,
+    VipInfo, VipKey, stat, vip_addr_slot,
 };
 
 /// Interfaces a balancer may serve; the devmap and address table hold one entry each.
@@ -58,6 +58,9 @@ pub static NAT_NEW: LruHashMap<NatKey, NatState> =
 
 #[map(name = "LB_IFACES")]
 pub static IFACES: HashMap<u32, IfaceAddrs> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+#[map(name = "LB_SNAT_POOLS")]
+pub static SNAT_POOLS: HashMap<u32, SnatPool> = HashMap::with_max_entries(MAX_IFACES, 0);
 
 #[map(name = "LB_DEVMAP")]
 pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);

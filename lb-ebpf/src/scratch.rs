@@ -20,6 +20,10 @@ pub struct Work {
     pub s: Settings,
     /// `bpf_ktime_get_coarse_ns` at the start of this packet (forward path).
     pub now: u64,
+    /// A new flow's SNAT address search (`snat::alloc`): the pool's address count for the
+    /// packet's family (0: the interface's own address) and the index tried first.
+    pub snat_n: u32,
+    pub snat_first: u32,
 }
 
 /// Not pinned and not shared with userspace: nothing in it outlives one packet.

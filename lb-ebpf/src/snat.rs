@@ -1,14 +1,20 @@
-//! SNAT port allocation: which (SNAT address, port) toward a backend a new flow gets, and how a
+//! SNAT allocation: which (SNAT address, port) toward a backend a new flow gets, and how a
 //! finished flow's port is taken back. A port is in at most one of `NAT` (confirmed flows) and
 //! `NAT_NEW` (unconfirmed TCP flows); only the flow that owns an entry, or the one CPU that wins
 //! its `claim` word, ever changes it.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use lb_common::{NatState, stat};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_loop},
+};
+use lb_common::{
+    FAMILY_V4, MAX_SNAT_ADDRS, NatState, PROTO_TCP, SnatPool, hash::five_tuple_hash, stat,
+};
 
 use crate::{
     flow::{Expiry, drop, expiry},
-    maps::{FLOWS, FLOWS_NEW, NAT, NAT_NEW, PORT_CURSOR, count},
+    maps::{FLOWS, FLOWS_NEW, IFACES, NAT, NAT_NEW, PORT_CURSOR, SNAT_POOLS, count},
     mem,
+    parse::zero16,
     scratch::Work,
 };
 
@@ -21,8 +27,143 @@ const MAX_PORT_TRIES: u32 = 64;
 /// (`flow::create` inserts the NAT entry first): it is not reclaimable for this long.
 pub const SETUP_NS: u64 = 10_000_000;
 
-/// Claims a SNAT port for `w.nk` (in `NAT_NEW` when `fresh`, else `NAT`) with an atomic
-/// insert-if-absent, so two CPUs never share one.
+/// Takes the new flow's SNAT address (into `w.st.snat` and `w.nk.snat`) and port (into
+/// `w.nk.nat_port`) toward `w.be`, leaving its NAT entry `w.ns` inserted; `w.nk`'s other fields
+/// are filled by the caller. The egress interface `w.st.hop.ifindex` names the addresses: its
+/// `[[xdp.snat]]` pool for the packet's family, else its own address.
+///
+/// A pool's first choice is a fixed function of the client tuple (as the port's is, for the
+/// same TIME_WAIT reason), which also spreads clients over the addresses; when that address
+/// has no free or reclaimable port the next ones are searched in turn, so a backend takes
+/// addresses × ports concurrent flows before a SYN is refused. Only new flows come here.
+#[inline(always)]
+pub fn alloc(w: &mut Work) -> Result<(), u32> {
+    w.snat_n = 0;
+    w.snat_first = 0;
+    if let Some(pool) = SNAT_POOLS.get_ptr(w.st.hop.ifindex) {
+        // SAFETY: a valid map value; the count is read once.
+        let n =
+            unsafe { if w.pkt.family == FAMILY_V4 { (*pool).v4_count } else { (*pool).v6_count } };
+        if n != 0 {
+            let n = if n > MAX_SNAT_ADDRS { MAX_SNAT_ADDRS } else { n };
+            // Another hash than the port's preferred offset (a sum over the client address
+            // and port): one value for both would tie the address to the port's parity.
+            let p = &w.pkt;
+            w.snat_first = five_tuple_hash(&p.src, &p.dst, p.sport, p.dport, p.proto) % n;
+            w.snat_n = n;
+        }
+    }
+    let tries = if w.snat_n == 0 {
+        own_address(w)?;
+        1
+    } else {
+        w.snat_n
+    };
+    let mut search = Search { w, found: 0 };
+    // The address loop runs in bpf_loop (which the verifier inlines): its callback, holding
+    // the port search, is verified apart from the paths that lead here. A plain loop around
+    // the 64-try port search made the verifier walk MAX_SNAT_ADDRS × MAX_PORT_TRIES tries
+    // and give up. What the callback needs is in `w` (per-CPU memory the verifier does not
+    // track), so every path reaches it in the same state.
+    // SAFETY: the callback takes the `Search` this frame passes, and returns 0 or 1.
+    unsafe {
+        bpf_loop(tries, try_address as *mut c_void, &mut search as *mut Search as *mut c_void, 0);
+    }
+    if search.found == 0 {
+        return Err(drop(stat::DROP_NO_PORT));
+    }
+    Ok(())
+}
+
+/// The state of [`alloc`]'s address loop, on its stack (bpf_loop takes a stack pointer).
+#[repr(C)]
+struct Search {
+    w: *mut Work,
+    /// 1 once a try found a port. Only ever 0 or 1: a value that changed with the try (its
+    /// number) would keep the verifier from seeing that one more iteration brings nothing
+    /// new, and it would walk the callback once per possible value.
+    found: u64,
+}
+
+/// One try of [`alloc`]'s address loop: address `snat_first + i` of the pool (or the own
+/// address), then the port search on it. Returns 1 to stop the loop.
+extern "C" fn try_address(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `alloc` gave it; `w` is this packet's per-CPU
+    // scratch, used by one program run at a time.
+    let s = unsafe { &mut *(ctx as *mut Search) };
+    let w = unsafe { &mut *s.w };
+    // Read once: the helper call below could (for LLVM) change `w`, and a second read
+    // would bring back a division-by-zero panic path the verifier refuses.
+    let (n, first) = (w.snat_n, w.snat_first);
+    if n != 0 {
+        let Some(pool) = SNAT_POOLS.get_ptr(w.st.hop.ifindex) else { return 1 };
+        let k = first.wrapping_add(i as u32) % n;
+        if !pool_address(w, pool, k) {
+            // A slot the daemon is rewriting (it reads as zero): the rest may be too.
+            return 1;
+        }
+    }
+    let fresh = w.pkt.proto == PROTO_TCP;
+    if alloc_port(w, fresh) {
+        if i != 0 {
+            count(stat::SNAT_ADDR_NEXT);
+        }
+        s.found = 1;
+        return 1;
+    }
+    0
+}
+
+/// Puts the egress interface's own address (the SNAT source without a pool) into `w.st.snat`
+/// and `w.nk.snat`.
+#[inline(always)]
+fn own_address(w: &mut Work) -> Result<(), u32> {
+    let addrs = IFACES.get_ptr(w.st.hop.ifindex).ok_or_else(|| drop(stat::DROP_NO_SNAT_ADDR))?;
+    zero16(&mut w.st.snat);
+    // SAFETY: a valid map value.
+    unsafe {
+        if w.pkt.family == FAMILY_V4 {
+            w.st.snat[..4].copy_from_slice(&(*addrs).v4);
+        } else {
+            mem::copy16(&mut w.st.snat, &(*addrs).v6);
+        }
+    }
+    if w.st.snat == [0u8; 16] {
+        return Err(drop(stat::DROP_NO_SNAT_ADDR));
+    }
+    mem::copy16(&mut w.nk.snat, &w.st.snat);
+    Ok(())
+}
+
+/// Copies address `k` of the packet's family from `pool` into `w.st.snat` and `w.nk.snat`;
+/// false when the slot is out of range or zero.
+#[inline(always)]
+fn pool_address(w: &mut Work, pool: *const SnatPool, k: u32) -> bool {
+    // LLVM knows `k < n <= MAX_SNAT_ADDRS` from the modulo and drops the bounds check below;
+    // the verifier cannot follow a modulo. A volatile read hides that knowledge, so the
+    // check stays where the verifier sees it.
+    // SAFETY: reads a local.
+    let k = unsafe { core::ptr::read_volatile(&k) };
+    if k >= MAX_SNAT_ADDRS {
+        return false;
+    }
+    zero16(&mut w.st.snat);
+    // SAFETY: a valid map value; `get` keeps the index in bounds for the verifier too.
+    let pool = unsafe { &*pool };
+    if w.pkt.family == FAMILY_V4 {
+        let Some(a) = pool.v4.get(k as usize) else { return false };
+        w.st.snat[..4].copy_from_slice(a);
+    } else {
+        let Some(a) = pool.v6.get(k as usize) else { return false };
+        mem::copy16(&mut w.st.snat, a);
+    }
+    mem::copy16(&mut w.nk.snat, &w.st.snat);
+    w.st.snat != [0u8; 16]
+}
+
+/// Claims a SNAT port on address `w.nk.snat` for `w.nk` (in `NAT_NEW` when `fresh`, else
+/// `NAT`) with an atomic insert-if-absent, so two CPUs never share one; false when every
+/// port tried is held by a live flow.
 ///
 /// The first choice is a fixed function of the client's address and port. Backends keep
 /// closed connections in TIME_WAIT for 60 s and accept a new SYN on the same 4-tuple only if
@@ -33,17 +174,17 @@ pub const SETUP_NS: u64 = 10_000_000;
 /// wins; failing that, the first port of a finished flow seen on the way is reclaimed (free
 /// ports first, because the backend may keep a reclaimed port's old 4-tuple in TIME_WAIT).
 #[inline(always)]
-pub fn alloc_port(w: &mut Work, fresh: bool) -> Result<(), u32> {
+fn alloc_port(w: &mut Work, fresh: bool) -> bool {
     let range = (w.s.nat_port_max as u32).saturating_sub(w.s.nat_port_min as u32) + 1;
     let preferred = lb_common::hash::source_hash(&w.pkt.src)
         .wrapping_add(u16::from_be(w.pkt.sport) as u32)
         % range;
     match probe(w, preferred, false, fresh) {
-        Probe::Won => return Ok(()),
-        Probe::Held if reclaim(w, preferred, false, fresh) => return Ok(()),
+        Probe::Won => return true,
+        Probe::Held if reclaim(w, preferred, false, fresh) => return true,
         _ => {}
     }
-    let cursor = PORT_CURSOR.get_ptr_mut(0).ok_or_else(|| drop(stat::DROP_NO_PORT))?;
+    let Some(cursor) = PORT_CURSOR.get_ptr_mut(0) else { return false };
     // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
     unsafe {
         if *cursor == 0 {
@@ -53,28 +194,55 @@ pub fn alloc_port(w: &mut Work, fresh: bool) -> Result<(), u32> {
         }
     }
     let tries = if range < MAX_PORT_TRIES { range } else { MAX_PORT_TRIES };
-    let mut fallback = u32::MAX;
-    for i in 0..MAX_PORT_TRIES {
-        if i >= tries {
-            break;
-        }
-        // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
-        let c = unsafe {
-            let c = *cursor;
-            *cursor = c.wrapping_add(1);
-            c
-        };
-        let offset = c % range;
-        match probe(w, offset, fallback == u32::MAX, fresh) {
-            Probe::Won => return Ok(()),
-            Probe::Dead => fallback = offset,
-            Probe::Held => {}
-        }
+    let mut walk = Walk { w, fallback: u32::MAX, won: 0 };
+    // In bpf_loop for the verifier's sake, as the address loop in `alloc`: the body is
+    // verified a few times, not once per try.
+    // SAFETY: the callback takes the `Walk` this frame passes, and returns 0 or 1.
+    unsafe {
+        bpf_loop(tries, try_port as *mut c_void, &mut walk as *mut Walk as *mut c_void, 0);
     }
-    if fallback != u32::MAX && reclaim(w, fallback, true, fresh) {
-        return Ok(());
+    if walk.won != 0 {
+        return true;
     }
-    Err(drop(stat::DROP_NO_PORT))
+    walk.fallback != u32::MAX && reclaim(w, walk.fallback, true, fresh)
+}
+
+/// The state of [`alloc_port`]'s walk, on its stack (bpf_loop takes a stack pointer).
+#[repr(C)]
+struct Walk {
+    w: *mut Work,
+    /// The first port of a finished flow seen on the way, or `u32::MAX`.
+    fallback: u32,
+    /// 1 once a free port was taken.
+    won: u32,
+}
+
+/// One step of [`alloc_port`]'s walk: the next port under this CPU's cursor. Returns 1 to
+/// stop the walk.
+extern "C" fn try_port(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `alloc_port` gave it; `w` is this packet's
+    // per-CPU scratch, used by one program run at a time.
+    let s = unsafe { &mut *(ctx as *mut Walk) };
+    let w = unsafe { &mut *s.w };
+    let Some(cursor) = PORT_CURSOR.get_ptr_mut(0) else { return 1 };
+    // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
+    let c = unsafe {
+        let c = *cursor;
+        *cursor = c.wrapping_add(1);
+        c
+    };
+    let range = (w.s.nat_port_max as u32).saturating_sub(w.s.nat_port_min as u32) + 1;
+    let offset = c % range;
+    let fresh = w.pkt.proto == PROTO_TCP;
+    match probe(w, offset, s.fallback == u32::MAX, fresh) {
+        Probe::Won => {
+            s.won = 1;
+            return 1;
+        }
+        Probe::Dead => s.fallback = offset,
+        Probe::Held => {}
+    }
+    0
 }
 
 /// What [`probe`] found at a port.
@@ -215,10 +383,12 @@ fn holder_expiry(w: &Work, holder: *mut NatState, any_holder: bool, confirmed: b
         }
         return Expiry::Closed;
     };
-    // SAFETY: a valid map value; three fields are read.
+    // SAFETY: a valid map value; four fields are read.
     let (flags, last, port) = unsafe { ((*st).flags, (*st).last_seen_ns, (*st).nat_port) };
-    if port != w.nk.nat_port {
-        // The tuple's flow now is a later one on another port: this entry is an orphan.
+    // SAFETY: as above.
+    if port != w.nk.nat_port || !mem::eq(unsafe { &(*st).snat }, &w.nk.snat) {
+        // The tuple's flow now is a later one on another port or SNAT address: this entry
+        // is an orphan.
         return Expiry::Closed;
     }
     expiry(holder.flow.proto, flags, last, holder.last_seen_ns, w.now, &w.s)

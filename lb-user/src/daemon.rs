@@ -11,7 +11,7 @@ use tokio::{signal::unix, sync::watch};
 use crate::{
     config::{Config, XdpConfig},
     control::{admin, reload, state::State},
-    dataplane::{Dataplane, DataplaneError, LoadOptions, host},
+    dataplane::{Dataplane, DataplaneError, LoadOptions, host, snat},
     l4::{self, L4},
     l7, upstream,
 };
@@ -45,6 +45,10 @@ fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
     }
     if ipv6 {
         host::enable_ipv6_forwarding();
+    }
+    // Also with no [[xdp.snat]]: removes pools an earlier config pinned.
+    for change in dp.apply_snat(&snat::resolve(&xdp.snat)?)? {
+        log::info!("{change}");
     }
     dp.apply(&xdp.services)?;
     for s in &xdp.services {

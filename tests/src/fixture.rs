@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_user::{
     config::Config,
-    dataplane::{Dataplane, LoadOptions, host::Iface},
+    dataplane::{Dataplane, LoadOptions, host::Iface, snat},
 };
 
 use crate::netns::Netns;
@@ -83,14 +83,17 @@ pub fn dataplane(config: &str) -> anyhow::Result<Dataplane> {
     dataplane_with(config, LoadOptions::private())
 }
 
-/// Like [`dataplane`], with explicit load options (settings, table sizes).
+/// Like [`dataplane`], with explicit load options (settings, table sizes). `[[xdp.snat]]`
+/// pools are applied as `lb run` applies them (their addresses must be on their interface).
 pub fn dataplane_with(config: &str, opts: LoadOptions) -> anyhow::Result<Dataplane> {
     let config = Config::parse(config)?;
     let mut dp = Dataplane::load(&opts)?;
     for name in ["c0", "b1", "b2"] {
         dp.register(&Iface::lookup(name).with_context(|| format!("no {name}"))?)?;
     }
-    dp.apply(&config.xdp.context("no [xdp]")?.services)?;
+    let xdp = config.xdp.context("no [xdp]")?;
+    dp.apply_snat(&snat::resolve(&xdp.snat)?)?;
+    dp.apply(&xdp.services)?;
     Ok(dp)
 }
 

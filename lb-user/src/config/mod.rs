@@ -20,7 +20,9 @@ pub use health::{CheckKind, HealthConfig};
 pub use http::{AccessLog, CertConfig, Cidr, HttpConfig, ListenerConfig, RouteConfig};
 pub use tcp::{ProxyProtocol, Secs, SniAction, SniRoute, TcpConfig, TcpListenerConfig};
 pub use upstream::{Balance, UpstreamConfig, UpstreamTls};
-pub use xdp::{DEFAULT_PIN_PATH, HashMode, Protocol, ServiceConfig, XdpConfig, XdpMode};
+pub use xdp::{
+    DEFAULT_PIN_PATH, HashMode, Protocol, ServiceConfig, SnatConfig, XdpConfig, XdpMode,
+};
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize, Default)]

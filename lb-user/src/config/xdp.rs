@@ -1,5 +1,10 @@
-//! The `[xdp]` section: interfaces, attach mode and the kernel-balanced services.
-use std::{collections::HashSet, net::SocketAddr, path::PathBuf};
+//! The `[xdp]` section: interfaces, attach mode, SNAT address pools and the kernel-balanced
+//! services.
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use serde::Deserialize;
 
@@ -37,6 +42,62 @@ pub struct XdpConfig {
     /// The SNAT source ports `[first, last]`; keep them out of the host's ephemeral range.
     #[serde(default = "default_nat_ports")]
     pub nat_ports: [u16; 2],
+    /// SNAT address pools (`[[xdp.snat]]`): an interface listed here takes its SNAT sources
+    /// from these addresses instead of its own first address.
+    #[serde(default, rename = "snat")]
+    pub snat: Vec<SnatConfig>,
+}
+
+/// One `[[xdp.snat]]` table: the SNAT addresses of one served interface. New flows toward
+/// backends reached through `interface` spread over `addresses`, each with the whole
+/// `nat_ports` range. Every address must be an address of that interface (so the kernel
+/// answers ARP/ND for it); `lb run` and reload check that.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnatConfig {
+    pub interface: String,
+    pub addresses: Vec<IpAddr>,
+}
+
+impl SnatConfig {
+    /// Appends what is wrong with this pool alone; `seen` collects addresses across pools.
+    fn validate(&self, seen: &mut HashSet<IpAddr>, errors: &mut Vec<String>) {
+        let iface = &self.interface;
+        if self.addresses.is_empty() {
+            errors.push(format!("xdp.snat interface {iface:?} has no addresses: list them, e.g. addresses = [\"10.1.0.10\", \"10.1.0.11\"], or remove the [[xdp.snat]] table to use the interface's own address"));
+        }
+        let max = lb_common::MAX_SNAT_ADDRS as usize;
+        for (fam, n) in [
+            ("IPv4", self.addresses.iter().filter(|a| a.is_ipv4()).count()),
+            ("IPv6", self.addresses.iter().filter(|a| a.is_ipv6()).count()),
+        ] {
+            if n > max {
+                errors.push(format!("xdp.snat interface {iface:?} has {n} {fam} addresses but the program holds at most {max} per family: list at most {max}"));
+            }
+        }
+        for a in &self.addresses {
+            if let Some(why) = unusable(a) {
+                errors.push(format!("xdp.snat address \"{a}\" of interface {iface:?} is {why}: use a unicast address of that interface that the backends route back to this host"));
+            }
+            if !seen.insert(*a) {
+                errors.push(format!("xdp.snat address \"{a}\" is listed twice: each address may be in one pool once (a port on it can belong to one flow only)"));
+            }
+        }
+    }
+}
+
+/// Why `a` cannot be a SNAT source, if it cannot.
+fn unusable(a: &IpAddr) -> Option<&'static str> {
+    match a {
+        _ if a.is_unspecified() => Some("unspecified"),
+        _ if a.is_loopback() => Some("a loopback address"),
+        _ if a.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        // As for an interface's own address (dataplane::host): a routed backend cannot
+        // answer a link-local source.
+        IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => Some("link-local"),
+        _ => None,
+    }
 }
 
 /// The longest flow timeout accepted (a year), far below where nanoseconds overflow.
@@ -167,6 +228,7 @@ impl XdpConfig {
                 "xdp.nat_ports = [{lo}, {hi}] is not a range of unprivileged ports: use [first, last] with 1024 <= first <= last"
             ));
         }
+        self.validate_snat(errors);
         let mut names = HashSet::new();
         let mut vips = HashSet::new();
         for s in &self.services {
@@ -195,6 +257,27 @@ impl XdpConfig {
                 if b.weight() == 0 {
                     errors.push(format!("service {:?}: backend {} has weight 0: use drain to stop new flows, or a weight of 1 or more", s.name, b.addr()));
                 }
+            }
+        }
+    }
+
+    /// The `[[xdp.snat]]` tables: each names a served interface once, with usable addresses
+    /// that are not VIPs.
+    fn validate_snat(&self, errors: &mut Vec<String>) {
+        let mut ifaces = HashSet::new();
+        let mut seen = HashSet::new();
+        for p in &self.snat {
+            if !self.interfaces.contains(&p.interface) {
+                errors.push(format!("xdp.snat interface {:?} is not in xdp.interfaces: add it there (a pool is the SNAT source toward backends reached through a served interface)", p.interface));
+            }
+            if !ifaces.insert(&p.interface) {
+                errors.push(format!("xdp.snat interface {:?} has two [[xdp.snat]] tables: merge their addresses into one", p.interface));
+            }
+            p.validate(&mut seen, errors);
+        }
+        for s in &self.services {
+            if seen.contains(&s.vip.ip()) {
+                errors.push(format!("xdp.snat address \"{}\" is also the VIP of service {:?}: a SNAT address must not be a VIP (replies to it would be taken for client packets)", s.vip.ip(), s.name));
             }
         }
     }
@@ -234,5 +317,46 @@ mod tests {
             let err = Config::parse(&format!("{BASE}{line}\n")).unwrap_err().to_string();
             assert!(err.contains(key), "{line}: {err}");
         }
+    }
+
+    #[test]
+    fn snat_pools_parse_with_both_families() {
+        let cfg = format!(
+            "[xdp]\ninterfaces = [\"eth0\", \"eth1\"]\n[[xdp.snat]]\ninterface = \"eth1\"\naddresses = [\"10.1.0.10\", \"10.1.0.11\", \"fd01::10\"]\n"
+        );
+        let xdp = Config::parse(&cfg).unwrap().xdp.unwrap();
+        assert_eq!(xdp.snat.len(), 1);
+        assert_eq!(xdp.snat[0].interface, "eth1");
+        let want: Vec<std::net::IpAddr> =
+            ["10.1.0.10", "10.1.0.11", "fd01::10"].iter().map(|a| a.parse().unwrap()).collect();
+        assert_eq!(xdp.snat[0].addresses, want);
+        assert!(Config::parse(BASE).unwrap().xdp.unwrap().snat.is_empty(), "no pool by default");
+    }
+
+    #[test]
+    fn bad_snat_pools_are_refused_naming_the_key_and_the_fix() {
+        let pool = |iface: &str, addrs: &str| {
+            format!("[[xdp.snat]]\ninterface = \"{iface}\"\naddresses = [{addrs}]\n")
+        };
+        let many: Vec<String> = (1..=17).map(|i| format!("\"10.1.0.{i}\"")).collect();
+        let vip = "[[xdp.service]]\nname = \"web\"\nvip = \"10.1.0.9:80\"\n";
+        for (extra, want) in [
+            (pool("eth9", "\"10.1.0.10\""), "interface \"eth9\" is not in xdp.interfaces"),
+            (pool("eth0", ""), "interface \"eth0\" has no addresses"),
+            (pool("eth0", "\"0.0.0.0\""), "is unspecified"),
+            (pool("eth0", "\"127.0.0.2\""), "loopback"),
+            (pool("eth0", "\"fe80::1\""), "link-local"),
+            (pool("eth0", "\"10.1.0.10\", \"10.1.0.10\""), "listed twice"),
+            (pool("eth0", "\"10.1.0.10\"") + &pool("eth0", "\"10.1.0.11\""), "two [[xdp.snat]]"),
+            (pool("eth0", &many.join(", ")), "at most 16 per family"),
+            (pool("eth0", "\"10.1.0.9\"") + vip, "also the VIP of service \"web\""),
+        ] {
+            let err = Config::parse(&format!("{BASE}{extra}")).unwrap_err().to_string();
+            assert!(err.contains("xdp.snat") && err.contains(want), "{extra}: {err}");
+            assert!(err.contains("line "), "located: {err}");
+        }
+        let typo = format!("{BASE}[[xdp.snat]]\ninterface = \"eth0\"\naddress = [\"10.1.0.10\"]\n");
+        let err = Config::parse(&typo).unwrap_err().to_string();
+        assert!(err.contains("address"), "unknown key named: {err}");
     }
 }

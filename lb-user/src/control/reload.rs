@@ -1,5 +1,6 @@
 //! Reload: read the config file again, validate it, then apply only what changed: XDP services
-//! (ids and tracked flows kept), upstream backend sets (kept backends keep their state), L7
+//! (ids and tracked flows kept), SNAT address pools (`[[xdp.snat]]`; new flows use the new
+//! addresses, tracked flows keep theirs), upstream backend sets (kept backends keep their state), L7
 //! routes, upstreams and certificates (open connections pick them up on their next request),
 //! added and removed listeners, health checks. A config that is invalid, or that changes what
 //! only a restart can change, is refused whole and the running one stays.
@@ -12,7 +13,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use super::state::State;
 use crate::{
     config::{Config, ConfigError},
-    dataplane::host,
+    dataplane::{host, snat},
     health::Checker,
     l7::{self, Server},
     upstream::{Group, Groups},
@@ -152,10 +153,20 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
         }
     }
 
+    // SNAT pools are checked against the host's addresses before anything is applied.
+    let pools = match &new.xdp {
+        Some(xdp) => {
+            snat::resolve(&xdp.snat).map_err(|e| ReloadError::Invalid(vec![e.to_string()]))?
+        }
+        None => Vec::new(),
+    };
+
     // Apply. XDP first: `apply` is idempotent and keeps service and backend ids, so tracked
-    // flows keep their backend; only changed services' rings are rewritten.
+    // flows keep their backend; only changed services' rings are rewritten. SNAT pools before
+    // services, so new backends' first flows already spread over added addresses.
     if let (Some(dp), Some(xdp)) = (&state.dataplane, &new.xdp) {
         let mut dp = dp.lock().unwrap_or_else(|e| e.into_inner());
+        changes.extend(dp.apply_snat(&pools).map_err(|e| ReloadError::Apply(e.to_string()))?);
         dp.apply(&xdp.services).map_err(|e| ReloadError::Apply(e.to_string()))?;
         for s in &xdp.services {
             for b in &s.backends {
@@ -292,5 +303,8 @@ mod tests {
             out[0].starts_with("xdp.interfaces changed") && out[1].starts_with("http.grace_ms")
         );
         assert!(needs_restart(&a, &c).is_empty(), "upstreams reload");
+        let pool = "[[xdp.snat]]\ninterface = \"eth0\"\naddresses = [\"10.1.0.10\"]\n";
+        let d = Config::parse(&format!("[xdp]\ninterfaces = [\"eth0\"]\n{pool}")).unwrap();
+        assert!(needs_restart(&a, &d).is_empty(), "SNAT pools reload (addresses added at runtime)");
     }
 }

@@ -3,7 +3,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
 };
-use lb_common::{BackendInfo, RING_SIZE, VipInfo, VipKey, maps, vip_addr_slot};
+use lb_common::{BackendInfo, RING_SIZE, SnatPool, VipInfo, VipKey, maps, vip_addr_slot};
 
 use super::tables::{Maps, TableError};
 
@@ -68,5 +68,20 @@ impl Maps for KernelMaps<'_> {
             m.set(base + slot, id, 0).map_err(map_err)?;
         }
         Ok(())
+    }
+
+    fn set_snat_pool(&mut self, ifindex: u32, pool: &SnatPool) -> Result<(), TableError> {
+        let mut m: HashMap<&mut MapData, u32, SnatPool> =
+            HashMap::try_from(self.map(maps::SNAT_POOLS)?).map_err(map_err)?;
+        m.insert(ifindex, pool, 0).map_err(map_err)
+    }
+
+    fn remove_snat_pool(&mut self, ifindex: u32) -> Result<(), TableError> {
+        let mut m: HashMap<&mut MapData, u32, SnatPool> =
+            HashMap::try_from(self.map(maps::SNAT_POOLS)?).map_err(map_err)?;
+        match m.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
     }
 }

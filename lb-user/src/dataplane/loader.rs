@@ -12,7 +12,8 @@ use aya::{
     },
 };
 use lb_common::{
-    BackendInfo, Counter, MAX_BACKENDS, RING_SIZE, Settings, VipInfo, VipKey, maps, programs, stat,
+    BackendInfo, Counter, MAX_BACKENDS, RING_SIZE, Settings, SnatPool, VipInfo, VipKey, maps,
+    programs, stat,
 };
 use thiserror::Error;
 
@@ -20,6 +21,7 @@ use super::{
     OBJECT,
     host::Iface,
     kernel_maps::KernelMaps,
+    snat::Pool,
     tables::{BackendView, TableError, Tables},
 };
 use crate::config::{ServiceConfig, XdpConfig, XdpMode};
@@ -52,6 +54,8 @@ pub enum DataplaneError {
     IncompatiblePins { dir: PathBuf, map: &'static str, found: u32, expected: u32 },
     #[error(transparent)]
     Table(#[from] TableError),
+    #[error(transparent)]
+    Snat(#[from] super::snat::SnatError),
 }
 
 /// How to load the program.
@@ -175,6 +179,10 @@ impl Dataplane {
                 maps.mark(key, true, true)?;
             }
             dp.tables.recover(&vips, &backends);
+            let pools: HashMap<&MapData, u32, SnatPool> =
+                HashMap::try_from(dp.map(maps::SNAT_POOLS)?)?;
+            let pools = pools.iter().collect::<Result<Vec<_>, _>>()?;
+            dp.tables.recover_snat(&pools);
         }
         Ok(dp)
     }
@@ -262,6 +270,11 @@ impl Dataplane {
     /// The interfaces the balancer is attached to, with the mode in use.
     pub fn attached(&self) -> &[(String, XdpMode)] {
         &self.attached
+    }
+
+    /// Makes the SNAT address pools exactly `pools`; returns what changed, for the log.
+    pub fn apply_snat(&mut self, pools: &[Pool]) -> Result<Vec<String>, DataplaneError> {
+        Ok(self.tables.apply_snat(pools, &mut KernelMaps(&mut self.ebpf))?)
     }
 
     /// Makes the kernel's services exactly `services`.
@@ -380,6 +393,7 @@ fn check_pinned_layouts(dir: &Path) -> Result<(), DataplaneError> {
         (maps::NAT, size_of::<lb_common::NatState>()),
         (maps::FLOWS_NEW, size_of::<lb_common::FlowState>()),
         (maps::NAT_NEW, size_of::<lb_common::NatState>()),
+        (maps::SNAT_POOLS, size_of::<SnatPool>()),
     ];
     for (map, expected) in layouts {
         let path = dir.join(map);

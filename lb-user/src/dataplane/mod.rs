@@ -3,6 +3,7 @@
 pub mod host;
 mod kernel_maps;
 mod loader;
+pub mod snat;
 pub mod tables;
 mod vip;
 

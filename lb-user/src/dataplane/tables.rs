@@ -8,12 +8,15 @@ use std::{
 
 use lb_common::{
     BACKEND_F_ACTIVE, BackendInfo, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_SERVICES,
-    VIP_F_FIVE_TUPLE, VipInfo, VipKey,
+    MAX_SNAT_ADDRS, SnatPool, VIP_F_FIVE_TUPLE, VipInfo, VipKey,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::vip_key;
+use super::{
+    snat::{Pool, SnatPools},
+    vip_key,
+};
 use crate::{
     config::{HashMode, ServiceConfig},
     maglev,
@@ -26,6 +29,9 @@ pub trait Maps {
     fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<(), TableError>;
     /// Writes `(slot, backend id)` pairs of one service's ring.
     fn set_ring(&mut self, service_id: u32, changes: &[(u32, u32)]) -> Result<(), TableError>;
+    /// Writes the SNAT address pool of interface `ifindex` (one map update).
+    fn set_snat_pool(&mut self, ifindex: u32, pool: &SnatPool) -> Result<(), TableError>;
+    fn remove_snat_pool(&mut self, ifindex: u32) -> Result<(), TableError>;
 }
 
 #[derive(Debug, Error)]
@@ -46,6 +52,10 @@ pub enum TableError {
     BackendsFull,
     #[error("all {MAX_SERVICES} service ids are in use: raise lb_common::MAX_SERVICES")]
     ServicesFull,
+    #[error(
+        "an xdp.snat pool has more than {MAX_SNAT_ADDRS} addresses of one family: list fewer or raise lb_common::MAX_SNAT_ADDRS"
+    )]
+    SnatPoolFull,
     #[error("map update failed: {0}")]
     Map(String),
 }
@@ -96,6 +106,7 @@ pub struct Tables {
     generations: Vec<u32>,
     used_ids: Vec<bool>,
     recovered: Recovered,
+    snat: SnatPools,
 }
 
 impl Tables {
@@ -106,6 +117,7 @@ impl Tables {
             generations: vec![0; MAX_BACKENDS as usize],
             used_ids: vec![false; MAX_BACKENDS as usize],
             recovered: Recovered::default(),
+            snat: SnatPools::default(),
         }
     }
 
@@ -181,6 +193,21 @@ impl Tables {
             maps.remove_vip(&key)?;
         }
         Ok(())
+    }
+
+    /// Makes the SNAT address pools exactly `pools` (see [`SnatPools::apply`]); returns what
+    /// changed.
+    pub fn apply_snat(
+        &mut self,
+        pools: &[Pool],
+        maps: &mut dyn Maps,
+    ) -> Result<Vec<String>, TableError> {
+        self.snat.apply(pools, maps)
+    }
+
+    /// Adopts the SNAT pools a previous daemon pinned (by ifindex).
+    pub fn recover_snat(&mut self, pinned: &[(u32, SnatPool)]) {
+        self.snat.recover(pinned);
     }
 
     /// Adds a backend at runtime; it takes new flows at once.
@@ -435,6 +462,8 @@ pub struct MemMaps {
     pub backends: HashMap<u32, BackendInfo>,
     pub rings: HashMap<u32, HashMap<u32, u32>>,
     pub ring_writes: usize,
+    pub snat_pools: HashMap<u32, SnatPool>,
+    pub snat_writes: usize,
 }
 
 impl Maps for MemMaps {
@@ -456,6 +485,15 @@ impl Maps for MemMaps {
             ring.insert(slot, id);
         }
         self.ring_writes += changes.len();
+        Ok(())
+    }
+    fn set_snat_pool(&mut self, ifindex: u32, pool: &SnatPool) -> Result<(), TableError> {
+        self.snat_pools.insert(ifindex, *pool);
+        self.snat_writes += 1;
+        Ok(())
+    }
+    fn remove_snat_pool(&mut self, ifindex: u32) -> Result<(), TableError> {
+        self.snat_pools.remove(&ifindex);
         Ok(())
     }
 }

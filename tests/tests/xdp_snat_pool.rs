@@ -1,0 +1,160 @@
+//! SNAT address pools (`[[xdp.snat]]`, issue 12 item 8) through BPF_PROG_TEST_RUN: new flows
+//! spread over the pool's addresses, a backend takes addresses × ports concurrent flows, and
+//! replies to every pool address are translated back to their own client.
+use std::collections::{BTreeSet, HashMap};
+
+use lb_tests::{
+    fixture::*,
+    packet::{Frame, TCP_ACK, TCP_SYN, checksums_valid, fields},
+    privileged,
+};
+use lb_user::dataplane::{Dataplane, LoadOptions};
+
+/// A TCP service behind b1 (pool 10.1.1.10-11) and a UDP IPv6 one behind b1 too (no IPv6
+/// addresses in the pool: the interface's own fd01:1::1).
+const CONFIG: &str = r#"
+[xdp]
+interfaces = ["c0", "b1", "b2"]
+[[xdp.snat]]
+interface = "b1"
+addresses = ["10.1.1.10", "10.1.1.11"]
+[[xdp.service]]
+name = "web"
+vip = "10.200.0.1:80"
+backends = ["10.1.1.2:80"]
+[[xdp.service]]
+name = "dns6"
+vip = "[fd00:200::1]:53"
+protocol = "udp"
+backends = ["[fd01:1::2]:53"]
+"#;
+
+/// The same with an IPv6 pool on b1.
+const CONFIG_V6: &str = r#"
+[xdp]
+interfaces = ["c0", "b1", "b2"]
+[[xdp.snat]]
+interface = "b1"
+addresses = ["fd01:1::10", "fd01:1::11"]
+[[xdp.service]]
+name = "dns6"
+vip = "[fd00:200::1]:53"
+protocol = "udp"
+backends = ["[fd01:1::2]:53"]
+"#;
+
+/// Ports per SNAT address in these fixtures.
+const PORTS: u16 = 4;
+
+/// Runs `body` in a fresh fixture namespace where b1 also has `addrs` (the pool, as `lb run`
+/// requires), with the program loaded on SNAT ports 2000..2000+PORTS.
+fn with_pool(config: &'static str, addrs: &[&str], body: impl FnOnce(&Dataplane) + Send + 'static) {
+    let ns = namespace().expect("fixture namespace");
+    for a in addrs {
+        ns.ip(&["addr", "add", a, "dev", "b1", "nodad"]).expect("pool address");
+    }
+    ns.run(move || {
+        let mut opts = LoadOptions::private();
+        opts.settings.nat_port_min = 2000;
+        opts.settings.nat_port_max = 2000 + PORTS - 1;
+        opts.settings.cpus = 1;
+        let dp = dataplane_with(config, opts).expect("load program");
+        body(&dp);
+    })
+    .expect("fixture body (see the panic above)");
+}
+
+fn stats(dp: &Dataplane) -> HashMap<&'static str, u64> {
+    dp.stats().unwrap().into_iter().collect()
+}
+
+#[test]
+fn two_snat_addresses_carry_twice_the_port_range_and_replies_reach_each_client() {
+    privileged!();
+    with_pool(CONFIG, &["10.1.1.10/32", "10.1.1.11/32"], |dp| {
+        let vip = ip("10.200.0.1");
+        // (client port, SNAT address, SNAT port) of every flow.
+        let mut flows = Vec::new();
+        for sport in 40000..40000 + 2 * PORTS {
+            let syn = Frame::tcp(ip("10.0.0.2"), sport, vip, 80, TCP_SYN).bytes();
+            let (a, out) = run(dp, &syn);
+            assert_eq!(a, XDP_REDIRECT, "SYN from port {sport}: {:?}", stats(dp));
+            assert!(checksums_valid(&out), "checksums after SNAT from a pool address");
+            let f = fields(&out);
+            assert_eq!((f.dst, f.dport), (ip("10.1.1.2"), 80));
+            assert!((2000..2000 + PORTS).contains(&f.sport), "port {} in range", f.sport);
+            flows.push((sport, f.src, f.sport));
+        }
+        let used: BTreeSet<_> = flows.iter().map(|f| f.1).collect();
+        assert_eq!(
+            used,
+            [ip("10.1.1.10"), ip("10.1.1.11")].into(),
+            "both addresses, never b1's own"
+        );
+        let pairs: BTreeSet<_> = flows.iter().map(|f| (f.1, f.2)).collect();
+        assert_eq!(pairs.len(), flows.len(), "each (address, port) belongs to one flow");
+        // Both ranges are full: one more flow is refused, not mis-forwarded.
+        let extra = Frame::tcp(ip("10.0.0.2"), 41000, vip, 80, TCP_SYN).bytes();
+        assert_eq!(run(dp, &extra).0, XDP_DROP);
+        let s = stats(dp);
+        assert_eq!((s["flow_new"], s["drop_no_port"]), (2 * PORTS as u64, 1), "{s:?}");
+        // One address's range filled before the other's: those flows went to the next one.
+        assert!(s["snat_addr_next"] >= 1, "{s:?}");
+
+        // Every flow's SYN-ACK, to whichever pool address it came from, reaches its client
+        // port; the client's ACK then follows the flow on the same address and port.
+        for &(sport, snat, nat_port) in &flows {
+            let synack = Frame::tcp(ip("10.1.1.2"), 80, snat, nat_port, TCP_SYN | TCP_ACK).bytes();
+            let (a, out) = run(dp, &synack);
+            assert_eq!(a, XDP_REDIRECT, "reply to {snat}:{nat_port}");
+            let r = fields(&out);
+            assert_eq!((r.src, r.sport, r.dst, r.dport), (vip, 80, ip("10.0.0.2"), sport));
+            assert_eq!((r.dmac, r.smac), (CLIENT_MAC, C0_MAC));
+            assert!(checksums_valid(&out), "checksums after reverse NAT");
+            let ack = Frame::tcp(ip("10.0.0.2"), sport, vip, 80, TCP_ACK).bytes();
+            let (a, out) = run(dp, &ack);
+            assert_eq!(a, XDP_REDIRECT);
+            assert_eq!((fields(&out).src, fields(&out).sport), (snat, nat_port), "port {sport}");
+        }
+        let s = stats(dp);
+        assert_eq!((s["reply"], s["flow_confirmed"]), (2 * PORTS as u64, 2 * PORTS as u64));
+        // A reply to a pool address on a port no flow holds is not ours: the kernel's.
+        let stray = Frame::tcp(ip("10.1.1.2"), 80, ip("10.1.1.10"), 2000 + PORTS, TCP_ACK).bytes();
+        assert_eq!(run(dp, &stray).0, XDP_PASS);
+
+        // The pool has no IPv6 address: an IPv6 flow through b1 uses b1's own, as without it.
+        let q = Frame::udp(ip("fd00::2"), 5353, ip("fd00:200::1"), 53, b"q").bytes();
+        let (a, out) = run(dp, &q);
+        assert_eq!(a, XDP_REDIRECT);
+        assert_eq!(fields(&out).src, ip("fd01:1::1"));
+    });
+}
+
+#[test]
+fn an_ipv6_pool_spreads_flows_and_translates_replies() {
+    privileged!();
+    with_pool(CONFIG_V6, &["fd01:1::10/128", "fd01:1::11/128"], |dp| {
+        let vip = ip("fd00:200::1");
+        let mut flows = Vec::new();
+        for sport in 5000..5000 + 2 * PORTS {
+            let q = Frame::udp(ip("fd00::2"), sport, vip, 53, b"query").bytes();
+            let (a, out) = run(dp, &q);
+            assert_eq!(a, XDP_REDIRECT, "query from port {sport}: {:?}", stats(dp));
+            assert!(checksums_valid(&out));
+            let f = fields(&out);
+            flows.push((sport, f.src, f.sport));
+        }
+        let used: BTreeSet<_> = flows.iter().map(|f| f.1).collect();
+        assert_eq!(used, [ip("fd01:1::10"), ip("fd01:1::11")].into());
+        let extra = Frame::udp(ip("fd00::3"), 5000, vip, 53, b"query").bytes();
+        assert_eq!(run(dp, &extra).0, XDP_DROP, "both ranges are full");
+        for &(sport, snat, nat_port) in &flows {
+            let answer = Frame::udp(ip("fd01:1::2"), 53, snat, nat_port, b"answer").bytes();
+            let (a, out) = run(dp, &answer);
+            assert_eq!(a, XDP_REDIRECT, "reply to [{snat}]:{nat_port}");
+            let r = fields(&out);
+            assert_eq!((r.src, r.sport, r.dst, r.dport), (vip, 53, ip("fd00::2"), sport));
+            assert!(checksums_valid(&out));
+        }
+    });
+}
