@@ -1,12 +1,17 @@
-//! SNAT address pools (`[[xdp.snat]]`, issue 12 item 8) through BPF_PROG_TEST_RUN: new flows
-//! spread over the pool's addresses, a backend takes addresses × ports concurrent flows, and
-//! replies to every pool address are translated back to their own client.
+//! SNAT address pools (`[[xdp.snat]]`, issue 12 item 8). Packet fixtures through
+//! BPF_PROG_TEST_RUN: new flows spread over the pool's addresses, a backend takes addresses ×
+//! ports concurrent flows, and replies to every pool address are translated back to their own
+//! client. End to end: held TCP connections through `lb run`, before and after a reload adds
+//! a pool.
 use std::collections::{BTreeSet, HashMap};
 
 use lb_tests::{
+    client::{connect_in, request_on},
+    conf,
     fixture::*,
     packet::{Frame, TCP_ACK, TCP_SYN, checksums_valid, fields},
     privileged,
+    scenario::{Running, Scenario, TIMEOUT, WEB},
 };
 use lb_user::dataplane::{Dataplane, LoadOptions};
 
@@ -157,4 +162,77 @@ fn an_ipv6_pool_spreads_flows_and_translates_replies() {
             assert!(checksums_valid(&out));
         }
     });
+}
+
+/// SNAT ports in the end-to-end test: 64, as the issue has it.
+const E2E_PORTS: &str = "nat_ports = [20000, 20063]\n";
+
+/// A global reason counter of the running `lb`.
+fn reason(s: &Running, name: &str) -> u64 {
+    let v = s.lb().json(&["stats"]).expect("lb stats");
+    v["reasons"]
+        .as_array()
+        .and_then(|r| r.iter().find(|p| p[0] == name))
+        .and_then(|p| p[1].as_u64())
+        .unwrap_or_else(|| panic!("no reason {name} in {v}"))
+}
+
+/// Opens connections to WEB until one is refused (at most `max`); returns the open ones.
+fn hold_until_refused(s: &Running, max: usize) -> Vec<std::net::TcpStream> {
+    let mut held = Vec::new();
+    while held.len() < max {
+        match connect_in(s.client(), None, WEB, TIMEOUT) {
+            Ok(c) => held.push(c),
+            Err(_) => return held,
+        }
+    }
+    panic!("{max} connections and none refused");
+}
+
+/// Established connections the backend sees, by the balancer address they come from.
+fn peers_at_backend(s: &Running) -> HashMap<String, usize> {
+    let out = s.backend_ns(0).exec(&["ss", "-Htn", "state", "established", "sport", "= :80"]);
+    let mut by_addr = HashMap::new();
+    for line in out.expect("ss").lines() {
+        let peer = line.split_whitespace().last().unwrap_or_default();
+        let addr = peer.rsplit_once(':').map(|(a, _)| a).unwrap_or(peer).to_string();
+        *by_addr.entry(addr).or_default() += 1;
+    }
+    by_addr
+}
+
+#[test]
+fn two_snat_addresses_hold_twice_the_flows_to_one_backend() {
+    privileged!();
+    let s = Scenario::topology(1).xdp_extra(E2E_PORTS).xdp_service("").start().expect("lb run");
+    // b1's own address alone: 64 ports, 64 held connections; the 65th SYN is dropped.
+    let mut held = hold_until_refused(&s, 200);
+    assert_eq!(held.len(), 64, "one address carries the port range");
+    assert!(reason(&s, "drop_no_port") >= 1, "refused for want of a port");
+
+    // The pool: two more addresses on b1 (lb requires them local, for ARP), added by reload
+    // while the 64 connections stay open.
+    for a in ["10.1.1.10/32", "10.1.1.11/32"] {
+        s.balancer().ip(&["addr", "add", a, "dev", "b1"]).expect("pool address");
+    }
+    let pool = "[[xdp.snat]]\ninterface = \"b1\"\naddresses = [\"10.1.1.10\", \"10.1.1.11\"]\n";
+    let web = conf::xdp_service("web", WEB, &conf::list(&s.backends), "");
+    s.lb()
+        .write_config(&[conf::xdp(s.interfaces(), E2E_PORTS), pool.into(), web].concat())
+        .unwrap();
+    let out = s.lb().cli(&["reload"]).expect("reload");
+    assert!(out.contains("xdp.snat: b1 uses 10.1.1.10, 10.1.1.11"), "{out}");
+    let refused = reason(&s, "drop_no_port");
+    held.extend(hold_until_refused(&s, 400));
+    assert_eq!(held.len(), 64 + 128, "two addresses carry twice the port range");
+    assert!(reason(&s, "drop_no_port") > refused);
+    let peers = peers_at_backend(&s);
+    for a in ["10.1.1.1", "10.1.1.10", "10.1.1.11"] {
+        assert_eq!(peers.get(a), Some(&64), "connections from {a} at the backend: {peers:?}");
+    }
+    // Every held connection still works, whichever address it came from.
+    for (i, c) in held.into_iter().enumerate() {
+        let body = request_on(c, WEB, TIMEOUT).unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+        assert_eq!(body, "backend-1");
+    }
 }
