@@ -321,10 +321,14 @@ mod tests {
 
     #[test]
     fn snat_pools_parse_with_both_families() {
-        let cfg = format!(
-            "[xdp]\ninterfaces = [\"eth0\", \"eth1\"]\n[[xdp.snat]]\ninterface = \"eth1\"\naddresses = [\"10.1.0.10\", \"10.1.0.11\", \"fd01::10\"]\n"
-        );
-        let xdp = Config::parse(&cfg).unwrap().xdp.unwrap();
+        let cfg = r#"
+            [xdp]
+            interfaces = ["eth0", "eth1"]
+            [[xdp.snat]]
+            interface = "eth1"
+            addresses = ["10.1.0.10", "10.1.0.11", "fd01::10"]
+        "#;
+        let xdp = Config::parse(cfg).unwrap().xdp.unwrap();
         assert_eq!(xdp.snat.len(), 1);
         assert_eq!(xdp.snat[0].interface, "eth1");
         let want: Vec<std::net::IpAddr> =
