@@ -15,55 +15,38 @@ use lb_tests::{
 };
 use lb_user::dataplane::{Dataplane, LoadOptions};
 
-/// A TCP service behind b1 (pool 10.1.1.10-11) and a UDP IPv6 one behind b1 too (no IPv6
-/// addresses in the pool: the interface's own fd01:1::1).
-const CONFIG: &str = r#"
-[xdp]
-interfaces = ["c0", "b1", "b2"]
-[[xdp.snat]]
-interface = "b1"
-addresses = ["10.1.1.10", "10.1.1.11"]
-[[xdp.service]]
-name = "web"
-vip = "10.200.0.1:80"
-backends = ["10.1.1.2:80"]
-[[xdp.service]]
-name = "dns6"
-vip = "[fd00:200::1]:53"
-protocol = "udp"
-backends = ["[fd01:1::2]:53"]
-"#;
+/// An `[[xdp.snat]]` table giving b1 `addrs`.
+fn pool_on_b1(addrs: &[&str]) -> String {
+    format!("[[xdp.snat]]\ninterface = \"b1\"\naddresses = [{}]\n", conf::list(addrs))
+}
 
-/// The same with an IPv6 pool on b1.
-const CONFIG_V6: &str = r#"
-[xdp]
-interfaces = ["c0", "b1", "b2"]
-[[xdp.snat]]
-interface = "b1"
-addresses = ["fd01:1::10", "fd01:1::11"]
-[[xdp.service]]
-name = "dns6"
-vip = "[fd00:200::1]:53"
-protocol = "udp"
-backends = ["[fd01:1::2]:53"]
-"#;
+/// The fixture's interfaces with `pool` on b1, TCP `web` (10.200.0.1:80) and UDP `dns6`
+/// ([fd00:200::1]:53), both on the backend behind b1.
+fn config(pool: &[&str]) -> String {
+    let web = conf::xdp_service("web", "10.200.0.1:80", &conf::list(["10.1.1.2:80"]), "");
+    let udp = "protocol = \"udp\"\n";
+    let dns6 = conf::xdp_service("dns6", "[fd00:200::1]:53", &conf::list(["[fd01:1::2]:53"]), udp);
+    [conf::xdp(["c0", "b1", "b2"], ""), pool_on_b1(pool), web, dns6].concat()
+}
 
 /// Ports per SNAT address in these fixtures.
 const PORTS: u16 = 4;
 
-/// Runs `body` in a fresh fixture namespace where b1 also has `addrs` (the pool, as `lb run`
+/// Runs `body` in a fresh fixture namespace where b1 also has the `pool` addresses (as `lb run`
 /// requires), with the program loaded on SNAT ports 2000..2000+PORTS.
-fn with_pool(config: &'static str, addrs: &[&str], body: impl FnOnce(&Dataplane) + Send + 'static) {
+fn with_pool(pool: &'static [&'static str], body: impl FnOnce(&Dataplane) + Send + 'static) {
     let ns = namespace().expect("fixture namespace");
-    for a in addrs {
-        ns.ip(&["addr", "add", a, "dev", "b1", "nodad"]).expect("pool address");
+    for a in pool {
+        let host = if a.contains(':') { format!("{a}/128") } else { format!("{a}/32") };
+        ns.ip(&["addr", "add", &host, "dev", "b1", "nodad"]).expect("pool address");
     }
+    let config = config(pool);
     ns.run(move || {
         let mut opts = LoadOptions::private();
         opts.settings.nat_port_min = 2000;
         opts.settings.nat_port_max = 2000 + PORTS - 1;
         opts.settings.cpus = 1;
-        let dp = dataplane_with(config, opts).expect("load program");
+        let dp = dataplane_with(&config, opts).expect("load program");
         body(&dp);
     })
     .expect("fixture body (see the panic above)");
@@ -76,7 +59,7 @@ fn stats(dp: &Dataplane) -> HashMap<&'static str, u64> {
 #[test]
 fn two_snat_addresses_carry_twice_the_port_range_and_replies_reach_each_client() {
     privileged!();
-    with_pool(CONFIG, &["10.1.1.10/32", "10.1.1.11/32"], |dp| {
+    with_pool(&["10.1.1.10", "10.1.1.11"], |dp| {
         let vip = ip("10.200.0.1");
         // (client port, SNAT address, SNAT port) of every flow.
         let mut flows = Vec::new();
@@ -138,7 +121,7 @@ fn two_snat_addresses_carry_twice_the_port_range_and_replies_reach_each_client()
 #[test]
 fn an_ipv6_pool_spreads_flows_and_translates_replies() {
     privileged!();
-    with_pool(CONFIG_V6, &["fd01:1::10/128", "fd01:1::11/128"], |dp| {
+    with_pool(&["fd01:1::10", "fd01:1::11"], |dp| {
         let vip = ip("fd00:200::1");
         let mut flows = Vec::new();
         for sport in 5000..5000 + 2 * PORTS {
