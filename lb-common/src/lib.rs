@@ -234,7 +234,9 @@ pub struct FlowState {
     pub snat: [u8; 16],
     /// The SNAT source port, network byte order.
     pub nat_port: u16,
-    pub _pad: u16,
+    /// The IP MTU toward the backend from the last route lookup (0 = not known yet): larger
+    /// packets get an ICMP "fragmentation needed" / "packet too big" instead.
+    pub mtu: u16,
     /// `FLOW_F_*`, set by either direction.
     pub flags: u32,
     /// `bpf_ktime_get_coarse_ns` of the last client packet (and of FIN/RST and UDP replies);
@@ -286,7 +288,9 @@ pub struct NatState {
     /// The interface through which the backend is reached: replies arriving on any other
     /// one are not the backend's and are dropped.
     pub backend_ifindex: u32,
-    pub _pad: u32,
+    /// The IP MTU toward the client from the last route lookup (0 = not known yet).
+    pub mtu: u16,
+    pub _pad: u16,
 }
 const _: () = assert!(size_of::<NatState>() == 96);
 
@@ -382,6 +386,9 @@ pub mod stat {
         DROP_UNCONFIRMED_LOST = 30, "drop_unconfirmed_lost";
         RST_OUT_OF_WINDOW = 31, "rst_out_of_window";
         DROP_WRONG_IFACE = 32, "drop_wrong_iface";
+        ICMP_TOO_BIG = 33, "icmp_too_big_sent";
+        ICMP_TO_CLIENT = 34, "icmp_error_to_client";
+        ICMP_TO_BACKEND = 35, "icmp_error_to_backend";
     }
 }
 

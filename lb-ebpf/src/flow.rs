@@ -294,7 +294,7 @@ pub fn backend(id: u32, out: &mut BackendInfo) -> bool {
 }
 
 /// Routes toward `w.be` (from `w.st.snat`, or from the client for a new flow) into
-/// `w.st.hop`.
+/// `w.st.hop` and `w.st.mtu`.
 #[inline(always)]
 pub fn route_to_backend(
     ctx: &XdpContext,
@@ -303,7 +303,7 @@ pub fn route_to_backend(
     now: u64,
 ) -> Result<(), u32> {
     let src = if from_client { &w.pkt.src } else { &w.st.snat };
-    fib::lookup(ctx, &w.pkt, src, &w.be.addr, &mut w.st.hop).map_err(|m| match m {
+    w.st.mtu = fib::lookup(ctx, &w.pkt, src, &w.be.addr, &mut w.st.hop).map_err(|m| match m {
         FibMiss::NoNeigh => drop(stat::DROP_NO_NEIGH),
         FibMiss::Other => drop(stat::DROP_NO_ROUTE),
     })?;
@@ -359,6 +359,7 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.ns.last_seen_ns = now;
     w.ns.claim = 0;
     w.ns.backend_ifindex = w.st.hop.ifindex;
+    w.ns.mtu = 0;
     w.ns._pad = 0;
     // A TCP flow starts unconfirmed, in the tables of its own; UDP has no handshake.
     let fresh = w.pkt.proto == PROTO_TCP;
@@ -366,7 +367,6 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.st.backend_id = id;
     w.st.generation = w.be.generation;
     w.st.nat_port = w.nk.nat_port;
-    w.st._pad = 0;
     let confirmed = if fresh { 0 } else { FLOW_F_CONFIRMED };
     w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT) | confirmed;
     w.st.last_seen_ns = now;
