@@ -2,12 +2,18 @@
 //! that is larger than the egress MTU is answered with "fragmentation needed" / "packet too big"
 //! to its sender, in both directions and both families; ICMP errors about a balanced flow are
 //! translated (outer and quoted headers, every checksum) and reach the flow's other end.
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    time::Duration,
+};
 
 use lb_tests::{
+    conf,
     fixture::*,
     icmp::{self, Icmp},
     packet::{Frame, TCP_ACK, TCP_SYN, fields},
+    scenario::Scenario,
 };
 use lb_user::dataplane::Dataplane;
 
@@ -240,4 +246,53 @@ fn tcp_checksum_ok(quoted: &[u8]) -> bool {
     let total = u16::from_be_bytes([quoted[2], quoted[3]]) as usize;
     let tcp = &quoted[20..total.min(quoted.len())];
     lb_tests::packet::l4_checksum(s, d, 6, tcp) == 0
+}
+
+/// End to end: the balancer's link toward the client has a smaller MTU (1400) than the
+/// backend's (1500), and the client (MTU 1500) advertises an MSS the backend's full-size
+/// segments then exceed. The program answers those with "fragmentation needed" / "packet too
+/// big", the backend's kernel lowers its path MTU, and a 4 MiB download completes, over IPv4
+/// and IPv6. Without the answer the oversized frames are dropped at the egress and it stalls.
+#[test]
+fn a_download_across_a_smaller_mtu_toward_the_client_completes() {
+    lb_tests::privileged!();
+    const SIZE: usize = 4 << 20;
+    let v4 = conf::xdp_service("bulk", "10.200.0.1:9000", &conf::list(["10.1.1.2:9000"]), "");
+    let v6 =
+        conf::xdp_service("bulk6", "[fd00:200::1]:9000", &conf::list(["[fd01:1::2]:9000"]), "");
+    let s = Scenario::topology(1).xdp_raw(&v4).xdp_raw(&v6).start().expect("lb run");
+    s.balancer().ip(&["link", "set", "eth0", "mtu", "1400"]).expect("smaller MTU");
+    let listener = s
+        .backend_ns(0)
+        .run(|| std::net::TcpListener::bind("[::]:9000"))
+        .expect("backend namespace")
+        .expect("bind :9000");
+    // A bulk server: each connection gets SIZE bytes of a known pattern, then a close.
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(2) {
+            let Ok(mut stream) = stream else { return };
+            let body: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+            let _ = stream.write_all(&body);
+        }
+    });
+    for vip in ["10.200.0.1:9000", "[fd00:200::1]:9000"] {
+        let vip: std::net::SocketAddr = vip.parse().unwrap();
+        let got = s
+            .client()
+            .run(move || -> std::io::Result<Vec<u8>> {
+                let mut c = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
+                c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut got = Vec::new();
+                c.read_to_end(&mut got)?;
+                Ok(got)
+            })
+            .expect("client namespace");
+        let got = got.unwrap_or_else(|e| panic!("download from {vip}: {e}"));
+        assert_eq!(got.len(), SIZE, "download from {vip} complete");
+        assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "bytes intact");
+    }
+    let stats = s.lb().json(&["stats"]).expect("lb stats");
+    let reasons = stats["reasons"].as_array().expect("reasons");
+    let sent = reasons.iter().find(|r| r[0] == "icmp_too_big_sent").and_then(|r| r[1].as_u64());
+    assert!(sent.unwrap_or(0) >= 2, "the backend was told, once per family at least: {stats}");
 }
