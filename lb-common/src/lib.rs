@@ -389,6 +389,8 @@ pub mod stat {
         ICMP_TOO_BIG = 33, "icmp_too_big_sent";
         ICMP_TO_CLIENT = 34, "icmp_error_to_client";
         ICMP_TO_BACKEND = 35, "icmp_error_to_backend";
+        DROP_NAT_LOST = 36, "drop_nat_lost";
+        NAT_RESTORED = 37, "nat_restored";
     }
 }
 

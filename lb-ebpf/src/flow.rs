@@ -1,12 +1,12 @@
 //! Connection tracking and backend choice. Only new flows (TCP SYN, UDP after idle) consult the
 //! Maglev ring; everything else follows its tracked state, so a backend-set change never moves
 //! an established flow.
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
     BACKEND_F_ACTIVE, BackendInfo, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN,
     DEFAULT_TCP_CLOSED_NS, DEFAULT_TCP_IDLE_NS, DEFAULT_TCP_SYN_NS, DEFAULT_UDP_IDLE_NS, FAMILY_V4,
     FLOW_F_CONFIRMED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_RST, FLOW_F_SYNACK, FlowState,
-    PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
+    NatKey, NatState, PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
     hash::{five_tuple_hash, source_hash},
     stat,
 };
@@ -386,24 +386,84 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     Ok(())
 }
 
-/// Records a changed route toward the backend (`w.st.hop`, refreshed) in the flow's NAT entry,
-/// so its replies are expected on the new interface. Rare: only when the route moved.
+/// Checks, once per next-hop refresh (every second of a flow's activity, and on its first
+/// packet after a pause), that the flow's NAT entry is still its own, and records the current
+/// interface toward the backend in it (replies are expected there). An LRU may have evicted
+/// the entry: it is put back while the port is free; if another flow holds the port by now,
+/// this flow is over, since its packets would join that flow's connection at the backend.
+/// Not inlined: rare.
 #[inline(never)]
-pub fn reroute(w: &mut Work) {
+pub fn check_nat(w: &mut Work, confirmed: bool, now: u64) -> Result<(), u32> {
     nat_key_of_flow(w);
-    let ns = match NAT.get_ptr_mut(&w.nk) {
-        Some(ns) => ns,
-        None => match NAT_NEW.get_ptr_mut(&w.nk) {
-            Some(ns) => ns,
-            None => return,
-        },
-    };
-    // SAFETY: a valid map value; only its owner's packets write this field.
-    unsafe {
-        if mem::eq(&(*ns).flow, &w.key) {
-            (*ns).backend_ifindex = w.st.hop.ifindex;
+    let (own, other) = if confirmed { (&NAT, &NAT_NEW) } else { (&NAT_NEW, &NAT) };
+    if let Some(ns) = own.get_ptr_mut(&w.nk) {
+        // SAFETY: a valid map value; only its owner's packets write this field.
+        unsafe {
+            if mem::eq(&(*ns).flow, &w.key) {
+                (*ns).backend_ifindex = w.st.hop.ifindex;
+                return Ok(());
+            }
+        }
+        return Err(lost(w, confirmed));
+    }
+    // A port is in at most one of the two tables (snat.rs): checked before and after. Our own
+    // entry there is a promotion in flight on another CPU.
+    match holder(other, w) {
+        Holder::Us => return Ok(()),
+        Holder::Other => return Err(lost(w, confirmed)),
+        Holder::Nobody => {}
+    }
+    mem::copy(&mut w.ns.flow, &w.key);
+    w.ns.backend_id = w.st.backend_id;
+    w.ns.service_id = w.be.service_id;
+    // No hop toward the client yet: the next reply looks it up.
+    w.ns.hop.ifindex = 0;
+    w.ns.hop.at_ns = 0;
+    w.ns.last_seen_ns = now;
+    w.ns.claim = 0;
+    w.ns.backend_ifindex = w.st.hop.ifindex;
+    w.ns.mtu = 0;
+    w.ns._pad = 0;
+    if own.insert(&w.nk, &w.ns, snat::BPF_NOEXIST).is_err() {
+        return Err(lost(w, confirmed));
+    }
+    match holder(other, w) {
+        Holder::Nobody => {}
+        Holder::Us => {
+            let _ = own.remove(&w.nk);
+            return Ok(());
+        }
+        Holder::Other => {
+            let _ = own.remove(&w.nk);
+            return Err(lost(w, confirmed));
         }
     }
+    count(stat::NAT_RESTORED);
+    Ok(())
+}
+
+enum Holder {
+    Nobody,
+    Us,
+    Other,
+}
+
+/// Who holds `w.nk` in `table`: nobody, the flow `w.key`, or another flow.
+#[inline(always)]
+fn holder(table: &LruHashMap<NatKey, NatState>, w: &Work) -> Holder {
+    // SAFETY: a valid map value; one field is compared.
+    match unsafe { table.get(&w.nk) } {
+        None => Holder::Nobody,
+        Some(ns) if mem::eq(&ns.flow, &w.key) => Holder::Us,
+        Some(_) => Holder::Other,
+    }
+}
+
+/// Ends a flow whose SNAT port another flow holds now: its entry goes, the packet is dropped.
+#[inline(always)]
+fn lost(w: &Work, confirmed: bool) -> u32 {
+    let _ = if confirmed { FLOWS.remove(&w.key) } else { FLOWS_NEW.remove(&w.key) };
+    drop(stat::DROP_NAT_LOST)
 }
 
 /// Moves a flow the client just confirmed from the unconfirmed tables to the main ones: flow

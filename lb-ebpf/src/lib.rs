@@ -99,16 +99,13 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
             // SAFETY: as above.
             mem::copy(&mut w.st, unsafe { &*ptr });
             if now.wrapping_sub(w.st.hop.at_ns) > HOP_TTL_NS {
-                let before = w.st.hop.ifindex;
                 flow::route_to_backend(ctx, w, false, now)?;
                 // SAFETY: as above; a racing refresh writes an equally fresh hop.
                 unsafe {
                     mem::copy(&mut (*ptr).hop, &w.st.hop);
                     (*ptr).mtu = w.st.mtu;
                 }
-                if w.st.hop.ifindex != before {
-                    flow::reroute(w);
-                }
+                flow::check_nat(w, confirmed, now)?;
             }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
             let st = unsafe { &mut *ptr };

@@ -3,7 +3,6 @@
 //! to its sender, in both directions and both families; ICMP errors about a balanced flow are
 //! translated (outer and quoted headers, every checksum) and reach the flow's other end.
 use std::{
-    collections::HashMap,
     io::{Read as _, Write as _},
     time::Duration,
 };
@@ -12,10 +11,10 @@ use lb_tests::{
     conf,
     fixture::*,
     icmp::{self, Icmp},
-    packet::{Frame, TCP_ACK, TCP_SYN, fields},
+    packet::{Frame, TCP_ACK, fields},
     scenario::Scenario,
 };
-use lb_user::dataplane::Dataplane;
+use lb_user::dataplane::{Dataplane, LoadOptions};
 
 const CONFIG: &str = r#"
 [xdp]
@@ -39,17 +38,10 @@ const SENDER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
 /// Runs `body` in a fresh fixture namespace whose interface `iface` has MTU `mtu`.
 fn with_mtu(iface: &'static str, mtu: u32, body: impl FnOnce(&mut Dataplane) + Send + 'static) {
-    let ns = namespace().expect("fixture namespace");
-    ns.ip(&["link", "set", iface, "mtu", &mtu.to_string()]).expect("set MTU");
-    ns.run(move || {
-        let mut dp = dataplane(CONFIG).expect("load program");
-        body(&mut dp);
-    })
-    .expect("fixture body (see the panic above)");
-}
-
-fn stats(dp: &Dataplane) -> HashMap<&'static str, u64> {
-    dp.stats().unwrap().into_iter().collect()
+    let setup = move |ns: &lb_tests::netns::Netns| {
+        ns.ip(&["link", "set", iface, "mtu", &mtu.to_string()]).map(drop)
+    };
+    in_namespace(CONFIG, LoadOptions::private(), setup, body);
 }
 
 /// A TCP segment with `payload` bytes of payload (IP length 40 + payload for IPv4 and 60 +
@@ -60,17 +52,9 @@ fn segment(src: &str, sport: u16, dst: &str, dport: u16, payload: usize) -> Vec<
     f.bytes()
 }
 
-/// Opens a TCP flow from `client` to `vip:80` (handshake through the program); returns the
-/// SNAT port. `snat` and `backend` are the backend side's addresses.
+/// Opens a TCP flow from `client:40000` to `vip:80`; returns the SNAT port.
 fn open(dp: &Dataplane, client: &str, vip: &str, snat: &str, backend: &str) -> u16 {
-    let (a, out) = run(dp, &Frame::tcp(ip(client), 40000, ip(vip), 80, TCP_SYN).bytes());
-    assert_eq!(a, XDP_REDIRECT, "SYN");
-    let port = fields(&out).sport;
-    let synack = Frame::tcp(ip(backend), 80, ip(snat), port, TCP_SYN | TCP_ACK).bytes();
-    assert_eq!(run(dp, &synack).0, XDP_REDIRECT, "SYN-ACK");
-    let ack = Frame::tcp(ip(client), 40000, ip(vip), 80, TCP_ACK).bytes();
-    assert_eq!(run(dp, &ack).0, XDP_REDIRECT, "ACK");
-    port
+    handshake(dp, client, 40000, vip, snat, backend)
 }
 
 /// Checks that `frame` (too big for `mtu`) came back as the right "too big" answer.
@@ -106,7 +90,7 @@ fn too_big_packets_are_answered_in_both_directions() {
         assert_eq!(run(dp, &reply).0, XDP_REDIRECT, "a full-size reply passes");
         open(dp, "fd00::2", "fd00:200::1", "fd01:1::1", "fd01:1::2");
         assert_too_big(dp, &segment("fd00::2", 40000, "fd00:200::1", 80, 1341), 1400, "v6 up");
-        assert_eq!(stats(dp)["icmp_too_big_sent"], 2);
+        assert_eq!(counters(dp)["icmp_too_big_sent"], 2);
     });
     // The client side (c0) has the smaller MTU: the backend's large replies are refused.
     with_mtu("c0", 1280, |dp| {
@@ -122,7 +106,7 @@ fn too_big_packets_are_answered_in_both_directions() {
         let (_, out) = run(dp, &q);
         let big = Frame::udp(ip("fd01:1::2"), 53, ip("fd01:1::1"), fields(&out).sport, &[7; 1400]);
         assert_too_big(dp, &big.bytes(), 1280, "v6 UDP down");
-        let s = stats(dp);
+        let s = counters(dp);
         assert_eq!(s["icmp_too_big_sent"], 3, "{s:?}");
         assert_eq!(s["tx"], 3, "answers are sent back out (XDP_TX): {s:?}");
     });
@@ -200,7 +184,7 @@ fn icmp_errors_about_a_flow_reach_its_other_end() {
         let stranger = segment("10.1.1.1", 9999, "10.1.1.2", 80, 0);
         let err = icmp::error(ip("10.1.1.2"), ip("10.1.1.1"), 3, 3, 0, &quote(&stranger, 28));
         assert_eq!(run(dp, &err), (XDP_PASS, err.clone()), "no such flow: untouched");
-        let s = stats(dp);
+        let s = counters(dp);
         assert_eq!(
             (s["icmp_error_to_client"], s["icmp_error_to_backend"], s["drop_wrong_iface"]),
             (1, 1, 1),
@@ -236,7 +220,7 @@ fn icmpv6_errors_about_a_udp_flow_are_translated_with_the_quoted_checksum() {
         let mut sent = q[14..].to_vec();
         sent[7] -= 1;
         assert_eq!(m.quoted, sent, "quotes the client's query");
-        assert_eq!(stats(dp)["icmp_error_to_client"], 1);
+        assert_eq!(counters(dp)["icmp_error_to_client"], 1);
     });
 }
 
