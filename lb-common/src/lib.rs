@@ -201,10 +201,11 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 pub const FLOW_F_FIN_CLIENT: u32 = 1;
 pub const FLOW_F_FIN_BACKEND: u32 = 2;
 pub const FLOW_F_RST: u32 = 4;
-/// The backend answered the SYN with a SYN-ACK.
+/// The backend answered: a SYN-ACK (TCP), any datagram (UDP).
 pub const FLOW_F_SYNACK: u32 = 8;
-/// The client acknowledged the backend's SYN-ACK: the flow is confirmed (established). Until
-/// then a TCP flow may be a spoofed or abandoned SYN and ages under `Settings::tcp_syn_ns`.
+/// The client acknowledged the backend's SYN-ACK (TCP), or sent again after its answer (UDP):
+/// the flow is confirmed. Until then a TCP flow may be a spoofed or abandoned SYN and ages
+/// under `Settings::tcp_syn_ns`; both live in the unconfirmed tables.
 pub const FLOW_F_CONFIRMED: u32 = 16;
 
 /// A cached next hop: where `bpf_fib_lookup` last said to send a flow's frames. Refreshed after

@@ -83,9 +83,12 @@ pub fn flags_of(pkt: &Packet, fin_bit: u32) -> u32 {
     f
 }
 
-/// The bits a backend's packet adds: FIN/RST, and that it answered the SYN.
+/// The bits a backend's packet adds: FIN/RST, and that it answered (a SYN-ACK; any UDP reply).
 #[inline(always)]
 pub fn backend_flags_of(pkt: &Packet) -> u32 {
+    if pkt.proto != PROTO_TCP {
+        return FLOW_F_SYNACK;
+    }
     let mut f = flags_of(pkt, FLOW_F_FIN_BACKEND);
     if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
         f |= FLOW_F_SYNACK;
@@ -95,14 +98,19 @@ pub fn backend_flags_of(pkt: &Packet) -> u32 {
 
 /// The bits a client packet on a tracked flow adds: FIN/RST, and the confirmation when it
 /// acknowledges (ACK without SYN) a SYN-ACK the backend sent. A spoofed SYN's sender never
-/// sees the SYN-ACK, so it cannot time this ACK; conntrack's SYN_RECV → ESTABLISHED. Also
-/// moves the flow's `client_next` on, and leaves out an RST the backend would ignore.
+/// sees the SYN-ACK, so it cannot time this ACK; conntrack's SYN_RECV → ESTABLISHED. A UDP
+/// flow is confirmed by a client datagram after the backend's first answer (conntrack's
+/// "assured": a spoofed source never sees the answer). Also moves the flow's `client_next`
+/// on, and leaves out an RST the backend would ignore.
 #[inline(always)]
 pub fn client_flags_of(pkt: &Packet, st: &mut FlowState) -> u32 {
-    let mut f = flags_of(pkt, FLOW_F_FIN_CLIENT);
     if pkt.proto != PROTO_TCP {
-        return f;
+        if st.flags & (FLOW_F_SYNACK | FLOW_F_CONFIRMED) == FLOW_F_SYNACK {
+            return FLOW_F_CONFIRMED;
+        }
+        return 0;
     }
+    let mut f = flags_of(pkt, FLOW_F_FIN_CLIENT);
     let offset = pkt.seq.wrapping_sub(st.client_next) as i32;
     if f & FLOW_F_RST != 0 {
         if offset.unsigned_abs() > RST_WINDOW {
@@ -149,10 +157,7 @@ pub fn lookup(w: &mut Work, now: u64) -> Tracked {
     if let Some(ptr) = FLOWS.get_ptr_mut(&w.key) {
         return classify(w, ptr, true, now);
     }
-    // Only TCP flows are ever unconfirmed.
-    if w.pkt.proto == PROTO_TCP
-        && let Some(ptr) = FLOWS_NEW.get_ptr_mut(&w.key)
-    {
+    if let Some(ptr) = FLOWS_NEW.get_ptr_mut(&w.key) {
         return classify(w, ptr, false, now);
     }
     Tracked::Unknown
@@ -269,14 +274,17 @@ pub fn expiry(proto: u8, flags: u32, last: u64, nat_last: u64, now: u64, s: &Set
 
 /// Records a packet on a live flow: new flag bits, and the time (rate-limited). An unconfirmed
 /// TCP flow keeps its time until a new bit (SYN-ACK, confirmation, close): retransmitted or
-/// repeated SYNs do not extend its `tcp_syn_ns`. Racing updates from other CPUs are benign:
-/// bits only get set, and any recent timestamp will do.
+/// repeated SYNs do not extend its `tcp_syn_ns`; a UDP flow's time moves with every packet
+/// (one-way streams never confirm). Racing updates from other CPUs are benign: bits only get
+/// set, and any recent timestamp will do.
 #[inline(always)]
-pub fn touch(st: &mut FlowState, add_flags: u32, now: u64) {
+pub fn touch(st: &mut FlowState, add_flags: u32, proto: u8, now: u64) {
     if add_flags & !st.flags != 0 {
         st.flags |= add_flags;
         st.last_seen_ns = now;
-    } else if st.flags & FLOW_F_CONFIRMED != 0 && now.saturating_sub(st.last_seen_ns) > TOUCH_NS {
+    } else if (st.flags & FLOW_F_CONFIRMED != 0 || proto != PROTO_TCP)
+        && now.saturating_sub(st.last_seen_ns) > TOUCH_NS
+    {
         st.last_seen_ns = now;
     }
 }
@@ -361,26 +369,21 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.ns.backend_ifindex = w.st.hop.ifindex;
     w.ns.mtu = 0;
     w.ns._pad = 0;
-    // A TCP flow starts unconfirmed, in the tables of its own; UDP has no handshake.
-    let fresh = w.pkt.proto == PROTO_TCP;
-    snat::alloc_port(w, fresh)?;
+    // Every flow starts unconfirmed, in the tables of its own (TCP until the handshake
+    // completes, UDP until the client speaks after an answer): a flood of either can only
+    // evict other unconfirmed flows.
+    snat::alloc_port(w, true)?;
     w.st.backend_id = id;
     w.st.generation = w.be.generation;
     w.st.nat_port = w.nk.nat_port;
-    let confirmed = if fresh { 0 } else { FLOW_F_CONFIRMED };
-    w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT) | confirmed;
+    w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT);
     w.st.last_seen_ns = now;
     w.st.client_next = w.pkt.seq.wrapping_add(w.pkt.seq_len);
     w.st._pad2 = 0;
     // The NAT entry was inserted first (it claims the port); nobody reclaims it before this
     // insert makes its flow visible (snat::SETUP_NS), so removing it on failure is safe.
-    if fresh {
-        if FLOWS_NEW.insert(&w.key, &w.st, 0).is_err() {
-            let _ = NAT_NEW.remove(&w.nk);
-            return Err(drop(stat::DROP_MAP_FULL));
-        }
-    } else if FLOWS.insert(&w.key, &w.st, 0).is_err() {
-        let _ = NAT.remove(&w.nk);
+    if FLOWS_NEW.insert(&w.key, &w.st, 0).is_err() {
+        let _ = NAT_NEW.remove(&w.nk);
         return Err(drop(stat::DROP_MAP_FULL));
     }
     Ok(())

@@ -110,7 +110,7 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
             let st = unsafe { &mut *ptr };
             let add = flow::client_flags_of(&w.pkt, st);
-            flow::touch(st, add, now);
+            flow::touch(st, add, w.pkt.proto, now);
             if !confirmed && add & FLOW_F_CONFIRMED != 0 {
                 w.st.flags |= add;
                 w.st.last_seen_ns = now;
@@ -147,9 +147,7 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
             // An ended flow's NAT entry is left alone: the port may already be another
             // flow's (reclaimed), and only its owner or one reclaimer may change it. Its flow
             // entry goes when the new TCP flow starts in FLOWS_NEW: lookups try FLOWS first.
-            if let Tracked::Ended(true) = tracked
-                && w.pkt.proto == PROTO_TCP
-            {
+            if let Tracked::Ended(true) = tracked {
                 let _ = FLOWS.remove(&w.key);
             }
             flow::create(ctx, w, &vip, now)?;
@@ -232,7 +230,7 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
         };
         if let Some(st) = st {
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
-            flow::touch(unsafe { &mut *st }, add, now);
+            flow::touch(unsafe { &mut *st }, add, w.pkt.proto, now);
         }
     }
     let len = frame_len(ctx);
