@@ -10,12 +10,13 @@ use crate::maps::count;
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const IPV4_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
+pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const ICMP_HLEN: usize = 8;
 
 /// Returns a pointer to a `T` at `offset` bytes into the frame, or `None` if it does not fit.
 #[inline(always)]
@@ -38,7 +39,8 @@ pub struct Packet {
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub family: u8,
-    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    /// [`PROTO_TCP`], [`PROTO_UDP`], or [`PROTO_ICMP`]/[`PROTO_ICMPV6`] (then the ports are
+    /// the ICMP header's first four bytes, and `l4_off` is where it starts).
     pub proto: u8,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
@@ -130,8 +132,11 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), u32> {
             ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
             (0, 0, 0)
         }
-        // ICMP errors quoting a balanced flow are not translated: the kernel gets them.
-        PROTO_ICMP | PROTO_ICMPV6 => return Err(pass(stat::PASS_ICMP)),
+        // Maybe an error about a balanced flow: `icmp::error` reads the rest.
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            ptr_at::<[u8; ICMP_HLEN]>(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
+            (0, 0, 0)
+        }
         // IPv6 extension headers, GRE, SCTP, ...
         _ => return Err(pass(stat::PASS_NOT_L4)),
     };

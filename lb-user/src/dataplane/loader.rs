@@ -351,6 +351,19 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Removes the NAT entry `key` from both NAT tables, as an LRU eviction would: fault
+    /// injection for tests (the daemon never calls it). True when an entry was there.
+    #[doc(hidden)]
+    pub fn evict_nat(&mut self, key: &lb_common::NatKey) -> Result<bool, DataplaneError> {
+        let mut found = false;
+        for name in [maps::NAT, maps::NAT_NEW] {
+            let mut nat: HashMap<&mut MapData, lb_common::NatKey, lb_common::NatState> =
+                HashMap::try_from(self.map_mut(name)?)?;
+            found |= nat.remove(key).is_ok();
+        }
+        Ok(found)
+    }
+
     /// The loaded balancer program, for `test_run`.
     pub fn balancer(&self) -> Result<&Xdp, DataplaneError> {
         Ok(self
