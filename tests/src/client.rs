@@ -80,6 +80,23 @@ pub fn keepalive_get(stream: &mut TcpStream) -> anyhow::Result<String> {
     }
 }
 
+/// `n` keep-alive connections from `ns` to `target`, each with the backend that answered its
+/// first request (so a test can tell a held flow that moved from one that kept its backend).
+pub fn hold(
+    ns: &Netns,
+    target: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(String, TcpStream)>> {
+    (0..n)
+        .map(|i| {
+            let mut c = connect_in(ns, None, target, timeout)?;
+            let who = keepalive_get(&mut c).with_context(|| format!("held connection {i}"))?;
+            Ok((who, c))
+        })
+        .collect()
+}
+
 /// The body of a complete `200` response with a Content-Length at the start of `buf`, `None`
 /// while more bytes are needed, an error for another status.
 pub fn one_response(buf: &[u8]) -> anyhow::Result<Option<String>> {
