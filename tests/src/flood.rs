@@ -74,6 +74,24 @@ fn sport(i: u32) -> u16 {
     (1024 + i.wrapping_mul(7919) % 64_512) as u16
 }
 
+/// TCP SYNs to `target` from `src`, one from each port of `sports`: a client that opens
+/// connections and never finishes them (with [`drop_synacks`] on those ports, it drops the
+/// SYN-ACKs instead of resetting them, as its kernel would for a port with no socket).
+pub fn syns_from(src: IpAddr, sports: std::ops::Range<u16>, target: SocketAddr) -> Vec<Frame> {
+    sports.map(|p| Frame::tcp(src, p, target.ip(), target.port(), TCP_SYN)).collect()
+}
+
+/// Makes `ns` drop incoming SYN-ACKs to local ports `first..=last` (nftables, gone with the
+/// namespace).
+pub fn drop_synacks(ns: &Netns, first: u16, last: u16) -> anyhow::Result<()> {
+    ns.exec(&["nft", "add table ip lbtest"])?;
+    ns.exec(&["nft", "add chain ip lbtest in { type filter hook input priority 0 ; }"])?;
+    let rule = format!(
+        "add rule ip lbtest in tcp dport {first}-{last} tcp flags & (syn | ack) == syn | ack drop"
+    );
+    ns.exec(&["nft", &rule]).map(drop)
+}
+
 /// Packets sent between two looks at the clock when pacing.
 const PACE_BATCH: u64 = 32;
 

@@ -2,12 +2,18 @@
 //! ten times `max_flows` while 50 keep-alive connections are held, and SNAT port exhaustion by
 //! SYNs whose SYN-ACKs the client drops. Each writes a row for RELIABILITY.md
 //! (`lb_tests::rel`); the counters quoted are the program's own (`/stats`).
-use std::{collections::BTreeMap, net::TcpStream};
+use std::{
+    collections::BTreeMap,
+    net::TcpStream,
+    time::{Duration, Instant},
+};
 
 use lb_tests::{
-    client::{hold, keepalive_get},
+    client::{connect_in, hold, keepalive_get},
     flood, rel,
     scenario::{Scenario, TIMEOUT, WEB},
+    topology::CLIENT4,
+    wait_until,
 };
 
 /// The flow table's size in the flood test: small, so that ten times it is a short flood.
@@ -141,4 +147,83 @@ fn a_syn_flood_ten_times_max_flows_leaves_held_connections_working() {
         (0, 0, 0),
         "{d:?}"
     );
+}
+
+/// The SNAT port range of the exhaustion test: 64 ports.
+const NAT_PORTS: [u16; 2] = [40000, 40063];
+/// `tcp_syn_timeout` of the exhaustion test, seconds.
+const SYN_TIMEOUT: u64 = 2;
+/// Where the exhausting client's SYNs come from (its SYN-ACKs are dropped there).
+const ATTACK_PORTS: [u16; 2] = [20000, 20079];
+
+/// Issue 12, item 1: a client that sends SYNs from many ports and drops the SYN-ACKs (no
+/// spoofing) holds the 64 SNAT ports only for `tcp_syn_timeout`: a legitimate client is
+/// refused while they are held, and connects once that time has passed.
+#[test]
+fn ports_held_by_unanswered_syns_come_back_after_tcp_syn_timeout() {
+    lb_tests::privileged!();
+    let [lo, hi] = NAT_PORTS;
+    let s = Scenario::topology(1)
+        .xdp_extra(&format!("nat_ports = [{lo}, {hi}]\ntcp_syn_timeout = {SYN_TIMEOUT}\n"))
+        .xdp_service("")
+        .start()
+        .expect("lb run");
+    let [first, last] = ATTACK_PORTS;
+    flood::drop_synacks(s.client(), first, last).unwrap();
+    let before = s.lb().reasons().unwrap();
+    let counter = |k: &str| {
+        let now = s.lb().reasons().expect("stats");
+        now.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0)
+    };
+    let syns = flood::syns_from(CLIENT4.into(), first..last + 1, WEB);
+    let attacked = Instant::now();
+    flood::send(s.client(), &syns, FLOOD_RATE).unwrap();
+    let ports = u64::from(hi - lo + 1);
+    let refused = syns.len() as u64 - ports;
+    let counted = wait_until(Duration::from_secs(1), || counter("drop_no_port") >= refused);
+    let held = (counter("flow_new"), counter("drop_no_port"));
+
+    // The legitimate client (kernel-chosen ports, whose SYN-ACKs pass) while they are held.
+    let early = connect_in(s.client(), None, WEB, Duration::from_millis(500));
+    let refusals = counter("drop_no_port") - held.1;
+    let early_at = attacked.elapsed();
+
+    // Past tcp_syn_timeout (the program's clock is coarse: a few ms of slack).
+    let expiry = attacked + Duration::from_secs(SYN_TIMEOUT) + Duration::from_millis(100);
+    std::thread::sleep(expiry.saturating_duration_since(Instant::now()));
+    let retransmits = rel::syn_retransmits(s.client());
+    let began = Instant::now();
+    let late = s.get(WEB);
+    let took = began.elapsed();
+    let retransmits = rel::syn_retransmits(s.client()) - retransmits;
+    let (expired, reclaimed) = (counter("flow_expired_syn"), counter("port_reclaimed"));
+
+    let injected = format!(
+        "{} SYNs from {CLIENT4} ports {first}-{last}, whose SYN-ACKs the client drops \
+         (nftables), against nat_ports = [{lo}, {hi}] ({ports} ports), tcp_syn_timeout = \
+         {SYN_TIMEOUT} s; then a legitimate client connects at once and after the timeout",
+        syns.len()
+    );
+    let observed = format!(
+        "{} SYNs took a port, {} refused (drop_no_port); the legitimate client {} at {:.2} s \
+         ({refusals} SYN refused); after the timeout it {} in {:.2} s ({retransmits} SYN \
+         retransmissions); flow_expired_syn {expired}, port_reclaimed {reclaimed}",
+        held.0,
+        held.1,
+        if early.is_ok() { "CONNECTED" } else { "was refused" },
+        early_at.as_secs_f64(),
+        match &late {
+            Ok(_) => "got its answer".to_string(),
+            Err(e) => format!("FAILED ({e:#})"),
+        },
+        took.as_secs_f64(),
+    );
+    let pass = counted && held == (ports, refused) && early.is_err() && refusals >= 1;
+    let pass = pass && late.is_ok() && expired >= 1 && reclaimed >= 1;
+    rel::record("SNAT port exhaustion (XDP)", &injected, &observed, pass);
+    assert_eq!(held, (ports, refused), "every port taken, the rest refused");
+    assert!(early_at < Duration::from_secs(SYN_TIMEOUT), "too slow to test the held ports");
+    assert!(early.is_err() && refusals >= 1, "{observed}");
+    assert_eq!(late.expect("connects after tcp_syn_timeout"), "backend-1");
+    assert!(expired >= 1 && reclaimed >= 1, "{observed}");
 }
