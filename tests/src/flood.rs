@@ -116,7 +116,7 @@ pub fn send(ns: &Netns, frames: &[Frame], rate: u64) -> anyhow::Result<Sent> {
     let mut sent = Sent { packets: 0, refused: 0, elapsed: Duration::ZERO };
     for (i, (bytes, to)) in packets.iter().enumerate() {
         let i = i as u64;
-        if i % PACE_BATCH == 0 {
+        if i.is_multiple_of(PACE_BATCH) {
             let due = Duration::from_secs_f64(i as f64 / rate.max(1) as f64);
             if let Some(ahead) = due.checked_sub(start.elapsed()) {
                 std::thread::sleep(ahead);
