@@ -3,7 +3,10 @@
 //! counters and in `lb status`.
 use std::collections::BTreeMap;
 
-use lb_tests::scenario::{Scenario, WEB};
+use lb_tests::{
+    scenario::{Scenario, WEB},
+    topology::wait_neighbours,
+};
 
 /// Fresh connections sent through the generic attach, one per client address.
 const CLIENTS: usize = 12;
@@ -26,6 +29,8 @@ fn generic_mode_balances_connections() {
         assert!(link.contains("xdpgeneric") && !link.contains("xdpdrv"), "{iface}: {link}");
     }
 
+    // Until the daemon has the backends' neighbours resolved, SYNs are dropped (and resent).
+    wait_neighbours(&s.topo().lb, &["10.1.1.2", "10.1.2.2"]).unwrap();
     let before = s.lb().reasons().unwrap();
     let clients = s.topo().add_client_addresses(CLIENTS).unwrap();
     let mut answers: BTreeMap<String, usize> = BTreeMap::new();
