@@ -14,6 +14,7 @@ use lb_tests::{
     backends::udp_echo_on,
     client::{connect_in, hold, keepalive_get_all},
     conf, flood,
+    load::{Load, LoadReport},
     packet::Frame,
     rel,
     scenario::{Running, Scenario, TIMEOUT, WEB},
@@ -49,7 +50,7 @@ struct Flooded {
 /// What a flood did to the held connections and to the counters.
 struct Outcome {
     sent: flood::Sent,
-    /// New flows the program made during the flood.
+    /// New flows the program made of the flood (not counting confirmed ones).
     seen: u64,
     /// Rounds of requests on the busy connections while it ran, and their failures as
     /// (round, connection, error).
@@ -57,6 +58,9 @@ struct Outcome {
     during: Vec<(usize, usize, String)>,
     /// Failures of one request on each connection after it: (busy or idle, connection, error).
     after: Vec<(&'static str, usize, String)>,
+    /// Fresh connections (one at a time) while it ran: best effort, not asserted. A new
+    /// flow is unconfirmed for one round trip, and the flood may evict it meanwhile.
+    new_during: LoadReport,
     /// A new connection after it.
     fresh: anyhow::Result<String>,
     /// The counters that moved.
@@ -86,13 +90,16 @@ impl Outcome {
         format!(
             "{} of {} held connections failed at least once: {} of {} requests on the {HELD} \
              busy ones failed during the flood ({} rounds), {} of {HELD} busy and {idle} of \
-             {HELD} idle ones failed after it; a new connection after it: {}",
+             {HELD} idle ones failed after it; new connections during the flood: {} of {} \
+             answered; a new connection after it: {}",
             self.broken(),
             2 * HELD,
             self.during.len(),
             self.rounds * HELD,
             self.rounds,
             self.after.len() - idle,
+            self.new_during.ok,
+            self.new_during.ok + self.new_during.failed,
             if self.fresh.is_ok() { "ok" } else { "FAILED" },
         )
     }
@@ -118,13 +125,14 @@ impl Flooded {
     }
 
     /// Floods with the packets `make` numbers until the program has seen 10 × [`MAX_FLOWS`]
-    /// new flows, asking the busy connections all the while; then asks every connection once
-    /// and opens a new one.
+    /// new flows of it, asking the busy connections and opening fresh ones (one at a time) all
+    /// the while; then asks every held connection once and opens a new one.
     fn flood(&mut self, make: impl Fn(Range<u32>) -> Vec<Frame> + Send) -> Outcome {
         let s = &self.s;
         let before = s.lb().reasons().unwrap();
         let target = u64::from(10 * MAX_FLOWS);
         let busy = &mut self.busy;
+        let load = Load::start(s.client(), vec![WEB]);
         let ((sent, seen), rounds, during) = std::thread::scope(|scope| {
             let flooding = scope.spawn(|| flood_until_seen(s, &before, target, make));
             let (mut rounds, mut failures) = (0, Vec::new());
@@ -138,6 +146,7 @@ impl Flooded {
             }
             (flooding.join().expect("flood thread"), rounds, failures)
         });
+        let new_during = load.stop();
         let mut after: Vec<_> = ask_all(busy).into_iter().map(|(i, e)| ("busy", i, e)).collect();
         after.extend(ask_all(&mut self.idle).into_iter().map(|(i, e)| ("idle", i, e)));
         let fresh = s.get(WEB);
@@ -147,7 +156,7 @@ impl Flooded {
             .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
             .filter(|(_, d)| *d != 0)
             .collect();
-        Outcome { sent, seen, rounds, during, after, fresh, moved }
+        Outcome { sent, seen, rounds, during, after, new_during, fresh, moved }
     }
 }
 
@@ -169,8 +178,8 @@ fn ask_all(held: &mut [(String, TcpStream)]) -> Vec<(usize, String)> {
 }
 
 /// A flood at [`FLOOD_RATE`] of the packets `make` numbers, each round as many as are still
-/// missing, until the program has seen `target` new flows since `before` (some are lost to
-/// the veth queue), at most 8 rounds: what was sent, and the new flows seen.
+/// missing, until the program has seen `target` new flows of it since `before` (some are lost
+/// to the veth queue), at most 8 rounds: what was sent, and the flood's new flows seen.
 fn flood_until_seen(
     s: &Running,
     before: &BTreeMap<String, u64>,
@@ -183,7 +192,9 @@ fn flood_until_seen(
         let packets = make(first..first + (target - seen) as u32);
         sent.add(flood::send(s.client(), &packets, FLOOD_RATE).expect("flood"));
         let now = s.lb().reasons().expect("stats");
-        seen = now["flow_new"] - before.get("flow_new").copied().unwrap_or(0);
+        let moved = |k: &str| now[k] - before.get(k).copied().unwrap_or(0);
+        // The flood's flows never confirm; the connections made meanwhile all do.
+        seen = moved("flow_new") - moved("flow_confirmed");
         if seen >= target {
             break;
         }
@@ -196,7 +207,8 @@ fn injected(what: &str, o: &Outcome) -> String {
     format!(
         "{} spoofed {what} from {} in {:.2} s ({:.0}/s), sent until the program had seen 10 × \
          max_flows = {} new flows (max_flows = {MAX_FLOWS}, max_unconfirmed_flows = \
-         {UNCONFIRMED}), while 2 × {HELD} keep-alive connections were held through {WEB}",
+         {UNCONFIRMED}), while 2 × {HELD} keep-alive connections were held through {WEB} \
+         and another client opened connections one at a time",
         o.sent.packets,
         flood::SPOOFED,
         o.sent.elapsed.as_secs_f64(),
@@ -214,7 +226,7 @@ fn a_syn_flood_ten_times_max_flows_leaves_held_connections_working() {
     let mut f = Flooded::start();
     let o = f.flood(|range| flood::spoofed_syns(range, WEB));
     let observed = format!(
-        "{}; the program made {} new flows during the flood, so at least {} unconfirmed \
+        "{}; the program made {} new flows of the flood, so at least {} unconfirmed \
          entries were evicted from LB_FLOWS_NEW/LB_NAT_NEW (LRU evictions are not counted \
          themselves); flow_confirmed {}, drop_not_syn {}, drop_unconfirmed_lost {}, \
          drop_map_full {}, drop_no_port {}",
@@ -233,8 +245,10 @@ fn a_syn_flood_ten_times_max_flows_leaves_held_connections_working() {
     assert!(o.fresh.is_ok(), "a new connection after the flood: {:?}", o.fresh);
     // Ten times max_flows reached the program, and it made a flow of every SYN it saw.
     assert!(o.seen >= u64::from(10 * MAX_FLOWS), "{:?}: {:?}", o.sent, o.moved);
-    let refused = ["drop_not_syn", "drop_map_full", "drop_no_port"].map(|k| o.counter(k));
-    assert_eq!(refused, [0, 0, 0], "{:?}", o.moved);
+    // drop_not_syn may move: a fresh connection's unconfirmed entry can be evicted by the
+    // flood before its ACK arrives (its later packets are then dropped as not SYNs).
+    let refused = ["drop_map_full", "drop_no_port"].map(|k| o.counter(k));
+    assert_eq!(refused, [0, 0], "{:?}", o.moved);
 }
 
 /// Issue 12 notes that UDP flows, confirmed from their first datagram, share `LB_FLOWS` and
