@@ -285,9 +285,12 @@ pub fn write_markdown(keep_committed: bool) -> anyhow::Result<()> {
          minute of churn, 10 SIGKILLs), testssl.sh, N seconds per fuzz target (default 120), \
          and the soak if asked; rewrites this file.\n\
          - `cargo xtask soak [--secs N]` (default 600): RSS and open files of `lb run` under \
-         steady load; rewrites this file with the last full run's rows.\n\
+         steady load; replaces its row in this file, the others stay.\n\
          - One scenario: `LB_REL_FULL=1 cargo test -p lb-tests --test rel_faults -- \
-         --nocapture` (prints a `REL` line per scenario).\n",
+         --nocapture` (prints a `REL` line per scenario); with \
+         `LB_REL_REPORT=$PWD/target/reliability.jsonl` its rows are kept, and `cargo xtask \
+         reliability --report-only` puts them in this file in place of their old ones, the \
+         other rows left as they were.\n",
     );
     std::fs::write(root().join("RELIABILITY.md"), md)?;
     println!("xtask: wrote RELIABILITY.md ({} rows)", rows.len());
