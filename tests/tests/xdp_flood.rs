@@ -179,7 +179,7 @@ fn ask_all(held: &mut [(String, TcpStream)]) -> Vec<(usize, String)> {
 
 /// A flood at [`FLOOD_RATE`] of the packets `make` numbers, each round as many as are still
 /// missing, until the program has seen `target` new flows of it since `before` (some are lost
-/// to the veth queue), at most 8 rounds: what was sent, and the flood's new flows seen.
+/// to the veth queue), at most 16 rounds: what was sent, and the flood's new flows seen.
 fn flood_until_seen(
     s: &Running,
     before: &BTreeMap<String, u64>,
@@ -187,7 +187,7 @@ fn flood_until_seen(
     make: impl Fn(Range<u32>) -> Vec<Frame>,
 ) -> (flood::Sent, u64) {
     let (mut sent, mut seen) = (flood::Sent::default(), 0);
-    for _ in 0..8 {
+    for _ in 0..16 {
         let first = sent.packets as u32;
         let packets = make(first..first + (target - seen) as u32);
         sent.add(flood::send(s.client(), &packets, FLOOD_RATE).expect("flood"));
