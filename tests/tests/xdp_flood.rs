@@ -116,11 +116,12 @@ impl Flooded {
         s.topo().route_to_client(flood::SPOOFED).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let sock = s.backend_ns(0).run(|| std::net::UdpSocket::bind("0.0.0.0:53")).unwrap();
-        let _in_rt = rt.enter();
-        udp_echo_on(sock.unwrap(), "backend-1");
+        {
+            let _in_rt = rt.enter();
+            udp_echo_on(sock.unwrap(), "backend-1");
+        }
         let busy = hold(s.client(), WEB, HELD, TIMEOUT).unwrap();
         let idle = hold(s.client(), WEB, HELD, TIMEOUT).unwrap();
-        drop(_in_rt);
         Self { s, busy, idle, _rt: rt }
     }
 
