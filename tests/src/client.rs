@@ -68,6 +68,37 @@ pub fn request_on(
 /// GET / on an open keep-alive connection; returns the body (the backend's name).
 pub fn keepalive_get(stream: &mut TcpStream) -> anyhow::Result<String> {
     write!(stream, "GET / HTTP/1.1\r\nhost: lb\r\n\r\n")?;
+    read_response(stream)
+}
+
+/// [`keepalive_get`] on every connection at once: all requests are written first, then each
+/// answer is read, the whole within `timeout` (so many dead connections cost one timeout, not
+/// one each). The connections keep `timeout` as their read timeout afterwards.
+pub fn keepalive_get_all(
+    streams: &mut [&mut TcpStream],
+    timeout: Duration,
+) -> Vec<anyhow::Result<String>> {
+    let sent: Vec<std::io::Result<()>> =
+        streams.iter_mut().map(|s| write!(s, "GET / HTTP/1.1\r\nhost: lb\r\n\r\n")).collect();
+    let deadline = std::time::Instant::now() + timeout;
+    let answers = streams
+        .iter_mut()
+        .zip(sent)
+        .map(|(s, sent)| {
+            sent?;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            read_response(s)
+        })
+        .collect();
+    for s in streams.iter_mut() {
+        let _ = s.set_read_timeout(Some(timeout));
+    }
+    answers
+}
+
+/// Reads one response from a keep-alive connection: its body.
+fn read_response(stream: &mut TcpStream) -> anyhow::Result<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     loop {
@@ -78,6 +109,23 @@ pub fn keepalive_get(stream: &mut TcpStream) -> anyhow::Result<String> {
             return Ok(body);
         }
     }
+}
+
+/// `n` keep-alive connections from `ns` to `target`, each with the backend that answered its
+/// first request (so a test can tell a held flow that moved from one that kept its backend).
+pub fn hold(
+    ns: &Netns,
+    target: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(String, TcpStream)>> {
+    (0..n)
+        .map(|i| {
+            let mut c = connect_in(ns, None, target, timeout)?;
+            let who = keepalive_get(&mut c).with_context(|| format!("held connection {i}"))?;
+            Ok((who, c))
+        })
+        .collect()
 }
 
 /// The body of a complete `200` response with a Content-Length at the start of `buf`, `None`

@@ -93,6 +93,13 @@ impl Topology {
         Ok(addrs)
     }
 
+    /// Routes `prefix` (addresses no namespace owns, e.g. a flood's spoofed sources) from the
+    /// balancer to the client namespace, so answers to them leave the balancer as to any
+    /// client and the client's kernel drops them there.
+    pub fn route_to_client(&self, prefix: &str) -> anyhow::Result<()> {
+        self.lb.ip(&["route", "add", prefix, "via", "10.0.0.2"]).map(drop)
+    }
+
     /// The balancer's interfaces: toward the client first, then one per backend.
     pub fn lb_interfaces(&self) -> Vec<String> {
         std::iter::once("eth0".to_string())
