@@ -93,7 +93,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 (None, None) => DEFAULT_PIN_PATH.into(),
             };
-            let removed = lb_user::dataplane::detach(&dir)?;
+            // The program first (the VIPs stay local while it still balances), then what
+            // `lb run` changed on the host.
+            let removed = lb_user::dataplane::detach_keeping_host(&dir)?;
+            let undone = lb_user::dataplane::changes::undo(&dir)?;
+            for u in &undone {
+                println!("undid {u}");
+            }
             if removed.is_empty() {
                 println!("nothing pinned under {}", dir.display());
             } else {
