@@ -151,6 +151,37 @@ fn vips_are_local_not_routed_onward_and_detach_removes_them() {
     );
 }
 
+/// The count of one of the program's reasons.
+fn reason(s: &Running, name: &str) -> u64 {
+    let stats = s.lb().json(&["stats"]).unwrap();
+    let reasons = stats["reasons"].as_array().unwrap().clone();
+    reasons.iter().find(|r| r[0] == name).and_then(|r| r[1].as_u64()).unwrap()
+}
+
+#[test]
+fn replies_handed_to_the_kernel_leave_although_the_vip_is_local() {
+    lb_tests::privileged!();
+    let s = two_families().start().expect("lb run");
+    wait_neighbours(&s.topo().lb, &["10.1.1.2", "fd01:1::2"]).unwrap();
+    // The client must not teach the balancer its MAC (its ARP request or neighbour
+    // solicitation would): then the first reply finds no neighbour and the program hands the
+    // translated frame, source VIP, to the kernel to forward and resolve (`pass_no_neigh`).
+    // A local source is a martian unless the interface accepts it (accept_local).
+    let mac = s.topo().lb.exec(&["cat", "/sys/class/net/eth0/address"]).unwrap();
+    for gw in ["10.0.0.1", "fd00::1"] {
+        let args =
+            ["neigh", "replace", gw, "lladdr", mac.trim(), "dev", "eth0", "nud", "permanent"];
+        s.client().ip(&args).unwrap();
+    }
+    let before = reason(&s, "pass_no_neigh");
+    assert_eq!(s.get(WEB).unwrap(), "backend-1");
+    assert_eq!(s.get(WEB6.parse().unwrap()).unwrap(), "backend-1");
+    assert!(
+        reason(&s, "pass_no_neigh") >= before + 2,
+        "both first replies went through the kernel"
+    );
+}
+
 #[test]
 fn a_vip_that_leaves_the_config_stops_being_local() {
     lb_tests::privileged!();
