@@ -9,7 +9,7 @@ use std::{
 
 use lb_tests::{
     client::{ping, udp_socket},
-    conf,
+    conf, lb,
     netns::Netns,
     scenario::{Running, Scenario, WEB},
     topology::{VIP4, VIP6, wait_neighbours},
@@ -127,12 +127,19 @@ fn vips_are_local_not_routed_onward_and_detach_removes_them() {
     );
     assert!(text.contains("sysctl net.ipv4.conf.eth0.forwarding: 0 -> 1"), "{text}");
 
-    // `lb detach` removes the program, then undoes the host changes.
+    // `lb detach` removes the program, then undoes the host changes; in another namespace it
+    // is refused before it removes anything.
     assert!(s.lb_mut().stop().unwrap().success());
-    assert!(
-        lo_addresses(&s).contains("10.200.0.1/32"),
-        "the VIP stays local while the program runs"
-    );
+    let pin = s.lb().pin_path().unwrap().to_string();
+    let elsewhere = lb::command(Some(s.client()))
+        .unwrap()
+        .args(["detach", "--pin-path", &pin])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(!elsewhere.status.success() && err.contains("network namespace inode"), "{err}");
+    assert!(std::path::Path::new(&pin).exists(), "nothing was removed");
+    assert!(lo_addresses(&s).contains("10.200.0.1/32"), "the VIP stays local until detach");
     let out = s.lb().detach().unwrap();
     assert!(out.contains("undid address 10.200.0.1/32 dev lo"), "{out}");
     let lo = lo_addresses(&s);

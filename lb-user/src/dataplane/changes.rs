@@ -241,21 +241,29 @@ impl Changes {
     }
 }
 
+/// Refuses when the record of `pin_dir` was made in another network namespace: `lb detach`
+/// checks this before it removes anything, so it never half-runs in the wrong place.
+pub fn check_namespace(pin_dir: &Path) -> Result<(), HostError> {
+    let path = record_path(pin_dir);
+    match read_record(&path)? {
+        Some(r) if r.netns != netns_inode() => Err(record_err(
+            &path,
+            format!(
+                "its changes were made in network namespace inode {}, this is {}: run `lb detach` there (e.g. with `ip netns exec`); nothing was removed",
+                r.netns,
+                netns_inode()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Undoes what the record of `pin_dir` lists, newest first, then deletes the record. Returns
 /// what was undone. Changes made in another network namespace are refused (left recorded).
 pub fn undo(pin_dir: &Path) -> Result<Vec<String>, HostError> {
+    check_namespace(pin_dir)?;
     let path = record_path(pin_dir);
     let Some(record) = read_record(&path)? else { return Ok(Vec::new()) };
-    if record.netns != netns_inode() {
-        return Err(record_err(
-            &path,
-            format!(
-                "its changes were made in network namespace inode {}, this is {}: run `lb detach` there (e.g. with `ip netns exec`)",
-                record.netns,
-                netns_inode()
-            ),
-        ));
-    }
     let mut undone = Vec::new();
     let mut failed = Vec::new();
     for c in record.changes.iter().rev() {
