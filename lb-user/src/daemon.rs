@@ -45,6 +45,11 @@ pub fn vip_addrs(services: &[ServiceConfig]) -> BTreeSet<IpAddr> {
     services.iter().map(|s| s.vip.ip()).collect()
 }
 
+/// Whether any of `vips` is IPv4, and whether any is IPv6.
+fn families(vips: &BTreeSet<IpAddr>) -> (bool, bool) {
+    (vips.iter().any(IpAddr::is_ipv4), vips.iter().any(IpAddr::is_ipv6))
+}
+
 /// Prepares the host for `services` on `interfaces` (forwarding, ARP, VIPs local), keeps the
 /// backends' neighbours resolved; after `apply`, so the program balances a VIP's ports
 /// before the kernel answers for the address. Also what a reload runs.
@@ -54,7 +59,7 @@ pub fn sync_host(
     services: &[ServiceConfig],
 ) -> Result<(), DataplaneError> {
     let vips = vip_addrs(services);
-    let (v4, v6) = (vips.iter().any(IpAddr::is_ipv4), vips.iter().any(IpAddr::is_ipv6));
+    let (v4, v6) = families(&vips);
     let host = dp.host_mut();
     host.prepare(interfaces, v4, v6)?;
     host.sync_vips(&vips)?;
@@ -67,8 +72,7 @@ pub fn sync_host(
 }
 
 fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
-    let vips = vip_addrs(&xdp.services);
-    let (v4, v6) = (vips.iter().any(IpAddr::is_ipv4), vips.iter().any(IpAddr::is_ipv6));
+    let (v4, v6) = families(&vip_addrs(&xdp.services));
     for name in &xdp.interfaces {
         let iface =
             host::Iface::lookup(name).ok_or_else(|| DataplaneError::NoInterface(name.clone()))?;

@@ -74,8 +74,8 @@ fn restart_after_the_interfaces_were_recreated_keeps_flows() {
         links,
         [
             ("eth0".into(), "updated in place".into()),
-            ("b1".into(), "replaced (interface re-created)".into()),
-            ("b2".into(), "replaced (interface re-created)".into()),
+            ("b1".into(), "replaced".into()),
+            ("b2".into(), "replaced".into()),
         ],
         "{status}"
     );

@@ -89,7 +89,7 @@ pub struct Attachment {
     pub interface: String,
     pub mode: String,
     /// How the link came about: `new`, `updated in place` (a previous run's pinned link), or
-    /// `replaced (interface re-created)`.
+    /// `replaced` (the pinned one was dead: its interface deleted or re-created).
     #[serde(default)]
     pub link: String,
 }

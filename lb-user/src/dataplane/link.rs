@@ -36,7 +36,7 @@ impl Linked {
         match self {
             Linked::New => "new",
             Linked::Updated => "updated in place",
-            Linked::Replaced { .. } => "replaced (interface re-created)",
+            Linked::Replaced { .. } => "replaced",
         }
     }
 }
