@@ -37,6 +37,9 @@ pub enum Kind {
     Address,
     /// A managed neighbour entry (`target`: `ADDR dev IFACE`).
     Neighbour,
+    /// A filesystem lb mounted (bpffs on /sys/fs/bpf). Not undone: other programs may pin
+    /// there too, and the mount goes at reboot.
+    Mount,
 }
 
 /// One change `lb run` made.
@@ -55,6 +58,7 @@ impl std::fmt::Display for HostChange {
             Kind::Sysctl => "sysctl",
             Kind::Address => "address",
             Kind::Neighbour => "neighbour",
+            Kind::Mount => "mount",
         };
         write!(f, "{kind} {}: {} -> {}", self.target, self.before, self.after)
     }
@@ -235,6 +239,11 @@ impl Changes {
             .collect()
     }
 
+    /// Records that lb mounted bpffs on /sys/fs/bpf.
+    pub fn mounted_bpffs(&mut self) -> Result<(), HostError> {
+        self.note(Kind::Mount, "bpffs on /sys/fs/bpf", "absent", "mounted")
+    }
+
     /// Records a managed neighbour entry lb made.
     pub fn neighbour(&mut self, hop: IpAddr, dev: &str, before: &str) -> Result<(), HostError> {
         self.note(Kind::Neighbour, &format!("{hop} dev {dev}"), before, "managed")
@@ -280,6 +289,7 @@ pub fn undo(pin_dir: &Path) -> Result<Vec<String>, HostError> {
                 Some(addr) if has_address(addr) => ip(&addr_args("del", addr)),
                 _ => continue,
             },
+            Kind::Mount => continue,
             Kind::Neighbour => {
                 let mut args = vec!["neigh", "del"];
                 args.extend(c.target.split_whitespace());

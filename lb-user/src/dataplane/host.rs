@@ -74,6 +74,11 @@ impl Host {
         self.changes.list()
     }
 
+    /// Records that lb mounted bpffs on /sys/fs/bpf (left mounted by `lb detach`).
+    pub fn mounted_bpffs(&mut self) -> Result<(), HostError> {
+        self.changes.mounted_bpffs()
+    }
+
     /// Prepares the served `interfaces` for VIPs of the families given. Idempotent: a reload
     /// that adds a family calls it again.
     pub fn prepare(&mut self, interfaces: &[String], v4: bool, v6: bool) -> Result<(), HostError> {

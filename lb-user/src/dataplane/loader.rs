@@ -146,8 +146,9 @@ impl Dataplane {
         loader.map_max_entries(maps::FLOWS_NEW, opts.max_unconfirmed_flows);
         loader.map_max_entries(maps::NAT_NEW, opts.max_unconfirmed_flows);
         let mut adopted = false;
+        let mut mounted = false;
         if let Some(dir) = &opts.pin_dir {
-            ensure_bpffs(dir)?;
+            mounted = ensure_bpffs(dir)?;
             std::fs::create_dir_all(dir).map_err(|e| pin_err(dir, e))?;
             adopted = Self::pinned_at(dir);
             if adopted {
@@ -176,6 +177,9 @@ impl Dataplane {
             host: Host::open(opts.pin_dir.as_deref())?,
             adopted,
         };
+        if mounted {
+            dp.host.mounted_bpffs()?;
+        }
         dp.write_settings(&opts.settings)?;
         if adopted {
             let (vips, backends) = dp.read_tables()?;
@@ -406,7 +410,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Makes sure `dir` lies on a bpffs. The default place, /sys/fs/bpf, is mounted when it is not
 /// (a fresh host, or `ip netns exec`, which remounts /sys); elsewhere the operator decides.
-fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
+/// True when it mounted one.
+fn ensure_bpffs(dir: &Path) -> Result<bool, DataplaneError> {
     let on_bpffs = |p: &Path| {
         let mut p = p.to_path_buf();
         while !p.exists() {
@@ -417,7 +422,7 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
         nix::sys::statfs::statfs(&p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
     };
     if on_bpffs(dir) {
-        return Ok(());
+        return Ok(false);
     }
     let root = Path::new("/sys/fs/bpf");
     if dir.starts_with(root) {
@@ -433,7 +438,7 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
             "mounted bpffs at /sys/fs/bpf; pins live as long as this mount (under `ip netns exec` that is this process)"
         );
         if on_bpffs(dir) {
-            return Ok(());
+            return Ok(true);
         }
     }
     Err(pin_err(dir, "not on a bpffs; set xdp.pin_path to a directory on one"))
