@@ -85,6 +85,7 @@ fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
             linked.as_str()
         );
     }
+    dp.prune_links(&xdp.interfaces)?;
     dp.apply(&xdp.services)?;
     for s in &xdp.services {
         log::info!(

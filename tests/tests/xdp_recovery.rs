@@ -6,7 +6,7 @@ use std::{net::TcpStream, time::Instant};
 use lb_tests::{
     T,
     client::{connect_in, keepalive_get},
-    rel,
+    conf, rel,
     scenario::{Scenario, WEB},
     topology::wait_neighbours,
 };
@@ -83,4 +83,24 @@ fn restart_after_the_interfaces_were_recreated_keeps_flows() {
     assert!(on_each.iter().all(|&k| k > 0), "held connections on both backends: {on_each:?}");
     assert_eq!(kept, n, "every held connection keeps its backend");
     fresh.expect("a new connection is balanced after the restart");
+}
+
+#[test]
+fn restart_without_a_deleted_interface_drops_its_link() {
+    lb_tests::privileged!();
+    let mut s = Scenario::topology(2).xdp_service("").start().expect("lb run");
+    assert!(s.lb_mut().stop().unwrap().success());
+    // b2 is gone for good, and the config no longer names it.
+    s.topo().lb.ip(&["link", "del", "b2"]).unwrap();
+    let config =
+        conf::xdp(["eth0", "b1"], "") + &conf::xdp_service("web", WEB, "\"10.1.1.2:80\"", "");
+    s.lb().write_config(&config).unwrap();
+    s.lb_mut().restart().expect("lb run starts without the deleted interface");
+    let pin = std::path::PathBuf::from(s.lb().pin_path().unwrap());
+    assert!(pin.join("link-b1").exists() && !pin.join("link-b2").exists());
+    let status = s.lb().json(&["status"]).unwrap();
+    let names: Vec<&str> =
+        status["xdp"].as_array().unwrap().iter().filter_map(|a| a["interface"].as_str()).collect();
+    assert_eq!(names, ["eth0", "b1"], "{status}");
+    assert_eq!(s.get(WEB).unwrap(), "backend-1");
 }

@@ -2,7 +2,7 @@
 //! interface is updated in place (no moment without a program), and a pinned link whose
 //! interface was deleted (or re-created: a new device, a new index) is replaced, the pinned
 //! maps and their tracked flows untouched. The kernel calls such a link "severed"; updating it
-//! fails with ENOLINK.
+//! fails with ENOLINK. Links of interfaces the config no longer names are unpinned.
 use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
@@ -89,6 +89,25 @@ pub fn attach(
         fd.pin(path).map_err(|e| pin_err(path, e))?;
     }
     Ok(linked)
+}
+
+/// Unpins the links under `pin_dir` of interfaces not in `keep` (served by an earlier config,
+/// or deleted since): their program stops on that interface, if it still exists. Returns the
+/// interface names.
+pub fn prune(pin_dir: &Path, keep: &[String]) -> Result<Vec<String>, DataplaneError> {
+    let entries = std::fs::read_dir(pin_dir).map_err(|e| pin_err(pin_dir, e))?;
+    let mut pruned = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(iface) = name.strip_prefix("link-") else { continue };
+        if keep.iter().any(|k| k == iface) {
+            continue;
+        }
+        std::fs::remove_file(entry.path()).map_err(|e| pin_err(&entry.path(), e))?;
+        log::warn!("removed the pinned XDP link of {iface}: it is not in xdp.interfaces");
+        pruned.push(iface.to_string());
+    }
+    Ok(pruned)
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;

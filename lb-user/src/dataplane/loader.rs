@@ -239,6 +239,14 @@ impl Dataplane {
         Ok(linked)
     }
 
+    /// Unpins the links of interfaces other than `interfaces` (see `link::prune`).
+    pub fn prune_links(&self, interfaces: &[String]) -> Result<Vec<String>, DataplaneError> {
+        match &self.pin_dir {
+            Some(dir) => link::prune(dir, interfaces),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Registers a served interface without attaching to it: its addresses become SNAT
     /// sources and it becomes a redirect target. `attach` does this too.
     pub fn register(&mut self, iface: &Iface) -> Result<(), DataplaneError> {
