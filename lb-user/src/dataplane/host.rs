@@ -61,12 +61,14 @@ impl Iface {
 #[derive(Debug, Default)]
 pub struct Host {
     changes: Changes,
+    /// The `all.rp_filter` warning was given (once per daemon).
+    warned_rp_filter: bool,
 }
 
 impl Host {
     /// Opens the record of the pins under `pin_dir` (none for an unpinned data plane).
     pub fn open(pin_dir: Option<&Path>) -> Result<Self, HostError> {
-        Ok(Self { changes: Changes::open(pin_dir)? })
+        Ok(Self { changes: Changes::open(pin_dir)?, warned_rp_filter: false })
     }
 
     /// Everything lb changed on this host and has not undone, oldest first.
@@ -106,9 +108,11 @@ impl Host {
             }
         }
         if v4
+            && !self.warned_rp_filter
             && let Some(all) = self.changes.read(&["net", "ipv4", "conf", "all", "rp_filter"])
             && all != "0"
         {
+            self.warned_rp_filter = true;
             log::warn!(
                 "host: net.ipv4.conf.all.rp_filter = {all} overrides the served interfaces' 0: replies the kernel forwards for the program may be dropped"
             );
