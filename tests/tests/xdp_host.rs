@@ -220,8 +220,8 @@ fn a_vip_that_leaves_the_config_stops_being_local() {
     assert_eq!(s.get(WEB).unwrap(), "backend-1");
 }
 
-/// Sends a router advertisement (lifetime 1800 s) from the client's link-local address to
-/// all nodes on its eth0, through a raw ICMPv6 socket (the kernel adds the checksum).
+/// Sends a router advertisement (lifetime 1800 s) from the link-local address of `client`'s
+/// eth0 to all nodes on it, through a raw ICMPv6 socket (the kernel adds the checksum).
 fn advertise_router(client: &Netns) {
     let ll_ready = wait_until(Duration::from_secs(5), || {
         let a = client.ip(&["-6", "addr", "show", "dev", "eth0", "scope", "link"]).unwrap();
@@ -296,4 +296,44 @@ fn ipv6_forwarding_keeps_router_advertisements_working() {
     let lb = &s.topo().lb;
     assert_eq!(lb.sysctl_value("net.ipv6.conf.eth0.accept_ra").unwrap(), "1");
     assert_eq!(lb.sysctl_value("net.ipv6.conf.eth0.forwarding").unwrap(), "0");
+}
+
+/// True when `ns` has a default route learned from an advertisement on `dev`.
+fn ra_default_on(ns: &Netns, dev: &str) -> bool {
+    let r = ns.ip(&["-6", "route", "show", "default"]).unwrap();
+    r.lines().any(|l| l.contains(&format!("dev {dev} ")) && l.contains("proto ra"))
+}
+
+#[test]
+fn switching_forwarding_on_keeps_other_interfaces_routes_from_advertisements() {
+    lb_tests::privileged!();
+    let s = Scenario::topology(1).bind("[::]:80".parse().unwrap()).xdp_raw(&conf::xdp_service(
+        "web6",
+        WEB6,
+        "\"[fd01:1::2]:80\"",
+        "",
+    ));
+    let mut s = s.start().expect("lb run");
+    // Back to a host without lb's changes (forwarding off again), then an interface lb does
+    // not serve learns its default route from a router.
+    assert!(s.lb_mut().stop().unwrap().success());
+    s.lb().detach().unwrap();
+    let router = Netns::new("r").unwrap();
+    let lb = &s.topo().lb;
+    let args = ["link", "add", "r0", "type", "veth", "peer", "name", "eth0", "netns", &router.name];
+    lb.ip(&args).unwrap();
+    lb.ip(&["link", "set", "r0", "up"]).unwrap();
+    router.ip(&["link", "set", "eth0", "up"]).unwrap();
+    assert_eq!(lb.sysctl_value("net.ipv6.conf.r0.accept_ra").unwrap(), "1");
+    advertise_router(&router);
+    assert!(wait_until(Duration::from_secs(5), || ra_default_on(lb, "r0")), "learned via r0");
+
+    // Writing forwarding = 1 on eth0 and b1 makes the kernel drop advertisement-learned
+    // default routes wherever accept_ra is not 2, r0 included, unless lb guards it.
+    s.lb_mut().restart().expect("lb run again");
+    let lb = &s.topo().lb;
+    assert_eq!(lb.sysctl_value("net.ipv6.conf.eth0.forwarding").unwrap(), "1");
+    assert!(ra_default_on(lb, "r0"), "{}", lb.ip(&["-6", "route"]).unwrap());
+    assert_eq!(lb.sysctl_value("net.ipv6.conf.r0.accept_ra").unwrap(), "1", "put back");
+    assert_eq!(lb.sysctl_value("net.ipv6.conf.r0.forwarding").unwrap(), "0", "not served");
 }
