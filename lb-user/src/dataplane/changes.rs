@@ -89,7 +89,10 @@ fn record_err(path: &Path, e: impl std::fmt::Display) -> HostError {
 
 fn read_record(path: &Path) -> Result<Option<Record>, HostError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| record_err(path, e)),
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+            let hint = "not a record of this lb version: if no lb uses these pins, remove it (the host changes it listed are then yours to undo)";
+            record_err(path, format!("{e}; {hint}"))
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(record_err(path, e)),
     }
