@@ -32,10 +32,14 @@ pub fn start_xdp(xdp: &XdpConfig) -> Result<Dataplane, DataplaneError> {
     // memory until `lb detach`) and the host as it was; an adopted program keeps forwarding as
     // it was.
     if started.is_err() && !adopting {
-        if let Err(e) = crate::dataplane::changes::undo(&xdp.pin_path) {
-            log::warn!("{e}");
+        // A record that cannot be undone stays, for the operator to read.
+        match crate::dataplane::changes::undo(&xdp.pin_path) {
+            Ok(_) => drop(crate::dataplane::detach(&xdp.pin_path)),
+            Err(e) => {
+                log::warn!("{e}");
+                drop(crate::dataplane::detach_keeping_host(&xdp.pin_path));
+            }
         }
-        let _ = crate::dataplane::detach(&xdp.pin_path);
     }
     started
 }

@@ -337,3 +337,29 @@ fn switching_forwarding_on_keeps_other_interfaces_routes_from_advertisements() {
     assert_eq!(lb.sysctl_value("net.ipv6.conf.r0.accept_ra").unwrap(), "1", "put back");
     assert_eq!(lb.sysctl_value("net.ipv6.conf.r0.forwarding").unwrap(), "0", "not served");
 }
+
+#[test]
+fn a_corrupt_host_record_is_a_clear_error() {
+    lb_tests::privileged!();
+    let ns = Netns::new("e").unwrap();
+    let pin = lb_tests::lb::pin_path();
+    let record = lb_user::dataplane::changes::record_path(std::path::Path::new(&pin));
+    std::fs::create_dir_all(record.parent().unwrap()).unwrap();
+    std::fs::write(&record, "not json").unwrap();
+    let config = conf::admin("127.0.0.1:9901")
+        + &conf::xdp(["lo"], "")
+        + &conf::xdp_service("web", WEB, "\"10.1.1.2:80\"", "");
+    let file = std::env::temp_dir().join(format!("{}.toml", lb_tests::netns::unique("lb")));
+    std::fs::write(&file, config).unwrap();
+    // `lb run` by hand: the harness's clean-up would remove the record this test looks at.
+    let mut run = lb::command(Some(&ns)).unwrap();
+    let out = run.args(["run", "--config"]).arg(&file).env("LB_PIN_PATH", &pin).output().unwrap();
+    let kept = record.exists();
+    let _ = std::fs::remove_file(&file);
+    let _ = lb_user::dataplane::detach(std::path::Path::new(&pin));
+    assert!(kept, "a record lb cannot read stays for the operator");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&record.display().to_string()) && err.contains("remove it"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
