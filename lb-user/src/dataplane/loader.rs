@@ -158,6 +158,8 @@ impl Dataplane {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
+        // Before anything is loaded and pinned: an unreadable record stops the start here.
+        let host = Host::open(opts.pin_dir.as_deref())?;
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
         for name in maps::ALL {
             if ebpf.map(name).is_none() {
@@ -174,7 +176,7 @@ impl Dataplane {
             pin_dir: opts.pin_dir.clone(),
             attached: Vec::new(),
             tables: Tables::new(RING_SIZE),
-            host: Host::open(opts.pin_dir.as_deref())?,
+            host,
             adopted,
         };
         if mounted {
