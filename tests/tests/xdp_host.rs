@@ -27,6 +27,16 @@ fn two_families() -> Scenario {
         .xdp_raw(&conf::xdp_service("web6", WEB6, "\"[fd01:1::2]:80\"", ""))
 }
 
+/// `web6` (VIP6:80) over backend 1, nothing IPv4.
+fn ipv6_only() -> Scenario {
+    Scenario::topology(1).bind("[::]:80".parse().unwrap()).xdp_raw(&conf::xdp_service(
+        "web6",
+        WEB6,
+        "\"[fd01:1::2]:80\"",
+        "",
+    ))
+}
+
 /// Packets the kernel of `ns` forwarded, IPv4 and IPv6 (`/proc/net/snmp`, `snmp6`).
 fn forwarded(ns: &Netns) -> (u64, u64) {
     let snmp = ns.exec(&["cat", "/proc/net/snmp"]).unwrap();
@@ -253,13 +263,7 @@ fn advertise_router(client: &Netns) {
 #[test]
 fn ipv6_forwarding_keeps_router_advertisements_working() {
     lb_tests::privileged!();
-    let s = Scenario::topology(1).bind("[::]:80".parse().unwrap()).xdp_raw(&conf::xdp_service(
-        "web6",
-        WEB6,
-        "\"[fd01:1::2]:80\"",
-        "",
-    ));
-    let mut s = s.start().expect("lb run");
+    let mut s = ipv6_only().start().expect("lb run");
     let lb = &s.topo().lb;
     // New interfaces take accept_ra = 1 (advertisements accepted unless forwarding is on).
     for iface in ["eth0", "b1"] {
@@ -284,10 +288,7 @@ fn ipv6_forwarding_keeps_router_advertisements_working() {
 
     // A router on eth0's link is learned although eth0 forwards.
     advertise_router(s.client());
-    let learned = wait_until(Duration::from_secs(5), || {
-        let r = lb.ip(&["-6", "route", "show", "default"]).unwrap();
-        r.contains("dev eth0") && r.contains("proto ra")
-    });
+    let learned = wait_until(Duration::from_secs(5), || ra_default_on(lb, "eth0"));
     assert!(learned, "{}", lb.ip(&["-6", "route"]).unwrap());
     assert_eq!(s.get(WEB6.parse().unwrap()).unwrap(), "backend-1");
 
@@ -307,13 +308,7 @@ fn ra_default_on(ns: &Netns, dev: &str) -> bool {
 #[test]
 fn switching_forwarding_on_keeps_other_interfaces_routes_from_advertisements() {
     lb_tests::privileged!();
-    let s = Scenario::topology(1).bind("[::]:80".parse().unwrap()).xdp_raw(&conf::xdp_service(
-        "web6",
-        WEB6,
-        "\"[fd01:1::2]:80\"",
-        "",
-    ));
-    let mut s = s.start().expect("lb run");
+    let mut s = ipv6_only().start().expect("lb run");
     // Back to a host without lb's changes (forwarding off again), then an interface lb does
     // not serve learns its default route from a router.
     assert!(s.lb_mut().stop().unwrap().success());
