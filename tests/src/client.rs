@@ -194,3 +194,24 @@ pub fn read_silently(target: SocketAddr) -> std::io::Result<Vec<u8>> {
     let _ = s.read_to_end(&mut b);
     Ok(b)
 }
+
+/// Sends one ICMP (ICMPv6) echo request from `ns` to `target` and waits up to `timeout` for
+/// the reply: true when it came. Uses ping sockets (the kernel fills the identifier and the
+/// checksum), which the call enables in `ns` (`net.ipv4.ping_group_range`, both families).
+pub fn ping(ns: &Netns, target: IpAddr, timeout: Duration) -> anyhow::Result<bool> {
+    ns.sysctl("net.ipv4.ping_group_range", "0 2147483647")?;
+    ns.run(move || -> anyhow::Result<bool> {
+        let (domain, proto, request, reply) = match target {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128, 129),
+        };
+        let sock = Socket::new(domain, Type::DGRAM, Some(proto)).context("ping socket")?;
+        sock.set_read_timeout(Some(timeout))?;
+        let sock: UdpSocket = sock.into();
+        sock.connect(SocketAddr::new(target, 0))?;
+        sock.send(&[request, 0, 0, 0, 0, 0, 0, 1, b'l', b'b'])?;
+        let mut buf = [0u8; 128];
+        // No reply in time, or an ICMP error instead of one (unreachable): not answered.
+        Ok(sock.recv(&mut buf).is_ok_and(|n| n >= 8 && buf[0] == reply))
+    })?
+}

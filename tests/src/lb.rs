@@ -347,6 +347,11 @@ impl Lb {
         Ok(std::fs::write(&self.config, with_admin(text, self.admin))?)
     }
 
+    /// The pin directory, if the harness chose it.
+    pub fn pin_path(&self) -> Option<&str> {
+        self.pin.as_deref()
+    }
+
     /// The daemon's pid (`ip netns exec` and setpriv exec lb, so the child is lb itself).
     pub fn pid(&self) -> u32 {
         self.child.id()
