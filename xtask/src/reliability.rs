@@ -17,8 +17,16 @@ use crate::cmd::{ok, step};
 
 /// The reliability test binaries, in the order they run: issue 8's suite, then issue 12's
 /// floods and SNAT port exhaustion through the XDP path (`xdp_flood`).
-const REL_TESTS: &[&str] =
-    &["rel_faults", "rel_control", "rel_http", "rel_l7_run", "rel_tls", "rel_load", "xdp_flood"];
+const REL_TESTS: &[&str] = &[
+    "rel_faults",
+    "rel_control",
+    "rel_http",
+    "rel_l7_run",
+    "rel_tls",
+    "rel_load",
+    "xdp_flood",
+    "xdp_recovery",
+];
 /// The cargo-fuzz targets in fuzz/.
 /// Every cargo-fuzz target: parsers of untrusted bytes (TLS ClientHello, PROXY header, HTTP
 /// routing and framing, the config).
