@@ -312,9 +312,9 @@ impl State {
                     weight: b.weight,
                     state: if b.draining.load(Ordering::Relaxed) {
                         "draining"
-                    } else if self.health.get(name, b.addr).is_some_and(|h| !h.up) {
+                    } else if !b.checked_up.load(Ordering::Relaxed) {
                         "down"
-                    } else if !b.healthy.load(Ordering::Relaxed) {
+                    } else if b.ejected.load(Ordering::Relaxed) {
                         // Passive: the proxy saw consecutive failures (eject_after).
                         "ejected"
                     } else {
@@ -368,7 +368,7 @@ impl health::Steer for State {
         Some(groups.get(name)?.backends().iter().map(|b| b.addr).collect())
     }
 
-    fn set_health(&self, name: &str, addr: SocketAddr, up: bool, changed: bool) {
+    fn set_health(&self, name: &str, addr: SocketAddr, up: bool, _changed: bool) {
         if let Some(mut dp) = self.dataplane()
             && dp.tables().backends(name).is_ok()
         {
@@ -384,13 +384,7 @@ impl health::Steer for State {
         else {
             return;
         };
-        // Down is asserted every round (a weight change's new Backend, or the passive
-        // ejection timer, may have set it healthy); up only on the transition, so a passive
-        // ejection in progress is not cut short.
-        if !up {
-            b.healthy.store(false, Ordering::Relaxed);
-        } else if changed {
-            b.healthy.store(true, Ordering::Relaxed);
-        }
+        // The check's own verdict, every round; passive ejection has a flag of its own.
+        b.checked_up.store(up, Ordering::Relaxed);
     }
 }
