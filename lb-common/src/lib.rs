@@ -328,7 +328,8 @@ pub struct Settings {
     /// SNAT ports are taken from `[nat_port_min, nat_port_max]`, host byte order.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
-    /// CPUs the program may run on; each owns a slice of the port range.
+    /// CPUs the program may run on (informational: ports are not sliced per CPU; each CPU's
+    /// allocator starts at its own random cursor and claims a port with an atomic insert).
     pub cpus: u32,
 }
 const _: () = assert!(size_of::<Settings>() == 40);
