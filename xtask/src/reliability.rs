@@ -97,10 +97,10 @@ pub fn run(fuzz_secs: u64, soak_secs: Option<u64>) -> anyhow::Result<()> {
             failed.push(format!("fuzz {target}"));
         }
     }
-    if let Some(secs) = soak_secs {
-        if soak(secs).is_err() {
-            failed.push("soak".into());
-        }
+    if let Some(secs) = soak_secs
+        && soak(secs).is_err()
+    {
+        failed.push("soak".into());
     }
     write_markdown(false)?;
     if !failed.is_empty() {
