@@ -81,14 +81,16 @@ pub fn lookup(
 /// Keeps the frame's current MACs (for a frame handed to the kernel as it is addressed).
 #[inline(always)]
 pub fn keep_macs(ctx: &XdpContext, hop: &mut Hop) -> Result<(), u32> {
-    let eth: *const [u8; 12] = crate::parse::ptr_at(ctx, 0).ok_or(xdp_action::XDP_ABORTED)?;
+    use crate::hdr::eth;
+    let macs: *const [u8; eth::MACS] =
+        crate::parse::ptr_at(ctx, 0).ok_or(xdp_action::XDP_ABORTED)?;
     // SAFETY: ptr_at checked the bounds.
-    let eth = unsafe { &*eth };
+    let macs = unsafe { &*macs };
     hop.ifindex = 0;
     // Not a lookup result: never reused.
     hop.at_ns = 0;
-    hop.dmac.copy_from_slice(&eth[..6]);
-    hop.smac.copy_from_slice(&eth[6..]);
+    hop.dmac.copy_from_slice(&macs[eth::DST]);
+    hop.smac.copy_from_slice(&macs[eth::SRC]);
     Ok(())
 }
 

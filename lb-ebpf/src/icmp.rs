@@ -19,9 +19,10 @@ use lb_common::{
 use crate::{
     fib::{self, FibMiss},
     flow::{self, drop},
+    hdr::{self, eth, ipv4, ipv6},
     maps::{FLOWS, FLOWS_NEW, NAT, NAT_NEW, count},
     mem,
-    parse::{ETH_HLEN, ICMP_HLEN, IPV4_HLEN, IPV6_HLEN, Packet, ptr_at, zero16},
+    parse::{Packet, ptr_at, zero16},
     scratch::Work,
 };
 
@@ -30,10 +31,15 @@ use crate::{
 /// which is what the sender's stack needs to find the socket (RFC 792; Linux reads no more).
 /// Every packet that is too big is longer than this (IPv4 MTUs are at least 68, IPv6 1280).
 const QUOTE_V4: usize = 68;
-const QUOTE_V6: usize = IPV6_HLEN + 8;
+const QUOTE_V6: usize = ipv6::LEN + 8;
+const ICMP_LEN: usize = hdr::icmp::LEN;
+/// Where the answer's headers start: its IP header after Ethernet, then ICMP, then the quote.
+const IP_AT: usize = eth::LEN;
+const V4_ICMP_AT: usize = IP_AT + ipv4::LEN;
+const V6_ICMP_AT: usize = IP_AT + ipv6::LEN;
 /// The answer's length; both families come out the same.
-const ANSWER_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + QUOTE_V4;
-const _: () = assert!(ANSWER_LEN == ETH_HLEN + IPV6_HLEN + ICMP_HLEN + QUOTE_V6);
+const ANSWER_LEN: usize = V4_ICMP_AT + ICMP_LEN + QUOTE_V4;
+const _: () = assert!(ANSWER_LEN == V6_ICMP_AT + ICMP_LEN + QUOTE_V6);
 /// Hop limit of the answers (Linux's default TTL).
 const ANSWER_TTL: u8 = 64;
 /// The header offsets came through the scratch map, so the verifier no longer knows their
@@ -69,7 +75,7 @@ fn sum_words(f: &[u8; ANSWER_LEN], from: usize, to: usize, mut acc: u32) -> u32 
 /// True when a frame of this many bytes does not fit a route of `mtu` (0: not known).
 #[inline(always)]
 pub fn exceeds(frame_len: u64, mtu: u16) -> bool {
-    mtu != 0 && frame_len > mtu as u64 + ETH_HLEN as u64
+    mtu != 0 && frame_len > mtu as u64 + eth::LEN as u64
 }
 
 /// Turns the frame, a packet too big for a route of `mtu`, into "fragmentation needed" (IPv4)
@@ -81,13 +87,13 @@ pub fn exceeds(frame_len: u64, mtu: u16) -> bool {
 pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, u32> {
     let abort = xdp_action::XDP_ABORTED;
     let v4 = pkt.family == FAMILY_V4;
-    let eth: *const [u8; ETH_HLEN] = ptr_at(ctx, 0).ok_or(abort)?;
+    let head: *const [u8; eth::LEN] = ptr_at(ctx, 0).ok_or(abort)?;
     // SAFETY: ptr_at checked the bounds; copied before the frame moves.
-    let old = unsafe { *eth };
-    let outer = if v4 { IPV4_HLEN } else { IPV6_HLEN };
+    let old = unsafe { *head };
+    let outer = if v4 { ipv4::LEN } else { ipv6::LEN };
     // Room for the new IP and ICMP headers in front; the old headers become the quote.
     // SAFETY: ctx is this program's xdp_md; the helper checks the headroom.
-    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -((outer + ICMP_HLEN) as i32)) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -((outer + ICMP_LEN) as i32)) } != 0 {
         return Err(abort);
     }
     let len = (ctx.data_end() - ctx.data()) as i32;
@@ -99,25 +105,39 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, u32> {
     let f: *mut [u8; ANSWER_LEN] = ptr_at(ctx, 0).ok_or(abort)?;
     // SAFETY: ptr_at checked the bounds; the frame is ours to modify.
     let f = unsafe { &mut *f };
-    f[..6].copy_from_slice(&old[6..12]);
-    f[6..12].copy_from_slice(&old[..6]);
-    f[12..14].copy_from_slice(&old[12..14]);
+    // Back to where it came from: the MACs swap.
+    f[eth::DST].copy_from_slice(&old[eth::SRC]);
+    f[eth::SRC].copy_from_slice(&old[eth::DST]);
+    f[eth::TYPE..eth::LEN].copy_from_slice(&old[eth::TYPE..eth::LEN]);
+    // From the address the packet was sent to, to its sender.
     if v4 {
-        let total = ((IPV4_HLEN + ICMP_HLEN + QUOTE_V4) as u16).to_be_bytes();
-        f[14..26].copy_from_slice(&[
+        let total = ((ipv4::LEN + ICMP_LEN + QUOTE_V4) as u16).to_be_bytes();
+        // Version 4, 5 words; no DF; TTL; protocol; checksum 0 until computed.
+        f[IP_AT..IP_AT + ipv4::SRC.start].copy_from_slice(&[
             0x45, 0, total[0], total[1], 0, 0, 0, 0, ANSWER_TTL, PROTO_ICMP, 0, 0,
         ]);
-        f[26..30].copy_from_slice(&pkt.dst[..4]);
-        f[30..34].copy_from_slice(&pkt.src[..4]);
-        let ip_check = !fold(sum_words(f, 14, 34, 0));
-        f[24..26].copy_from_slice(&ip_check.to_ne_bytes());
+        f[IP_AT + ipv4::SRC.start..IP_AT + ipv4::SRC.end].copy_from_slice(&pkt.dst[..4]);
+        f[IP_AT + ipv4::DST.start..IP_AT + ipv4::DST.end].copy_from_slice(&pkt.src[..4]);
+        let ip_check = !fold(sum_words(f, IP_AT, V4_ICMP_AT, 0));
+        f[IP_AT + ipv4::CHECK..IP_AT + ipv4::CHECK + 2].copy_from_slice(&ip_check.to_ne_bytes());
         let m = mtu.to_be_bytes();
-        f[34..42].copy_from_slice(&[ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m[0], m[1]]);
-        let check = !fold(sum_words(f, 34, ANSWER_LEN, 0));
-        f[36..38].copy_from_slice(&check.to_ne_bytes());
+        f[V4_ICMP_AT..V4_ICMP_AT + ICMP_LEN].copy_from_slice(&[
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            0,
+            0,
+            0,
+            0,
+            m[0],
+            m[1],
+        ]);
+        let check = !fold(sum_words(f, V4_ICMP_AT, ANSWER_LEN, 0));
+        let at = V4_ICMP_AT + hdr::icmp::CHECK;
+        f[at..at + 2].copy_from_slice(&check.to_ne_bytes());
     } else {
-        let payload = ((ICMP_HLEN + QUOTE_V6) as u16).to_be_bytes();
-        f[14..22].copy_from_slice(&[
+        let payload = ((ICMP_LEN + QUOTE_V6) as u16).to_be_bytes();
+        // Version 6, no traffic class or flow label; payload length; next header; hop limit.
+        f[IP_AT..IP_AT + ipv6::SRC.start].copy_from_slice(&[
             0x60,
             0,
             0,
@@ -127,16 +147,26 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, u32> {
             PROTO_ICMPV6,
             ANSWER_TTL,
         ]);
-        f[22..38].copy_from_slice(&pkt.dst);
-        f[38..54].copy_from_slice(&pkt.src);
+        f[IP_AT + ipv6::SRC.start..IP_AT + ipv6::SRC.end].copy_from_slice(&pkt.dst);
+        f[IP_AT + ipv6::DST.start..IP_AT + ipv6::DST.end].copy_from_slice(&pkt.src);
         let m = (mtu as u32).to_be_bytes();
-        f[54..62].copy_from_slice(&[ICMPV6_PACKET_TOO_BIG, 0, 0, 0, m[0], m[1], m[2], m[3]]);
+        f[V6_ICMP_AT..V6_ICMP_AT + ICMP_LEN].copy_from_slice(&[
+            ICMPV6_PACKET_TOO_BIG,
+            0,
+            0,
+            0,
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+        ]);
         // The pseudo-header: both addresses, the upper-layer length and next header.
-        let pseudo = sum_words(f, 22, 54, 0)
+        let pseudo = sum_words(f, IP_AT + ipv6::SRC.start, V6_ICMP_AT, 0)
             + u16::from_ne_bytes(payload) as u32
             + u16::from_ne_bytes([0, PROTO_ICMPV6]) as u32;
-        let check = !fold(sum_words(f, 54, ANSWER_LEN, pseudo));
-        f[56..58].copy_from_slice(&check.to_ne_bytes());
+        let check = !fold(sum_words(f, V6_ICMP_AT, ANSWER_LEN, pseudo));
+        let at = V6_ICMP_AT + hdr::icmp::CHECK;
+        f[at..at + 2].copy_from_slice(&check.to_ne_bytes());
     }
     count(stat::ICMP_TOO_BIG);
     count(stat::TX);
@@ -151,15 +181,15 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u32, u32> {
 pub fn error(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     let v4 = w.pkt.family == FAMILY_V4;
     let off = w.pkt.l4_off & L4_OFF_MASK;
-    let icmp: *const [u8; ICMP_HLEN] = ptr_at(ctx, off).ok_or_else(|| pass(stat::PASS_ICMP))?;
+    let h: *const [u8; ICMP_LEN] = ptr_at(ctx, off).ok_or_else(|| pass(stat::PASS_ICMP))?;
     // SAFETY: ptr_at checked the bounds.
-    let kind = unsafe { (*icmp)[0] };
+    let kind = unsafe { (*h)[hdr::icmp::TYPE] };
     let is_error = if v4 {
         kind == ICMP_DEST_UNREACH || kind == ICMP_TIME_EXCEEDED
     } else {
         kind == ICMPV6_DEST_UNREACH || kind == ICMPV6_PACKET_TOO_BIG || kind == ICMPV6_TIME_EXCEEDED
     };
-    if !is_error || !quoted(ctx, off + ICMP_HLEN, v4, &mut w.inner) {
+    if !is_error || !quoted(ctx, off + ICMP_LEN, v4, &mut w.inner) {
         return Err(pass(stat::PASS_ICMP));
     }
     // Addressed to the quoted packet's sender, which is this balancer (SNAT address or VIP);
@@ -199,25 +229,25 @@ fn quoted(ctx: &XdpContext, at: usize, v4: bool, q: &mut Packet) -> bool {
     zero16(&mut q.src);
     zero16(&mut q.dst);
     let (proto, l4) = if v4 {
-        let Some(ip) = ptr_at::<[u8; IPV4_HLEN]>(ctx, at) else { return false };
+        let Some(ip) = ptr_at::<[u8; ipv4::LEN]>(ctx, at) else { return false };
         // SAFETY: ptr_at checked the bounds.
         let ip = unsafe { &*ip };
-        if ip[0] != 0x45 {
+        if ip[ipv4::VER_IHL] != 0x45 {
             return false;
         }
-        q.src[..4].copy_from_slice(&ip[12..16]);
-        q.dst[..4].copy_from_slice(&ip[16..20]);
-        (ip[9], at + IPV4_HLEN)
+        q.src[..4].copy_from_slice(&ip[ipv4::SRC]);
+        q.dst[..4].copy_from_slice(&ip[ipv4::DST]);
+        (ip[ipv4::PROTO], at + ipv4::LEN)
     } else {
-        let Some(ip) = ptr_at::<[u8; IPV6_HLEN]>(ctx, at) else { return false };
+        let Some(ip) = ptr_at::<[u8; ipv6::LEN]>(ctx, at) else { return false };
         // SAFETY: ptr_at checked the bounds.
         let ip = unsafe { &*ip };
         if ip[0] >> 4 != 6 {
             return false;
         }
-        q.src.copy_from_slice(&ip[8..24]);
-        q.dst.copy_from_slice(&ip[24..40]);
-        (ip[6], at + IPV6_HLEN)
+        q.src.copy_from_slice(&ip[ipv6::SRC]);
+        q.dst.copy_from_slice(&ip[ipv6::DST]);
+        (ip[ipv6::NEXT], at + ipv6::LEN)
     };
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return false;
@@ -331,51 +361,53 @@ fn translate(ctx: &XdpContext, w: &Work) -> Result<(), u32> {
     eth[..6].copy_from_slice(&t.dmac);
     eth[6..].copy_from_slice(&t.smac);
     let off = pkt.l4_off & L4_OFF_MASK;
-    let icmp_check: *mut [u8; 2] = ptr_at(ctx, off + 2).ok_or(abort)?;
+    let icmp_check: *mut [u8; 2] = ptr_at(ctx, off + hdr::icmp::CHECK).ok_or(abort)?;
     // SAFETY: ptr_at checked the bounds.
     let mut ic = u16::from_ne_bytes(unsafe { *icmp_check });
-    let inner = off + ICMP_HLEN;
-    let inner_l4 = inner + if v4 { IPV4_HLEN } else { IPV6_HLEN };
+    let inner = off + ICMP_LEN;
+    let inner_l4 = inner + if v4 { ipv4::LEN } else { ipv6::LEN };
     // The ICMP checksum covers the quoted header (ICMPv6's also a pseudo-header with the
     // outer addresses).
     ic = readdress(ic, &q.src, &t.src, v4);
     ic = readdress(ic, &q.dst, &t.dst, v4);
     if v4 {
-        let ip: *mut [u8; IPV4_HLEN] = ptr_at(ctx, ETH_HLEN).ok_or(abort)?;
+        let ip: *mut [u8; ipv4::LEN] = ptr_at(ctx, eth::LEN).ok_or(abort)?;
         // SAFETY: ptr_at checked the bounds.
         let ip = unsafe { &mut *ip };
-        let mut c = u16::from_ne_bytes([ip[10], ip[11]]);
+        let (check, ttl) = (ipv4::CHECK, ipv4::TTL);
+        let mut c = u16::from_ne_bytes([ip[check], ip[check + 1]]);
         c = readdress(readdress(c, &pkt.src, &t.dst, true), &pkt.dst, &t.src, true);
-        let old_ttl = u16::from_ne_bytes([ip[8], ip[9]]);
-        ip[8] = pkt.ttl - 1;
-        c = replace16(c, old_ttl, u16::from_ne_bytes([ip[8], ip[9]]));
-        ip[10..12].copy_from_slice(&c.to_ne_bytes());
-        ip[12..16].copy_from_slice(&t.dst[..4]);
-        ip[16..20].copy_from_slice(&t.src[..4]);
-        let qip: *mut [u8; IPV4_HLEN] = ptr_at(ctx, inner).ok_or(abort)?;
+        // TTL shares its checksum word with the protocol.
+        let old_ttl = u16::from_ne_bytes([ip[ttl], ip[ttl + 1]]);
+        ip[ttl] = pkt.ttl - 1;
+        c = replace16(c, old_ttl, u16::from_ne_bytes([ip[ttl], ip[ttl + 1]]));
+        ip[check..check + 2].copy_from_slice(&c.to_ne_bytes());
+        ip[ipv4::SRC].copy_from_slice(&t.dst[..4]);
+        ip[ipv4::DST].copy_from_slice(&t.src[..4]);
+        let qip: *mut [u8; ipv4::LEN] = ptr_at(ctx, inner).ok_or(abort)?;
         // SAFETY: ptr_at checked the bounds.
         let qip = unsafe { &mut *qip };
-        let old_check = u16::from_ne_bytes([qip[10], qip[11]]);
+        let old_check = u16::from_ne_bytes([qip[check], qip[check + 1]]);
         let qc = readdress(readdress(old_check, &q.src, &t.src, true), &q.dst, &t.dst, true);
         ic = replace16(ic, old_check, qc);
-        qip[10..12].copy_from_slice(&qc.to_ne_bytes());
-        qip[12..16].copy_from_slice(&t.src[..4]);
-        qip[16..20].copy_from_slice(&t.dst[..4]);
+        qip[check..check + 2].copy_from_slice(&qc.to_ne_bytes());
+        qip[ipv4::SRC].copy_from_slice(&t.src[..4]);
+        qip[ipv4::DST].copy_from_slice(&t.dst[..4]);
     } else {
-        let ip: *mut [u8; IPV6_HLEN] = ptr_at(ctx, ETH_HLEN).ok_or(abort)?;
+        let ip: *mut [u8; ipv6::LEN] = ptr_at(ctx, eth::LEN).ok_or(abort)?;
         // SAFETY: ptr_at checked the bounds.
         let ip = unsafe { &mut *ip };
-        ip[7] = pkt.ttl - 1;
+        ip[ipv6::HOP_LIMIT] = pkt.ttl - 1;
         ic = readdress(readdress(ic, &pkt.src, &t.dst, false), &pkt.dst, &t.src, false);
-        ip[8..24].copy_from_slice(&t.dst);
-        ip[24..40].copy_from_slice(&t.src);
-        let qip: *mut [u8; IPV6_HLEN] = ptr_at(ctx, inner).ok_or(abort)?;
+        ip[ipv6::SRC].copy_from_slice(&t.dst);
+        ip[ipv6::DST].copy_from_slice(&t.src);
+        let qip: *mut [u8; ipv6::LEN] = ptr_at(ctx, inner).ok_or(abort)?;
         // SAFETY: ptr_at checked the bounds.
         let qip = unsafe { &mut *qip };
-        qip[8..24].copy_from_slice(&t.src);
-        qip[24..40].copy_from_slice(&t.dst);
+        qip[ipv6::SRC].copy_from_slice(&t.src);
+        qip[ipv6::DST].copy_from_slice(&t.dst);
     }
-    let l4_check_off = if q.proto == PROTO_UDP { 6 } else { 16 };
+    let l4_check_off = if q.proto == PROTO_UDP { hdr::udp::CHECK } else { hdr::tcp::CHECK };
     // Most errors quote only 8 bytes of TCP, which leave its checksum out.
     if let Some(check) = ptr_at::<[u8; 2]>(ctx, inner_l4 + l4_check_off) {
         // SAFETY: ptr_at checked the bounds.

@@ -12,6 +12,7 @@
 
 pub mod fib;
 pub mod flow;
+pub mod hdr;
 pub mod icmp;
 pub mod maps;
 pub mod mem;
