@@ -6,9 +6,7 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_prandom_u32, bpf_loop},
 };
-use lb_common::{
-    FAMILY_V4, MAX_SNAT_ADDRS, NatState, PROTO_TCP, SnatPool, hash::five_tuple_hash, stat,
-};
+use lb_common::{FAMILY_V4, MAX_SNAT_ADDRS, NatState, SnatPool, hash::five_tuple_hash, stat};
 
 use crate::{
     flow::{Expiry, drop, expiry},
@@ -103,8 +101,8 @@ extern "C" fn try_address(i: u64, ctx: *mut c_void) -> i64 {
             return 1;
         }
     }
-    let fresh = w.pkt.proto == PROTO_TCP;
-    if alloc_port(w, fresh) {
+    // Every new flow starts unconfirmed (flow::create): its port goes into NAT_NEW.
+    if alloc_port(w, true) {
         if i != 0 {
             count(stat::SNAT_ADDR_NEXT);
         }
@@ -233,8 +231,8 @@ extern "C" fn try_port(_i: u64, ctx: *mut c_void) -> i64 {
     };
     let range = (w.s.nat_port_max as u32).saturating_sub(w.s.nat_port_min as u32) + 1;
     let offset = c % range;
-    let fresh = w.pkt.proto == PROTO_TCP;
-    match probe(w, offset, s.fallback == u32::MAX, fresh) {
+    // As in try_address: a new flow's port goes into NAT_NEW.
+    match probe(w, offset, s.fallback == u32::MAX, true) {
         Probe::Won => {
             s.won = 1;
             return 1;

@@ -1,6 +1,8 @@
 //! `lb run`: build every configured part, serve until SIGINT/SIGTERM, then stop. The XDP
 //! program stays pinned and keeps forwarding after the daemon exits; `lb detach` removes it.
 use std::{
+    collections::BTreeSet,
+    net::IpAddr,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
 };
@@ -9,7 +11,7 @@ use anyhow::Context as _;
 use tokio::{signal::unix, sync::watch};
 
 use crate::{
-    config::{Config, XdpConfig},
+    config::{Config, ServiceConfig, XdpConfig},
     control::{admin, reload, state::State},
     dataplane::{Dataplane, DataplaneError, LoadOptions, host, snat},
     l4::{self, L4},
@@ -27,25 +29,67 @@ pub fn start_xdp(xdp: &XdpConfig) -> Result<Dataplane, DataplaneError> {
         Ok(dp)
     });
     // A first start that failed leaves nothing pinned (the maps are hundreds of MiB of kernel
-    // memory until `lb detach`); an adopted program keeps forwarding as it was.
+    // memory until `lb detach`) and the host as it was; an adopted program keeps forwarding as
+    // it was.
     if started.is_err() && !adopting {
-        let _ = crate::dataplane::detach(&xdp.pin_path);
+        // A record that cannot be undone stays, for the operator to read.
+        match crate::dataplane::changes::undo(&xdp.pin_path) {
+            Ok(_) => drop(crate::dataplane::detach(&xdp.pin_path)),
+            Err(e) => {
+                log::warn!("{e}");
+                drop(crate::dataplane::detach_keeping_host(&xdp.pin_path));
+            }
+        }
     }
     started
 }
 
+/// The VIP addresses of `services`, each once.
+pub fn vip_addrs(services: &[ServiceConfig]) -> BTreeSet<IpAddr> {
+    services.iter().map(|s| s.vip.ip()).collect()
+}
+
+/// Whether any of `vips` is IPv4, and whether any is IPv6.
+fn families(vips: &BTreeSet<IpAddr>) -> (bool, bool) {
+    (vips.iter().any(IpAddr::is_ipv4), vips.iter().any(IpAddr::is_ipv6))
+}
+
+/// Prepares the host for `services` on `interfaces` (forwarding, ARP, VIPs local), keeps the
+/// backends' neighbours resolved; after `apply`, so the program balances a VIP's ports
+/// before the kernel answers for the address. Also what a reload runs.
+pub fn sync_host(
+    dp: &mut Dataplane,
+    interfaces: &[String],
+    services: &[ServiceConfig],
+) -> Result<(), DataplaneError> {
+    let vips = vip_addrs(services);
+    let (v4, v6) = families(&vips);
+    let host = dp.host_mut();
+    host.prepare(interfaces, v4, v6)?;
+    host.sync_vips(&vips)?;
+    for s in services {
+        for b in &s.backends {
+            host.keep_neighbour(b.addr().ip());
+        }
+    }
+    Ok(())
+}
+
 fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
-    let ipv6 = xdp.services.iter().any(|s| s.vip.is_ipv6());
+    let (v4, v6) = families(&vip_addrs(&xdp.services));
     for name in &xdp.interfaces {
         let iface =
             host::Iface::lookup(name).ok_or_else(|| DataplaneError::NoInterface(name.clone()))?;
-        host::prepare_interface(name, ipv6);
-        dp.attach(&iface, xdp.mode)?;
-        log::info!("XDP attached to {name} in {} mode", xdp.mode.as_str());
+        // Forwarding before the program runs: `bpf_fib_lookup` needs it from the first packet.
+        dp.host_mut().prepare(std::slice::from_ref(name), v4, v6)?;
+        let linked = dp.attach(&iface, xdp.mode)?;
+        log::info!(
+            "XDP attached to {name} in {} mode (link {})",
+            xdp.mode.as_str(),
+            linked.as_str()
+        );
     }
-    if ipv6 {
-        host::enable_ipv6_forwarding();
-    }
+    dp.prune_links(&xdp.interfaces)?;
     // Also with no [[xdp.snat]]: removes pools an earlier config pinned.
     for change in dp.apply_snat(&snat::resolve(&xdp.snat)?)? {
         log::info!("{change}");
@@ -59,11 +103,8 @@ fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
             s.protocol,
             s.backends.len()
         );
-        for b in &s.backends {
-            host::keep_neighbour(b.addr().ip());
-        }
     }
-    Ok(())
+    sync_host(dp, &xdp.interfaces, &xdp.services)
 }
 
 /// The L7 TLS listeners as hand-off targets for the L4 listeners' `terminate` routes.
