@@ -1,7 +1,8 @@
 //! `lb` as a child process: the one way tests run the daemon ([`Lb`], built with
 //! [`LbBuilder`]: config text, admin address and token, uid, pin path, extra environment, the
-//! namespace) and one-shot commands ([`command`]). The daemon is stopped (SIGTERM, then
-//! SIGKILL) and its pins removed on drop.
+//! namespace) and one-shot commands ([`command`]). [`Lb::upgrade`] replaces the daemon with
+//! `lb run --upgrade`. The daemon is stopped (SIGTERM, then SIGKILL) and its pins removed on
+//! drop.
 use std::{
     ffi::OsString,
     net::SocketAddr,
@@ -68,8 +69,14 @@ fn sweep_dead_pins() {
 
 /// Variables lb reads (`lb_user::config::ENV_VARS`) that must not leak from the developer's
 /// shell into a test: a test sets the ones it means.
-const LB_ENV: [&str; 5] =
-    ["LB_CONFIG", "LB_ADMIN", "LB_ADMIN_LISTEN", "LB_ADMIN_TOKEN", "LB_PIN_PATH"];
+const LB_ENV: [&str; 6] = [
+    "LB_CONFIG",
+    "LB_ADMIN",
+    "LB_ADMIN_LISTEN",
+    "LB_ADMIN_TOKEN",
+    "LB_PIN_PATH",
+    "LB_UPGRADE_SOCKET",
+];
 
 /// How an `lb` process is launched: where, as whom, with what environment.
 #[derive(Clone, Default)]
@@ -230,10 +237,15 @@ fn with_admin(config: &str, admin: SocketAddr) -> String {
 }
 
 fn spawn(launch: &Launch, config: &Path) -> anyhow::Result<Child> {
+    spawn_with(launch, config, &[])
+}
+
+fn spawn_with(launch: &Launch, config: &Path, extra: &[&str]) -> anyhow::Result<Child> {
     launch
         .command()?
         .args(["run", "--config"])
         .arg(config)
+        .args(extra)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .spawn()
         .context("spawn lb run")
@@ -262,17 +274,73 @@ pub struct Lb {
 }
 
 impl Lb {
-    /// `lb run` in `ns` with `config` (a TOML text); see [`LbBuilder`] for the rest.
+    /// `lb run` in `ns` with `config` (a TOML text); see [`LbBuilder`] for the rest. Its
+    /// upgrade socket is a path of its own (`LB_UPGRADE_SOCKET`), so tests never meet.
     pub fn builder(ns: &Netns, config: impl Into<String>) -> LbBuilder {
+        let socket = std::env::temp_dir().join(format!("{}.sock", crate::netns::unique("up")));
+        let launch = Launch {
+            env: vec![("LB_UPGRADE_SOCKET".into(), socket.display().to_string())],
+            ..Launch::default()
+        };
         LbBuilder {
             ns: ns.share(),
             config: config.into(),
             admin: "127.0.0.1:9901".parse().expect("address"),
             token: None,
-            launch: Launch::default(),
+            launch,
             pin: None,
             listening: Vec::new(),
         }
+    }
+
+    /// The upgrade socket this daemon listens on.
+    pub fn upgrade_socket(&self) -> PathBuf {
+        let var = self.launch.env.iter().rev().find(|(k, _)| k == "LB_UPGRADE_SOCKET");
+        PathBuf::from(&var.expect("set by the builder").1)
+    }
+
+    /// `lb run --config FILE --upgrade` (with `binary` instead of the workspace's, if given):
+    /// returns once the new process answers `lb status` as ready; it is this `Lb` from then
+    /// on. The replaced process is returned to wait for: it drains and exits on its own.
+    pub fn upgrade(&mut self, binary: Option<&Path>) -> anyhow::Result<Replaced> {
+        let mut launch = self.launch.clone();
+        if let Some(b) = binary {
+            launch.binary = Some(b.to_path_buf());
+        }
+        let mut child = spawn_with(&launch, &self.config, &["--upgrade"])?;
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("lb run --upgrade exited with {status} before it was ready");
+            }
+            // The admin socket is shared: the answer is the new process's once it carries
+            // its pid.
+            let answered = self.json(&["status"]).ok().filter(|s| s["pid"] == pid);
+            if answered.is_some_and(|s| s["ready"] == true) {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("lb run --upgrade (pid {pid}) was not ready within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.launch = launch;
+        Ok(Replaced { child: std::mem::replace(&mut self.child, child) })
+    }
+
+    /// A second `lb run` (with `args`, e.g. `--upgrade`) beside this daemon, with `config` (a
+    /// TOML text, written to a file of its own), run to its end: for starts it must refuse.
+    /// This daemon's config file is left as it is.
+    pub fn run_beside(&self, config: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let path = std::env::temp_dir().join(format!("{}.toml", crate::netns::unique("lb")));
+        std::fs::write(&path, with_admin(config, self.admin))?;
+        let mut cmd = self.launch.command()?;
+        let out = cmd.args(["run", "--config"]).arg(&path).args(args).output();
+        let _ = std::fs::remove_file(&path);
+        out.context("run a second lb run")
     }
 
     /// Starts `lb run` in `ns` with `config`, reached at `admin`: the builder's common case.
@@ -390,6 +458,43 @@ impl Lb {
     }
 }
 
+/// A process that `lb run --upgrade` replaced, draining; killed on drop if still running.
+pub struct Replaced {
+    child: Child,
+}
+
+impl Replaced {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Waits for it to exit, at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("the replaced lb (pid {}) did not exit within {limit:?}", self.pid())
+    }
+}
+
+impl Drop for Replaced {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn accepts(ns: &Netns, addr: SocketAddr) -> bool {
     ns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
         .unwrap_or(false)
@@ -405,5 +510,6 @@ impl Drop for Lb {
             let _ = lb_user::dataplane::detach(std::path::Path::new(pin));
         }
         let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(self.upgrade_socket());
     }
 }

@@ -86,6 +86,9 @@ pub struct Status {
     /// Services and groups that cannot serve: no backend up (L7 answers 503, XDP drops).
     #[serde(default)]
     pub unavailable: Vec<String>,
+    /// The daemon's process id (which process answers, during an upgrade).
+    #[serde(default)]
+    pub pid: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -205,6 +208,7 @@ impl State {
             adopted,
             ready: self.ready.load(Ordering::Relaxed),
             unavailable,
+            pid: std::process::id(),
         }
     }
 

@@ -8,7 +8,7 @@
 //! serves; old → `Stopping`, then drains. If the new process goes away before `Ready`, the old
 //! one resumes its XDP writes and keeps everything (it never stopped serving).
 mod take;
-mod wire;
+pub mod wire;
 
 use std::{
     io,
@@ -208,7 +208,8 @@ pub async fn serve(
             session(stream, &state2, offers.iter().chain(l7.iter()))
         });
         let outcome = session.await.unwrap_or_else(|e| Err(io::Error::other(e)));
-        drop(runtime);
+        // The runtime lock is released last: a reload that waited for it sees the outcome.
+        let _runtime = runtime;
         match outcome {
             Ok(Some(pid)) => {
                 let _ = handed.send(pid).await;
