@@ -164,6 +164,7 @@ pub async fn run(
     }
     state.ready.store(true, Ordering::Relaxed);
     takeover.ready()?;
+    upgrade::systemd::notify_ready(upgrade);
     let (handed_tx, mut handed) = tokio::sync::mpsc::channel(1);
     if let Some(u) = upgrade_socket {
         tokio::spawn(upgrade::serve(u, state.clone(), offers, handed_tx));
@@ -171,10 +172,17 @@ pub async fn run(
 
     let mut term = unix::signal(unix::SignalKind::terminate()).context("SIGTERM handler")?;
     let mut hup = unix::signal(unix::SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut usr2 = unix::signal(unix::SignalKind::user_defined2()).context("SIGUSR2 handler")?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { log::info!("SIGINT: shutting down"); break }
             _ = term.recv() => { log::info!("SIGTERM: shutting down"); break }
+            _ = usr2.recv() => match state.config_path.as_deref().map(upgrade::systemd::spawn_successor) {
+                // The successor takes over through the upgrade socket, as `lb run --upgrade`.
+                Some(Ok(pid)) => log::info!("SIGUSR2: started pid {pid} to take over"),
+                Some(Err(e)) => log::error!("SIGUSR2: cannot start a successor: {e}"),
+                None => log::error!("SIGUSR2: started without a config file; nothing to upgrade to"),
+            },
             Some(pid) = handed.recv() => {
                 // The successor accepts on the same sockets: stop accepting at once (admin and
                 // L4 too), let relays run for upgrade_drain_secs, L7 requests for grace_ms.

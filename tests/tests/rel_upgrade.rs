@@ -339,3 +339,71 @@ fn a_second_lb_run_names_the_running_one_and_upgrade() {
     one.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
+
+/// Kills a process the harness does not own (the successor SIGUSR2 started) on drop.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a pid this test learned from the process's own notification.
+        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+        let gone = || !std::path::Path::new(&format!("/proc/{}", self.0)).exists();
+        lb_tests::wait_until(Duration::from_secs(15), gone);
+    }
+}
+
+/// The systemd upgrade action (`systemctl kill -s USR2`): SIGUSR2 makes lb start its own
+/// successor, which takes over without a failed request and tells the service manager
+/// (`NOTIFY_SOCKET`, a datagram socket of the test's here) that it is the main process now.
+#[test]
+fn sigusr2_starts_a_successor_that_notifies_systemd() {
+    lb_tests::privileged!();
+    let notify_path =
+        std::env::temp_dir().join(format!("{}.notify", lb_tests::netns::unique("sd")));
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let listen: SocketAddr = "127.0.0.1:18090".parse().unwrap();
+    let s = Scenario::loopback(1).l7("web", listen, "");
+    let s = s.start_with(|b| b.env("NOTIFY_SOCKET", &notify_path.display().to_string()));
+    let s = s.expect("lb run");
+    let recv = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv();
+    assert_eq!(first, "READY=1\n");
+
+    let fresh = Load::builder(s.balancer(), vec![listen]).threads(2).start();
+    let keepalive = KeepAlive::start(s.balancer(), listen, 4);
+    fresh.wait_for(50);
+    let old = s.lb().pid();
+    s.lb().signal(libc::SIGUSR2);
+    let msg = recv();
+    let pid: u32 = msg
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in {msg:?}"));
+    let _successor = KillOnDrop(pid);
+    let serving = lb_tests::wait_until(Duration::from_secs(10), || {
+        s.lb().json(&["status"]).is_ok_and(|st| st["pid"] == pid)
+    });
+    fresh.wait_for(50);
+    let (f, k) = (fresh.stop(), keepalive.stop());
+    let pass = msg.contains("READY=1") && pid != old && serving && f.failed == 0 && k.failed == 0;
+    rel::record(
+        "upgrade-systemd",
+        "SIGUSR2 (`systemctl kill --signal=SIGUSR2 --kill-whom=main lb`) under load on an L7 \
+         listener",
+        &format!(
+            "notified {msg:?} (pid {old} → {pid}); the admin API answered from the successor: \
+             {serving}; fresh GETs {} ok, {} failed; keep-alive (4 clients) {} ok, {} failed, \
+             {} closes by Connection: close, {} between requests",
+            f.ok, f.failed, k.ok, k.failed, k.closed_by_header, k.closed_idle
+        ),
+        pass,
+    );
+    let _ = std::fs::remove_file(&notify_path);
+    assert!(pass, "{msg:?} {:?} {:?}", f.sample_failures(), k.failures);
+}

@@ -7,6 +7,7 @@
 //! pinned maps) and sends one `Socket` per listener, then `Done`; new → `Ready` once it
 //! serves; old → `Stopping`, then drains. If the new process goes away before `Ready`, the old
 //! one resumes its XDP writes and keeps everything (it never stopped serving).
+pub mod systemd;
 mod take;
 pub mod wire;
 
