@@ -294,13 +294,26 @@ fn failed_upgrades_leave_the_old_process_serving() {
         }
     }
     let n = taken.len();
+    // While the successor is starting it owns the XDP maps: the old process writes none.
+    let extra = "10.1.9.9:80";
+    let paused = lb.cli(&["backend", "add", "web", extra]);
+    assert!(
+        paused.as_ref().is_err_and(|e| e.to_string().contains("owns the XDP maps")),
+        "{paused:?}"
+    );
     drop((reader, taken));
     lb_tests::wait_until(Duration::from_secs(10), || lb.cli(&["reload"]).is_ok());
+    let resumed = lb.cli(&["backend", "add", "web", extra]).is_ok()
+        && lb.cli(&["backend", "remove", "web", extra]).is_ok();
     check(
         "a successor took the listening sockets, then died before it was ready",
-        format!("it had received {n} sockets"),
+        format!(
+            "it had received {n} sockets; meanwhile `lb backend add` on the XDP service was \
+             refused (503); after it died XDP backend changes applied again: {resumed}"
+        ),
         phase,
     );
+    assert!(resumed);
 
     // A real successor that cannot bind a new listener (the address is taken) exits.
     let phase = Phase::start(&s);
