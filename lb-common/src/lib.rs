@@ -201,10 +201,11 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 pub const FLOW_F_FIN_CLIENT: u32 = 1;
 pub const FLOW_F_FIN_BACKEND: u32 = 2;
 pub const FLOW_F_RST: u32 = 4;
-/// The backend answered the SYN with a SYN-ACK.
+/// The backend answered: a SYN-ACK (TCP), any datagram (UDP).
 pub const FLOW_F_SYNACK: u32 = 8;
-/// The client acknowledged the backend's SYN-ACK: the flow is confirmed (established). Until
-/// then a TCP flow may be a spoofed or abandoned SYN and ages under `Settings::tcp_syn_ns`.
+/// The client acknowledged the backend's SYN-ACK (TCP), or sent again after its answer (UDP):
+/// the flow is confirmed. Until then a TCP flow may be a spoofed or abandoned SYN and ages
+/// under `Settings::tcp_syn_ns`; both live in the unconfirmed tables.
 pub const FLOW_F_CONFIRMED: u32 = 16;
 
 /// A cached next hop: where `bpf_fib_lookup` last said to send a flow's frames. Refreshed after
@@ -234,7 +235,9 @@ pub struct FlowState {
     pub snat: [u8; 16],
     /// The SNAT source port, network byte order.
     pub nat_port: u16,
-    pub _pad: u16,
+    /// The IP MTU toward the backend from the last route lookup (0 = not known yet): larger
+    /// packets get an ICMP "fragmentation needed" / "packet too big" instead.
+    pub mtu: u16,
     /// `FLOW_F_*`, set by either direction.
     pub flags: u32,
     /// `bpf_ktime_get_coarse_ns` of the last client packet (and of FIN/RST and UDP replies);
@@ -286,7 +289,9 @@ pub struct NatState {
     /// The interface through which the backend is reached: replies arriving on any other
     /// one are not the backend's and are dropped.
     pub backend_ifindex: u32,
-    pub _pad: u32,
+    /// The IP MTU toward the client from the last route lookup (0 = not known yet).
+    pub mtu: u16,
+    pub _pad: u16,
 }
 const _: () = assert!(size_of::<NatState>() == 96);
 
@@ -323,7 +328,8 @@ pub struct Settings {
     /// SNAT ports are taken from `[nat_port_min, nat_port_max]`, host byte order.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
-    /// CPUs the program may run on; each owns a slice of the port range.
+    /// CPUs the program may run on (informational: ports are not sliced per CPU; each CPU's
+    /// allocator starts at its own random cursor and claims a port with an atomic insert).
     pub cpus: u32,
 }
 const _: () = assert!(size_of::<Settings>() == 40);
@@ -382,6 +388,11 @@ pub mod stat {
         DROP_UNCONFIRMED_LOST = 30, "drop_unconfirmed_lost";
         RST_OUT_OF_WINDOW = 31, "rst_out_of_window";
         DROP_WRONG_IFACE = 32, "drop_wrong_iface";
+        ICMP_TOO_BIG = 33, "icmp_too_big_sent";
+        ICMP_TO_CLIENT = 34, "icmp_error_to_client";
+        ICMP_TO_BACKEND = 35, "icmp_error_to_backend";
+        DROP_NAT_LOST = 36, "drop_nat_lost";
+        NAT_RESTORED = 37, "nat_restored";
     }
 }
 

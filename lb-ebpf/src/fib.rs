@@ -28,7 +28,8 @@ pub enum FibMiss {
 }
 
 /// Looks up the route from `src` to `dst` as if the packet arrived on the ingress interface,
-/// and writes the result into `hop` (the caller stamps its time). Not inlined: the 64-byte parameter block gets its own
+/// writes the result into `hop` (the caller stamps its time) and returns the route's MTU (0
+/// when the kernel does not report it). Not inlined: the 64-byte parameter block gets its own
 /// stack frame, at the end of every call chain.
 #[inline(never)]
 pub fn lookup(
@@ -37,7 +38,7 @@ pub fn lookup(
     src: &[u8; 16],
     dst: &[u8; 16],
     hop: &mut Hop,
-) -> Result<(), FibMiss> {
+) -> Result<u16, FibMiss> {
     let mut p = MaybeUninit::<FibParams>::uninit();
     // Zeroed word by word: `MaybeUninit::zeroed` becomes a call to a byte-loop memset.
     let zeros = p.as_mut_ptr() as *mut u32;
@@ -48,8 +49,9 @@ pub fn lookup(
     // SAFETY: every byte was just zeroed, and all-zero is a valid bpf_fib_lookup.
     let mut p = unsafe { p.assume_init() };
     p.ifindex = ctx.ingress_ifindex() as u32;
-    // The kernel reads tot_len in host byte order (shared/TOOLCHAIN.md).
-    p.__bindgen_anon_1.tot_len = pkt.ip_len;
+    // tot_len stays 0: the kernel then never answers "fragmentation needed" and returns the
+    // route's MTU in the same field instead, which the caller caches with the hop and compares
+    // with every packet's length (a cached hop skips this lookup).
     if pkt.family == FAMILY_V4 {
         p.family = AF_INET;
         p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
@@ -68,7 +70,8 @@ pub fn lookup(
             hop.ifindex = p.ifindex;
             hop.smac = p.smac;
             hop.dmac = p.dmac;
-            Ok(())
+            // SAFETY: a u16 union member, written by the kernel on success.
+            Ok(unsafe { p.__bindgen_anon_1.mtu_result })
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(FibMiss::NoNeigh),
         _ => Err(FibMiss::Other),
@@ -78,14 +81,16 @@ pub fn lookup(
 /// Keeps the frame's current MACs (for a frame handed to the kernel as it is addressed).
 #[inline(always)]
 pub fn keep_macs(ctx: &XdpContext, hop: &mut Hop) -> Result<(), u32> {
-    let eth: *const [u8; 12] = crate::parse::ptr_at(ctx, 0).ok_or(xdp_action::XDP_ABORTED)?;
+    use crate::hdr::eth;
+    let macs: *const [u8; eth::MACS] =
+        crate::parse::ptr_at(ctx, 0).ok_or(xdp_action::XDP_ABORTED)?;
     // SAFETY: ptr_at checked the bounds.
-    let eth = unsafe { &*eth };
+    let macs = unsafe { &*macs };
     hop.ifindex = 0;
     // Not a lookup result: never reused.
     hop.at_ns = 0;
-    hop.dmac.copy_from_slice(&eth[..6]);
-    hop.smac.copy_from_slice(&eth[6..]);
+    hop.dmac.copy_from_slice(&macs[eth::DST]);
+    hop.smac.copy_from_slice(&macs[eth::SRC]);
     Ok(())
 }
 

@@ -1,12 +1,12 @@
 //! Connection tracking and backend choice. Only new flows (TCP SYN, UDP after idle) consult the
 //! Maglev ring; everything else follows its tracked state, so a backend-set change never moves
 //! an established flow.
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
     BACKEND_F_ACTIVE, BackendInfo, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN,
     DEFAULT_TCP_CLOSED_NS, DEFAULT_TCP_IDLE_NS, DEFAULT_TCP_SYN_NS, DEFAULT_UDP_IDLE_NS, FAMILY_V4,
     FLOW_F_CONFIRMED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_RST, FLOW_F_SYNACK, FlowState,
-    PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
+    NatKey, NatState, PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
     hash::{five_tuple_hash, source_hash},
     stat,
 };
@@ -83,9 +83,12 @@ pub fn flags_of(pkt: &Packet, fin_bit: u32) -> u32 {
     f
 }
 
-/// The bits a backend's packet adds: FIN/RST, and that it answered the SYN.
+/// The bits a backend's packet adds: FIN/RST, and that it answered (a SYN-ACK; any UDP reply).
 #[inline(always)]
 pub fn backend_flags_of(pkt: &Packet) -> u32 {
+    if pkt.proto != PROTO_TCP {
+        return FLOW_F_SYNACK;
+    }
     let mut f = flags_of(pkt, FLOW_F_FIN_BACKEND);
     if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
         f |= FLOW_F_SYNACK;
@@ -95,14 +98,19 @@ pub fn backend_flags_of(pkt: &Packet) -> u32 {
 
 /// The bits a client packet on a tracked flow adds: FIN/RST, and the confirmation when it
 /// acknowledges (ACK without SYN) a SYN-ACK the backend sent. A spoofed SYN's sender never
-/// sees the SYN-ACK, so it cannot time this ACK; conntrack's SYN_RECV → ESTABLISHED. Also
-/// moves the flow's `client_next` on, and leaves out an RST the backend would ignore.
+/// sees the SYN-ACK, so it cannot time this ACK; conntrack's SYN_RECV → ESTABLISHED. A UDP
+/// flow is confirmed by a client datagram after the backend's first answer (conntrack's
+/// "assured": a spoofed source never sees the answer). Also moves the flow's `client_next`
+/// on, and leaves out an RST the backend would ignore.
 #[inline(always)]
 pub fn client_flags_of(pkt: &Packet, st: &mut FlowState) -> u32 {
-    let mut f = flags_of(pkt, FLOW_F_FIN_CLIENT);
     if pkt.proto != PROTO_TCP {
-        return f;
+        if st.flags & (FLOW_F_SYNACK | FLOW_F_CONFIRMED) == FLOW_F_SYNACK {
+            return FLOW_F_CONFIRMED;
+        }
+        return 0;
     }
+    let mut f = flags_of(pkt, FLOW_F_FIN_CLIENT);
     let offset = pkt.seq.wrapping_sub(st.client_next) as i32;
     if f & FLOW_F_RST != 0 {
         if offset.unsigned_abs() > RST_WINDOW {
@@ -149,10 +157,7 @@ pub fn lookup(w: &mut Work, now: u64) -> Tracked {
     if let Some(ptr) = FLOWS.get_ptr_mut(&w.key) {
         return classify(w, ptr, true, now);
     }
-    // Only TCP flows are ever unconfirmed.
-    if w.pkt.proto == PROTO_TCP
-        && let Some(ptr) = FLOWS_NEW.get_ptr_mut(&w.key)
-    {
+    if let Some(ptr) = FLOWS_NEW.get_ptr_mut(&w.key) {
         return classify(w, ptr, false, now);
     }
     Tracked::Unknown
@@ -269,14 +274,17 @@ pub fn expiry(proto: u8, flags: u32, last: u64, nat_last: u64, now: u64, s: &Set
 
 /// Records a packet on a live flow: new flag bits, and the time (rate-limited). An unconfirmed
 /// TCP flow keeps its time until a new bit (SYN-ACK, confirmation, close): retransmitted or
-/// repeated SYNs do not extend its `tcp_syn_ns`. Racing updates from other CPUs are benign:
-/// bits only get set, and any recent timestamp will do.
+/// repeated SYNs do not extend its `tcp_syn_ns`; a UDP flow's time moves with every packet
+/// (one-way streams never confirm). Racing updates from other CPUs are benign: bits only get
+/// set, and any recent timestamp will do.
 #[inline(always)]
-pub fn touch(st: &mut FlowState, add_flags: u32, now: u64) {
+pub fn touch(st: &mut FlowState, add_flags: u32, proto: u8, now: u64) {
     if add_flags & !st.flags != 0 {
         st.flags |= add_flags;
         st.last_seen_ns = now;
-    } else if st.flags & FLOW_F_CONFIRMED != 0 && now.saturating_sub(st.last_seen_ns) > TOUCH_NS {
+    } else if (st.flags & FLOW_F_CONFIRMED != 0 || proto != PROTO_TCP)
+        && now.saturating_sub(st.last_seen_ns) > TOUCH_NS
+    {
         st.last_seen_ns = now;
     }
 }
@@ -294,7 +302,7 @@ pub fn backend(id: u32, out: &mut BackendInfo) -> bool {
 }
 
 /// Routes toward `w.be` (from `w.st.snat`, or from the client for a new flow) into
-/// `w.st.hop`.
+/// `w.st.hop` and `w.st.mtu`.
 #[inline(always)]
 pub fn route_to_backend(
     ctx: &XdpContext,
@@ -303,7 +311,7 @@ pub fn route_to_backend(
     now: u64,
 ) -> Result<(), u32> {
     let src = if from_client { &w.pkt.src } else { &w.st.snat };
-    fib::lookup(ctx, &w.pkt, src, &w.be.addr, &mut w.st.hop).map_err(|m| match m {
+    w.st.mtu = fib::lookup(ctx, &w.pkt, src, &w.be.addr, &mut w.st.hop).map_err(|m| match m {
         FibMiss::NoNeigh => drop(stat::DROP_NO_NEIGH),
         FibMiss::Other => drop(stat::DROP_NO_ROUTE),
     })?;
@@ -359,51 +367,106 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.ns.last_seen_ns = now;
     w.ns.claim = 0;
     w.ns.backend_ifindex = w.st.hop.ifindex;
+    w.ns.mtu = 0;
     w.ns._pad = 0;
-    // A TCP flow starts unconfirmed, in the tables of its own; UDP has no handshake.
-    let fresh = w.pkt.proto == PROTO_TCP;
-    snat::alloc_port(w, fresh)?;
+    // Every flow starts unconfirmed, in the tables of its own (TCP until the handshake
+    // completes, UDP until the client speaks after an answer): a flood of either can only
+    // evict other unconfirmed flows.
+    snat::alloc_port(w, true)?;
     w.st.backend_id = id;
     w.st.generation = w.be.generation;
     w.st.nat_port = w.nk.nat_port;
-    w.st._pad = 0;
-    let confirmed = if fresh { 0 } else { FLOW_F_CONFIRMED };
-    w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT) | confirmed;
+    w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT);
     w.st.last_seen_ns = now;
     w.st.client_next = w.pkt.seq.wrapping_add(w.pkt.seq_len);
     w.st._pad2 = 0;
     // The NAT entry was inserted first (it claims the port); nobody reclaims it before this
     // insert makes its flow visible (snat::SETUP_NS), so removing it on failure is safe.
-    if fresh {
-        if FLOWS_NEW.insert(&w.key, &w.st, 0).is_err() {
-            let _ = NAT_NEW.remove(&w.nk);
-            return Err(drop(stat::DROP_MAP_FULL));
-        }
-    } else if FLOWS.insert(&w.key, &w.st, 0).is_err() {
-        let _ = NAT.remove(&w.nk);
+    if FLOWS_NEW.insert(&w.key, &w.st, 0).is_err() {
+        let _ = NAT_NEW.remove(&w.nk);
         return Err(drop(stat::DROP_MAP_FULL));
     }
     Ok(())
 }
 
-/// Records a changed route toward the backend (`w.st.hop`, refreshed) in the flow's NAT entry,
-/// so its replies are expected on the new interface. Rare: only when the route moved.
+/// Checks, once per next-hop refresh (every second of a flow's activity, and on its first
+/// packet after a pause), that the flow's NAT entry is still its own, and records the current
+/// interface toward the backend in it (replies are expected there). An LRU may have evicted
+/// the entry: it is put back while the port is free; if another flow holds the port by now,
+/// this flow is over, since its packets would join that flow's connection at the backend.
+/// Not inlined: rare.
 #[inline(never)]
-pub fn reroute(w: &mut Work) {
+pub fn check_nat(w: &mut Work, confirmed: bool, now: u64) -> Result<(), u32> {
     nat_key_of_flow(w);
-    let ns = match NAT.get_ptr_mut(&w.nk) {
-        Some(ns) => ns,
-        None => match NAT_NEW.get_ptr_mut(&w.nk) {
-            Some(ns) => ns,
-            None => return,
-        },
-    };
-    // SAFETY: a valid map value; only its owner's packets write this field.
-    unsafe {
-        if mem::eq(&(*ns).flow, &w.key) {
-            (*ns).backend_ifindex = w.st.hop.ifindex;
+    let (own, other) = if confirmed { (&NAT, &NAT_NEW) } else { (&NAT_NEW, &NAT) };
+    if let Some(ns) = own.get_ptr_mut(&w.nk) {
+        // SAFETY: a valid map value; only its owner's packets write this field.
+        unsafe {
+            if mem::eq(&(*ns).flow, &w.key) {
+                (*ns).backend_ifindex = w.st.hop.ifindex;
+                return Ok(());
+            }
+        }
+        return Err(lost(w, confirmed));
+    }
+    // A port is in at most one of the two tables (snat.rs): checked before and after. Our own
+    // entry there is a promotion in flight on another CPU.
+    match holder(other, w) {
+        Holder::Us => return Ok(()),
+        Holder::Other => return Err(lost(w, confirmed)),
+        Holder::Nobody => {}
+    }
+    mem::copy(&mut w.ns.flow, &w.key);
+    w.ns.backend_id = w.st.backend_id;
+    w.ns.service_id = w.be.service_id;
+    // No hop toward the client yet: the next reply looks it up.
+    w.ns.hop.ifindex = 0;
+    w.ns.hop.at_ns = 0;
+    w.ns.last_seen_ns = now;
+    w.ns.claim = 0;
+    w.ns.backend_ifindex = w.st.hop.ifindex;
+    w.ns.mtu = 0;
+    w.ns._pad = 0;
+    if own.insert(&w.nk, &w.ns, snat::BPF_NOEXIST).is_err() {
+        return Err(lost(w, confirmed));
+    }
+    match holder(other, w) {
+        Holder::Nobody => {}
+        Holder::Us => {
+            let _ = own.remove(&w.nk);
+            return Ok(());
+        }
+        Holder::Other => {
+            let _ = own.remove(&w.nk);
+            return Err(lost(w, confirmed));
         }
     }
+    count(stat::NAT_RESTORED);
+    Ok(())
+}
+
+enum Holder {
+    Nobody,
+    Us,
+    Other,
+}
+
+/// Who holds `w.nk` in `table`: nobody, the flow `w.key`, or another flow.
+#[inline(always)]
+fn holder(table: &LruHashMap<NatKey, NatState>, w: &Work) -> Holder {
+    // SAFETY: a valid map value; one field is compared.
+    match unsafe { table.get(&w.nk) } {
+        None => Holder::Nobody,
+        Some(ns) if mem::eq(&ns.flow, &w.key) => Holder::Us,
+        Some(_) => Holder::Other,
+    }
+}
+
+/// Ends a flow whose SNAT port another flow holds now: its entry goes, the packet is dropped.
+#[inline(always)]
+fn lost(w: &Work, confirmed: bool) -> u32 {
+    let _ = if confirmed { FLOWS.remove(&w.key) } else { FLOWS_NEW.remove(&w.key) };
+    drop(stat::DROP_NAT_LOST)
 }
 
 /// Moves a flow the client just confirmed from the unconfirmed tables to the main ones: flow

@@ -12,6 +12,8 @@
 
 pub mod fib;
 pub mod flow;
+pub mod hdr;
+pub mod icmp;
 pub mod maps;
 pub mod mem;
 pub mod nat;
@@ -49,6 +51,9 @@ pub fn balance(ctx: &XdpContext) -> u32 {
 fn try_balance(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     parse(ctx, &mut w.pkt)?;
     flow::load_settings(&mut w.s);
+    if w.pkt.proto == parse::PROTO_ICMP || w.pkt.proto == parse::PROTO_ICMPV6 {
+        return icmp::error(ctx, w);
+    }
     // Most frames that are not for a VIP are told apart by port and address with two array
     // reads: replies from backends and other traffic never reach the flow and VIP lookups.
     if maybe_vip(&w.pkt.dst, w.pkt.family, w.pkt.dport) {
@@ -95,18 +100,18 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
             // SAFETY: as above.
             mem::copy(&mut w.st, unsafe { &*ptr });
             if now.wrapping_sub(w.st.hop.at_ns) > HOP_TTL_NS {
-                let before = w.st.hop.ifindex;
                 flow::route_to_backend(ctx, w, false, now)?;
                 // SAFETY: as above; a racing refresh writes an equally fresh hop.
-                mem::copy(unsafe { &mut (*ptr).hop }, &w.st.hop);
-                if w.st.hop.ifindex != before {
-                    flow::reroute(w);
+                unsafe {
+                    mem::copy(&mut (*ptr).hop, &w.st.hop);
+                    (*ptr).mtu = w.st.mtu;
                 }
+                flow::check_nat(w, confirmed, now)?;
             }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
             let st = unsafe { &mut *ptr };
             let add = flow::client_flags_of(&w.pkt, st);
-            flow::touch(st, add, now);
+            flow::touch(st, add, w.pkt.proto, now);
             if !confirmed && add & FLOW_F_CONFIRMED != 0 {
                 w.st.flags |= add;
                 w.st.last_seen_ns = now;
@@ -143,9 +148,7 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
             // An ended flow's NAT entry is left alone: the port may already be another
             // flow's (reclaimed), and only its owner or one reclaimer may change it. Its flow
             // entry goes when the new TCP flow starts in FLOWS_NEW: lookups try FLOWS first.
-            if let Tracked::Ended(true) = tracked
-                && w.pkt.proto == PROTO_TCP
-            {
+            if let Tracked::Ended(true) = tracked {
                 let _ = FLOWS.remove(&w.key);
             }
             flow::create(ctx, w, &vip, now)?;
@@ -154,6 +157,9 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
         }
     };
     let len = frame_len(ctx);
+    if icmp::exceeds(len, w.st.mtu) {
+        return icmp::too_big(ctx, &w.pkt, w.st.mtu);
+    }
     account(&SERVICE_STATS, service_id, len, new);
     account(&BACKEND_STATS, w.st.backend_id, len, new);
     mem::copy16(&mut w.t.src, &w.st.snat);
@@ -225,7 +231,7 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
         };
         if let Some(st) = st {
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
-            flow::touch(unsafe { &mut *st }, add, now);
+            flow::touch(unsafe { &mut *st }, add, w.pkt.proto, now);
         }
     }
     let len = frame_len(ctx);
@@ -239,10 +245,14 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
     let mut pass = false;
     if now.wrapping_sub(w.ns.hop.at_ns) > HOP_TTL_NS {
         match fib::lookup(ctx, &w.pkt, &w.t.src, &w.t.dst, &mut w.ns.hop) {
-            Ok(()) => {
+            Ok(mtu) => {
                 w.ns.hop.at_ns = now;
+                w.ns.mtu = mtu;
                 // SAFETY: a valid map value; a racing refresh writes an equally fresh hop.
-                mem::copy(unsafe { &mut (*ns_ptr).hop }, &w.ns.hop);
+                unsafe {
+                    mem::copy(&mut (*ns_ptr).hop, &w.ns.hop);
+                    (*ns_ptr).mtu = mtu;
+                }
             }
             // Translate but let the kernel forward it: it resolves the client's neighbour on
             // the way, and later replies take the fast path. The frame keeps its MACs.
@@ -255,6 +265,9 @@ fn reply(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
                 return Err(xdp_action::XDP_DROP);
             }
         }
+    }
+    if icmp::exceeds(len, w.ns.mtu) {
+        return icmp::too_big(ctx, &w.pkt, w.ns.mtu);
     }
     w.t.smac = w.ns.hop.smac;
     w.t.dmac = w.ns.hop.dmac;

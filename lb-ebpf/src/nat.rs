@@ -6,7 +6,10 @@ use lb_common::{
     checksum::{replace16, replace32, replace128},
 };
 
-use crate::parse::{ETH_HLEN, Packet, ptr_at};
+use crate::{
+    hdr::{eth, ipv4, ipv6, tcp, udp},
+    parse::{Packet, ptr_at},
+};
 
 const L4_OFF_MASK: usize = 0x7f;
 
@@ -32,15 +35,15 @@ fn first4(a: &[u8; 16]) -> [u8; 4] {
 #[inline(never)]
 pub fn rewrite(ctx: &XdpContext, pkt: &Packet, t: &Translation) -> Result<(), u32> {
     let abort = xdp_action::XDP_ABORTED;
-    let eth: *mut [u8; 12] = ptr_at(ctx, 0).ok_or(abort)?;
+    let macs: *mut [u8; eth::MACS] = ptr_at(ctx, 0).ok_or(abort)?;
     // SAFETY: ptr_at checked the bounds; the frame is ours to modify.
-    let eth = unsafe { &mut *eth };
-    eth[..6].copy_from_slice(&t.dmac);
-    eth[6..].copy_from_slice(&t.smac);
+    let macs = unsafe { &mut *macs };
+    macs[eth::DST].copy_from_slice(&t.dmac);
+    macs[eth::SRC].copy_from_slice(&t.smac);
     // The offset came through the scratch map, so the verifier no longer knows its range; the
     // mask restores one (it is at most 14 + 60 for IPv4 with options).
     let l4_off = pkt.l4_off & L4_OFF_MASK;
-    let l4_check_off = if pkt.proto == PROTO_UDP { 6 } else { 16 };
+    let l4_check_off = if pkt.proto == PROTO_UDP { udp::CHECK } else { tcp::CHECK };
     let check: *mut [u8; 2] = ptr_at(ctx, l4_off + l4_check_off).ok_or(abort)?;
     let ports: *mut [u8; 4] = ptr_at(ctx, l4_off).ok_or(abort)?;
     // SAFETY: ptr_at checked the bounds.
@@ -49,31 +52,33 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, t: &Translation) -> Result<(), u3
     let l4_has_check = !(pkt.proto == PROTO_UDP && pkt.family == FAMILY_V4 && l4_check == 0);
 
     if pkt.family == FAMILY_V4 {
-        let ip: *mut [u8; 20] = ptr_at(ctx, ETH_HLEN).ok_or(abort)?;
+        let ip: *mut [u8; ipv4::LEN] = ptr_at(ctx, eth::LEN).ok_or(abort)?;
         // SAFETY: ptr_at checked the bounds.
         let ip = unsafe { &mut *ip };
         let (old_src, old_dst, new_src, new_dst) =
             (first4(&pkt.src), first4(&pkt.dst), first4(&t.src), first4(&t.dst));
-        let mut ip_check = u16::from_ne_bytes([ip[10], ip[11]]);
+        let (check, ttl) = (ipv4::CHECK, ipv4::TTL);
+        let mut ip_check = u16::from_ne_bytes([ip[check], ip[check + 1]]);
         ip_check = replace32(ip_check, old_src, new_src);
         ip_check = replace32(ip_check, old_dst, new_dst);
-        let old_ttl_word = u16::from_ne_bytes([ip[8], ip[9]]);
-        ip[8] = pkt.ttl - 1;
-        ip_check = replace16(ip_check, old_ttl_word, u16::from_ne_bytes([ip[8], ip[9]]));
-        ip[10..12].copy_from_slice(&ip_check.to_ne_bytes());
-        ip[12..16].copy_from_slice(&new_src);
-        ip[16..20].copy_from_slice(&new_dst);
+        // TTL shares its checksum word with the protocol.
+        let old_ttl_word = u16::from_ne_bytes([ip[ttl], ip[ttl + 1]]);
+        ip[ttl] = pkt.ttl - 1;
+        ip_check = replace16(ip_check, old_ttl_word, u16::from_ne_bytes([ip[ttl], ip[ttl + 1]]));
+        ip[check..check + 2].copy_from_slice(&ip_check.to_ne_bytes());
+        ip[ipv4::SRC].copy_from_slice(&new_src);
+        ip[ipv4::DST].copy_from_slice(&new_dst);
         if l4_has_check {
             l4_check = replace32(l4_check, old_src, new_src);
             l4_check = replace32(l4_check, old_dst, new_dst);
         }
     } else {
-        let ip: *mut [u8; 40] = ptr_at(ctx, ETH_HLEN).ok_or(abort)?;
+        let ip: *mut [u8; ipv6::LEN] = ptr_at(ctx, eth::LEN).ok_or(abort)?;
         // SAFETY: ptr_at checked the bounds.
         let ip = unsafe { &mut *ip };
-        ip[7] = pkt.ttl - 1;
-        ip[8..24].copy_from_slice(&t.src);
-        ip[24..40].copy_from_slice(&t.dst);
+        ip[ipv6::HOP_LIMIT] = pkt.ttl - 1;
+        ip[ipv6::SRC].copy_from_slice(&t.src);
+        ip[ipv6::DST].copy_from_slice(&t.dst);
         l4_check = replace128(l4_check, &pkt.src, &t.src);
         l4_check = replace128(l4_check, &pkt.dst, &t.dst);
     }

@@ -5,17 +5,21 @@ use core::mem::size_of;
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, stat};
 
-use crate::maps::count;
+use crate::{
+    hdr::{eth, icmp, ipv4, ipv6, ports, tcp, udp},
+    maps::count,
+};
 
-pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPV4_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
-const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+
+/// The big-endian 16-bit field at `at` of a header.
+#[inline(always)]
+pub fn be16<const N: usize>(h: &[u8; N], at: usize) -> u16 {
+    u16::from_be_bytes([h[at], h[at + 1]])
+}
 
 /// Returns a pointer to a `T` at `offset` bytes into the frame, or `None` if it does not fit.
 #[inline(always)]
@@ -38,7 +42,8 @@ pub struct Packet {
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub family: u8,
-    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    /// [`PROTO_TCP`], [`PROTO_UDP`], or [`PROTO_ICMP`]/[`PROTO_ICMPV6`] (then the ports are
+    /// the ICMP header's first four bytes, and `l4_off` is where it starts).
     pub proto: u8,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
@@ -76,73 +81,80 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), u32> {
         count(reason);
         xdp_action::XDP_PASS
     };
-    let ethertype: *const [u8; 2] = ptr_at(ctx, 12).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
+    let ethertype: *const [u8; 2] =
+        ptr_at(ctx, eth::TYPE).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
     // SAFETY: ptr_at checked the bounds.
     let ethertype = u16::from_be_bytes(unsafe { *ethertype });
     zero16(&mut pkt.src);
     zero16(&mut pkt.dst);
     let (family, proto, l4_off, ip_len, ttl) = match ethertype {
-        ETH_P_IP => {
-            let ip: *const [u8; IPV4_HLEN] =
-                ptr_at(ctx, ETH_HLEN).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
+        eth::P_IPV4 => {
+            let ip: *const [u8; ipv4::LEN] =
+                ptr_at(ctx, eth::LEN).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
             // SAFETY: ptr_at checked the bounds.
             let ip = unsafe { &*ip };
-            let ihl = (ip[0] & 0x0f) as usize * 4;
-            if ip[0] >> 4 != 4 || ihl < IPV4_HLEN {
+            let ihl = (ip[ipv4::VER_IHL] & 0x0f) as usize * 4;
+            if ip[ipv4::VER_IHL] >> 4 != 4 || ihl < ipv4::LEN {
                 return Err(pass(stat::PASS_BAD_HEADER));
             }
             // Non-first fragments carry no ports; first fragments are incomplete. Both go to
             // the kernel, which reassembles what is for this host.
-            if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+            if be16(ip, ipv4::FRAG) & ipv4::FRAG_MASK != 0 {
                 return Err(pass(stat::PASS_FRAGMENT));
             }
-            pkt.src[..4].copy_from_slice(&ip[12..16]);
-            pkt.dst[..4].copy_from_slice(&ip[16..20]);
-            (FAMILY_V4, ip[9], ETH_HLEN + ihl, u16::from_be_bytes([ip[2], ip[3]]), ip[8])
+            pkt.src[..4].copy_from_slice(&ip[ipv4::SRC]);
+            pkt.dst[..4].copy_from_slice(&ip[ipv4::DST]);
+            let total = be16(ip, ipv4::TOTAL_LEN);
+            (FAMILY_V4, ip[ipv4::PROTO], eth::LEN + ihl, total, ip[ipv4::TTL])
         }
-        ETH_P_IPV6 => {
-            let ip: *const [u8; IPV6_HLEN] =
-                ptr_at(ctx, ETH_HLEN).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
+        eth::P_IPV6 => {
+            let ip: *const [u8; ipv6::LEN] =
+                ptr_at(ctx, eth::LEN).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
             // SAFETY: ptr_at checked the bounds.
             let ip = unsafe { &*ip };
-            pkt.src.copy_from_slice(&ip[8..24]);
-            pkt.dst.copy_from_slice(&ip[24..40]);
-            let len = u16::from_be_bytes([ip[4], ip[5]]).saturating_add(IPV6_HLEN as u16);
-            (FAMILY_V6, ip[6], ETH_HLEN + IPV6_HLEN, len, ip[7])
+            pkt.src.copy_from_slice(&ip[ipv6::SRC]);
+            pkt.dst.copy_from_slice(&ip[ipv6::DST]);
+            let len = be16(ip, ipv6::PAYLOAD_LEN).saturating_add(ipv6::LEN as u16);
+            (FAMILY_V6, ip[ipv6::NEXT], eth::LEN + ipv6::LEN, len, ip[ipv6::HOP_LIMIT])
         }
         _ => return Err(pass(stat::PASS_NOT_IP)),
     };
     let (tcp_flags, seq, seq_len) = match proto {
         PROTO_TCP => {
-            let tcp: *const [u8; TCP_HLEN] =
+            let h: *const [u8; tcp::LEN] =
                 ptr_at(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
             // SAFETY: ptr_at checked the bounds.
-            let tcp = unsafe { &*tcp };
-            let flags = tcp[13];
+            let h = unsafe { &*h };
+            let flags = h[tcp::FLAGS];
             // Lengths from the headers, not the frame (which may carry Ethernet padding); a
             // bogus header only yields a bogus length, used for RST checks alone.
-            let headers = (l4_off - ETH_HLEN) as u32 + (tcp[12] >> 4) as u32 * 4;
+            let headers = (l4_off - eth::LEN) as u32 + (h[tcp::DATA_OFF] >> 4) as u32 * 4;
             let payload = (ip_len as u32).saturating_sub(headers);
-            let len = payload + (flags & 0x02 != 0) as u32 + (flags & 0x01 != 0) as u32;
-            (flags, u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]), len)
+            let len = payload + (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
+            let s = tcp::SEQ;
+            (flags, u32::from_be_bytes([h[s], h[s + 1], h[s + 2], h[s + 3]]), len)
         }
         PROTO_UDP => {
-            ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
+            ptr_at::<[u8; udp::LEN]>(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
             (0, 0, 0)
         }
-        // ICMP errors quoting a balanced flow are not translated: the kernel gets them.
-        PROTO_ICMP | PROTO_ICMPV6 => return Err(pass(stat::PASS_ICMP)),
+        // Maybe an error about a balanced flow: `icmp::error` reads the rest.
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            ptr_at::<[u8; icmp::LEN]>(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
+            (0, 0, 0)
+        }
         // IPv6 extension headers, GRE, SCTP, ...
         _ => return Err(pass(stat::PASS_NOT_L4)),
     };
-    let ports: *const [u8; 4] = ptr_at(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
+    let p: *const [u8; ports::LEN] =
+        ptr_at(ctx, l4_off).ok_or_else(|| pass(stat::PASS_TRUNCATED))?;
     // SAFETY: ptr_at checked the bounds.
-    let ports = unsafe { *ports };
+    let p = unsafe { *p };
     pkt.family = family;
     pkt.proto = proto;
     pkt.l4_off = l4_off;
-    pkt.sport = u16::from_ne_bytes([ports[0], ports[1]]);
-    pkt.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    pkt.sport = u16::from_ne_bytes([p[0], p[1]]);
+    pkt.dport = u16::from_ne_bytes([p[2], p[3]]);
     pkt.tcp_flags = tcp_flags;
     pkt.seq = seq;
     pkt.seq_len = seq_len;

@@ -9,6 +9,8 @@ use crate::{nat::Translation, parse::Packet};
 #[repr(C)]
 pub struct Work {
     pub pkt: Packet,
+    /// The packet an ICMP error quotes (addresses, ports, protocol).
+    pub inner: Packet,
     pub key: FlowKey,
     /// The VIP key, built only when no tracked flow matched.
     pub vk: VipKey,

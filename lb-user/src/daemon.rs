@@ -1,6 +1,8 @@
 //! `lb run`: build every configured part, serve until SIGINT/SIGTERM, then stop. The XDP
 //! program stays pinned and keeps forwarding after the daemon exits; `lb detach` removes it.
 use std::{
+    collections::BTreeSet,
+    net::IpAddr,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -10,7 +12,7 @@ use anyhow::Context as _;
 use tokio::{signal::unix, sync::watch};
 
 use crate::{
-    config::{Config, XdpConfig},
+    config::{Config, ServiceConfig, XdpConfig},
     control::{admin, reload, state::State},
     dataplane::{Dataplane, DataplaneError, LoadOptions, host},
     l4::{self, L4},
@@ -28,25 +30,67 @@ pub fn start_xdp(xdp: &XdpConfig) -> Result<Dataplane, DataplaneError> {
         Ok(dp)
     });
     // A first start that failed leaves nothing pinned (the maps are hundreds of MiB of kernel
-    // memory until `lb detach`); an adopted program keeps forwarding as it was.
+    // memory until `lb detach`) and the host as it was; an adopted program keeps forwarding as
+    // it was.
     if started.is_err() && !adopting {
-        let _ = crate::dataplane::detach(&xdp.pin_path);
+        // A record that cannot be undone stays, for the operator to read.
+        match crate::dataplane::changes::undo(&xdp.pin_path) {
+            Ok(_) => drop(crate::dataplane::detach(&xdp.pin_path)),
+            Err(e) => {
+                log::warn!("{e}");
+                drop(crate::dataplane::detach_keeping_host(&xdp.pin_path));
+            }
+        }
     }
     started
 }
 
+/// The VIP addresses of `services`, each once.
+pub fn vip_addrs(services: &[ServiceConfig]) -> BTreeSet<IpAddr> {
+    services.iter().map(|s| s.vip.ip()).collect()
+}
+
+/// Whether any of `vips` is IPv4, and whether any is IPv6.
+fn families(vips: &BTreeSet<IpAddr>) -> (bool, bool) {
+    (vips.iter().any(IpAddr::is_ipv4), vips.iter().any(IpAddr::is_ipv6))
+}
+
+/// Prepares the host for `services` on `interfaces` (forwarding, ARP, VIPs local), keeps the
+/// backends' neighbours resolved; after `apply`, so the program balances a VIP's ports
+/// before the kernel answers for the address. Also what a reload runs.
+pub fn sync_host(
+    dp: &mut Dataplane,
+    interfaces: &[String],
+    services: &[ServiceConfig],
+) -> Result<(), DataplaneError> {
+    let vips = vip_addrs(services);
+    let (v4, v6) = families(&vips);
+    let host = dp.host_mut();
+    host.prepare(interfaces, v4, v6)?;
+    host.sync_vips(&vips)?;
+    for s in services {
+        for b in &s.backends {
+            host.keep_neighbour(b.addr().ip());
+        }
+    }
+    Ok(())
+}
+
 fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
-    let ipv6 = xdp.services.iter().any(|s| s.vip.is_ipv6());
+    let (v4, v6) = families(&vip_addrs(&xdp.services));
     for name in &xdp.interfaces {
         let iface =
             host::Iface::lookup(name).ok_or_else(|| DataplaneError::NoInterface(name.clone()))?;
-        host::prepare_interface(name, ipv6);
-        dp.attach(&iface, xdp.mode)?;
-        log::info!("XDP attached to {name} in {} mode", xdp.mode.as_str());
+        // Forwarding before the program runs: `bpf_fib_lookup` needs it from the first packet.
+        dp.host_mut().prepare(std::slice::from_ref(name), v4, v6)?;
+        let linked = dp.attach(&iface, xdp.mode)?;
+        log::info!(
+            "XDP attached to {name} in {} mode (link {})",
+            xdp.mode.as_str(),
+            linked.as_str()
+        );
     }
-    if ipv6 {
-        host::enable_ipv6_forwarding();
-    }
+    dp.prune_links(&xdp.interfaces)?;
     dp.apply(&xdp.services)?;
     for s in &xdp.services {
         log::info!(
@@ -56,11 +100,8 @@ fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
             s.protocol,
             s.backends.len()
         );
-        for b in &s.backends {
-            host::keep_neighbour(b.addr().ip());
-        }
     }
-    Ok(())
+    sync_host(dp, &xdp.interfaces, &xdp.services)
 }
 
 /// The L7 TLS listeners as hand-off targets for the L4 listeners' `terminate` routes.
@@ -130,19 +171,8 @@ pub async fn run(
     let l4 = L4::build(&config.tcp, &groups, &handoffs)?;
     let l4 = l4.bind_from(&mut takeover.sockets).await?;
     let listener = admin::bind_from(config.admin.listen, &mut takeover.sockets).await?;
-    let (mut offers, drain) = (l4.offers()?, l4.drain());
-    offers.push(upgrade::Offer::new(
-        upgrade::Kind::Admin,
-        "admin",
-        Some(config.admin.listen),
-        &listener,
-    )?);
-    let upgrade_socket = upgrade::listen(&config.admin.upgrade_socket, &mut takeover.sockets);
-    if let Some(u) = &upgrade_socket {
-        let path = config.admin.upgrade_socket.display().to_string();
-        offers.push(upgrade::Offer::new(upgrade::Kind::Upgrade, &path, None, u)?);
-    }
-    let upgrade_drain = Duration::from_secs(config.tcp.upgrade_drain_secs);
+    let successor = upgrade::Successor::prepare(&config, &l4, &listener, &mut takeover.sockets)?;
+    let (drain, upgrade_drain) = (l4.drain(), Duration::from_secs(config.tcp.upgrade_drain_secs));
     let auth = if config.admin.token.is_some() { "bearer token required" } else { "no token" };
     log::info!("admin API on http://{} ({auth})", listener.local_addr()?);
     let state = Arc::new(State::new(config, dataplane, groups, config_path));
@@ -164,11 +194,7 @@ pub async fn run(
     }
     state.ready.store(true, Ordering::Relaxed);
     takeover.ready()?;
-    upgrade::systemd::notify_ready(upgrade);
-    let (handed_tx, mut handed) = tokio::sync::mpsc::channel(1);
-    if let Some(u) = upgrade_socket {
-        tokio::spawn(upgrade::serve(u, state.clone(), offers, handed_tx));
-    }
+    let mut handed = successor.serve(&state);
 
     let mut term = unix::signal(unix::SignalKind::terminate()).context("SIGTERM handler")?;
     let mut hup = unix::signal(unix::SignalKind::hangup()).context("SIGHUP handler")?;
@@ -177,12 +203,7 @@ pub async fn run(
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { log::info!("SIGINT: shutting down"); break }
             _ = term.recv() => { log::info!("SIGTERM: shutting down"); break }
-            _ = usr2.recv() => match state.config_path.as_deref().map(upgrade::systemd::spawn_successor) {
-                // The successor takes over through the upgrade socket, as `lb run --upgrade`.
-                Some(Ok(pid)) => log::info!("SIGUSR2: started pid {pid} to take over"),
-                Some(Err(e)) => log::error!("SIGUSR2: cannot start a successor: {e}"),
-                None => log::error!("SIGUSR2: started without a config file; nothing to upgrade to"),
-            },
+            _ = usr2.recv() => upgrade::systemd::spawn_successor(state.config_path.as_deref()),
             Some(pid) = handed.recv() => {
                 // The successor accepts on the same sockets: stop accepting at once (admin and
                 // L4 too), let relays run for upgrade_drain_secs, L7 requests for grace_ms.

@@ -93,7 +93,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 (None, None) => DEFAULT_PIN_PATH.into(),
             };
-            let removed = lb_user::dataplane::detach(&dir)?;
+            // The pins first (the program stops), then the host changes it needed; a record
+            // made in another network namespace stops both before anything is removed.
+            lb_user::dataplane::changes::check_namespace(&dir)?;
+            let removed = lb_user::dataplane::detach_keeping_host(&dir)?;
             if removed.is_empty() {
                 println!("nothing pinned under {}", dir.display());
             } else {
@@ -102,6 +105,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     removed.len(),
                     dir.display()
                 );
+            }
+            for u in lb_user::dataplane::changes::undo(&dir)? {
+                println!("undid {u}");
             }
         }
     }

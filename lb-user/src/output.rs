@@ -12,7 +12,7 @@ pub fn status(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
         println!("XDP: not attached");
     }
     for a in &s.xdp {
-        println!("XDP on {:<16} mode {}", a.interface, a.mode);
+        println!("XDP on {:<16} mode {:<8} link {}", a.interface, a.mode, a.link);
     }
     if s.adopted {
         println!("(adopted the pinned program and maps of a previous run)");
@@ -20,6 +20,12 @@ pub fn status(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     println!("ready: {}", if s.ready { "yes" } else { "no" });
     for u in &s.unavailable {
         println!("UNAVAILABLE {u}");
+    }
+    if !s.host.is_empty() {
+        println!("host changes (`lb detach` undoes them):");
+        for c in &s.host {
+            println!("  {c}");
+        }
     }
     Ok(())
 }

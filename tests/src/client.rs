@@ -68,6 +68,37 @@ pub fn request_on(
 /// GET / on an open keep-alive connection; returns the body (the backend's name).
 pub fn keepalive_get(stream: &mut TcpStream) -> anyhow::Result<String> {
     write!(stream, "GET / HTTP/1.1\r\nhost: lb\r\n\r\n")?;
+    read_response(stream)
+}
+
+/// [`keepalive_get`] on every connection at once: all requests are written first, then each
+/// answer is read, the whole within `timeout` (so many dead connections cost one timeout, not
+/// one each). The connections keep `timeout` as their read timeout afterwards.
+pub fn keepalive_get_all(
+    streams: &mut [&mut TcpStream],
+    timeout: Duration,
+) -> Vec<anyhow::Result<String>> {
+    let sent: Vec<std::io::Result<()>> =
+        streams.iter_mut().map(|s| write!(s, "GET / HTTP/1.1\r\nhost: lb\r\n\r\n")).collect();
+    let deadline = std::time::Instant::now() + timeout;
+    let answers = streams
+        .iter_mut()
+        .zip(sent)
+        .map(|(s, sent)| {
+            sent?;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            read_response(s)
+        })
+        .collect();
+    for s in streams.iter_mut() {
+        let _ = s.set_read_timeout(Some(timeout));
+    }
+    answers
+}
+
+/// Reads one response from a keep-alive connection: its body.
+fn read_response(stream: &mut TcpStream) -> anyhow::Result<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     loop {
@@ -78,6 +109,23 @@ pub fn keepalive_get(stream: &mut TcpStream) -> anyhow::Result<String> {
             return Ok(body);
         }
     }
+}
+
+/// `n` keep-alive connections from `ns` to `target`, each with the backend that answered its
+/// first request (so a test can tell a held flow that moved from one that kept its backend).
+pub fn hold(
+    ns: &Netns,
+    target: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(String, TcpStream)>> {
+    (0..n)
+        .map(|i| {
+            let mut c = connect_in(ns, None, target, timeout)?;
+            let who = keepalive_get(&mut c).with_context(|| format!("held connection {i}"))?;
+            Ok((who, c))
+        })
+        .collect()
 }
 
 /// The body of a complete `200` response with a Content-Length at the start of `buf`, `None`
@@ -145,4 +193,25 @@ pub fn read_silently(target: SocketAddr) -> std::io::Result<Vec<u8>> {
     // A reset is a close too.
     let _ = s.read_to_end(&mut b);
     Ok(b)
+}
+
+/// Sends one ICMP (ICMPv6) echo request from `ns` to `target` and waits up to `timeout` for
+/// the reply: true when it came. Uses ping sockets (the kernel fills the identifier and the
+/// checksum), which the call enables in `ns` (`net.ipv4.ping_group_range`, both families).
+pub fn ping(ns: &Netns, target: IpAddr, timeout: Duration) -> anyhow::Result<bool> {
+    ns.sysctl("net.ipv4.ping_group_range", "0 2147483647")?;
+    ns.run(move || -> anyhow::Result<bool> {
+        let (domain, proto, request, reply) = match target {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128, 129),
+        };
+        let sock = Socket::new(domain, Type::DGRAM, Some(proto)).context("ping socket")?;
+        sock.set_read_timeout(Some(timeout))?;
+        let sock: UdpSocket = sock.into();
+        sock.connect(SocketAddr::new(target, 0))?;
+        sock.send(&[request, 0, 0, 0, 0, 0, 0, 1, b'l', b'b'])?;
+        let mut buf = [0u8; 128];
+        // No reply in time, or an ICMP error instead of one (unreachable): not answered.
+        Ok(sock.recv(&mut buf).is_ok_and(|n| n >= 8 && buf[0] == reply))
+    })?
 }

@@ -146,3 +146,47 @@ pub fn run_on(dp: &Dataplane, iface: &str, frame: &[u8]) -> (u32, Vec<u8>) {
 pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("IP literal")
 }
+
+/// Runs `body` in a fresh fixture namespace, after `setup` (MTUs, routes) and with the program
+/// loaded from `config` under `opts`; the namespace goes when it returns or panics.
+pub fn in_namespace(
+    config: &'static str,
+    opts: LoadOptions,
+    setup: impl FnOnce(&Netns) -> anyhow::Result<()>,
+    body: impl FnOnce(&mut Dataplane) + Send + 'static,
+) {
+    let ns = namespace().expect("fixture namespace");
+    setup(&ns).expect("fixture set-up");
+    ns.run(move || {
+        let mut dp = dataplane_with(config, opts).expect("load program");
+        body(&mut dp);
+    })
+    .expect("fixture body (see the panic above)");
+}
+
+/// The program's reason counters by name.
+pub fn counters(dp: &Dataplane) -> std::collections::HashMap<&'static str, u64> {
+    dp.stats().expect("reason counters").into_iter().collect()
+}
+
+/// A TCP handshake through the program (the client's SYN, the backend's SYN-ACK, the client's
+/// ACK) from `client:sport` to `vip:80`, whose backend `backend:80` sees the balancer as
+/// `snat`. Returns the SNAT port.
+pub fn handshake(
+    dp: &Dataplane,
+    client: &str,
+    sport: u16,
+    vip: &str,
+    snat: &str,
+    backend: &str,
+) -> u16 {
+    use crate::packet::{Frame, TCP_ACK, TCP_SYN, fields};
+    let (a, out) = run(dp, &Frame::tcp(ip(client), sport, ip(vip), 80, TCP_SYN).bytes());
+    assert_eq!(a, XDP_REDIRECT, "{client}:{sport} SYN");
+    let port = fields(&out).sport;
+    let synack = Frame::tcp(ip(backend), 80, ip(snat), port, TCP_SYN | TCP_ACK).bytes();
+    assert_eq!(run(dp, &synack).0, XDP_REDIRECT, "SYN-ACK to {client}:{sport}");
+    let ack = Frame::tcp(ip(client), sport, ip(vip), 80, TCP_ACK).bytes();
+    assert_eq!(run(dp, &ack).0, XDP_REDIRECT, "{client}:{sport} ACK");
+    port
+}

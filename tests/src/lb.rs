@@ -397,9 +397,27 @@ impl Lb {
         Ok(serde_json::from_str(&self.cli(&full)?)?)
     }
 
+    /// The XDP program's counters by reason (`reasons` of the admin API's `/stats`, what `lb
+    /// stats` prints under the table): `drop_no_port`, `flow_expired_syn`, ...
+    pub fn reasons(&self) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let stats: serde_json::Value = serde_json::from_str(&self.admin().get("/stats")?)?;
+        let list = stats["reasons"].as_array().context("no reasons in /stats")?;
+        list.iter()
+            .map(|r| {
+                let name = r[0].as_str().context("reason name")?;
+                Ok((name.to_string(), r[1].as_u64().context("reason count")?))
+            })
+            .collect()
+    }
+
     /// Replaces the config file (for a reload); an `[admin]` table is added as at start.
     pub fn write_config(&self, text: &str) -> anyhow::Result<()> {
         Ok(std::fs::write(&self.config, with_admin(text, self.admin))?)
+    }
+
+    /// The pin directory, if the harness chose it.
+    pub fn pin_path(&self) -> Option<&str> {
+        self.pin.as_deref()
     }
 
     /// The daemon's pid (`ip netns exec` and setpriv exec lb, so the child is lb itself).

@@ -6,7 +6,8 @@
 //!   TOML pieces;
 //! - [`backends`]: every kind of backend; [`client`], [`load`], [`admin`], [`tls`]: the clients;
 //! - [`l4`], [`http`]: the L4 and L7 proxies in-process (no root); [`fixture`], [`packet`]: XDP
-//!   frames through `BPF_PROG_TEST_RUN`;
+//!   frames through `BPF_PROG_TEST_RUN`, [`icmp`] the ICMP errors among them; [`flood`]: the
+//!   same frames sent from a namespace;
 //! - [`rel`], [`procs`], [`h2`]: reliability reports, process samples, hand-built h2 frames;
 //! - [`conformance`]: h2spec and real gRPC implementations (Python) run against the L7 proxy.
 //!
@@ -20,8 +21,10 @@ pub mod client;
 pub mod conf;
 pub mod conformance;
 pub mod fixture;
+pub mod flood;
 pub mod h2;
 pub mod http;
+pub mod icmp;
 pub mod l4;
 pub mod lb;
 pub mod load;

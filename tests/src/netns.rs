@@ -64,6 +64,11 @@ impl Netns {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")]).map(drop)
     }
 
+    /// A sysctl's value inside the namespace (`sysctl -n`).
+    pub fn sysctl_value(&self, key: &str) -> anyhow::Result<String> {
+        Ok(self.exec(&["sysctl", "-n", key])?.trim().to_string())
+    }
+
     /// Runs `f` on a thread that has entered this namespace. Sockets created by `f` stay in the
     /// namespace and can be used from any thread afterwards.
     pub fn run<T: Send + 'static>(

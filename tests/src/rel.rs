@@ -1,5 +1,5 @@
 //! The reliability suite's bookkeeping (`tests/rel_*.rs`): short or full runs, the report rows
-//! RELIABILITY.md is built from, and the kernel's SYN retransmission count.
+//! RELIABILITY.md is built from, and the kernel's TCP counters (SYN retransmissions, ...).
 use std::io::Write as _;
 
 use crate::netns::Netns;
@@ -35,12 +35,17 @@ pub fn record(scenario: &str, injected: &str, observed: &str, pass: bool) {
 
 /// The kernel's count of TCP SYN retransmissions in `ns` (TcpExt TCPSynRetrans).
 pub fn syn_retransmits(ns: &Netns) -> u64 {
+    tcp_ext(ns, "TCPSynRetrans")
+}
+
+/// One of the kernel's TcpExt counters in `ns` (/proc/net/netstat), 0 if absent.
+pub fn tcp_ext(ns: &Netns, key: &str) -> u64 {
     let text = ns.exec(&["cat", "/proc/net/netstat"]).unwrap_or_default();
     let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
     let (Some(keys), Some(values)) = (lines.next(), lines.next()) else { return 0 };
     keys.split_whitespace()
         .zip(values.split_whitespace())
-        .find(|(k, _)| *k == "TCPSynRetrans")
+        .find(|(k, _)| *k == key)
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
 }

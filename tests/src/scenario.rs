@@ -236,6 +236,14 @@ impl Running {
         }
     }
 
+    /// The topology, to change it under a running `lb` (not for a loopback scenario).
+    pub fn topo_mut(&mut self) -> &mut Topology {
+        match &mut self.net {
+            Net::Topology(t) => t,
+            Net::Loopback(_) => panic!("a loopback scenario has no topology"),
+        }
+    }
+
     /// Where clients run: the client namespace, or the one namespace of a loopback scenario.
     pub fn client(&self) -> &Netns {
         match &self.net {

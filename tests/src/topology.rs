@@ -28,7 +28,7 @@ pub struct Topology {
     pub lb: Netns,
     pub backends: Vec<Backend>,
     /// Keeps the do-nothing XDP programs attached.
-    _pass: Vec<aya::Ebpf>,
+    pass: Vec<aya::Ebpf>,
 }
 
 /// The first IPv4 VIP tests use; further VIPs go up from here.
@@ -58,17 +58,7 @@ impl Topology {
         for i in 1..=backends {
             let ns = Netns::new(&format!("b{i}"))?;
             let lb_iface = format!("b{i}");
-            veth(&lb, &lb_iface, &ns, "eth0")?;
-            ns.ip(&["addr", "add", &format!("10.1.{i}.2/24"), "dev", "eth0"])?;
-            ns.ip(&["-6", "addr", "add", &format!("fd01:{i}::2/64"), "dev", "eth0", "nodad"])?;
-            lb.ip(&["addr", "add", &format!("10.1.{i}.1/24"), "dev", &lb_iface])?;
-            lb.ip(&["-6", "addr", "add", &format!("fd01:{i}::1/64"), "dev", &lb_iface, "nodad"])?;
-            up(&ns, "eth0")?;
-            up(&lb, &lb_iface)?;
-            // Lets the kernel-routing baseline reach the client; full NAT never needs it.
-            ns.ip(&["route", "add", "default", "via", &format!("10.1.{i}.1")])?;
-            ns.ip(&["-6", "route", "add", "default", "via", &format!("fd01:{i}::1")])?;
-            prepare_sender_receiver(&ns, "eth0", &mut pass)?;
+            link_backend(&lb, &ns, i, &mut pass)?;
             list.push(Backend {
                 ns,
                 v4: Ipv4Addr::new(10, 1, i as u8, 2),
@@ -76,7 +66,7 @@ impl Topology {
                 lb_iface,
             });
         }
-        Ok(Self { client, lb, backends: list, _pass: pass })
+        Ok(Self { client, lb, backends: list, pass })
     }
 
     /// Adds `n` more client addresses (10.0.4.1 upwards, on-link) and returns them.
@@ -93,12 +83,44 @@ impl Topology {
         Ok(addrs)
     }
 
+    /// Routes `prefix` (addresses no namespace owns, e.g. a flood's spoofed sources) from the
+    /// balancer to the client namespace, so answers to them leave the balancer as to any
+    /// client and the client's kernel drops them there.
+    pub fn route_to_client(&self, prefix: &str) -> anyhow::Result<()> {
+        self.lb.ip(&["route", "add", prefix, "via", "10.0.0.2"]).map(drop)
+    }
+
+    /// Deletes the veth pair of backend `i` (0-based) and makes it again as it was: new
+    /// devices with new indexes and the same names and addresses (a re-plugged NIC). The
+    /// backend's sockets survive; what was attached to the old devices does not.
+    pub fn recreate_backend_link(&mut self, i: usize) -> anyhow::Result<()> {
+        let b = &self.backends[i];
+        self.lb.ip(&["link", "del", &b.lb_iface])?;
+        link_backend(&self.lb, &b.ns, i + 1, &mut self.pass)
+    }
+
     /// The balancer's interfaces: toward the client first, then one per backend.
     pub fn lb_interfaces(&self) -> Vec<String> {
         std::iter::once("eth0".to_string())
             .chain(self.backends.iter().map(|b| b.lb_iface.clone()))
             .collect()
     }
+}
+
+/// The veth pair between the balancer and backend `i` (1-based), addressed and up.
+fn link_backend(lb: &Netns, ns: &Netns, i: usize, pass: &mut Vec<aya::Ebpf>) -> anyhow::Result<()> {
+    let lb_iface = format!("b{i}");
+    veth(lb, &lb_iface, ns, "eth0")?;
+    ns.ip(&["addr", "add", &format!("10.1.{i}.2/24"), "dev", "eth0"])?;
+    ns.ip(&["-6", "addr", "add", &format!("fd01:{i}::2/64"), "dev", "eth0", "nodad"])?;
+    lb.ip(&["addr", "add", &format!("10.1.{i}.1/24"), "dev", &lb_iface])?;
+    lb.ip(&["-6", "addr", "add", &format!("fd01:{i}::1/64"), "dev", &lb_iface, "nodad"])?;
+    up(ns, "eth0")?;
+    up(lb, &lb_iface)?;
+    // Lets the kernel-routing baseline reach the client; full NAT never needs it.
+    ns.ip(&["route", "add", "default", "via", &format!("10.1.{i}.1")])?;
+    ns.ip(&["-6", "route", "add", "default", "via", &format!("fd01:{i}::1")])?;
+    prepare_sender_receiver(ns, "eth0", pass)
 }
 
 fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> anyhow::Result<()> {

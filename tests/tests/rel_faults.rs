@@ -8,7 +8,7 @@ use std::{
 
 use lb_tests::{
     backends::Reply,
-    client::{connect_in, keepalive_get},
+    client::{connect_in, hold, keepalive_get},
     conf,
     load::{Load, LoadReport},
     netns::Netns,
@@ -41,13 +41,7 @@ fn load(s: &Running, target: std::net::SocketAddr, threads: usize, limit: Durati
 
 /// Keep-alive connections through the VIP, each with the backend that answered.
 fn hold_flows(ns: &Netns, n: usize) -> Vec<(String, TcpStream)> {
-    (0..n)
-        .map(|_| {
-            let mut c = connect_in(ns, None, WEB, TIMEOUT).unwrap();
-            let who = keepalive_get(&mut c).expect("first request on a held flow");
-            (who, c)
-        })
-        .collect()
+    hold(ns, WEB, n, TIMEOUT).expect("held flows")
 }
 
 #[test]

@@ -35,12 +35,17 @@ fn counts_vip_packets_on_a_veth_and_reports_the_mode() {
     lb_tests::topology::wait_neighbours(&topo.lb, &["10.1.1.2", "fd01:1::2"]).unwrap();
     let v4 = udp_socket(&topo.client, None, SocketAddr::new(VIP4.into(), 53)).unwrap();
     let v6 = udp_socket(&topo.client, None, SocketAddr::new(VIP6.into(), 53)).unwrap();
-    for _ in 0..10 {
-        v4.send(b"hello").unwrap();
-    }
-    for _ in 0..4 {
-        v6.send(b"hello").unwrap();
-    }
+    // Nothing listens on the backends: each datagram earns an ICMP port unreachable, which the
+    // program hands on to the client, whose connected socket then fails its next send once
+    // (ECONNREFUSED, nothing sent). Counted sends are retried so exactly n leave.
+    let send = |sock: &std::net::UdpSocket, n: usize| {
+        for _ in 0..n {
+            let sent = (0..3).any(|_| sock.send(b"hello").is_ok());
+            assert!(sent, "send failed three times");
+        }
+    };
+    send(&v4, 10);
+    send(&v6, 4);
     // Datagrams cross the veth asynchronously; poll the counters for a bounded time.
     let mut last = serde_json::Value::Null;
     for _ in 0..100 {

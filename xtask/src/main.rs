@@ -42,7 +42,8 @@ enum Task {
         /// Also run the soak for this many seconds.
         #[arg(long)]
         soak_secs: Option<u64>,
-        /// Only rewrite RELIABILITY.md from the rows of the last runs (target/*.jsonl).
+        /// Only rewrite RELIABILITY.md: the rows of the last runs (target/*.jsonl) replace or
+        /// join the committed ones.
         #[arg(long)]
         report_only: bool,
     },
@@ -61,7 +62,7 @@ fn main() {
         Task::Test { no_lint } => bootstrap::run().and_then(|()| test(!no_lint)),
         Task::Demo => bootstrap::run().and_then(|()| demo()),
         Task::Bench { quick } => bootstrap::run().and_then(|()| bench::run(quick)),
-        Task::Reliability { report_only: true, .. } => reliability::write_markdown(),
+        Task::Reliability { report_only: true, .. } => reliability::write_markdown(true),
         Task::Reliability { fuzz_secs, soak_secs, .. } => {
             bootstrap::run().and_then(|()| reliability::run(fuzz_secs, soak_secs))
         }

@@ -2,8 +2,8 @@
 //! and the soak, each writing rows that become RELIABILITY.md; plus the short fuzz runs that
 //! `cargo xtask test` includes.
 //!
-//! The tests (`tests/tests/rel_*.rs`) append one JSON line per scenario to the file named by
-//! `LB_REL_REPORT`; `LB_REL_FULL=1` selects the long versions. Rows for scenarios other tests
+//! The tests (`tests/tests/rel_*.rs`, and `xdp_flood.rs` for issue 12) append one JSON line per
+//! scenario to the file named by `LB_REL_REPORT`; `LB_REL_FULL=1` selects the long versions. Rows for scenarios other tests
 //! already cover (packets, admin auth) and for fuzzing are added here.
 use std::{
     path::{Path, PathBuf},
@@ -15,9 +15,18 @@ use anyhow::{Context as _, bail};
 
 use crate::cmd::{ok, step};
 
-/// The reliability test binaries, in the order they run.
-const REL_TESTS: &[&str] =
-    &["rel_faults", "rel_control", "rel_http", "rel_l7_run", "rel_tls", "rel_load"];
+/// The reliability test binaries, in the order they run: issue 8's suite, then issue 12's
+/// floods and SNAT port exhaustion through the XDP path (`xdp_flood`).
+const REL_TESTS: &[&str] = &[
+    "rel_faults",
+    "rel_control",
+    "rel_http",
+    "rel_l7_run",
+    "rel_tls",
+    "rel_load",
+    "xdp_flood",
+    "xdp_recovery",
+];
 /// The cargo-fuzz targets in fuzz/.
 /// Every cargo-fuzz target: parsers of untrusted bytes (TLS ClientHello, PROXY header, HTTP
 /// routing and framing, the config).
@@ -88,12 +97,12 @@ pub fn run(fuzz_secs: u64, soak_secs: Option<u64>) -> anyhow::Result<()> {
             failed.push(format!("fuzz {target}"));
         }
     }
-    if let Some(secs) = soak_secs {
-        if soak(secs).is_err() {
-            failed.push("soak".into());
-        }
+    if let Some(secs) = soak_secs
+        && soak(secs).is_err()
+    {
+        failed.push("soak".into());
     }
-    write_markdown()?;
+    write_markdown(false)?;
     if !failed.is_empty() {
         bail!("reliability: failed: {}", failed.join(", "));
     }
@@ -121,7 +130,7 @@ pub fn soak(secs: u64) -> anyhow::Result<()> {
             ("RUST_LOG", "error"),
         ],
     );
-    write_markdown()?;
+    write_markdown(true)?;
     result
 }
 
@@ -203,9 +212,50 @@ fn append(
     Ok(())
 }
 
-/// RELIABILITY.md from the rows of the last full run and the last soak.
-pub fn write_markdown() -> anyhow::Result<()> {
-    let mut rows: Vec<serde_json::Value> = Vec::new();
+/// The rows of the committed RELIABILITY.md's table, as the JSON rows they were written from
+/// (without their mode, which the table does not show).
+fn committed_rows() -> Vec<serde_json::Value> {
+    table_rows(&std::fs::read_to_string(root().join("RELIABILITY.md")).unwrap_or_default())
+}
+
+/// The rows of the scenario table in `text`, as [`table_line`] wrote them.
+fn table_rows(text: &str) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("| ") && l.ends_with(" |")) {
+        // Cells are split at " | " that is not an escaped `\|` inside a cell.
+        let inner = &line[2..line.len() - 2];
+        let mut cells = Vec::new();
+        let mut cell = String::new();
+        let mut chars = inner.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' if chars.peek() == Some(&'|') => cell.push(chars.next().unwrap_or('|')),
+                '|' if cell.ends_with(' ') && chars.peek() == Some(&' ') => {
+                    chars.next();
+                    cells.push(cell.trim_end().to_string());
+                    cell = String::new();
+                }
+                c => cell.push(c),
+            }
+        }
+        cells.push(cell);
+        if let [scenario, injected, observed, result] = &cells[..]
+            && !["scenario", "---"].contains(&scenario.as_str())
+        {
+            rows.push(serde_json::json!({
+                "scenario": scenario, "injected": injected, "observed": observed,
+                "pass": result == "pass",
+            }));
+        }
+    }
+    rows
+}
+
+/// RELIABILITY.md from the rows of the last full run and the last soak. With `keep_committed`
+/// (`--report-only`, the soak alone), the committed file's rows are the base and a scenario
+/// with a new row replaces its old one in place: a run of some scenarios updates only theirs.
+pub fn write_markdown(keep_committed: bool) -> anyhow::Result<()> {
+    let mut rows = if keep_committed { committed_rows() } else { Vec::new() };
     for name in ["reliability.jsonl", "soak.jsonl"] {
         let text = std::fs::read_to_string(report_path(name)).unwrap_or_default();
         for row in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
@@ -216,29 +266,24 @@ pub fn write_markdown() -> anyhow::Result<()> {
             }
         }
     }
-    // A fresh checkout has no rows (they live under target/): keep the committed report.
+    // A fresh checkout has no rows of a run (they live under target/; committed rows carry no
+    // mode): keep the committed report.
     anyhow::ensure!(
-        !rows.is_empty(),
+        rows.iter().any(|r| r.get("mode").is_some()),
         "no reliability rows under {}: run `cargo xtask reliability` first; RELIABILITY.md is \
          left as it was",
         report_path("").display()
     );
-    let cell = |v: &serde_json::Value| v.as_str().unwrap_or_default().replace('|', "\\|");
     let mut md = String::from(
         "# Reliability\n\nWritten by `cargo xtask reliability` (the full-length scenarios; \
          `cargo xtask test` runs the short versions of the same tests) and `cargo xtask soak`. \
-         Each row is one scenario of issue 8: what was injected and what was observed, with \
+         Each row is one scenario of issue 8 (or of issue 12: floods and port exhaustion \
+         through XDP): what was injected and what was observed, with \
          the numbers of that run. Figures come from a shared 2-core machine.\n\n\
          | scenario | injected | observed | result |\n| --- | --- | --- | --- |\n",
     );
     for r in &rows {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
-            cell(&r["scenario"]),
-            cell(&r["injected"]),
-            cell(&r["observed"]),
-            if r["pass"].as_bool() == Some(true) { "pass" } else { "**FAIL**" }
-        ));
+        md.push_str(&table_line(r));
     }
     md.push_str(
         "\n## Commands\n\n\
@@ -248,13 +293,28 @@ pub fn write_markdown() -> anyhow::Result<()> {
          minute of churn, 10 SIGKILLs), testssl.sh, N seconds per fuzz target (default 120), \
          and the soak if asked; rewrites this file.\n\
          - `cargo xtask soak [--secs N]` (default 600): RSS and open files of `lb run` under \
-         steady load; rewrites this file with the last full run's rows.\n\
+         steady load; replaces its row in this file, the others stay.\n\
          - One scenario: `LB_REL_FULL=1 cargo test -p lb-tests --test rel_faults -- \
-         --nocapture` (prints a `REL` line per scenario).\n",
+         --nocapture` (prints a `REL` line per scenario); with \
+         `LB_REL_REPORT=$PWD/target/reliability.jsonl` its rows are kept, and `cargo xtask \
+         reliability --report-only` puts them in this file in place of their old ones, the \
+         other rows left as they were.\n",
     );
     std::fs::write(root().join("RELIABILITY.md"), md)?;
     println!("xtask: wrote RELIABILITY.md ({} rows)", rows.len());
     Ok(())
+}
+
+/// One row of the scenario table, `|` in cells escaped.
+fn table_line(r: &serde_json::Value) -> String {
+    let cell = |v: &serde_json::Value| v.as_str().unwrap_or_default().replace('|', "\\|");
+    format!(
+        "| {} | {} | {} | {} |\n",
+        cell(&r["scenario"]),
+        cell(&r["injected"]),
+        cell(&r["observed"]),
+        if r["pass"].as_bool() == Some(true) { "pass" } else { "**FAIL**" }
+    )
 }
 
 /// testssl.sh from Debian, for the full run only.
@@ -278,4 +338,24 @@ pub fn cargo_fuzz() -> anyhow::Result<()> {
     }
     step("install cargo-fuzz", &["cargo", "install", "cargo-fuzz", "--locked"], &[])
         .context("cargo-fuzz did not install; the fuzz targets cannot run")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_rows_read_back_what_table_line_wrote() {
+        let rows = [
+            serde_json::json!({"scenario": "a | b", "injected": "x||y", "observed": "1 | 2 |",
+                "pass": true}),
+            serde_json::json!({"scenario": "c", "injected": "", "observed": "| z", "pass": false}),
+        ];
+        let text = format!(
+            "# R\n\n| scenario | injected | observed | result |\n| --- | --- | --- | --- |\n{}\n\
+             ## Commands\n- `x | y`\n",
+            rows.iter().map(table_line).collect::<String>()
+        );
+        assert_eq!(table_rows(&text), rows);
+    }
 }

@@ -12,7 +12,6 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use super::state::State;
 use crate::{
     config::{Config, ConfigError},
-    dataplane::host,
     health::Checker,
     l7::{self, Server},
     upstream::{Group, Groups},
@@ -174,11 +173,9 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     if let (Some(dp), Some(xdp)) = (&state.dataplane, &new.xdp) {
         let mut dp = dp.lock().unwrap_or_else(|e| e.into_inner());
         dp.apply(&xdp.services).map_err(|e| ReloadError::Apply(e.to_string()))?;
-        for s in &xdp.services {
-            for b in &s.backends {
-                host::keep_neighbour(b.addr().ip());
-            }
-        }
+        // VIPs that left the config stop being local; new ones become local.
+        crate::daemon::sync_host(&mut dp, &xdp.interfaces, &xdp.services)
+            .map_err(|e| ReloadError::Apply(e.to_string()))?;
         changes.push(format!("xdp: {} services applied", xdp.services.len()));
     }
     for (group, specs) in keep_sets {

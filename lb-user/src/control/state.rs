@@ -15,7 +15,7 @@ use thiserror::Error;
 use super::reload::Runtime;
 use crate::{
     config::Config,
-    dataplane::{Dataplane, DataplaneError, tables::TableError},
+    dataplane::{Dataplane, DataplaneError, changes::HostChange, tables::TableError},
     health::{self, BackendHealth},
     l4::ListenerSnapshot,
     upstream::{GroupError, Groups},
@@ -86,6 +86,10 @@ pub struct Status {
     /// Services and groups that cannot serve: no backend up (L7 answers 503, XDP drops).
     #[serde(default)]
     pub unavailable: Vec<String>,
+    /// What `lb run` changed on the host (sysctls, VIP addresses, neighbours), with the values
+    /// before; `lb detach` undoes them.
+    #[serde(default)]
+    pub host: Vec<HostChange>,
     /// The daemon's process id (which process answers, during an upgrade).
     #[serde(default)]
     pub pid: u32,
@@ -95,6 +99,10 @@ pub struct Status {
 pub struct Attachment {
     pub interface: String,
     pub mode: String,
+    /// How the link came about: `new`, `updated in place` (a previous run's pinned link), or
+    /// `replaced` (the pinned one was dead: its interface deleted or re-created).
+    #[serde(default)]
+    pub link: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -183,15 +191,20 @@ impl State {
     }
 
     pub fn status(&self) -> Status {
-        let (xdp, adopted) = match self.dataplane() {
+        let (xdp, adopted, host) = match self.dataplane() {
             Some(dp) => (
                 dp.attached()
                     .iter()
-                    .map(|(i, m)| Attachment { interface: i.clone(), mode: m.as_str().into() })
+                    .map(|a| Attachment {
+                        interface: a.interface.clone(),
+                        mode: a.mode.as_str().into(),
+                        link: a.linked.as_str().into(),
+                    })
                     .collect(),
                 dp.adopted,
+                dp.host().changes().to_vec(),
             ),
-            None => (Vec::new(), false),
+            None => (Vec::new(), false, Vec::new()),
         };
         let unavailable = match self.stats(None) {
             Ok(stats) => stats
@@ -208,6 +221,7 @@ impl State {
             adopted,
             ready: self.ready.load(Ordering::Relaxed),
             unavailable,
+            host,
             pid: std::process::id(),
         }
     }
@@ -233,7 +247,7 @@ impl State {
             match change {
                 Change::Add(w) => {
                     dp.add_backend(service, addr, w)?;
-                    crate::dataplane::host::keep_neighbour(addr.ip());
+                    dp.host_mut().keep_neighbour(addr.ip());
                 }
                 Change::Remove => dp.remove_backend(service, addr)?,
                 Change::Drain => dp.drain_backend(service, addr)?,
@@ -314,9 +328,9 @@ impl State {
                     weight: b.weight,
                     state: if b.draining.load(Ordering::Relaxed) {
                         "draining"
-                    } else if self.health.get(name, b.addr).is_some_and(|h| !h.up) {
+                    } else if !b.checked_up.load(Ordering::Relaxed) {
                         "down"
-                    } else if !b.healthy.load(Ordering::Relaxed) {
+                    } else if b.ejected.load(Ordering::Relaxed) {
                         // Passive: the proxy saw consecutive failures (eject_after).
                         "ejected"
                     } else {
@@ -370,7 +384,7 @@ impl health::Steer for State {
         Some(groups.get(name)?.backends().iter().map(|b| b.addr).collect())
     }
 
-    fn set_health(&self, name: &str, addr: SocketAddr, up: bool, changed: bool) {
+    fn set_health(&self, name: &str, addr: SocketAddr, up: bool, _changed: bool) {
         if let Some(mut dp) = self.dataplane()
             && dp.tables().backends(name).is_ok()
         {
@@ -389,13 +403,7 @@ impl health::Steer for State {
         else {
             return;
         };
-        // Down is asserted every round (a weight change's new Backend, or the passive
-        // ejection timer, may have set it healthy); up only on the transition, so a passive
-        // ejection in progress is not cut short.
-        if !up {
-            b.healthy.store(false, Ordering::Relaxed);
-        } else if changed {
-            b.healthy.store(true, Ordering::Relaxed);
-        }
+        // The check's own verdict, every round; passive ejection has a flag of its own.
+        b.checked_up.store(up, Ordering::Relaxed);
     }
 }

@@ -1,13 +1,20 @@
-//! Preparing the host so `bpf_fib_lookup` can route for the program (shared/TOOLCHAIN.md): IP
-//! forwarding on the served interfaces, no strict reverse-path filter there (replies leave with
-//! the VIP as source), and the backends' next hops kept resolved as managed neighbours. Every
-//! change is logged.
+//! Preparing the host for the program, and what lb changes there (recorded by
+//! [`super::changes`]): `bpf_fib_lookup` routes only for interfaces with forwarding on
+//! (shared/TOOLCHAIN.md), so the served interfaces get it (IPv6 without switching on `all`,
+//! keeping router advertisements); the VIPs become local addresses on `lo`, so what the program
+//! does not balance (ICMP echo, other ports) is answered or refused by the kernel instead of
+//! routed onward, without ARP answering for them on the served interfaces; the backends' next
+//! hops are kept resolved as managed neighbours.
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
     process::Command,
 };
 
 use lb_common::IfaceAddrs;
+
+use super::changes::{Changes, HostChange, HostError, ip};
 
 /// An interface the program serves.
 #[derive(Debug, Clone)]
@@ -50,56 +57,168 @@ impl Iface {
     }
 }
 
-fn set_sysctl(path: &str, value: &str) {
-    match std::fs::read_to_string(path) {
-        Ok(cur) if cur.trim() == value => {}
-        Ok(cur) => match std::fs::write(path, value) {
-            Ok(()) => log::info!("host: set {path} = {value} (was {})", cur.trim()),
-            Err(e) => log::warn!("host: cannot set {path} = {value}: {e}; XDP forwarding may fail"),
-        },
-        Err(e) => log::warn!("host: cannot read {path}: {e}"),
+/// The host side of the data plane: what `lb run` changed, and the changes themselves.
+#[derive(Debug, Default)]
+pub struct Host {
+    changes: Changes,
+    /// The `all.rp_filter` warning was given (once per daemon).
+    warned_rp_filter: bool,
+}
+
+impl Host {
+    /// Opens the record of the pins under `pin_dir` (none for an unpinned data plane).
+    pub fn open(pin_dir: Option<&Path>) -> Result<Self, HostError> {
+        Ok(Self { changes: Changes::open(pin_dir)?, warned_rp_filter: false })
     }
-}
 
-/// Enables forwarding and turns off the strict reverse-path filter on a served interface.
-pub fn prepare_interface(name: &str, ipv6: bool) {
-    set_sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/forwarding"), "1");
-    set_sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0");
-    if ipv6 {
-        set_sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/forwarding"), "1");
+    /// Everything lb changed on this host and has not undone, oldest first.
+    pub fn changes(&self) -> &[HostChange] {
+        self.changes.list()
     }
-}
 
-/// Enables IPv6 forwarding host-wide: the kernel forwards IPv6 only when `all` is on, which
-/// the first reply to a client whose neighbour is not resolved yet needs.
-pub fn enable_ipv6_forwarding() {
-    set_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1");
-}
+    /// Records that lb mounted bpffs on /sys/fs/bpf (left mounted by `lb detach`).
+    pub fn mounted_bpffs(&mut self) -> Result<(), HostError> {
+        self.changes.mounted_bpffs()
+    }
 
-/// Keeps the next hop toward `backend` resolved, as a managed neighbour entry the kernel
-/// refreshes by itself. Best effort: a failure is logged, and the program counts
-/// `drop_no_neigh` until the entry resolves.
-pub fn keep_neighbour(backend: IpAddr) {
-    let Some((dev, via)) = route_to(backend) else {
-        log::warn!(
-            "host: no route to backend {backend}; its packets will be dropped (drop_no_route)"
-        );
-        return;
-    };
-    let hop = via.unwrap_or(backend);
-    let out = Command::new("ip")
-        .args(["neigh", "replace", &hop.to_string(), "dev", &dev, "managed"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            log::info!("host: keeping neighbour {hop} on {dev} resolved (next hop of {backend})")
+    /// Prepares the served `interfaces` for VIPs of the families given. Idempotent: a reload
+    /// that adds a family calls it again.
+    pub fn prepare(&mut self, interfaces: &[String], v4: bool, v6: bool) -> Result<(), HostError> {
+        for name in interfaces {
+            let conf = |leaf| ["net", "ipv4", "conf", name.as_str(), leaf];
+            if v4 {
+                self.changes.sysctl(&conf("forwarding"), "1")?;
+                // The kernel forwards what the program hands it (`pass_no_neigh`) with the VIP
+                // as source: a local address now, refused as martian without accept_local,
+                // and by the reverse-path filter.
+                self.changes.sysctl(&conf("rp_filter"), "0")?;
+                self.changes.sysctl(&conf("accept_local"), "1")?;
+                // The VIP must not start being answered by ARP where it was not (the weak host
+                // model answers for any local address on any interface), nor be the sender
+                // address of the host's own ARP requests: IPVS's director settings.
+                if self.changes.read(&conf("arp_ignore")).as_deref() == Some("0") {
+                    self.changes.sysctl(&conf("arp_ignore"), "1")?;
+                }
+                if self.changes.read(&conf("arp_announce")).is_some_and(|v| v != "2") {
+                    self.changes.sysctl(&conf("arp_announce"), "2")?;
+                }
+            }
+            if v6 {
+                self.prepare_ipv6(name)?;
+            }
         }
-        Ok(o) => log::warn!(
-            "host: cannot add managed neighbour {hop} on {dev}: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => log::warn!("host: cannot run `ip` (iproute2) to manage neighbours: {e}"),
+        if v4
+            && !self.warned_rp_filter
+            && let Some(all) = self.changes.read(&["net", "ipv4", "conf", "all", "rp_filter"])
+            && all != "0"
+        {
+            self.warned_rp_filter = true;
+            log::warn!(
+                "host: net.ipv4.conf.all.rp_filter = {all} overrides the served interfaces' 0: replies the kernel forwards for the program may be dropped"
+            );
+        }
+        Ok(())
     }
+
+    /// IPv6 on a served interface: forwarding for `bpf_fib_lookup`, and for the kernel's own
+    /// forwarding of what the program hands it `force_forwarding` (kernel 6.17+) instead of
+    /// `all.forwarding`, which would make every interface a router.
+    fn prepare_ipv6(&mut self, name: &str) -> Result<(), HostError> {
+        let conf = |leaf| ["net", "ipv6", "conf", name, leaf];
+        // With forwarding on, accept_ra = 1 ignores router advertisements; 2 accepts them.
+        if self.changes.read(&conf("accept_ra")).as_deref() == Some("1") {
+            self.changes.sysctl(&conf("accept_ra"), "2")?;
+        }
+        self.forwarding_on(&conf("forwarding"))?;
+        if self.changes.sysctl(&conf("force_forwarding"), "1")?.is_none() {
+            // An older kernel: only `all` lets the kernel forward IPv6. It turns forwarding on
+            // everywhere, so every interface that accepted advertisements keeps doing so.
+            for iface in ipv6_interfaces() {
+                let ra = ["net", "ipv6", "conf", iface.as_str(), "accept_ra"];
+                if self.changes.read(&ra).as_deref() == Some("1") {
+                    self.changes.sysctl(&ra, "2")?;
+                }
+            }
+            self.forwarding_on(&["net", "ipv6", "conf", "all", "forwarding"])?;
+        }
+        Ok(())
+    }
+
+    /// Writes IPv6 `forwarding = 1`. The kernel then drops the default routes learned from
+    /// router advertisements on every interface whose accept_ra is not 2 (until the next
+    /// advertisement), also where forwarding stays off: those interfaces are raised to 2 for
+    /// the write (the same behaviour while they do not forward) and put back.
+    fn forwarding_on(&mut self, key: &[&str]) -> Result<(), HostError> {
+        if self.changes.read(key).as_deref() != Some("0") {
+            return Ok(());
+        }
+        let guarded: Vec<String> = ipv6_interfaces()
+            .into_iter()
+            .filter(|i| {
+                self.changes.read(&["net", "ipv6", "conf", i, "accept_ra"]).as_deref() == Some("1")
+            })
+            .collect();
+        for i in &guarded {
+            self.changes.write_unrecorded(&["net", "ipv6", "conf", i, "accept_ra"], "2")?;
+        }
+        let r = self.changes.sysctl(key, "1");
+        for i in &guarded {
+            self.changes.write_unrecorded(&["net", "ipv6", "conf", i, "accept_ra"], "1")?;
+        }
+        r.map(drop)
+    }
+
+    /// Makes exactly `vips` (and the addresses lb did not add) local: adds the new ones to
+    /// `lo`, removes those lb added that are no longer configured.
+    pub fn sync_vips(&mut self, vips: &BTreeSet<IpAddr>) -> Result<(), HostError> {
+        for gone in self.changes.locals().into_iter().filter(|a| !vips.contains(a)) {
+            self.changes.remove_local(gone)?;
+        }
+        for vip in vips {
+            self.changes.add_local(*vip)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the next hop toward `backend` resolved, as a managed neighbour entry the kernel
+    /// refreshes by itself. Best effort: a failure is logged, and the program counts
+    /// `drop_no_neigh` until the entry resolves.
+    pub fn keep_neighbour(&mut self, backend: IpAddr) {
+        let Some((dev, via)) = route_to(backend) else {
+            log::warn!(
+                "host: no route to backend {backend}; its packets will be dropped (drop_no_route)"
+            );
+            return;
+        };
+        let hop = via.unwrap_or(backend).to_string();
+        let show = Command::new("ip").args(["neigh", "show", &hop, "dev", &dev]).output();
+        let before = show.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        let before = before.unwrap_or_default();
+        if before.contains("MANAGED") || before.contains("managed") {
+            return;
+        }
+        match ip(&["neigh", "replace", &hop, "dev", &dev, "managed"]) {
+            Ok(()) => {
+                log::info!(
+                    "host: keeping neighbour {hop} on {dev} resolved (next hop of {backend})"
+                );
+                let before = if before.is_empty() { "absent" } else { "present" };
+                if let Err(e) = self.changes.neighbour(via.unwrap_or(backend), &dev, before) {
+                    log::warn!("host: {e}");
+                }
+            }
+            Err(e) => log::warn!("host: cannot add a managed neighbour: {e}"),
+        }
+    }
+}
+
+/// The interfaces with an IPv6 configuration (not `all` and `default`).
+fn ipv6_interfaces() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc/sys/net/ipv6/conf") else { return Vec::new() };
+    dir.filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "all" && n != "default")
+        .collect()
 }
 
 /// The device and gateway `ip route get` picks for `dst`.

@@ -5,11 +5,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, xdp::DevMapHash},
-    programs::{
-        ProgramError, Xdp, XdpMode as AyaXdpMode,
-        links::{FdLink, PinnedLink},
-        xdp::XdpLink,
-    },
+    programs::{ProgramError, Xdp, XdpMode as AyaXdpMode},
 };
 use lb_common::{
     BackendInfo, Counter, MAX_BACKENDS, RING_SIZE, Settings, VipInfo, VipKey, maps, programs, stat,
@@ -18,8 +14,10 @@ use thiserror::Error;
 
 use super::{
     OBJECT,
-    host::Iface,
+    changes::HostError,
+    host::{Host, Iface},
     kernel_maps::KernelMaps,
+    link::{self, Linked},
     tables::{BackendView, TableError, Tables},
 };
 use crate::config::{ServiceConfig, XdpConfig, XdpMode};
@@ -52,6 +50,8 @@ pub enum DataplaneError {
     IncompatiblePins { dir: PathBuf, map: &'static str, found: u32, expected: u32 },
     #[error(transparent)]
     Table(#[from] TableError),
+    #[error("host: {0}")]
+    Host(#[from] HostError),
 }
 
 /// How to load the program.
@@ -109,17 +109,26 @@ fn default_settings() -> Settings {
 /// Services and backends read back from pinned maps.
 type PinnedTables = (Vec<(VipKey, VipInfo)>, Vec<(u32, BackendInfo)>);
 
-/// The loaded program, its tables and its attachments.
+/// One interface the balancer runs on.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub interface: String,
+    pub mode: XdpMode,
+    pub linked: Linked,
+}
+
+/// The loaded program, its tables, its attachments and its host changes.
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
-    attached: Vec<(String, XdpMode)>,
+    attached: Vec<Attached>,
     tables: Tables,
+    host: Host,
     /// True when this daemon adopted maps a previous one pinned.
     pub adopted: bool,
 }
 
-fn pin_err(path: &Path, e: impl std::fmt::Display) -> DataplaneError {
+pub(super) fn pin_err(path: &Path, e: impl std::fmt::Display) -> DataplaneError {
     DataplaneError::Pin { path: path.to_path_buf(), message: e.to_string() }
 }
 
@@ -137,8 +146,9 @@ impl Dataplane {
         loader.map_max_entries(maps::FLOWS_NEW, opts.max_unconfirmed_flows);
         loader.map_max_entries(maps::NAT_NEW, opts.max_unconfirmed_flows);
         let mut adopted = false;
+        let mut mounted = false;
         if let Some(dir) = &opts.pin_dir {
-            ensure_bpffs(dir)?;
+            mounted = ensure_bpffs(dir)?;
             std::fs::create_dir_all(dir).map_err(|e| pin_err(dir, e))?;
             adopted = Self::pinned_at(dir);
             if adopted {
@@ -148,6 +158,8 @@ impl Dataplane {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
+        // Before anything is loaded and pinned: an unreadable record stops the start here.
+        let host = Host::open(opts.pin_dir.as_deref())?;
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
         for name in maps::ALL {
             if ebpf.map(name).is_none() {
@@ -164,8 +176,12 @@ impl Dataplane {
             pin_dir: opts.pin_dir.clone(),
             attached: Vec::new(),
             tables: Tables::new(RING_SIZE),
+            host,
             adopted,
         };
+        if mounted {
+            dp.host.mounted_bpffs()?;
+        }
         dp.write_settings(&opts.settings)?;
         if adopted {
             let (vips, backends) = dp.read_tables()?;
@@ -205,9 +221,10 @@ impl Dataplane {
     }
 
     /// Attaches the balancer to `iface` and registers the interface (its addresses become SNAT
-    /// sources, and it becomes a redirect target). With a pin directory, an existing pinned
-    /// link is updated in place (no moment without a program) and a new one is pinned.
-    pub fn attach(&mut self, iface: &Iface, mode: XdpMode) -> Result<(), DataplaneError> {
+    /// sources, and it becomes a redirect target). With a pin directory the link is pinned;
+    /// a previous run's pinned link is updated in place, or replaced when its interface was
+    /// deleted or re-created (`link::attach`).
+    pub fn attach(&mut self, iface: &Iface, mode: XdpMode) -> Result<Linked, DataplaneError> {
         self.register(iface)?;
         let link_pin = self.pin_dir.as_ref().map(|d| d.join(format!("link-{}", iface.name)));
         let prog: &mut Xdp = self
@@ -215,31 +232,21 @@ impl Dataplane {
             .program_mut(programs::BALANCER)
             .ok_or(DataplaneError::Missing(programs::BALANCER))?
             .try_into()?;
-        let attach_err = |source| match source {
-            ProgramError::UnknownInterface { name } => DataplaneError::NoInterface(name),
-            source => {
-                DataplaneError::Attach { iface: iface.name.clone(), mode: mode.as_str(), source }
-            }
-        };
-        match &link_pin {
-            Some(path) if path.exists() => {
-                let pinned = PinnedLink::from_pin(path).map_err(|e| pin_err(path, e))?;
-                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(path, e))?;
-                prog.attach_to_link(link)?;
-                log::info!("XDP program replaced in place on {} (pinned link adopted)", iface.name);
-            }
-            Some(path) => {
-                let id = prog.attach(&iface.name, aya_mode(mode)).map_err(attach_err)?;
-                let link = prog.take_link(id)?;
-                let fd = FdLink::try_from(link).map_err(|e| pin_err(path, e))?;
-                fd.pin(path).map_err(|e| pin_err(path, e))?;
-            }
-            None => {
-                prog.attach(&iface.name, aya_mode(mode)).map_err(attach_err)?;
-            }
+        let linked = link::attach(prog, iface, aya_mode(mode), mode.as_str(), link_pin.as_deref())?;
+        self.attached.push(Attached {
+            interface: iface.name.clone(),
+            mode,
+            linked: linked.clone(),
+        });
+        Ok(linked)
+    }
+
+    /// Unpins the links of interfaces other than `interfaces` (see `link::prune`).
+    pub fn prune_links(&self, interfaces: &[String]) -> Result<Vec<String>, DataplaneError> {
+        match &self.pin_dir {
+            Some(dir) => link::prune(dir, interfaces),
+            None => Ok(Vec::new()),
         }
-        self.attached.push((iface.name.clone(), mode));
-        Ok(())
     }
 
     /// Registers a served interface without attaching to it: its addresses become SNAT
@@ -260,8 +267,17 @@ impl Dataplane {
     }
 
     /// The interfaces the balancer is attached to, with the mode in use.
-    pub fn attached(&self) -> &[(String, XdpMode)] {
+    pub fn attached(&self) -> &[Attached] {
         &self.attached
+    }
+
+    /// What lb changed on the host, and the means to change it.
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    pub fn host_mut(&mut self) -> &mut Host {
+        &mut self.host
     }
 
     /// Makes the kernel's services exactly `services`.
@@ -351,6 +367,19 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Removes the NAT entry `key` from both NAT tables, as an LRU eviction would: fault
+    /// injection for tests (the daemon never calls it). True when an entry was there.
+    #[doc(hidden)]
+    pub fn evict_nat(&mut self, key: &lb_common::NatKey) -> Result<bool, DataplaneError> {
+        let mut found = false;
+        for name in [maps::NAT, maps::NAT_NEW] {
+            let mut nat: HashMap<&mut MapData, lb_common::NatKey, lb_common::NatState> =
+                HashMap::try_from(self.map_mut(name)?)?;
+            found |= nat.remove(key).is_ok();
+        }
+        Ok(found)
+    }
+
     /// The loaded balancer program, for `test_run`.
     pub fn balancer(&self) -> Result<&Xdp, DataplaneError> {
         Ok(self
@@ -404,7 +433,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Makes sure `dir` lies on a bpffs. The default place, /sys/fs/bpf, is mounted when it is not
 /// (a fresh host, or `ip netns exec`, which remounts /sys); elsewhere the operator decides.
-fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
+/// True when it mounted one.
+fn ensure_bpffs(dir: &Path) -> Result<bool, DataplaneError> {
     let on_bpffs = |p: &Path| {
         let mut p = p.to_path_buf();
         while !p.exists() {
@@ -415,7 +445,7 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
         nix::sys::statfs::statfs(&p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
     };
     if on_bpffs(dir) {
-        return Ok(());
+        return Ok(false);
     }
     let root = Path::new("/sys/fs/bpf");
     if dir.starts_with(root) {
@@ -431,7 +461,7 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
             "mounted bpffs at /sys/fs/bpf; pins live as long as this mount (under `ip netns exec` that is this process)"
         );
         if on_bpffs(dir) {
-            return Ok(());
+            return Ok(true);
         }
     }
     Err(pin_err(dir, "not on a bpffs; set xdp.pin_path to a directory on one"))
@@ -444,9 +474,18 @@ fn aya_mode(mode: XdpMode) -> AyaXdpMode {
     }
 }
 
+/// Removes everything `lb run` pinned under `dir` ([`detach_keeping_host`]) and forgets its
+/// host changes without undoing them: for a namespace that is going away. `lb detach` undoes
+/// them instead (`changes::undo`).
+pub fn detach(dir: &Path) -> Result<Vec<String>, DataplaneError> {
+    let removed = detach_keeping_host(dir)?;
+    super::changes::forget(dir);
+    Ok(removed)
+}
+
 /// Removes everything `lb run` pinned under `dir`: links first (which detaches the program
 /// from each interface), then maps. Returns what was removed.
-pub fn detach(dir: &Path) -> Result<Vec<String>, DataplaneError> {
+pub fn detach_keeping_host(dir: &Path) -> Result<Vec<String>, DataplaneError> {
     let mut removed = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,

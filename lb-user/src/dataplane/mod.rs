@@ -1,12 +1,17 @@
 //! The XDP data plane: loading the program, attaching it, preparing the host, and keeping its
 //! maps in step with the configured services.
+pub mod changes;
 pub mod host;
 mod kernel_maps;
+mod link;
 mod loader;
 pub mod tables;
 mod vip;
 
-pub use loader::{Dataplane, DataplaneError, LoadOptions, attach_pass, detach};
+pub use link::Linked;
+pub use loader::{
+    Attached, Dataplane, DataplaneError, LoadOptions, attach_pass, detach, detach_keeping_host,
+};
 pub use vip::vip_key;
 
 /// The compiled XDP object, built by build.rs from lb-ebpf.

@@ -19,8 +19,8 @@ const MAX_CONCURRENT: usize = 256;
 pub trait Steer: Send + Sync + 'static {
     /// The current backends of a service or group; `None` when it no longer exists.
     fn backends(&self, name: &str) -> Option<Vec<SocketAddr>>;
-    /// Applies a decision. Called after every round (so a backend re-added, or brought back
-    /// by passive ejection's timer, is set again); `changed` is true on a transition.
+    /// Applies the check's verdict. Called after every round (so a backend re-added is set
+    /// again); `changed` is true on a transition. Passive ejection is not the check's to undo.
     fn set_health(&self, name: &str, addr: SocketAddr, up: bool, changed: bool);
 }
 

@@ -173,7 +173,7 @@ mod tests {
         let clients: Vec<IpAddr> = (0..3000u32).map(|i| IpAddr::V4(Ipv4Addr::from(i))).collect();
         let before: Vec<SocketAddr> = clients.iter().map(|&c| p.pick(c).unwrap().addr).collect();
         let gone: SocketAddr = "10.1.2.2:80".parse().unwrap();
-        g.backends()[1].healthy.store(false, Ordering::Relaxed);
+        g.backends()[1].checked_up.store(false, Ordering::Relaxed);
         let mut moved = 0;
         for (c, b) in clients.iter().zip(&before) {
             let now = p.pick(*c).unwrap().addr;
@@ -182,7 +182,7 @@ mod tests {
         }
         // Maglev moves a few other slots too, far fewer than a modulo hash would (~1/2 here).
         assert!(moved * 50 < clients.len(), "{moved} clients of healthy backends moved");
-        g.backends()[1].healthy.store(true, Ordering::Relaxed);
+        g.backends()[1].checked_up.store(true, Ordering::Relaxed);
         g.add("10.1.9.2:80".parse().unwrap(), 1).unwrap();
         assert!(clients.iter().any(|&c| p.pick(c).unwrap().addr.ip().to_string() == "10.1.9.2"));
         for b in g.backends().iter() {

@@ -173,11 +173,47 @@ fn bind(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
     Ok(l)
 }
 
+/// What a serving daemon offers a successor, and the socket it waits for one on.
+pub struct Successor {
+    offers: Vec<Offer>,
+    socket: Option<UnixListener>,
+}
+
+impl Successor {
+    /// Duplicates the sockets fixed at start (userspace L4, admin, the upgrade socket, which
+    /// is bound or taken here).
+    pub fn prepare(
+        config: &crate::config::Config,
+        l4: &crate::l4::Bound,
+        admin: &tokio::net::TcpListener,
+        inherited: &mut Inherited,
+    ) -> io::Result<Self> {
+        let mut offers = l4.offers()?;
+        offers.push(Offer::new(Kind::Admin, "admin", Some(config.admin.listen), admin)?);
+        let socket = listen(&config.admin.upgrade_socket, inherited);
+        if let Some(u) = &socket {
+            let path = config.admin.upgrade_socket.display().to_string();
+            offers.push(Offer::new(Kind::Upgrade, &path, None, u)?);
+        }
+        Ok(Self { offers, socket })
+    }
+
+    /// Answers upgrade requests; the receiver yields the pid of the successor that took over
+    /// (never, without a socket).
+    pub fn serve(self, state: &Arc<State>) -> mpsc::Receiver<u32> {
+        let (tx, rx) = mpsc::channel(1);
+        if let Some(socket) = self.socket {
+            tokio::spawn(serve(socket, state.clone(), self.offers, tx));
+        }
+        rx
+    }
+}
+
 /// Answers upgrade requests on `listener` until one succeeds; then sends the successor's pid
 /// on `handed` (the daemon drains and exits). `offers` are the sockets fixed at start
 /// (userspace L4, admin, this socket); the L7 ones come from the runtime at hand-over time,
 /// as a reload may have changed them.
-pub async fn serve(
+async fn serve(
     listener: UnixListener,
     state: Arc<State>,
     offers: Vec<Offer>,

@@ -10,9 +10,18 @@ use std::{
     process::{Command, Stdio},
 };
 
-/// Starts `lb run --config config --upgrade` with this process's binary (as it was started:
-/// a binary replaced on disk since is the one that runs) and environment.
-pub fn spawn_successor(config: &Path) -> std::io::Result<u32> {
+/// SIGUSR2: starts `lb run --config config --upgrade` with this process's binary (as it was
+/// started: a binary replaced on disk since is the one that runs) and environment; it takes
+/// over through the upgrade socket, as any `lb run --upgrade`.
+pub fn spawn_successor(config: Option<&Path>) {
+    match config.map(spawn) {
+        Some(Ok(pid)) => log::info!("SIGUSR2: started pid {pid} to take over"),
+        Some(Err(e)) => log::error!("SIGUSR2: cannot start a successor: {e}"),
+        None => log::error!("SIGUSR2: started without a config file; nothing to upgrade to"),
+    }
+}
+
+fn spawn(config: &Path) -> std::io::Result<u32> {
     let exe: OsString = std::env::args_os().next().unwrap_or_else(|| "lb".into());
     let mut child = Command::new(exe)
         .args(["run", "--upgrade", "--config"])

@@ -64,8 +64,15 @@ pub fn begin(path: &Path, upgrade: bool) -> Result<Takeover, UpgradeError> {
 impl Takeover {
     /// Tells the replaced process (if any) that this one serves: it stops accepting and
     /// drains. Sockets nobody took (listeners the new config dropped) are closed here; the old
-    /// process closes its copies as it exits.
+    /// process closes its copies as it exits. Then tells a service manager, if any.
     pub fn ready(&mut self) -> Result<(), UpgradeError> {
+        let upgraded = self.conn.is_some();
+        self.hand_over()?;
+        super::systemd::notify_ready(upgraded);
+        Ok(())
+    }
+
+    fn hand_over(&mut self) -> Result<(), UpgradeError> {
         let skipped = std::mem::take(&mut self.sockets);
         if !skipped.is_empty() {
             let names: Vec<String> = skipped.sockets.iter().map(|o| o.name.clone()).collect();

@@ -30,8 +30,12 @@ pub struct Backend {
     pub weight: u32,
     /// No new connections or requests; established ones finish.
     pub draining: AtomicBool,
-    /// Health as decided by checks and passive failures.
-    pub healthy: AtomicBool,
+    /// The active health check's verdict (up until a check says otherwise, and always up
+    /// without checks).
+    pub checked_up: AtomicBool,
+    /// Taken out by passive ejection (consecutive failed requests) until its timer ends.
+    /// Kept apart from `checked_up`: neither verdict overrides or cuts short the other.
+    pub ejected: AtomicBool,
     /// Requests or connections in flight to this backend.
     pub in_flight: AtomicU64,
     /// Consecutive failed requests (connect errors, timeouts); reset by a success.
@@ -48,7 +52,8 @@ impl Backend {
             addr,
             weight,
             draining: AtomicBool::new(false),
-            healthy: AtomicBool::new(true),
+            checked_up: AtomicBool::new(true),
+            ejected: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             latency: PeakEwma::default(),
@@ -56,9 +61,11 @@ impl Backend {
         }
     }
 
-    /// May receive new work: healthy and not draining.
+    /// May receive new work: checked up, not ejected, not draining.
     pub fn is_available(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+        self.checked_up.load(Ordering::Relaxed)
+            && !self.ejected.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
     }
 
     /// Counts one request in flight until the guard drops.
@@ -72,8 +79,8 @@ impl Backend {
         self.failures.store(0, Ordering::Relaxed);
     }
 
-    /// A request to this backend failed. After `eject_after` in a row the backend is marked
-    /// unhealthy for `eject_for` (passive ejection) if `may_eject`; returns true when this call
+    /// A request to this backend failed. After `eject_after` in a row the backend is ejected
+    /// for `eject_for` (passive ejection) if `may_eject`; returns true when this call
     /// ejected it. Needs a tokio runtime (the timer that brings the backend back).
     pub fn record_failure(
         self: &Arc<Self>,
@@ -85,7 +92,7 @@ impl Backend {
         if eject_after == 0 || streak < eject_after || !may_eject {
             return false;
         }
-        if !self.healthy.swap(false, Ordering::Relaxed) {
+        if self.ejected.swap(true, Ordering::Relaxed) {
             return false;
         }
         self.failures.store(0, Ordering::Relaxed);
@@ -93,7 +100,7 @@ impl Backend {
         let me = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(eject_for).await;
-            me.healthy.store(true, Ordering::Relaxed);
+            me.ejected.store(false, Ordering::Relaxed);
             log::info!("backend {} back from ejection", me.addr);
         });
         true
@@ -206,7 +213,8 @@ impl Group {
                     Some(b) if b.weight == s.weight() => b.clone(),
                     Some(b) => {
                         let n = Backend::new(s.addr(), s.weight());
-                        n.healthy.store(b.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
+                        n.checked_up.store(b.checked_up.load(Ordering::Relaxed), Ordering::Relaxed);
+                        n.ejected.store(b.ejected.load(Ordering::Relaxed), Ordering::Relaxed);
                         n.draining.store(b.draining.load(Ordering::Relaxed), Ordering::Relaxed);
                         Arc::new(n)
                     }
@@ -257,6 +265,21 @@ mod tests {
         Group::new("api", &config)
     }
 
+    #[tokio::test]
+    async fn active_verdicts_and_passive_ejection_do_not_override_each_other() {
+        let g = group();
+        let b = g.backends()[0].clone();
+        assert!(b.record_failure(1, Duration::from_millis(50), true), "ejected");
+        b.checked_up.store(true, Ordering::Relaxed);
+        assert!(!b.is_available(), "a passing check does not cut an ejection short");
+        b.checked_up.store(false, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!b.ejected.load(Ordering::Relaxed), "the ejection ended");
+        assert!(!b.is_available(), "its end does not bring back a backend the check says down");
+        b.checked_up.store(true, Ordering::Relaxed);
+        assert!(b.is_available());
+    }
+
     #[test]
     fn add_remove_drain_keep_the_other_backends_state() {
         let g = group();
@@ -280,7 +303,7 @@ mod tests {
         let g = group();
         let before = g.backends();
         before[0].in_flight.store(7, Ordering::Relaxed);
-        before[1].healthy.store(false, Ordering::Relaxed);
+        before[1].checked_up.store(false, Ordering::Relaxed);
         let specs: Vec<crate::config::BackendSpec> = toml::from_str::<UpstreamConfig>(
             r#"backends = ["10.0.0.1:80", { addr = "10.0.0.2:80", weight = 5 }, "10.0.0.9:80"]"#,
         )
@@ -290,7 +313,10 @@ mod tests {
         let after = g.backends();
         assert!(Arc::ptr_eq(&before[0], &after[0]), "same weight: the same Arc");
         assert_eq!(after[1].weight, 5);
-        assert!(!after[1].healthy.load(Ordering::Relaxed), "health carries over a weight change");
+        assert!(
+            !after[1].checked_up.load(Ordering::Relaxed),
+            "health carries over a weight change"
+        );
         assert_eq!(after[2].addr, "10.0.0.9:80".parse().unwrap());
         let config: UpstreamConfig =
             toml::from_str("balance = \"least-conn\"\nbackends = [\"10.0.0.1:80\"]").unwrap();
