@@ -193,7 +193,7 @@ pub async fn run(
         }
     }
     state.ready.store(true, Ordering::Relaxed);
-    takeover.ready()?;
+    takeover.ready();
     let mut handed = successor.serve(&state);
 
     let mut term = unix::signal(unix::SignalKind::terminate()).context("SIGTERM handler")?;

@@ -272,6 +272,15 @@ fn session<'a>(
     offers: impl Iterator<Item = &'a Offer>,
 ) -> io::Result<Option<u32>> {
     let me = std::process::id();
+    // The socket is 0600; this also holds where it was made reachable by mistake.
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(io::Error::from)?;
+    let uid = nix::unistd::geteuid().as_raw();
+    if peer.uid() != uid && peer.uid() != 0 {
+        let reason = format!("uid {} may not take over from uid {uid}", peer.uid());
+        wire::send(&stream, &Msg::Refused { reason: reason.clone() }, &[])?;
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, reason));
+    }
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = Reader::new(stream);
     let (hello, _) = reader.recv()?;

@@ -64,12 +64,15 @@ pub fn begin(path: &Path, upgrade: bool) -> Result<Takeover, UpgradeError> {
 impl Takeover {
     /// Tells the replaced process (if any) that this one serves: it stops accepting and
     /// drains. Sockets nobody took (listeners the new config dropped) are closed here; the old
-    /// process closes its copies as it exits. Then tells a service manager, if any.
-    pub fn ready(&mut self) -> Result<(), UpgradeError> {
+    /// process closes its copies as it exits. Then tells a service manager, if any. This
+    /// process serves already, so a replaced one that does not answer (it crashed meanwhile)
+    /// is logged, not fatal: both accept on the same sockets until it is gone.
+    pub fn ready(&mut self) {
         let upgraded = self.conn.is_some();
-        self.hand_over()?;
+        if let Err(e) = self.hand_over() {
+            log::warn!("upgrade: pid {} did not confirm it stops: {e}", self.old_pid);
+        }
         super::systemd::notify_ready(upgraded);
-        Ok(())
     }
 
     fn hand_over(&mut self) -> Result<(), UpgradeError> {
