@@ -1,8 +1,8 @@
 //! Hitless upgrades (issue 14): `lb run --upgrade` under load on every userspace path and the
 //! XDP VIP at once (fresh-connection GETs to the VIP, the L7 listener and a userspace L4 TCP
-//! relay; keep-alive L7 clients; UDP sessions; one relay held open across the upgrades), with
-//! the same config, a changed restart-only setting and a copy of the binary: no request fails,
-//! no connection is refused. An invalid config, a successor that dies before it is ready, and
+//! relay; keep-alive L7 clients; HTTPS with a handshake per GET; UDP sessions; one relay held
+//! open across the upgrades), with the same config, a changed restart-only setting and a copy
+//! of the binary: no request fails, no connection is refused. An invalid config, a successor that dies before it is ready, and
 //! one that cannot bind, leave the old process serving (and writing the XDP maps).
 use std::{
     io::{Read as _, Write as _},
@@ -20,21 +20,30 @@ use lb_tests::{
     backends::udp_echo_on,
     client::{connect_in, keepalive_get, udp_socket},
     conf,
+    http::{temp_dir, write_cert},
     lb::{Lb, lb_binary},
     load::{KeepAlive, Load},
     rel,
     scenario::{L7, Running, Scenario, TIMEOUT, WEB},
+    tls::{client_config, https_request},
 };
 use lb_user::upgrade::wire::{self, Msg, Reader};
+use rustls::pki_types::CertificateDer;
 
 const RELAY: &str = "10.0.0.1:9000";
 const DNS: &str = "10.0.0.1:5353";
+const TLS: &str = "10.0.0.1:8443";
 
 /// Two backends (HTTP on :80, UDP echo on :53), the XDP service `web`, the L7 listener
-/// `public`, the TCP relay `relay` and the UDP listener `dns`.
-fn scenario() -> Running {
+/// `public`, the L7 TLS listener `secure` (the certificate's DER is returned), the TCP relay
+/// `relay` and the UDP listener `dns`.
+fn scenario() -> (Running, CertificateDer<'static>) {
+    let cert = write_cert(&temp_dir("upgrade"), "secure", &["secure.test"]);
+    let tls = format!("tls = [{{ cert = {:?}, key = {:?} }}]\n", cert.cert, cert.key);
     let body = [
         "[http]\nheader_timeout_ms = 5000\n[tcp]\nupgrade_drain_secs = 30\n".to_string(),
+        conf::http_listener("secure", TLS, &tls),
+        conf::route("secure", "app"),
         conf::upstream("dns", &conf::list(["10.1.1.2:53", "10.1.2.2:53"])),
         conf::tcp("relay", RELAY, "upstream = \"app\"\n"),
         conf::tcp("dns", DNS, "protocol = \"udp\"\nupstream = \"dns\"\n"),
@@ -48,50 +57,49 @@ fn scenario() -> Running {
         let u = s.backend_ns(i).run(move || UdpSocket::bind((ip, 53))).unwrap().unwrap();
         udp_echo_on(u, &format!("u{}", i + 1));
     }
-    s
+    (s, CertificateDer::from(cert.der))
 }
 
-/// UDP clients, each one session (its own source port), sending a datagram and waiting for
-/// its echo, over and over.
-struct UdpLoad {
+/// Clients on threads of their own, each doing one exchange (`Err` says what went wrong)
+/// over and over until stopped (at most 200,000 times).
+struct Repeat {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     threads: Vec<JoinHandle<Vec<String>>>,
 }
 
-impl UdpLoad {
-    fn start(s: &Running, sessions: usize) -> Self {
+type Exchange = Box<dyn FnMut() -> Result<(), String> + Send>;
+
+impl Repeat {
+    fn start(clients: usize, make: impl Fn(usize) -> Exchange) -> Self {
         let (stop, ok) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-        let threads = (0..sessions)
+        let threads = (0..clients)
             .map(|i| {
-                let sock = udp_socket(s.client(), None, DNS.parse().unwrap()).unwrap();
-                sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+                let mut exchange = make(i);
                 let (stop, ok) = (stop.clone(), ok.clone());
                 std::thread::spawn(move || {
                     let mut failures = Vec::new();
-                    let mut buf = [0u8; 256];
-                    for n in 0u64.. {
-                        if stop.load(Ordering::Relaxed) || n > 200_000 {
+                    for _ in 0..200_000 {
+                        if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        let msg = format!("s{i}-{n}");
-                        let got = sock.send(msg.as_bytes()).and_then(|_| sock.recv(&mut buf));
-                        match got {
-                            Ok(len) if buf[..len].ends_with(msg.as_bytes()) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
+                        match exchange() {
+                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                failures.push(e);
+                                0
                             }
-                            Ok(len) => failures.push(format!(
-                                "{msg}: got {:?}",
-                                String::from_utf8_lossy(&buf[..len])
-                            )),
-                            Err(e) => failures.push(format!("{msg}: {e}")),
-                        }
+                        };
                     }
                     failures
                 })
             })
             .collect();
         Self { stop, ok, threads }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
     }
 
     fn stop(self) -> (u64, Vec<String>) {
@@ -101,23 +109,61 @@ impl UdpLoad {
     }
 }
 
+/// UDP clients, each one session (its own source port): a datagram, then its echo.
+fn udp_load(s: &Running, sessions: usize) -> Repeat {
+    Repeat::start(sessions, |i| {
+        let sock = udp_socket(s.client(), None, DNS.parse().unwrap()).unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut n = 0u64;
+        Box::new(move || {
+            n += 1;
+            let msg = format!("s{i}-{n}");
+            let mut buf = [0u8; 256];
+            match sock.send(msg.as_bytes()).and_then(|_| sock.recv(&mut buf)) {
+                Ok(len) if buf[..len].ends_with(msg.as_bytes()) => Ok(()),
+                Ok(len) => Err(format!("{msg}: got {:?}", String::from_utf8_lossy(&buf[..len]))),
+                Err(e) => Err(format!("{msg}: {e}")),
+            }
+        })
+    })
+}
+
+/// HTTPS clients, a new TLS connection per GET, to the L7 TLS listener.
+fn tls_load(s: &Running, clients: usize, root: &CertificateDer<'static>) -> Repeat {
+    Repeat::start(clients, |_| {
+        let (ns, config) = (s.client().share(), client_config(&[root]));
+        Box::new(move || {
+            let config = config.clone();
+            let req = b"GET / HTTP/1.1\r\nhost: secure.test\r\nconnection: close\r\n\r\n";
+            let got =
+                ns.run(move || https_request(TLS.parse().unwrap(), "secure.test", config, req));
+            match got.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| format!("{e:#}"))) {
+                Ok((_, resp)) if resp.starts_with("HTTP/1.1 200") => Ok(()),
+                Ok((_, resp)) => Err(format!("TLS: {:?}", resp.lines().next())),
+                Err(e) => Err(format!("TLS: {e}")),
+            }
+        })
+    })
+}
+
 /// Everything the load saw over one phase.
 struct Phase {
     fresh: Load,
     keepalive: KeepAlive,
-    udp: UdpLoad,
+    udp: Repeat,
+    tls: Repeat,
 }
 
 impl Phase {
-    fn start(s: &Running) -> Self {
+    fn start(s: &Running, root: &CertificateDer<'static>) -> Self {
         let targets = vec![WEB, L7, RELAY.parse().unwrap()];
         let fresh = Load::builder(s.client(), targets).threads(3).start();
         let keepalive = KeepAlive::start(s.client(), L7, 8);
-        let udp = UdpLoad::start(s, 4);
+        let (udp, tls) = (udp_load(s, 4), tls_load(s, 2, root));
         fresh.wait_for(60);
         lb_tests::wait_until(Duration::from_secs(20), || keepalive.ok() >= 100);
-        lb_tests::wait_until(Duration::from_secs(20), || udp.ok.load(Ordering::Relaxed) >= 40);
-        Self { fresh, keepalive, udp }
+        lb_tests::wait_until(Duration::from_secs(20), || udp.ok() >= 40 && tls.ok() >= 10);
+        Self { fresh, keepalive, udp, tls }
     }
 
     /// Lets the load run on (against the new process) a moment, then stops it: the figures
@@ -127,10 +173,12 @@ impl Phase {
         let f = self.fresh.stop();
         let k = self.keepalive.stop();
         let (udp_ok, udp_failed) = self.udp.stop();
+        let (tls_ok, tls_failed) = self.tls.stop();
         let observed = format!(
             "fresh connections (XDP VIP, L7, L4 relay): {} ok, {} failed; keep-alive L7 (8 \
              clients): {} ok, {} failed, {} clean closes by Connection: close, {} closed \
-             between requests; UDP (4 sessions): {} ok, {} failed{}",
+             between requests; UDP (4 sessions): {} ok, {} failed; TLS (a handshake per GET): \
+             {} ok, {} failed{}",
             f.ok,
             f.failed,
             k.ok,
@@ -139,18 +187,22 @@ impl Phase {
             k.closed_idle,
             udp_ok,
             udp_failed.len(),
-            if f.failed + k.failed + udp_failed.len() as u64 == 0 {
+            tls_ok,
+            tls_failed.len(),
+            if f.failed + k.failed + (udp_failed.len() + tls_failed.len()) as u64 == 0 {
                 String::new()
             } else {
                 format!(
-                    " (first: {:?} {:?} {:?})",
+                    " (first: {:?} {:?} {:?} {:?})",
                     f.sample_failures(),
                     k.failures.iter().take(4).collect::<Vec<_>>(),
-                    udp_failed.iter().take(4).collect::<Vec<_>>()
+                    udp_failed.iter().take(4).collect::<Vec<_>>(),
+                    tls_failed.iter().take(4).collect::<Vec<_>>()
                 )
             }
         );
-        (observed, f.failed == 0 && k.failed == 0 && udp_failed.is_empty())
+        let pass = f.failed == 0 && k.failed == 0 && udp_failed.is_empty() && tls_failed.is_empty();
+        (observed, pass)
     }
 }
 
@@ -165,7 +217,7 @@ fn upgrades_under_load_fail_no_request() {
     lb_tests::privileged!();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _rt = rt.enter();
-    let mut s = scenario();
+    let (mut s, root) = scenario();
     let relay: SocketAddr = RELAY.parse().unwrap();
     let mut held = connect_in(s.client(), None, relay, TIMEOUT).unwrap();
     held_get(&mut held).expect("held relay before");
@@ -191,7 +243,7 @@ fn upgrades_under_load_fail_no_request() {
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success() && err.contains("--upgrade"), "reload: {err}");
         }
-        let phase = Phase::start(&s);
+        let phase = Phase::start(&s, &root);
         let old = s.lb_mut().upgrade(binary).expect("lb run --upgrade");
         let held_ok = held_get(&mut held);
         let (observed, pass) = phase.finish();
@@ -242,7 +294,7 @@ fn failed_upgrades_leave_the_old_process_serving() {
     lb_tests::privileged!();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _rt = rt.enter();
-    let s = scenario();
+    let (s, root) = scenario();
     let lb = s.lb();
     let pid = lb.pid();
     let text = std::fs::read_to_string(&lb.config).unwrap();
@@ -268,7 +320,7 @@ fn failed_upgrades_leave_the_old_process_serving() {
         all_pass &= pass;
     };
 
-    let phase = Phase::start(&s);
+    let phase = Phase::start(&s, &root);
     let bad = text
         .replace("upstream = \"app\"\n[[tcp.listener]]", "upstream = \"nope\"\n[[tcp.listener]]");
     assert_ne!(bad, text);
@@ -280,7 +332,7 @@ fn failed_upgrades_leave_the_old_process_serving() {
 
     // A successor that takes the sockets and dies before it is ready (the test speaks the
     // protocol and hangs up, as a killed process's socket does).
-    let phase = Phase::start(&s);
+    let phase = Phase::start(&s, &root);
     let sock = UnixStream::connect(lb.upgrade_socket()).unwrap();
     sock.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut reader = Reader::new(sock);
@@ -316,7 +368,7 @@ fn failed_upgrades_leave_the_old_process_serving() {
     assert!(resumed);
 
     // A real successor that cannot bind a new listener (the address is taken) exits.
-    let phase = Phase::start(&s);
+    let phase = Phase::start(&s, &root);
     let busy = s.balancer().run(|| std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
     let taken = busy.local_addr().unwrap();
     let more = format!("{text}{}", conf::http_listener("extra", taken, ""));
