@@ -16,6 +16,11 @@ pub enum Command {
     Run {
         #[arg(long, short, env = "LB_CONFIG")]
         config: PathBuf,
+        /// Take over from the running lb without a gap: its listening sockets come over
+        /// `[admin] upgrade_socket`, it stops accepting once this one is ready, then drains
+        /// and exits. An invalid config exits with its errors and leaves it untouched.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config without binding or loading anything; exit 1 if it is invalid.
     Check {

@@ -5,6 +5,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -15,7 +16,7 @@ use crate::{
     control::{admin, reload, state::State},
     dataplane::{Dataplane, DataplaneError, LoadOptions, host, snat},
     l4::{self, L4},
-    l7, upstream,
+    l7, upgrade, upstream,
 };
 
 /// Loads, attaches and fills the XDP program, preparing the host on the way.
@@ -144,10 +145,16 @@ fn raise_nofile() {
     }
 }
 
-/// Runs the daemon until SIGINT/SIGTERM; `config_path` is what SIGHUP and `POST /reload`
-/// read again.
-pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs the daemon until SIGINT/SIGTERM (or a successor took over); `config_path` is what
+/// SIGHUP and `POST /reload` read again. With `upgrade`, the listening sockets come from the
+/// running process (see `upgrade`), which stops once this one is ready.
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    upgrade: bool,
+) -> anyhow::Result<()> {
     raise_nofile();
+    let mut takeover = upgrade::begin(&config.admin.upgrade_socket, upgrade)?;
     let dataplane = match &config.xdp {
         Some(xdp) => Some(start_xdp(xdp)?),
         None => None,
@@ -157,7 +164,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     // L7: build (certificates, clients) and bind every listener before serving anything.
     let mut l7_listeners = Vec::new();
     for server in l7::build(&config, &groups)? {
-        let listener = server.bind().await?;
+        let listener = server.bind_from(&mut takeover.sockets).await?;
         log::info!("http listener {} on {}", server.name, listener.local_addr()?);
         l7_listeners.push((server, listener));
     }
@@ -166,8 +173,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     // ClientHello unread) to the L7 TLS listener NAME of this process.
     let handoffs = handoffs(&l7_listeners, &shutdown_rx);
     let l4 = L4::build(&config.tcp, &groups, &handoffs)?;
-    let l4 = l4.bind().await?;
-    let listener = admin::bind(config.admin.listen).await?;
+    let l4 = l4.bind_from(&mut takeover.sockets).await?;
+    let listener = admin::bind_from(config.admin.listen, &mut takeover.sockets).await?;
+    let successor = upgrade::Successor::prepare(&config, &l4, &listener, &mut takeover.sockets)?;
+    let (drain, upgrade_drain) = (l4.drain(), Duration::from_secs(config.tcp.upgrade_drain_secs));
     let auth = if config.admin.token.is_some() { "bearer token required" } else { "no token" };
     log::info!("admin API on http://{} ({auth})", listener.local_addr()?);
     let state = Arc::new(State::new(config, dataplane, groups, config_path));
@@ -188,13 +197,25 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         }
     }
     state.ready.store(true, Ordering::Relaxed);
+    takeover.ready();
+    let mut handed = successor.serve(&state);
 
     let mut term = unix::signal(unix::SignalKind::terminate()).context("SIGTERM handler")?;
     let mut hup = unix::signal(unix::SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut usr2 = unix::signal(unix::SignalKind::user_defined2()).context("SIGUSR2 handler")?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { log::info!("SIGINT: shutting down"); break }
             _ = term.recv() => { log::info!("SIGTERM: shutting down"); break }
+            _ = usr2.recv() => upgrade::systemd::spawn_successor(state.config_path.as_deref()),
+            Some(pid) = handed.recv() => {
+                // The successor accepts on the same sockets: stop accepting at once (admin and
+                // L4 too), let relays run for upgrade_drain_secs, L7 requests for grace_ms.
+                log::info!("upgrade: pid {pid} serves now; draining and exiting");
+                drain.set(upgrade_drain);
+                let _ = shutdown_tx.send(true);
+                break;
+            }
             _ = hup.recv() => match reload::reload(&state).await {
                 // SIGHUP re-reads the whole config (certificates included).
                 Ok(report) => {

@@ -10,4 +10,5 @@ pub mod l7;
 pub mod maglev;
 pub mod tls;
 pub mod top;
+pub mod upgrade;
 pub mod upstream;

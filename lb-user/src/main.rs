@@ -41,7 +41,7 @@ async fn call(
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config: path } => {
+        Command::Run { config: path, upgrade } => {
             // Refused the same way `lb check` reports it: every error with its line.
             let config = match Config::load(&path) {
                 Ok(c) => c,
@@ -50,7 +50,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
             };
-            lb_user::daemon::run(config, Some(path)).await?;
+            lb_user::daemon::run(config, Some(path), upgrade).await?;
         }
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => println!("{}: ok", config.display()),

@@ -163,3 +163,141 @@ impl Load {
         all
     }
 }
+
+/// What a [`KeepAlive`] run saw.
+#[derive(Debug, Default, Clone)]
+pub struct KeepAliveReport {
+    pub ok: u64,
+    pub failed: u64,
+    /// Responses that carried `Connection: close` (the client then opened a new connection).
+    pub closed_by_header: u64,
+    /// Connections closed (FIN, no byte of a response) when the next request went out: the
+    /// server closed between requests; the request is sent again on a new connection, as
+    /// HTTP/1.1 clients do (RFC 9112 §9.3.1). Counted, not failed.
+    pub closed_idle: u64,
+    pub failures: Vec<String>,
+}
+
+/// Keep-alive GETs on `conns` connections, one thread each, until [`KeepAlive::stop`]; a
+/// connection the server closes cleanly is replaced by a new one.
+pub struct KeepAlive {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<KeepAliveReport>>,
+    ok: Arc<AtomicU64>,
+}
+
+impl KeepAlive {
+    /// Starts `conns` clients in `ns` against `target` (each stops on its own after 60 s).
+    pub fn start(ns: &Netns, target: SocketAddr, conns: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let threads = (0..conns)
+            .map(|_| {
+                let (ns, stop, ok) = (ns.share(), stop.clone(), ok.clone());
+                std::thread::spawn(move || {
+                    let mut report = KeepAliveReport::default();
+                    let mut conn = None;
+                    while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60)
+                    {
+                        let fresh = conn.is_none();
+                        let s = match conn.take() {
+                            Some(s) => s,
+                            None => match crate::client::connect_in(&ns, None, target, T) {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    report.failed += 1;
+                                    report.failures.push(format!("connect: {e:#}"));
+                                    std::thread::sleep(Duration::from_millis(5));
+                                    continue;
+                                }
+                            },
+                        };
+                        match exchange(s) {
+                            Exchange::Kept(s) => conn = Some(s),
+                            Exchange::Closed => report.closed_by_header += 1,
+                            Exchange::Idle if !fresh => {
+                                report.closed_idle += 1;
+                                continue;
+                            }
+                            Exchange::Idle => {
+                                report.failed += 1;
+                                report.failures.push("a new connection closed unanswered".into());
+                                continue;
+                            }
+                            Exchange::Failed(e) => {
+                                report.failed += 1;
+                                report.failures.push(e);
+                                continue;
+                            }
+                        }
+                        report.ok += 1;
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    report
+                })
+            })
+            .collect();
+        Self { stop, threads, ok }
+    }
+
+    /// Requests answered so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(self) -> KeepAliveReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = KeepAliveReport::default();
+        for t in self.threads {
+            let r = t.join().expect("keep-alive thread");
+            all.ok += r.ok;
+            all.failed += r.failed;
+            all.closed_by_header += r.closed_by_header;
+            all.closed_idle += r.closed_idle;
+            all.failures.extend(r.failures);
+        }
+        all
+    }
+}
+
+/// The bound on one request.
+const T: Duration = Duration::from_secs(3);
+
+enum Exchange {
+    Kept(std::net::TcpStream),
+    Closed,
+    Idle,
+    Failed(String),
+}
+
+/// One GET on `s`: answered (and the connection kept or closed by the header), closed before
+/// any byte of a response, or failed (a reset, a timeout, a short or non-200 response).
+fn exchange(mut s: std::net::TcpStream) -> Exchange {
+    use std::io::{Read as _, Write as _};
+    if let Err(e) = s.write_all(b"GET / HTTP/1.1\r\nhost: lb\r\n\r\n") {
+        return Exchange::Failed(format!("write: {e}"));
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) if buf.is_empty() => return Exchange::Idle,
+            Ok(0) => return Exchange::Failed("closed inside a response".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Exchange::Failed(format!("read: {e}")),
+        }
+        match crate::client::one_response(&buf) {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                return if head.contains("\r\nconnection: close\r\n") {
+                    Exchange::Closed
+                } else {
+                    Exchange::Kept(s)
+                };
+            }
+            Err(e) => return Exchange::Failed(format!("{e:#}")),
+        }
+    }
+}

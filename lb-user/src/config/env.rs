@@ -10,6 +10,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("LB_ADMIN_LISTEN", "[admin] listen of `lb run`"),
     ("LB_ADMIN_TOKEN", "[admin] token (daemon) and the bearer token the client commands send"),
     ("LB_PIN_PATH", "[xdp] pin_path"),
+    ("LB_UPGRADE_SOCKET", "[admin] upgrade_socket of `lb run` and `lb run --upgrade`"),
 ];
 
 /// Applies the overrides `env` knows; returns the errors of unusable values.
@@ -25,6 +26,9 @@ pub(super) fn apply(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -
     }
     if let Some(v) = env("LB_ADMIN_TOKEN").filter(|v| !v.is_empty()) {
         config.admin.token = Some(v);
+    }
+    if let Some(v) = env("LB_UPGRADE_SOCKET").filter(|v| !v.is_empty()) {
+        config.admin.upgrade_socket = v.into();
     }
     if let (Some(v), Some(xdp)) = (env("LB_PIN_PATH"), config.xdp.as_mut()) {
         xdp.pin_path = v.into();

@@ -9,7 +9,11 @@ mod tcp;
 mod upstream;
 mod xdp;
 
-use std::{collections::BTreeMap, net::SocketAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -60,12 +64,28 @@ pub struct AdminConfig {
     /// Allow a non-loopback `listen` without a token (anyone who reaches it controls lb).
     #[serde(default)]
     pub allow_insecure: bool,
+    /// The unix socket (mode 0600) over which `lb run --upgrade` takes the listening sockets
+    /// of the running process; env LB_UPGRADE_SOCKET.
+    #[serde(default = "default_upgrade_socket")]
+    pub upgrade_socket: PathBuf,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: default_admin_listen(), token: None, allow_insecure: false }
+        Self {
+            listen: default_admin_listen(),
+            token: None,
+            allow_insecure: false,
+            upgrade_socket: default_upgrade_socket(),
+        }
     }
+}
+
+/// Where the upgrade socket is when the config names none.
+pub const DEFAULT_UPGRADE_SOCKET: &str = "/run/lb/upgrade.sock";
+
+fn default_upgrade_socket() -> PathBuf {
+    DEFAULT_UPGRADE_SOCKET.into()
 }
 
 impl AdminConfig {

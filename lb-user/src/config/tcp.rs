@@ -11,11 +11,29 @@ use serde::{Deserialize, Deserializer};
 use super::{Cidr, Protocol, UpstreamConfig};
 
 /// `[tcp]`: every userspace L4 listener.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TcpConfig {
     #[serde(default, rename = "listener")]
     pub listeners: Vec<TcpListenerConfig>,
+    /// Seconds the relays of a process that `lb run --upgrade` replaced may go on before they
+    /// are cut (a SIGTERM gives them 10 s).
+    #[serde(default = "default_upgrade_drain_secs")]
+    pub upgrade_drain_secs: u64,
+}
+
+/// Long enough for most request/response protocols; long-lived relays (SSH, databases) may
+/// want more.
+const DEFAULT_UPGRADE_DRAIN_SECS: u64 = 60;
+
+fn default_upgrade_drain_secs() -> u64 {
+    DEFAULT_UPGRADE_DRAIN_SECS
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self { listeners: Vec::new(), upgrade_drain_secs: DEFAULT_UPGRADE_DRAIN_SECS }
+    }
 }
 
 /// One `[[tcp.listener]]`.

@@ -42,6 +42,17 @@ pub async fn run(
     }
 }
 
+/// The admin listener a replaced process handed over, else [`bind`].
+pub async fn bind_from(
+    addr: SocketAddr,
+    inherited: &mut crate::upgrade::Inherited,
+) -> anyhow::Result<TcpListener> {
+    match inherited.tcp(crate::upgrade::Kind::Admin, "admin", addr) {
+        Some(l) => Ok(TcpListener::from_std(l)?),
+        None => bind(addr).await,
+    }
+}
+
 /// Binds the admin listener, with an error that says what to change.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {

@@ -53,6 +53,17 @@ impl Runtime {
         self.checker = Some(Checker::start(&config.health, state.clone(), state.health.clone()));
     }
 
+    /// Duplicates of the L7 listening sockets, for a process taking over (`lb run --upgrade`).
+    pub fn offers(&self) -> std::io::Result<Vec<crate::upgrade::Offer>> {
+        self.listeners
+            .iter()
+            .map(|r| {
+                let (name, listen) = (&r.server.name, Some(r.server.listen));
+                crate::upgrade::Offer::new(crate::upgrade::Kind::Http, name, listen, &r.socket)
+            })
+            .collect()
+    }
+
     /// Stops checking, stops accepting, and waits for every listener to drain (each within
     /// `http.grace_ms`).
     pub async fn shutdown(&mut self) -> std::io::Result<()> {
@@ -104,6 +115,12 @@ pub struct ReloadReport {
 /// Reads the config file again and applies it (see the module doc).
 pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     let mut runtime = state.runtime.lock().await;
+    if state.xdp_paused.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ReloadError::Invalid(vec![
+            "a new lb process (`lb run --upgrade`) has taken over from this one: reload that one"
+                .into(),
+        ]));
+    }
     let path = state.config_path.as_ref().ok_or_else(|| {
         ReloadError::Invalid(vec!["this daemon was started without a config file".into()])
     })?;
@@ -248,7 +265,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     let mut differs = |what: &str, changed: bool| {
         if changed {
-            out.push(format!("{what} changed: that takes a restart of lb (the pinned XDP program keeps forwarding meanwhile); nothing was applied"));
+            out.push(format!("{what} changed: a reload cannot apply that; nothing was applied. `lb run --config FILE --upgrade` applies it without a gap (a new process takes over the listening sockets)"));
         }
     };
     differs("admin.listen", old.admin.listen != new.admin.listen);

@@ -36,6 +36,9 @@ pub struct State {
     pub ready: AtomicBool,
     /// The L7 listeners and health checkers; its lock also serializes reloads.
     pub runtime: tokio::sync::Mutex<Runtime>,
+    /// True while a process taking over (`lb run --upgrade`) owns the XDP maps: this one
+    /// writes them no more (backend changes refused, health changes not applied).
+    pub xdp_paused: AtomicBool,
 }
 
 #[derive(Debug, Error)]
@@ -46,6 +49,10 @@ pub enum StateError {
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     Group(#[from] GroupError),
+    #[error(
+        "XDP service {0:?}: a new lb process (`lb run --upgrade`) owns the XDP maps now; send the change to it"
+    )]
+    HandedOver(String),
 }
 
 impl StateError {
@@ -61,6 +68,7 @@ impl StateError {
                 TableError::Exists { .. } | TableError::Family { .. } | TableError::ZeroWeight,
             )) => 409,
             StateError::Group(GroupError::Exists(_) | GroupError::ZeroWeight) => 409,
+            StateError::HandedOver(_) => 503,
             _ => 500,
         }
     }
@@ -82,6 +90,9 @@ pub struct Status {
     /// before; `lb detach` undoes them.
     #[serde(default)]
     pub host: Vec<HostChange>,
+    /// The daemon's process id (which process answers, during an upgrade).
+    #[serde(default)]
+    pub pid: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -171,6 +182,7 @@ impl State {
             health: Arc::default(),
             ready: AtomicBool::new(false),
             runtime: tokio::sync::Mutex::new(Runtime::default()),
+            xdp_paused: AtomicBool::new(false),
         }
     }
 
@@ -210,6 +222,7 @@ impl State {
             ready: self.ready.load(Ordering::Relaxed),
             unavailable,
             host,
+            pid: std::process::id(),
         }
     }
 
@@ -228,6 +241,9 @@ impl State {
         if let Some(mut dp) = self.dataplane()
             && dp.tables().services().iter().any(|(n, _)| n == service)
         {
+            if self.xdp_paused.load(Ordering::Relaxed) {
+                return Err(StateError::HandedOver(service.into()));
+            }
             match change {
                 Change::Add(w) => {
                     dp.add_backend(service, addr, w)?;
@@ -372,6 +388,9 @@ impl health::Steer for State {
         if let Some(mut dp) = self.dataplane()
             && dp.tables().backends(name).is_ok()
         {
+            if self.xdp_paused.load(Ordering::Relaxed) {
+                return;
+            }
             // Idempotent: only a change rewrites the backend's Maglev slots.
             if let Err(e) = dp.set_health(name, addr, up) {
                 log::debug!("health: {name} {addr}: {e}");

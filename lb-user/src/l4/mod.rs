@@ -16,7 +16,15 @@ mod sys;
 pub mod tcp;
 pub mod udp;
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use thiserror::Error;
 use tokio::{
@@ -55,14 +63,36 @@ enum Service {
     Udp(Arc<UdpService>),
 }
 
+/// How long connections may finish once the listeners stop: [`server::DRAIN_TIMEOUT`], or
+/// `[tcp] upgrade_drain_secs` when a new process took over (set by the daemon as it stops).
+#[derive(Clone)]
+pub struct Drain(Arc<AtomicU64>);
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self(Arc::new(AtomicU64::new(server::DRAIN_TIMEOUT.as_millis() as u64)))
+    }
+}
+
+impl Drain {
+    pub fn set(&self, d: Duration) {
+        self.0.store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
+}
+
 /// Every L4 listener, resolved against the groups and the L7 hand-offs; nothing bound yet.
 pub struct L4 {
     services: Vec<Service>,
+    drain: Drain,
 }
 
 /// Listeners with their sockets bound.
 pub struct Bound {
     listeners: Vec<(Service, Socket)>,
+    drain: Drain,
 }
 
 enum Socket {
@@ -91,6 +121,7 @@ impl L4 {
                 .clone())
         };
         let mut services = Vec::new();
+        let drain = Drain::default();
         for l in &config.listeners {
             let stats = Arc::new(ListenerStats::new(&l.name));
             stats::register(stats.clone());
@@ -102,6 +133,7 @@ impl L4 {
                     config: l.clone(),
                     upstream,
                     stats,
+                    drain: drain.clone(),
                 })));
                 continue;
             }
@@ -127,9 +159,10 @@ impl L4 {
                 routes,
                 default,
                 stats,
+                drain: drain.clone(),
             })));
         }
-        Ok(Self { services })
+        Ok(Self { services, drain })
     }
 
     /// The counters of every listener, in config order; readable while they run.
@@ -145,6 +178,14 @@ impl L4 {
 
     /// Binds every listener's socket.
     pub async fn bind(self) -> Result<Bound, L4Error> {
+        self.bind_from(&mut Default::default()).await
+    }
+
+    /// Binds every listener's socket, or takes the one a replaced process handed over.
+    pub async fn bind_from(
+        self,
+        inherited: &mut crate::upgrade::Inherited,
+    ) -> Result<Bound, L4Error> {
         let mut listeners = Vec::new();
         for s in self.services {
             let (name, addr) = match &s {
@@ -160,12 +201,18 @@ impl L4 {
                 L4Error::Bind { listener: name.clone(), addr, source, hint }
             };
             let socket = match &s {
-                Service::Tcp(_) => Socket::Tcp(tcp_listener(addr).map_err(err)?),
-                Service::Udp(_) => Socket::Udp(UdpSocket::bind(addr).await.map_err(err)?),
+                Service::Tcp(_) => match inherited.tcp(crate::upgrade::Kind::Tcp, name, addr) {
+                    Some(l) => Socket::Tcp(TcpListener::from_std(l).map_err(err)?),
+                    None => Socket::Tcp(tcp_listener(addr).map_err(err)?),
+                },
+                Service::Udp(_) => match inherited.udp(name, addr) {
+                    Some(u) => Socket::Udp(UdpSocket::from_std(u).map_err(err)?),
+                    None => Socket::Udp(UdpSocket::bind(addr).await.map_err(err)?),
+                },
             };
             listeners.push((s, socket));
         }
-        Ok(Bound { listeners })
+        Ok(Bound { listeners, drain: self.drain })
     }
 }
 
@@ -194,6 +241,29 @@ impl Bound {
                     Socket::Udp(u) => u.local_addr(),
                 };
                 addr.ok().map(|a| (name, a))
+            })
+            .collect()
+    }
+
+    /// How long connections may finish after the listeners stop (the daemon lengthens it for
+    /// an upgrade).
+    pub fn drain(&self) -> Drain {
+        self.drain.clone()
+    }
+
+    /// Duplicates of every listening socket, for a process taking over (`lb run --upgrade`).
+    pub fn offers(&self) -> std::io::Result<Vec<crate::upgrade::Offer>> {
+        use crate::upgrade::{Kind, Offer};
+        self.listeners
+            .iter()
+            .map(|(s, sock)| match (s, sock) {
+                (Service::Tcp(t), Socket::Tcp(l)) => {
+                    Offer::new(Kind::Tcp, &t.config.name, Some(t.config.listen), l)
+                }
+                (Service::Udp(u), Socket::Udp(l)) => {
+                    Offer::new(Kind::Udp, &u.config.name, Some(u.config.listen), l)
+                }
+                _ => unreachable!("bind pairs each service with its socket kind"),
             })
             .collect()
     }

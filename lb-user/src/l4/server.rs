@@ -44,9 +44,11 @@ pub struct TcpService {
     pub routes: SniRoutes<Route>,
     pub default: Option<Arc<Picker>>,
     pub stats: Arc<ListenerStats>,
+    /// How long connections may finish after the listener stops.
+    pub drain: super::Drain,
 }
 
-/// Accepts until `shutdown` turns true, then lets connections finish for [`DRAIN_TIMEOUT`].
+/// Accepts until `shutdown` turns true, then lets connections finish for `service.drain`.
 /// One accept loop per listener: accepting is a small part of a connection's work (which runs
 /// in its own task on any worker), and several loops on one socket all woke for each new
 /// connection, the losers only to get EAGAIN.
@@ -98,9 +100,10 @@ async fn accept_loop(
         // (often on the other worker thread) for every connection that ends.
         while conns.try_join_next().is_some() {}
     }
-    let drained =
-        tokio::time::timeout(DRAIN_TIMEOUT, async { while conns.join_next().await.is_some() {} })
-            .await;
+    let drained = tokio::time::timeout(service.drain.get(), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
         log::info!(
             "listener {}: cutting {} connections after drain",

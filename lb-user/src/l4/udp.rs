@@ -25,11 +25,16 @@ use crate::{config::TcpListenerConfig, upstream::Backend};
 
 /// The largest datagram relayed (the UDP maximum).
 const MAX_DATAGRAM: usize = 65_535;
+/// After the listener stops, a session with no datagram for this long is over: the replies
+/// to what it relayed have come back.
+const LINGER_QUIET: Duration = Duration::from_secs(1);
 
 pub struct UdpService {
     pub config: TcpListenerConfig,
     pub upstream: Arc<Picker>,
     pub stats: Arc<ListenerStats>,
+    /// How long sessions may linger after the listener stops.
+    pub drain: super::Drain,
 }
 
 struct Session {
@@ -108,6 +113,20 @@ pub async fn run(
             Err(_) => svc.stats.error(ErrorKind::Io),
         }
     }
+    // Replies to datagrams already relayed still come back through the sessions' sockets
+    // (and go out of the listening socket, which they share): keep the sessions until they
+    // go quiet, within the drain time. After an upgrade the new process, reading the same
+    // socket, answers the clients' next datagrams.
+    let quiet = idle.min(LINGER_QUIET);
+    let deadline = tokio::time::Instant::now() + svc.drain.get();
+    while !sessions.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(quiet / 4).await;
+        let now = start.elapsed().as_millis() as u64;
+        sessions.retain(|_, s| {
+            now.saturating_sub(s.last_ms.load(Ordering::Relaxed)) < quiet.as_millis() as u64
+        });
+    }
+    drop(sessions);
     svc.stats.udp_sessions_active.store(0, Ordering::Relaxed);
     Ok(())
 }

@@ -99,6 +99,18 @@ impl Server {
         }
     }
 
+    /// The listening socket a replaced process handed over for this listener, else a new one.
+    pub async fn bind_from(
+        &self,
+        inherited: &mut crate::upgrade::Inherited,
+    ) -> Result<TcpListener, L7Error> {
+        let err = |source| L7Error::Bind { listener: self.name.clone(), addr: self.listen, source };
+        match inherited.tcp(crate::upgrade::Kind::Http, &self.name, self.listen) {
+            Some(l) => TcpListener::from_std(l).map_err(err),
+            None => self.bind().await,
+        }
+    }
+
     /// Binds the configured address.
     pub async fn bind(&self) -> Result<TcpListener, L7Error> {
         let bind = || {

@@ -62,7 +62,7 @@ pub async fn serve<S: ClientIo>(
                         break;
                     }
                 }
-                _ = stopped(&mut shutdown) => break,
+                _ = stopped_lingering(&mut shutdown) => break,
             }
         }
         // Boxed: the exchange's state is large and lives only while the client talks.
@@ -89,7 +89,9 @@ async fn busy<S: ClientIo>(
     let more = loop {
         let keep = exchange_one(io, &mut b, ctx, http, peer, *first, shutdown).await;
         *first = false;
-        if !keep || *shutdown.borrow() {
+        // A shutdown that came during this exchange did not put `Connection: close` on its
+        // response: the client may be sending its next request now, which gets that close.
+        if !keep {
             break false;
         }
         if !b.client.is_empty() {
@@ -177,6 +179,19 @@ async fn exchange_one<S: ClientIo>(
     keep
 }
 
+/// How long a connection between requests stays open after a shutdown was asked for. Its
+/// last response went out without `Connection: close` (the shutdown came later), so a busy
+/// client may be sending its next request right now: closing at once would reset that
+/// request, waiting a moment answers it (with the close). An idle client gets the close it
+/// would have got anyway.
+const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
+
+/// Resolves [`SHUTDOWN_LINGER`] after shutdown is asked for (see there).
+async fn stopped_lingering(shutdown: &mut watch::Receiver<bool>) {
+    stopped(shutdown).await;
+    tokio::time::sleep(SHUTDOWN_LINGER).await;
+}
+
 /// Resolves when shutdown is asked for, or when nobody can ask any more.
 pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|v| *v).await.map(|_| ());
@@ -229,7 +244,7 @@ async fn read_head<S: ClientIo>(
                     Ok(r) => r,
                     Err(_) => return Ok(None),
                 },
-                _ = stopped(shutdown) => return Ok(None),
+                _ = stopped_lingering(shutdown) => return Ok(None),
             }
         };
         match n {

@@ -1,7 +1,8 @@
 //! `lb` as a child process: the one way tests run the daemon ([`Lb`], built with
 //! [`LbBuilder`]: config text, admin address and token, uid, pin path, extra environment, the
-//! namespace) and one-shot commands ([`command`]). The daemon is stopped (SIGTERM, then
-//! SIGKILL) and its pins removed on drop.
+//! namespace) and one-shot commands ([`command`]). [`Lb::upgrade`] replaces the daemon with
+//! `lb run --upgrade`. The daemon is stopped (SIGTERM, then SIGKILL) and its pins removed on
+//! drop.
 use std::{
     ffi::OsString,
     net::SocketAddr,
@@ -13,6 +14,9 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{admin::Admin, netns::Netns};
+
+mod upgrade;
+pub use upgrade::Replaced;
 
 /// The `lb` binary next to the test executable (target/<profile>/lb).
 pub fn lb_binary() -> anyhow::Result<PathBuf> {
@@ -68,8 +72,14 @@ fn sweep_dead_pins() {
 
 /// Variables lb reads (`lb_user::config::ENV_VARS`) that must not leak from the developer's
 /// shell into a test: a test sets the ones it means.
-const LB_ENV: [&str; 5] =
-    ["LB_CONFIG", "LB_ADMIN", "LB_ADMIN_LISTEN", "LB_ADMIN_TOKEN", "LB_PIN_PATH"];
+const LB_ENV: [&str; 6] = [
+    "LB_CONFIG",
+    "LB_ADMIN",
+    "LB_ADMIN_LISTEN",
+    "LB_ADMIN_TOKEN",
+    "LB_PIN_PATH",
+    "LB_UPGRADE_SOCKET",
+];
 
 /// How an `lb` process is launched: where, as whom, with what environment.
 #[derive(Clone, Default)]
@@ -230,10 +240,15 @@ fn with_admin(config: &str, admin: SocketAddr) -> String {
 }
 
 fn spawn(launch: &Launch, config: &Path) -> anyhow::Result<Child> {
+    spawn_with(launch, config, &[])
+}
+
+fn spawn_with(launch: &Launch, config: &Path, extra: &[&str]) -> anyhow::Result<Child> {
     launch
         .command()?
         .args(["run", "--config"])
         .arg(config)
+        .args(extra)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .spawn()
         .context("spawn lb run")
@@ -262,14 +277,20 @@ pub struct Lb {
 }
 
 impl Lb {
-    /// `lb run` in `ns` with `config` (a TOML text); see [`LbBuilder`] for the rest.
+    /// `lb run` in `ns` with `config` (a TOML text); see [`LbBuilder`] for the rest. Its
+    /// upgrade socket is a path of its own (`LB_UPGRADE_SOCKET`), so tests never meet.
     pub fn builder(ns: &Netns, config: impl Into<String>) -> LbBuilder {
+        let socket = std::env::temp_dir().join(format!("{}.sock", crate::netns::unique("up")));
+        let launch = Launch {
+            env: vec![("LB_UPGRADE_SOCKET".into(), socket.display().to_string())],
+            ..Launch::default()
+        };
         LbBuilder {
             ns: ns.share(),
             config: config.into(),
             admin: "127.0.0.1:9901".parse().expect("address"),
             token: None,
-            launch: Launch::default(),
+            launch,
             pin: None,
             listening: Vec::new(),
         }
@@ -423,5 +444,6 @@ impl Drop for Lb {
             let _ = lb_user::dataplane::detach(std::path::Path::new(pin));
         }
         let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(self.upgrade_socket());
     }
 }

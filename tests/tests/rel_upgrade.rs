@@ -1,0 +1,474 @@
+//! Hitless upgrades (issue 14): `lb run --upgrade` under load on every userspace path and the
+//! XDP VIP at once (fresh-connection GETs to the VIP, the L7 listener and a userspace L4 TCP
+//! relay; keep-alive L7 clients; HTTPS with a handshake per GET; UDP sessions; one relay held
+//! open across the upgrades), with the same config, a changed restart-only setting and a copy
+//! of the binary: no request fails, no connection is refused. An invalid config, a successor that dies before it is ready, and
+//! one that cannot bind, leave the old process serving (and writing the XDP maps).
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::unix::net::UnixStream,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use lb_tests::{
+    backends::udp_echo_on,
+    client::{connect_in, keepalive_get, udp_socket},
+    conf,
+    http::{temp_dir, write_cert},
+    lb::{Lb, lb_binary},
+    load::{KeepAlive, Load},
+    rel,
+    scenario::{L7, Running, Scenario, TIMEOUT, WEB},
+    tls::{client_config, https_request},
+};
+use lb_user::upgrade::wire::{self, Msg, Reader};
+use rustls::pki_types::CertificateDer;
+
+const RELAY: &str = "10.0.0.1:9000";
+const DNS: &str = "10.0.0.1:5353";
+const TLS: &str = "10.0.0.1:8443";
+
+/// Two backends (HTTP on :80, UDP echo on :53), the XDP service `web`, the L7 listener
+/// `public`, the L7 TLS listener `secure` (the certificate's DER is returned), the TCP relay
+/// `relay` and the UDP listener `dns`.
+fn scenario() -> (Running, CertificateDer<'static>) {
+    let cert = write_cert(&temp_dir("upgrade"), "secure", &["secure.test"]);
+    let tls = format!("tls = [{{ cert = {:?}, key = {:?} }}]\n", cert.cert, cert.key);
+    let body = [
+        "[http]\nheader_timeout_ms = 5000\n[tcp]\nupgrade_drain_secs = 30\n".to_string(),
+        conf::http_listener("secure", TLS, &tls),
+        conf::route("secure", "app"),
+        conf::upstream("dns", &conf::list(["10.1.1.2:53", "10.1.2.2:53"])),
+        conf::tcp("relay", RELAY, "upstream = \"app\"\n"),
+        conf::tcp("dns", DNS, "protocol = \"udp\"\nupstream = \"dns\"\n"),
+    ]
+    .concat();
+    let s = Scenario::topology(2).xdp_service("").config(&body).l7("public", L7, "");
+    // Ready means every listener is bound (the L4 ones before the admin API).
+    let s = s.start().expect("lb run");
+    for i in 0..2 {
+        let ip = s.topo().backends[i].v4;
+        let u = s.backend_ns(i).run(move || UdpSocket::bind((ip, 53))).unwrap().unwrap();
+        udp_echo_on(u, &format!("u{}", i + 1));
+    }
+    (s, CertificateDer::from(cert.der))
+}
+
+/// Clients on threads of their own, each doing one exchange (`Err` says what went wrong)
+/// over and over until stopped (at most 200,000 times).
+struct Repeat {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<Vec<String>>>,
+}
+
+type Exchange = Box<dyn FnMut() -> Result<(), String> + Send>;
+
+impl Repeat {
+    fn start(clients: usize, make: impl Fn(usize) -> Exchange) -> Self {
+        let (stop, ok) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let threads = (0..clients)
+            .map(|i| {
+                let mut exchange = make(i);
+                let (stop, ok) = (stop.clone(), ok.clone());
+                std::thread::spawn(move || {
+                    let mut failures = Vec::new();
+                    for _ in 0..200_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        match exchange() {
+                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                failures.push(e);
+                                0
+                            }
+                        };
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Self { stop, ok, threads }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let failures = self.threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
+/// UDP clients, each one session (its own source port): a datagram, then its echo.
+fn udp_load(s: &Running, sessions: usize) -> Repeat {
+    Repeat::start(sessions, |i| {
+        let sock = udp_socket(s.client(), None, DNS.parse().unwrap()).unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut n = 0u64;
+        Box::new(move || {
+            n += 1;
+            let msg = format!("s{i}-{n}");
+            let mut buf = [0u8; 256];
+            match sock.send(msg.as_bytes()).and_then(|_| sock.recv(&mut buf)) {
+                Ok(len) if buf[..len].ends_with(msg.as_bytes()) => Ok(()),
+                Ok(len) => Err(format!("{msg}: got {:?}", String::from_utf8_lossy(&buf[..len]))),
+                Err(e) => Err(format!("{msg}: {e}")),
+            }
+        })
+    })
+}
+
+/// HTTPS clients, a new TLS connection per GET, to the L7 TLS listener.
+fn tls_load(s: &Running, clients: usize, root: &CertificateDer<'static>) -> Repeat {
+    Repeat::start(clients, |_| {
+        let (ns, config) = (s.client().share(), client_config(&[root]));
+        Box::new(move || {
+            let config = config.clone();
+            let req = b"GET / HTTP/1.1\r\nhost: secure.test\r\nconnection: close\r\n\r\n";
+            let got =
+                ns.run(move || https_request(TLS.parse().unwrap(), "secure.test", config, req));
+            match got.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| format!("{e:#}"))) {
+                Ok((_, resp)) if resp.starts_with("HTTP/1.1 200") => Ok(()),
+                Ok((_, resp)) => Err(format!("TLS: {:?}", resp.lines().next())),
+                Err(e) => Err(format!("TLS: {e}")),
+            }
+        })
+    })
+}
+
+/// Everything the load saw over one phase.
+struct Phase {
+    fresh: Load,
+    keepalive: KeepAlive,
+    udp: Repeat,
+    tls: Repeat,
+}
+
+impl Phase {
+    fn start(s: &Running, root: &CertificateDer<'static>) -> Self {
+        let targets = vec![WEB, L7, RELAY.parse().unwrap()];
+        let fresh = Load::builder(s.client(), targets).threads(3).start();
+        let keepalive = KeepAlive::start(s.client(), L7, 8);
+        let (udp, tls) = (udp_load(s, 4), tls_load(s, 2, root));
+        fresh.wait_for(60);
+        lb_tests::wait_until(Duration::from_secs(20), || keepalive.ok() >= 100);
+        lb_tests::wait_until(Duration::from_secs(20), || udp.ok() >= 40 && tls.ok() >= 10);
+        Self { fresh, keepalive, udp, tls }
+    }
+
+    /// Lets the load run on (against the new process) a moment, then stops it: the figures
+    /// and whether nothing failed.
+    fn finish(self) -> (String, bool) {
+        self.fresh.wait_for(60);
+        let f = self.fresh.stop();
+        let k = self.keepalive.stop();
+        let (udp_ok, udp_failed) = self.udp.stop();
+        let (tls_ok, tls_failed) = self.tls.stop();
+        let observed = format!(
+            "fresh connections (XDP VIP, L7, L4 relay): {} ok, {} failed; keep-alive L7 (8 \
+             clients): {} ok, {} failed, {} clean closes by Connection: close, {} closed \
+             between requests; UDP (4 sessions): {} ok, {} failed; TLS (a handshake per GET): \
+             {} ok, {} failed{}",
+            f.ok,
+            f.failed,
+            k.ok,
+            k.failed,
+            k.closed_by_header,
+            k.closed_idle,
+            udp_ok,
+            udp_failed.len(),
+            tls_ok,
+            tls_failed.len(),
+            if f.failed + k.failed + (udp_failed.len() + tls_failed.len()) as u64 == 0 {
+                String::new()
+            } else {
+                format!(
+                    " (first: {:?} {:?} {:?} {:?})",
+                    f.sample_failures(),
+                    k.failures.iter().take(4).collect::<Vec<_>>(),
+                    udp_failed.iter().take(4).collect::<Vec<_>>(),
+                    tls_failed.iter().take(4).collect::<Vec<_>>()
+                )
+            }
+        );
+        let pass = f.failed == 0 && k.failed == 0 && udp_failed.is_empty() && tls_failed.is_empty();
+        (observed, pass)
+    }
+}
+
+/// GET on the held relay connection: answered by a backend through the process that
+/// accepted it.
+fn held_get(held: &mut TcpStream) -> anyhow::Result<String> {
+    keepalive_get(held)
+}
+
+#[test]
+fn upgrades_under_load_fail_no_request() {
+    lb_tests::privileged!();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _rt = rt.enter();
+    let (mut s, root) = scenario();
+    let relay: SocketAddr = RELAY.parse().unwrap();
+    let mut held = connect_in(s.client(), None, relay, TIMEOUT).unwrap();
+    held_get(&mut held).expect("held relay before");
+    let first_pid = s.lb().pid();
+
+    // A copy of the binary stands for a new build.
+    let copy = std::env::temp_dir().join(format!("{}-lb", lb_tests::netns::unique("bin")));
+    std::fs::copy(lb_binary().unwrap(), &copy).unwrap();
+    let mut replaced = Vec::new();
+    let mut all_pass = true;
+    for (what, binary) in [
+        ("the same config", None),
+        ("http.header_timeout_ms changed (a reload refuses it)", None),
+        ("a copy of the binary", Some(copy.as_path())),
+    ] {
+        let restart_only = what.starts_with("http.header_timeout_ms");
+        if restart_only {
+            let lb = s.lb();
+            let text = std::fs::read_to_string(&lb.config).unwrap();
+            let text = text.replace("header_timeout_ms = 5000", "header_timeout_ms = 6000");
+            std::fs::write(&lb.config, text).unwrap();
+            let out = lb.cli_command(&["reload"]).unwrap().output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && err.contains("--upgrade"), "reload: {err}");
+        }
+        let phase = Phase::start(&s, &root);
+        let old = s.lb_mut().upgrade(binary).expect("lb run --upgrade");
+        let held_ok = held_get(&mut held);
+        let (observed, pass) = phase.finish();
+        let pass = pass && held_ok.is_ok();
+        let observed =
+            format!("{observed}; the relay held since the first process: {held_ok:?} after it");
+        rel::record(
+            "upgrade",
+            &format!("`lb run --upgrade` with {what} (pid {} → {})", old.pid(), s.lb().pid()),
+            &observed,
+            pass,
+        );
+        all_pass &= pass;
+        replaced.push(old);
+        if restart_only {
+            // The running config is the new one: a reload has nothing restart-only left.
+            s.lb().cli(&["reload"]).expect("reload after the upgrade");
+        }
+    }
+    // Every replaced process but the first has exited (nothing of theirs was held open);
+    // the first still relays the held connection, and exits once it is closed.
+    for r in replaced.iter_mut().skip(1) {
+        assert!(r.wait(Duration::from_secs(20)).unwrap().success(), "pid {} exit", r.pid());
+    }
+    let first = &mut replaced[0];
+    assert_eq!(first.pid(), first_pid);
+    let still_draining = first.exited().unwrap().is_none();
+    held_get(&mut held).expect("held relay at the end");
+    drop(held);
+    let exit = first.wait(Duration::from_secs(20)).unwrap();
+    rel::record(
+        "upgrade-held-relay",
+        "one L4 relay (keep-alive HTTP through `relay`) opened before three upgrades, used \
+         after each, then closed",
+        &format!(
+            "the first process was still draining it after all three: {still_draining}; it \
+             exited ({exit}) once the relay closed"
+        ),
+        still_draining && exit.success(),
+    );
+    let _ = std::fs::remove_file(&copy);
+    assert!(all_pass, "an upgrade failed requests: see the REL lines");
+    assert!(still_draining && exit.success());
+}
+
+#[test]
+fn failed_upgrades_leave_the_old_process_serving() {
+    lb_tests::privileged!();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _rt = rt.enter();
+    let (s, root) = scenario();
+    let lb = s.lb();
+    let pid = lb.pid();
+    let text = std::fs::read_to_string(&lb.config).unwrap();
+    let mut all_pass = true;
+    let mut check = |what: &str, outcome: String, phase: Phase| {
+        // Still the old process, and it still owns the XDP maps (a reload is refused while a
+        // successor does).
+        let status = lb.json(&["status"]).unwrap();
+        let reload = lb.cli(&["reload"]);
+        let (observed, pass) = phase.finish();
+        let pass = pass && status["pid"] == pid && reload.is_ok();
+        rel::record(
+            "upgrade-refused",
+            what,
+            &format!(
+                "{outcome}; pid {pid} still serves: {}, still writes the XDP maps (reload): \
+                 {}; {observed}",
+                status["pid"] == pid,
+                reload.is_ok()
+            ),
+            pass,
+        );
+        all_pass &= pass;
+    };
+
+    let phase = Phase::start(&s, &root);
+    let bad = text
+        .replace("upstream = \"app\"\n[[tcp.listener]]", "upstream = \"nope\"\n[[tcp.listener]]");
+    assert_ne!(bad, text);
+    let out = lb.run_beside(&bad, &["--upgrade"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("nope"), "{err}");
+    let first = err.lines().take(2).collect::<Vec<_>>().join(" ");
+    check("`lb run --upgrade` with an invalid config", format!("it exited: {first}"), phase);
+
+    // A successor that takes the sockets and dies before it is ready (the test speaks the
+    // protocol and hangs up, as a killed process's socket does).
+    let phase = Phase::start(&s, &root);
+    let sock = UnixStream::connect(lb.upgrade_socket()).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut reader = Reader::new(sock);
+    wire::send(reader.sock(), &Msg::Hello { pid: std::process::id(), upgrade: true }, &[]).unwrap();
+    let mut taken = Vec::new();
+    loop {
+        match reader.recv().unwrap() {
+            (Msg::Socket { kind, .. }, Some(fd)) => taken.push((kind, fd)),
+            (Msg::Done { .. }, _) => break,
+            other => panic!("unexpected {:?}", other.0),
+        }
+    }
+    let n = taken.len();
+    // While the successor is starting it owns the XDP maps: the old process writes none.
+    let extra = "10.1.9.9:80";
+    let paused = lb.cli(&["backend", "add", "web", extra]);
+    assert!(
+        paused.as_ref().is_err_and(|e| e.to_string().contains("owns the XDP maps")),
+        "{paused:?}"
+    );
+    drop((reader, taken));
+    lb_tests::wait_until(Duration::from_secs(10), || lb.cli(&["reload"]).is_ok());
+    let resumed = lb.cli(&["backend", "add", "web", extra]).is_ok()
+        && lb.cli(&["backend", "remove", "web", extra]).is_ok();
+    check(
+        "a successor took the listening sockets, then died before it was ready",
+        format!(
+            "it had received {n} sockets; meanwhile `lb backend add` on the XDP service was \
+             refused (503); after it died XDP backend changes applied again: {resumed}"
+        ),
+        phase,
+    );
+    assert!(resumed);
+
+    // A real successor that cannot bind a new listener (the address is taken) exits.
+    let phase = Phase::start(&s, &root);
+    let busy = s.balancer().run(|| std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+    let taken = busy.local_addr().unwrap();
+    let more = format!("{text}{}", conf::http_listener("extra", taken, ""));
+    let out = lb.run_beside(&more, &["--upgrade"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    lb_tests::wait_until(Duration::from_secs(10), || lb.cli(&["reload"]).is_ok());
+    check(
+        "`lb run --upgrade` whose new listener cannot bind (exits before ready)",
+        format!("it exited: {}", err.lines().last().unwrap_or_default()),
+        phase,
+    );
+    drop(busy);
+    assert!(all_pass, "see the REL lines");
+}
+
+/// A plain second `lb run` beside a running one is refused with the running one's pid.
+#[test]
+fn a_second_lb_run_names_the_running_one_and_upgrade() {
+    lb_tests::privileged!();
+    let s = Scenario::loopback(1).l7("web", "127.0.0.1:18090".parse().unwrap(), "");
+    let s = s.start().expect("lb run");
+    let lb: &Lb = s.lb();
+    let text = std::fs::read_to_string(&lb.config).unwrap();
+    let out = lb.run_beside(&text, &[]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("pid {}", lb.pid())) && err.contains("--upgrade"), "{err}");
+    let mut one =
+        connect_in(s.balancer(), None, "127.0.0.1:18090".parse().unwrap(), TIMEOUT).unwrap();
+    one.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    one.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+/// Kills a process the harness does not own (the successor SIGUSR2 started) on drop.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a pid this test learned from the process's own notification.
+        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+        let gone = || !std::path::Path::new(&format!("/proc/{}", self.0)).exists();
+        lb_tests::wait_until(Duration::from_secs(15), gone);
+    }
+}
+
+/// The systemd upgrade action (`systemctl kill -s USR2`): SIGUSR2 makes lb start its own
+/// successor, which takes over without a failed request and tells the service manager
+/// (`NOTIFY_SOCKET`, a datagram socket of the test's here) that it is the main process now.
+#[test]
+fn sigusr2_starts_a_successor_that_notifies_systemd() {
+    lb_tests::privileged!();
+    let notify_path =
+        std::env::temp_dir().join(format!("{}.notify", lb_tests::netns::unique("sd")));
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let listen: SocketAddr = "127.0.0.1:18090".parse().unwrap();
+    let s = Scenario::loopback(1).l7("web", listen, "");
+    let s = s.start_with(|b| b.env("NOTIFY_SOCKET", &notify_path.display().to_string()));
+    let s = s.expect("lb run");
+    let recv = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv();
+    assert_eq!(first, "READY=1\n");
+
+    let fresh = Load::builder(s.balancer(), vec![listen]).threads(2).start();
+    let keepalive = KeepAlive::start(s.balancer(), listen, 4);
+    fresh.wait_for(50);
+    let old = s.lb().pid();
+    s.lb().signal(libc::SIGUSR2);
+    let msg = recv();
+    let pid: u32 = msg
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in {msg:?}"));
+    let _successor = KillOnDrop(pid);
+    let serving = lb_tests::wait_until(Duration::from_secs(10), || {
+        s.lb().json(&["status"]).is_ok_and(|st| st["pid"] == pid)
+    });
+    fresh.wait_for(50);
+    let (f, k) = (fresh.stop(), keepalive.stop());
+    let pass = msg.contains("READY=1") && pid != old && serving && f.failed == 0 && k.failed == 0;
+    rel::record(
+        "upgrade-systemd",
+        "SIGUSR2 (`systemctl kill --signal=SIGUSR2 --kill-whom=main lb`) under load on an L7 \
+         listener",
+        &format!(
+            "notified {msg:?} (pid {old} → {pid}); the admin API answered from the successor: \
+             {serving}; fresh GETs {} ok, {} failed; keep-alive (4 clients) {} ok, {} failed, \
+             {} closes by Connection: close, {} between requests",
+            f.ok, f.failed, k.ok, k.failed, k.closed_by_header, k.closed_idle
+        ),
+        pass,
+    );
+    let _ = std::fs::remove_file(&notify_path);
+    assert!(pass, "{msg:?} {:?} {:?}", f.sample_failures(), k.failures);
+}
