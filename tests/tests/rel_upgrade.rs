@@ -228,10 +228,10 @@ fn upgrades_under_load_fail_no_request() {
     std::fs::copy(lb_binary().unwrap(), &copy).unwrap();
     let mut replaced = Vec::new();
     let mut all_pass = true;
-    for (what, binary) in [
-        ("the same config", None),
-        ("http.header_timeout_ms changed (a reload refuses it)", None),
-        ("a copy of the binary", Some(copy.as_path())),
+    for (name, what, binary) in [
+        ("same config", "the same config", None),
+        ("restart-only setting", "http.header_timeout_ms changed (a reload refuses it)", None),
+        ("new binary", "a copy of the binary", Some(copy.as_path())),
     ] {
         let restart_only = what.starts_with("http.header_timeout_ms");
         if restart_only {
@@ -251,7 +251,7 @@ fn upgrades_under_load_fail_no_request() {
         let observed =
             format!("{observed}; the relay held since the first process: {held_ok:?} after it");
         rel::record(
-            "upgrade",
+            &format!("upgrade: {name}"),
             &format!("`lb run --upgrade` with {what} (pid {} → {})", old.pid(), s.lb().pid()),
             &observed,
             pass,
@@ -275,7 +275,7 @@ fn upgrades_under_load_fail_no_request() {
     drop(held);
     let exit = first.wait(Duration::from_secs(20)).unwrap();
     rel::record(
-        "upgrade-held-relay",
+        "upgrade: a relay held across three",
         "one L4 relay (keep-alive HTTP through `relay`) opened before three upgrades, used \
          after each, then closed",
         &format!(
@@ -299,7 +299,7 @@ fn failed_upgrades_leave_the_old_process_serving() {
     let pid = lb.pid();
     let text = std::fs::read_to_string(&lb.config).unwrap();
     let mut all_pass = true;
-    let mut check = |what: &str, outcome: String, phase: Phase| {
+    let mut check = |name: &str, what: &str, outcome: String, phase: Phase| {
         // Still the old process, and it still owns the XDP maps (a reload is refused while a
         // successor does).
         let status = lb.json(&["status"]).unwrap();
@@ -307,7 +307,7 @@ fn failed_upgrades_leave_the_old_process_serving() {
         let (observed, pass) = phase.finish();
         let pass = pass && status["pid"] == pid && reload.is_ok();
         rel::record(
-            "upgrade-refused",
+            &format!("upgrade refused: {name}"),
             what,
             &format!(
                 "{outcome}; pid {pid} still serves: {}, still writes the XDP maps (reload): \
@@ -328,7 +328,12 @@ fn failed_upgrades_leave_the_old_process_serving() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success() && err.contains("nope"), "{err}");
     let first = err.lines().take(2).collect::<Vec<_>>().join(" ");
-    check("`lb run --upgrade` with an invalid config", format!("it exited: {first}"), phase);
+    check(
+        "invalid config",
+        "`lb run --upgrade` with an invalid config",
+        format!("it exited: {first}"),
+        phase,
+    );
 
     // A successor that takes the sockets and dies before it is ready (the test speaks the
     // protocol and hangs up, as a killed process's socket does).
@@ -358,6 +363,7 @@ fn failed_upgrades_leave_the_old_process_serving() {
     let resumed = lb.cli(&["backend", "add", "web", extra]).is_ok()
         && lb.cli(&["backend", "remove", "web", extra]).is_ok();
     check(
+        "successor died before ready",
         "a successor took the listening sockets, then died before it was ready",
         format!(
             "it had received {n} sockets; meanwhile `lb backend add` on the XDP service was \
@@ -377,6 +383,7 @@ fn failed_upgrades_leave_the_old_process_serving() {
     assert!(!out.status.success(), "{err}");
     lb_tests::wait_until(Duration::from_secs(10), || lb.cli(&["reload"]).is_ok());
     check(
+        "new listener cannot bind",
         "`lb run --upgrade` whose new listener cannot bind (exits before ready)",
         format!("it exited: {}", err.lines().last().unwrap_or_default()),
         phase,
@@ -458,7 +465,7 @@ fn sigusr2_starts_a_successor_that_notifies_systemd() {
     let (f, k) = (fresh.stop(), keepalive.stop());
     let pass = msg.contains("READY=1") && pid != old && serving && f.failed == 0 && k.failed == 0;
     rel::record(
-        "upgrade-systemd",
+        "upgrade: systemd SIGUSR2",
         "SIGUSR2 (`systemctl kill --signal=SIGUSR2 --kill-whom=main lb`) under load on an L7 \
          listener",
         &format!(

@@ -24,6 +24,7 @@ const REL_TESTS: &[&str] = &[
     "rel_l7_run",
     "rel_tls",
     "rel_load",
+    "rel_upgrade",
     "xdp_flood",
     "xdp_recovery",
 ];
