@@ -50,7 +50,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     }
     step(
         "release build",
-        &["cargo", "build", "--release", "-p", "lb-user", "-p", "lb-tests", "--bins"],
+        &["cargo", "build", "--release", "-p", "lb-user", "-p", "lb-bench", "--bins"],
         &[],
     )?;
     let root = std::env::current_dir()?;

@@ -14,7 +14,7 @@
 //! - `xdp-profile [SECS] [new]`: established (or new) flows in a loop, to profile with `perf record`.
 //!
 //! Plots (SVG) and their points (CSV) go to `LB_BENCH_PLOTS` (default `bench/plots`).
-mod bench;
+use lb_bench as bench;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

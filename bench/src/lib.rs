@@ -1,4 +1,5 @@
-//! Benchmark sections; each prints Markdown.
+//! The sections of `lb-bench` (each prints Markdown), its plots, and the peers and clients they
+//! drive; topology, namespaces and backends come from the test harness (`lb-tests`).
 pub mod clients;
 pub mod insitu;
 pub mod l4;
