@@ -11,6 +11,10 @@ pub mod plot;
 pub mod procs;
 pub mod tools;
 
+/// Every chart the sections draw, for `lb-bench replot`.
+pub const PLOTS: [&plot::Spec; 5] =
+    [&micro::FLOWS, &micro::BACKENDS, &l7::THROUGHPUT, &l7::SCALE_RPS, &l7::SCALE_P99];
+
 /// The median of `v` (sorted in place).
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
