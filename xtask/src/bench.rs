@@ -1,7 +1,8 @@
-//! `cargo xtask bench [--quick]`: installs the peers, builds in release mode (and the bench-only
-//! Pingora proxy, `bench/pingora-lb`, in its own target directory), runs every benchmark section
-//! side by side and writes BENCHMARKS.md with the machine and the command, and the SVG plots
-//! (with their points as CSV) under `bench/plots/`.
+//! `cargo xtask bench [--quick]`: installs the peers, builds `lb` and `lb-bench` (the `bench/`
+//! crate) in release mode (and the bench-only Pingora proxy, `bench/pingora-lb`, in its own
+//! target directory), runs every benchmark section side by side and writes BENCHMARKS.md with
+//! the machine and the command, and the SVG plots (with their points as CSV) under
+//! `bench/plots/`. `cargo xtask bench --replot` only redraws those SVGs from their CSVs.
 use std::{fmt::Write as _, process::Command};
 
 use anyhow::Context as _;
@@ -38,6 +39,20 @@ const SECTIONS: &[(&str, &str)] = &[
     ("l7-scale", "L7 scaling: keep-alive requests/s against concurrent connections"),
 ];
 
+/// `lb-bench replot`: the committed plots redrawn from their CSVs; no peers, nothing measured.
+pub fn replot() -> anyhow::Result<()> {
+    build()?;
+    step("redraw the plots", &["target/release/lb-bench", "replot"], &[("LB_BENCH_PLOTS", PLOTS)])
+}
+
+fn build() -> anyhow::Result<()> {
+    step(
+        "release build",
+        &["cargo", "build", "--release", "-p", "lb-user", "-p", "lb-bench", "--bins"],
+        &[],
+    )
+}
+
 pub fn run(quick: bool) -> anyhow::Result<()> {
     let missing: Vec<&str> =
         PEERS.iter().filter(|(_, f)| !std::path::Path::new(f).exists()).map(|(p, _)| *p).collect();
@@ -48,11 +63,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         args.extend(&missing);
         step("install benchmark peers", &args, &env)?;
     }
-    step(
-        "release build",
-        &["cargo", "build", "--release", "-p", "lb-user", "-p", "lb-tests", "--bins"],
-        &[],
-    )?;
+    build()?;
     let root = std::env::current_dir()?;
     let lb = root.join("target/release/lb");
     let bench = root.join("target/release/lb-bench");
@@ -131,8 +142,9 @@ fn header(command: &str, pingora: &str) -> String {
          kernel {}, {}. Peers are measured side by side in the same run on the same namespace \
          topology; the machine is shared and noisy, so compare ratios within a table, not \
          across runs. `--quick` runs one short round per contender; the default runs three. \
-         {pingora} Plots are SVG files in `{PLOTS}/` next to CSV files of their points, written \
-         by the same command.\n\n",
+         {pingora} Plots are SVG files in `{PLOTS}/` (drawn with plotters) next to CSV files of \
+         their points, written by the same command; `cargo xtask bench --replot` redraws the \
+         SVGs from the CSVs without measuring.\n\n",
         cores.trim(),
         kernel.trim(),
         date.trim()

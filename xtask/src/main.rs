@@ -27,11 +27,15 @@ enum Task {
     },
     /// Bootstrap, build, and show traffic through lb in a sandbox of namespaces.
     Demo,
-    /// Bootstrap, install the peers, and measure lb against them; writes BENCHMARKS.md.
+    /// Bootstrap, install the peers, and measure lb against them with `lb-bench` (the `bench/`
+    /// crate); writes BENCHMARKS.md and the plots with their points in bench/plots/.
     Bench {
         /// One short round per contender (a few minutes) instead of three full ones.
         #[arg(long)]
         quick: bool,
+        /// Measure nothing: only redraw bench/plots/*.svg from the CSVs beside them.
+        #[arg(long, conflicts_with = "quick")]
+        replot: bool,
     },
     /// Bootstrap, then the full-length reliability scenarios, testssl.sh and longer fuzz runs;
     /// writes RELIABILITY.md.
@@ -61,7 +65,8 @@ fn main() {
         Task::Bootstrap => bootstrap::run(),
         Task::Test { no_lint } => bootstrap::run().and_then(|()| test(!no_lint)),
         Task::Demo => bootstrap::run().and_then(|()| demo()),
-        Task::Bench { quick } => bootstrap::run().and_then(|()| bench::run(quick)),
+        Task::Bench { replot: true, .. } => bootstrap::run().and_then(|()| bench::replot()),
+        Task::Bench { quick, .. } => bootstrap::run().and_then(|()| bench::run(quick)),
         Task::Reliability { report_only: true, .. } => reliability::write_markdown(true),
         Task::Reliability { fuzz_secs, soak_secs, .. } => {
             bootstrap::run().and_then(|()| reliability::run(fuzz_secs, soak_secs))

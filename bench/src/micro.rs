@@ -16,7 +16,7 @@ use lb_user::{
 
 use super::{
     median,
-    plot::{self, Series},
+    plot::{self, Layout, Series, Spec},
     progress,
 };
 
@@ -173,7 +173,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             new_flows.push((n as f64, new));
         }
         md += "\n";
-        md += &curve("xdp-flows", "tracked flows (log)", est_flows, new_flows, trivial_single)?;
+        md += &curve(&FLOWS, est_flows, new_flows, trivial_single)?;
         md += "\nPer-packet cost against backends in the service (single runs, median):\n\n| backends | established ns | new flow ns |\n| ---: | ---: | ---: |\n";
         let backend_points: &[usize] =
             if quick { &[3, 64, 4095] } else { &[3, 16, 64, 256, 1024, 4095] };
@@ -188,7 +188,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             new_backends.push((b as f64, new));
         }
         md += "\n";
-        md += &curve("xdp-backends", "backends in the service (log)", est_backends, new_backends, trivial_single)?;
+        md += &curve(&BACKENDS, est_backends, new_backends, trivial_single)?;
         Ok(md)
     })??;
     println!("{report}");
@@ -205,10 +205,39 @@ fn open_flows_from(dp: &Dataplane, skip: u32, n: u32) -> anyhow::Result<f64> {
     Ok(median(&mut samples))
 }
 
+/// The per-packet cost against tracked flows, as drawn.
+pub const FLOWS: Spec = curve_spec(
+    "xdp-flows",
+    "XDP ns per packet against tracked flows",
+    "tracked flows (log)",
+    "tracked flows",
+);
+/// The per-packet cost against backends in the service, as drawn.
+pub const BACKENDS: Spec = curve_spec(
+    "xdp-backends",
+    "XDP ns per packet against backends in the service",
+    "backends in the service (log)",
+    "backends in the service",
+);
+
+const fn curve_spec(
+    name: &'static str,
+    title: &'static str,
+    x_label: &'static str,
+    x_column: &'static str,
+) -> Spec {
+    Spec {
+        name,
+        alt: title,
+        title,
+        y_label: "ns per packet (single runs, median)",
+        layout: Layout::Lines { x_label, x_column },
+    }
+}
+
 /// A plot of established and new-flow cost against `x`, with the trivial program as the floor.
 fn curve(
-    name: &str,
-    x_label: &str,
+    spec: &Spec,
     est: Vec<(f64, f64)>,
     new: Vec<(f64, f64)>,
     trivial: f64,
@@ -219,13 +248,7 @@ fn curve(
         Series { name: "established (ACK)".into(), points: est },
         Series { name: "trivial program".into(), points: floor },
     ];
-    let title = format!("XDP ns per packet against {}", x_label.trim_end_matches(" (log)"));
-    plot::save(
-        name,
-        &title,
-        &plot::lines(&title, x_label, "ns per packet (single runs, median)", &series),
-        &plot::csv(x_label.trim_end_matches(" (log)"), &series),
-    )
+    plot::save(spec, &series)
 }
 
 /// `lb-bench xdp-profile [SECS] [new]`: established-flow ACKs (or new-flow SYNs) in a loop for

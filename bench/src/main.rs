@@ -11,14 +11,22 @@
 //!   Connection: close, h2c), TLS handshakes/s, CPU per 100k requests, RSS with 10k idle
 //!   connections;
 //! - `l7-scale`: L7 keep-alive req/s against concurrent connections (10 to 10,000);
-//! - `xdp-profile [SECS] [new]`: established (or new) flows in a loop, to profile with `perf record`.
+//! - `xdp-profile [SECS] [new]`: established (or new) flows in a loop, to profile with `perf record`;
+//! - `replot`: redraws every plot from the CSV beside it, measuring nothing (no root needed).
 //!
 //! Plots (SVG) and their points (CSV) go to `LB_BENCH_PLOTS` (default `bench/plots`).
-mod bench;
+use lb_bench as bench;
+
+const USAGE: &str = "usage: lb-bench xdp-micro|xdp-insitu|l4|l4user|l7|l7-scale [--quick|--full]\n       \
+                     lb-bench xdp-profile [SECS] [new]\n       lb-bench replot";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    if args.first().map(String::as_str) == Some("replot") {
+        exit_on(replot());
+        return;
+    }
     // Before any thread exists: what every daemon started from here inherits. `lb run` logs
     // every request at info (too slow to measure), and gets as many workers as the peers.
     for (key, value) in [("RUST_LOG", "warn"), ("TOKIO_WORKER_THREADS", "2")] {
@@ -42,10 +50,22 @@ fn main() {
             args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10),
             args.iter().any(|a| a == "new"),
         ),
-        _ => Err(anyhow::anyhow!(
-            "usage: lb-bench xdp-micro|xdp-insitu|l4|l4user|l7|l7-scale [--quick|--full]"
-        )),
+        _ => Err(anyhow::anyhow!(USAGE)),
     };
+    exit_on(result);
+}
+
+/// `lb-bench replot`: the committed figures redrawn from their points, so a change to the
+/// drawing never needs a new measurement.
+fn replot() -> anyhow::Result<()> {
+    for spec in bench::PLOTS {
+        bench::plot::replot(spec)?;
+        bench::progress(&format!("redrew {}/{}.svg", bench::plot::dir(), spec.name));
+    }
+    Ok(())
+}
+
+fn exit_on(result: anyhow::Result<()>) {
     if let Err(e) = result {
         eprintln!("lb-bench: {e:#}");
         std::process::exit(1);

@@ -13,10 +13,44 @@ use lb_tests::topology::Topology;
 use super::{
     clients, median,
     peers::{self, ADDR, Certs, H2C, Kind, PLAIN, TLS},
-    plot::{self, Series},
+    plot::{self, Layout, Series, Spec},
     procs::Mem,
     progress,
     tools::{h2load, start_backend, wrk},
+};
+
+/// The `l7` throughput bars, as drawn: one group per load, one bar per proxy.
+pub const THROUGHPUT: Spec = Spec {
+    name: "l7-throughput",
+    alt: "L7 throughput by load",
+    title: "L7 proxies: requests (or handshakes) per second",
+    y_label: "per second",
+    layout: Layout::Bars {
+        row_header: "proxy",
+        groups: &[
+            ("keep-alive", "keep-alive req/s"),
+            ("Connection: close", "close req/s"),
+            ("h2c", "h2c req/s"),
+            ("h2 over TLS", "h2 TLS req/s"),
+            ("TLS handshakes", "TLS handshakes/s"),
+        ],
+    },
+};
+/// `l7-scale` req/s against concurrent connections, as drawn.
+pub const SCALE_RPS: Spec = Spec {
+    name: "l7-scale-rps",
+    alt: "L7 keep-alive req/s against concurrent connections",
+    title: "L7 keep-alive requests/s vs concurrent connections",
+    y_label: "requests/s",
+    layout: Layout::Lines { x_label: "concurrent connections (log)", x_column: "connections" },
+};
+/// `l7-scale` p99 latency against concurrent connections, as drawn.
+pub const SCALE_P99: Spec = Spec {
+    name: "l7-scale-p99",
+    alt: "L7 keep-alive p99 against concurrent connections",
+    title: "L7 keep-alive p99 latency vs concurrent connections",
+    y_label: "p99 ms",
+    layout: Layout::Lines { x_label: "concurrent connections (log)", x_column: "connections" },
 };
 
 const IDLE: usize = 10_000;
@@ -187,7 +221,6 @@ fn report(r: &BTreeMap<Kind, Samples>, rounds: usize, secs: u32) -> anyhow::Resu
         );
     }
     md += &targets(r, lb);
-    let groups = ["keep-alive", "Connection: close", "h2c", "h2 over TLS", "TLS handshakes"];
     let series: Vec<Series> = r
         .iter()
         .map(|(k, s)| Series {
@@ -199,22 +232,8 @@ fn report(r: &BTreeMap<Kind, Samples>, rounds: usize, secs: u32) -> anyhow::Resu
                 .collect(),
         })
         .collect();
-    let svg = plot::bars(
-        "L7 proxies: requests (or handshakes) per second",
-        "per second",
-        &groups,
-        &series,
-    );
-    let csv = std::iter::once(
-        "proxy,keep-alive req/s,close req/s,h2c req/s,h2 TLS req/s,TLS handshakes/s\n".to_string(),
-    )
-    .chain(series.iter().map(|s| {
-        let v: Vec<String> = s.points.iter().map(|p| format!("{:.0}", p.1)).collect();
-        format!("{},{}\n", s.name, v.join(","))
-    }))
-    .collect::<String>();
     md += "\n";
-    md += &plot::save("l7-throughput", "L7 throughput by load", &svg, &csv)?;
+    md += &plot::save(&THROUGHPUT, &series)?;
     md += &format!(
         "\n{rounds} round(s) of {secs} s per measurement, contenders alternating within a round, each on a \
          freshly built topology: client namespace → balancer namespace ({ADDR}) → 3 nginx backends \
@@ -356,28 +375,8 @@ pub fn scale(quick: bool) -> anyhow::Result<()> {
     };
     let (r, p) = (curve(&rps), curve(&p99));
     md += "\n";
-    md += &plot::save(
-        "l7-scale-rps",
-        "L7 keep-alive req/s against concurrent connections",
-        &plot::lines(
-            "L7 keep-alive requests/s vs concurrent connections",
-            "concurrent connections (log)",
-            "requests/s",
-            &r,
-        ),
-        &plot::csv("connections", &r),
-    )?;
-    md += &plot::save(
-        "l7-scale-p99",
-        "L7 keep-alive p99 against concurrent connections",
-        &plot::lines(
-            "L7 keep-alive p99 latency vs concurrent connections",
-            "concurrent connections (log)",
-            "p99 ms",
-            &p,
-        ),
-        &plot::csv("connections", &p),
-    )?;
+    md += &plot::save(&SCALE_RPS, &r)?;
+    md += &plot::save(&SCALE_P99, &p)?;
     md += &format!(
         "\nwrk -t1 -cN keep-alive for {secs} s per point ({} s from 1,000 connections: wrk opens \
          them within the run), {rounds} round(s), contenders alternating, \

@@ -1,4 +1,5 @@
-//! Benchmark sections; each prints Markdown.
+//! The sections of `lb-bench` (each prints Markdown), its plots, and the peers and clients they
+//! drive; topology, namespaces and backends come from the test harness (`lb-tests`).
 pub mod clients;
 pub mod insitu;
 pub mod l4;
@@ -9,6 +10,10 @@ pub mod peers;
 pub mod plot;
 pub mod procs;
 pub mod tools;
+
+/// Every chart the sections draw, for `lb-bench replot`.
+pub const PLOTS: [&plot::Spec; 5] =
+    [&micro::FLOWS, &micro::BACKENDS, &l7::THROUGHPUT, &l7::SCALE_RPS, &l7::SCALE_P99];
 
 /// The median of `v` (sorted in place).
 pub fn median(v: &mut [f64]) -> f64 {
