@@ -345,16 +345,7 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.nk.proto = w.pkt.proto;
     w.nk.family = w.pkt.family;
     w.nk._pad = 0;
-    mem::copy(&mut w.ns.flow, &w.key);
-    w.ns.backend_id = id;
-    w.ns.service_id = vip.service_id;
-    // The client-side hop is looked up on the first reply.
-    w.ns.hop.at_ns = 0;
-    w.ns.last_seen_ns = now;
-    w.ns.claim = 0;
-    w.ns.backend_ifindex = w.st.hop.ifindex;
-    w.ns.mtu = 0;
-    w.ns._pad = 0;
+    new_nat_state(w, id, vip.service_id, now);
     // Every flow starts unconfirmed, in the tables of its own (TCP until the handshake
     // completes, UDP until the client speaks after an answer): a flood of either can only
     // evict other unconfirmed flows.
@@ -373,6 +364,22 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
         return Err(drop(stat::DROP_MAP_FULL));
     }
     Ok(())
+}
+
+/// Fills `w.ns` for the flow `w.key` to backend `backend_id`, reached through `w.st.hop`:
+/// owned (no claim), seen `now`, no hop toward the client yet (the first reply looks it up).
+#[inline(always)]
+fn new_nat_state(w: &mut Work, backend_id: u32, service_id: u32, now: u64) {
+    mem::copy(&mut w.ns.flow, &w.key);
+    w.ns.backend_id = backend_id;
+    w.ns.service_id = service_id;
+    w.ns.hop.ifindex = 0;
+    w.ns.hop.at_ns = 0;
+    w.ns.last_seen_ns = now;
+    w.ns.claim = 0;
+    w.ns.backend_ifindex = w.st.hop.ifindex;
+    w.ns.mtu = 0;
+    w.ns._pad = 0;
 }
 
 /// Checks, once per next-hop refresh (every second of a flow's activity, and on its first
@@ -402,17 +409,7 @@ pub fn check_nat(w: &mut Work, confirmed: bool, now: u64) -> Result<(), u32> {
         Holder::Other => return Err(lost(w, confirmed)),
         Holder::Nobody => {}
     }
-    mem::copy(&mut w.ns.flow, &w.key);
-    w.ns.backend_id = w.st.backend_id;
-    w.ns.service_id = w.be.service_id;
-    // No hop toward the client yet: the next reply looks it up.
-    w.ns.hop.ifindex = 0;
-    w.ns.hop.at_ns = 0;
-    w.ns.last_seen_ns = now;
-    w.ns.claim = 0;
-    w.ns.backend_ifindex = w.st.hop.ifindex;
-    w.ns.mtu = 0;
-    w.ns._pad = 0;
+    new_nat_state(w, w.st.backend_id, w.be.service_id, now);
     if own.insert(&w.nk, &w.ns, snat::BPF_NOEXIST).is_err() {
         return Err(lost(w, confirmed));
     }

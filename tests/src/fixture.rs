@@ -150,10 +150,23 @@ pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("IP literal")
 }
 
+/// The services fixture configs combine: VIPs 10.200.0.1 and fd00:200::1, the backends behind
+/// `b1` (10.1.1.2, fd01:1::2).
+pub const WEB: &str =
+    "[[xdp.service]]\nname = \"web\"\nvip = \"10.200.0.1:80\"\nbackends = [\"10.1.1.2:80\"]\n";
+pub const WEB6: &str = "[[xdp.service]]\nname = \"web6\"\nvip = \"[fd00:200::1]:80\"\nbackends = [\"[fd01:1::2]:80\"]\n";
+pub const DNS: &str = "[[xdp.service]]\nname = \"dns\"\nvip = \"10.200.0.1:53\"\nprotocol = \"udp\"\nbackends = [\"10.1.1.2:53\"]\n";
+pub const DNS6: &str = "[[xdp.service]]\nname = \"dns6\"\nvip = \"[fd00:200::1]:53\"\nprotocol = \"udp\"\nbackends = [\"[fd01:1::2]:53\"]\n";
+
+/// A config serving the fixture's three interfaces with `services` ([`WEB`], [`DNS6`], ...).
+pub fn config(services: &[&str]) -> String {
+    format!("[xdp]\ninterfaces = [\"c0\", \"b1\", \"b2\"]\n{}", services.concat())
+}
+
 /// Runs `body` in a fresh fixture namespace, after `setup` (MTUs, routes) and with the program
 /// loaded from `config` under `opts`; the namespace goes when it returns or panics.
 pub fn in_namespace(
-    config: &'static str,
+    config: String,
     opts: LoadOptions,
     setup: impl FnOnce(&Netns) -> anyhow::Result<()>,
     body: impl FnOnce(&mut Dataplane) + Send + 'static,
@@ -161,7 +174,7 @@ pub fn in_namespace(
     let ns = namespace().expect("fixture namespace");
     setup(&ns).expect("fixture set-up");
     ns.run(move || {
-        let mut dp = dataplane_with(config, opts).expect("load program");
+        let mut dp = dataplane_with(&config, opts).expect("load program");
         body(&mut dp);
     })
     .expect("fixture body (see the panic above)");

@@ -8,19 +8,14 @@ use std::{net::IpAddr, time::Duration};
 
 use lb_common::{FAMILY_V4, NatKey, PROTO_TCP};
 use lb_tests::{
-    fixture::*,
+    fixture::{self, *},
     packet::{Frame, TCP_ACK, fields},
 };
 use lb_user::dataplane::{Dataplane, LoadOptions};
 
-const CONFIG: &str = r#"
-[xdp]
-interfaces = ["c0", "b1", "b2"]
-[[xdp.service]]
-name = "web"
-vip = "10.200.0.1:80"
-backends = ["10.1.1.2:80"]
-"#;
+fn config() -> String {
+    fixture::config(&[WEB])
+}
 const VIP: &str = "10.200.0.1";
 
 /// One SNAT port (so a second flow to the backend can only take the first one's), long
@@ -72,7 +67,7 @@ fn reply_to(dp: &Dataplane, port: u16) -> (u32, IpAddr, u16) {
 fn an_evicted_nat_entry_is_restored_while_its_port_is_free() {
     lb_tests::privileged!();
     in_namespace(
-        CONFIG,
+        config(),
         one_port(),
         |_| Ok(()),
         |dp| {
@@ -92,7 +87,7 @@ fn an_evicted_nat_entry_is_restored_while_its_port_is_free() {
 fn a_flow_whose_port_was_taken_after_an_eviction_ends_and_leaves_the_new_owner_alone() {
     lb_tests::privileged!();
     in_namespace(
-        CONFIG,
+        config(),
         one_port(),
         |_| Ok(()),
         |dp| {

@@ -9,30 +9,16 @@ use std::{
 
 use lb_tests::{
     conf,
-    fixture::*,
+    fixture::{self, *},
     icmp::{self, Icmp},
     packet::{Frame, TCP_ACK, fields},
     scenario::Scenario,
 };
 use lb_user::dataplane::{Dataplane, LoadOptions};
 
-const CONFIG: &str = r#"
-[xdp]
-interfaces = ["c0", "b1", "b2"]
-[[xdp.service]]
-name = "web"
-vip = "10.200.0.1:80"
-backends = ["10.1.1.2:80"]
-[[xdp.service]]
-name = "web6"
-vip = "[fd00:200::1]:80"
-backends = ["[fd01:1::2]:80"]
-[[xdp.service]]
-name = "dns6"
-vip = "[fd00:200::1]:53"
-protocol = "udp"
-backends = ["[fd01:1::2]:53"]
-"#;
+fn config() -> String {
+    fixture::config(&[WEB, WEB6, DNS6])
+}
 /// The MAC every fixture frame is sent from (`packet::Frame::bytes`): answers go back to it.
 const SENDER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
@@ -41,7 +27,7 @@ fn with_mtu(iface: &'static str, mtu: u32, body: impl FnOnce(&mut Dataplane) + S
     let setup = move |ns: &lb_tests::netns::Netns| {
         ns.ip(&["link", "set", iface, "mtu", &mtu.to_string()]).map(drop)
     };
-    in_namespace(CONFIG, LoadOptions::private(), setup, body);
+    in_namespace(config(), LoadOptions::private(), setup, body);
 }
 
 /// A TCP segment with `payload` bytes of payload (IP length 40 + payload for IPv4 and 60 +

@@ -4,24 +4,14 @@
 //! datagrams from spoofed sources ten times `max_flows` then evicts only unconfirmed flows:
 //! confirmed UDP and TCP flows keep their backend, SNAT port and replies.
 use lb_tests::{
-    fixture::*,
+    fixture::{self, *},
     packet::{Frame, TCP_ACK, fields},
 };
 use lb_user::dataplane::{Dataplane, LoadOptions};
 
-const CONFIG: &str = r#"
-[xdp]
-interfaces = ["c0", "b1", "b2"]
-[[xdp.service]]
-name = "web"
-vip = "10.200.0.1:80"
-backends = ["10.1.1.2:80"]
-[[xdp.service]]
-name = "dns"
-vip = "10.200.0.1:53"
-protocol = "udp"
-backends = ["10.1.1.2:53"]
-"#;
+fn config() -> String {
+    fixture::config(&[WEB, DNS])
+}
 const VIP: &str = "10.200.0.1";
 
 fn query(client: &str, sport: u16) -> Vec<u8> {
@@ -40,7 +30,7 @@ fn answer(dp: &Dataplane, port: u16) -> (u32, std::net::IpAddr, u16) {
 fn a_udp_flow_is_confirmed_when_its_client_speaks_after_an_answer() {
     lb_tests::privileged!();
     in_namespace(
-        CONFIG,
+        config(),
         LoadOptions::private(),
         |_| Ok(()),
         |dp| {
@@ -75,7 +65,7 @@ fn a_udp_flood_ten_times_max_flows_leaves_confirmed_flows_working() {
     opts.max_unconfirmed_flows = 256;
     opts.settings.cpus = 1;
     in_namespace(
-        CONFIG,
+        config(),
         opts,
         |_| Ok(()),
         |dp| {
