@@ -208,7 +208,7 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     let mut old_listeners = std::mem::take(&mut runtime.listeners);
     for s in servers {
         match old_listeners.iter().position(|r| r.server.listen == s.listen) {
-            Some(i) if old_listeners[i].server.is_tls() == s.is_tls() => {
+            Some(i) if old_listeners[i].server.terminates_tls() == s.terminates_tls() => {
                 let r = old_listeners.remove(i);
                 r.server.update_from(&s);
                 changes.push(format!(

@@ -84,11 +84,6 @@ impl Server {
         Ok(Self { name: listener.name.clone(), listen: listener.listen, ctx, http, tls, h2 })
     }
 
-    /// True when this listener terminates TLS.
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     /// Takes `other`'s routes, upstreams, per-request limits and certificates (a reload of the
     /// same listener): requests that start from now on use them, on open connections too.
     /// Header timeouts and connection limits stay (they take a restart).
@@ -206,7 +201,8 @@ impl Server {
         tokio::spawn(self.clone().connection(stream, peer, None, shutdown));
     }
 
-    /// True when this listener terminates TLS (only those can take hand-offs).
+    /// True when this listener terminates TLS (only those can take L4 hand-offs, and a reload
+    /// that toggles TLS replaces the listener).
     pub fn terminates_tls(&self) -> bool {
         self.tls.is_some()
     }
