@@ -23,7 +23,7 @@ pub struct ProxyHeader {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyError {
+pub enum ProxyHeaderError {
     /// Neither signature: the peer sent no PROXY header.
     NotProxy,
     /// A PROXY header that breaks the spec.
@@ -91,7 +91,7 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
 
 /// Parses a v1 or v2 header at the start of `data`. `Ok(None)`: a valid prefix, read more.
 /// Never panics, whatever the input.
-pub fn parse(data: &[u8]) -> Result<Option<ProxyHeader>, ProxyError> {
+pub fn parse(data: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeaderError> {
     let n = data.len().min(V2_SIGNATURE.len());
     if data[..n] == V2_SIGNATURE[..n] {
         return if n < V2_SIGNATURE.len() { Ok(None) } else { parse_v2(data) };
@@ -100,28 +100,30 @@ pub fn parse(data: &[u8]) -> Result<Option<ProxyHeader>, ProxyError> {
     if data[..n] == V1_PREFIX[..n] {
         return if n < V1_PREFIX.len() { Ok(None) } else { parse_v1(data) };
     }
-    Err(ProxyError::NotProxy)
+    Err(ProxyHeaderError::NotProxy)
 }
 
-fn parse_v1(data: &[u8]) -> Result<Option<ProxyHeader>, ProxyError> {
+fn parse_v1(data: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeaderError> {
     let window = &data[..data.len().min(V1_MAX)];
     let Some(cr) = window.iter().position(|&b| b == b'\r') else {
         if window.len() >= V1_MAX {
-            return Err(ProxyError::Malformed("v1 line longer than 107 bytes"));
+            return Err(ProxyHeaderError::Malformed("v1 line longer than 107 bytes"));
         }
         if window.contains(&b'\n') {
-            return Err(ProxyError::Malformed("v1 line ends without CR"));
+            return Err(ProxyHeaderError::Malformed("v1 line ends without CR"));
         }
         return Ok(None);
     };
     match data.get(cr + 1) {
-        _ if cr + 2 > V1_MAX => return Err(ProxyError::Malformed("v1 line longer than 107 bytes")),
+        _ if cr + 2 > V1_MAX => {
+            return Err(ProxyHeaderError::Malformed("v1 line longer than 107 bytes"));
+        }
         None => return Ok(None),
         Some(b'\n') => {}
-        Some(_) => return Err(ProxyError::Malformed("v1 CR not followed by LF")),
+        Some(_) => return Err(ProxyHeaderError::Malformed("v1 CR not followed by LF")),
     }
     let line = std::str::from_utf8(&data[V1_PREFIX.len()..cr])
-        .map_err(|_| ProxyError::Malformed("v1 line is not ASCII"))?;
+        .map_err(|_| ProxyHeaderError::Malformed("v1 line is not ASCII"))?;
     let len = cr + 2;
     let parts: Vec<&str> = line.split(' ').collect();
     if parts.first() == Some(&"UNKNOWN") {
@@ -129,51 +131,53 @@ fn parse_v1(data: &[u8]) -> Result<Option<ProxyHeader>, ProxyError> {
         return Ok(Some(ProxyHeader { addrs: None, len }));
     }
     let [fam, src, dst, sport, dport] = parts[..] else {
-        return Err(ProxyError::Malformed("v1 needs 5 fields after PROXY"));
+        return Err(ProxyHeaderError::Malformed("v1 needs 5 fields after PROXY"));
     };
-    let ip = |s: &str| -> Result<IpAddr, ProxyError> {
+    let ip = |s: &str| -> Result<IpAddr, ProxyHeaderError> {
         match fam {
             "TCP4" => s.parse::<Ipv4Addr>().map(IpAddr::V4),
             "TCP6" => s.parse::<Ipv6Addr>().map(IpAddr::V6),
-            _ => return Err(ProxyError::Malformed("v1 protocol is not TCP4, TCP6 or UNKNOWN")),
+            _ => {
+                return Err(ProxyHeaderError::Malformed("v1 protocol is not TCP4, TCP6 or UNKNOWN"));
+            }
         }
-        .map_err(|_| ProxyError::Malformed("v1 address does not match the protocol"))
+        .map_err(|_| ProxyHeaderError::Malformed("v1 address does not match the protocol"))
     };
-    let port = |s: &str| -> Result<u16, ProxyError> {
+    let port = |s: &str| -> Result<u16, ProxyHeaderError> {
         let ok = !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit());
         let ok = ok && (s == "0" || !s.starts_with('0'));
         ok.then(|| s.parse::<u16>().ok())
             .flatten()
-            .ok_or(ProxyError::Malformed("v1 port is not a number 0-65535"))
+            .ok_or(ProxyHeaderError::Malformed("v1 port is not a number 0-65535"))
     };
     let src = SocketAddr::new(ip(src)?, port(sport)?);
     let dst = SocketAddr::new(ip(dst)?, port(dport)?);
     Ok(Some(ProxyHeader { addrs: Some((src, dst)), len }))
 }
 
-fn parse_v2(data: &[u8]) -> Result<Option<ProxyHeader>, ProxyError> {
+fn parse_v2(data: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeaderError> {
     let Some(h) = data.get(12..16) else { return Ok(None) };
     let (ver_cmd, fam) = (h[0], h[1]);
     if ver_cmd >> 4 != 2 {
-        return Err(ProxyError::Malformed("v2 version is not 2"));
+        return Err(ProxyHeaderError::Malformed("v2 version is not 2"));
     }
     let cmd = ver_cmd & 0x0f;
     if cmd > 1 {
-        return Err(ProxyError::Malformed("v2 command is neither LOCAL nor PROXY"));
+        return Err(ProxyHeaderError::Malformed("v2 command is neither LOCAL nor PROXY"));
     }
     let payload = u16::from_be_bytes([h[2], h[3]]) as usize;
     if payload > V2_MAX_PAYLOAD {
-        return Err(ProxyError::Malformed("v2 header longer than 4096 bytes"));
+        return Err(ProxyHeaderError::Malformed("v2 header longer than 4096 bytes"));
     }
     let need = match fam {
         0x11 | 0x12 => 12,
         0x21 | 0x22 => 36,
         0x31 | 0x32 => 216,
         0x00 => 0,
-        _ => return Err(ProxyError::Malformed("v2 unknown address family")),
+        _ => return Err(ProxyHeaderError::Malformed("v2 unknown address family")),
     };
     if payload < need {
-        return Err(ProxyError::Malformed("v2 length shorter than its addresses"));
+        return Err(ProxyHeaderError::Malformed("v2 length shorter than its addresses"));
     }
     let len = 16 + payload;
     let Some(body) = data.get(16..len) else { return Ok(None) };
@@ -261,8 +265,8 @@ mod tests {
 
     #[test]
     fn refuses_what_the_spec_forbids() {
-        assert_eq!(parse(b"GET / HTTP/1.1"), Err(ProxyError::NotProxy));
-        assert_eq!(parse(b"\x16\x03\x01"), Err(ProxyError::NotProxy));
+        assert_eq!(parse(b"GET / HTTP/1.1"), Err(ProxyHeaderError::NotProxy));
+        assert_eq!(parse(b"\x16\x03\x01"), Err(ProxyHeaderError::NotProxy));
         for bad in [
             &b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n"[..],
             b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\rX",
@@ -274,21 +278,21 @@ mod tests {
             b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
         ] {
             assert!(
-                matches!(parse(bad), Err(ProxyError::Malformed(_))),
+                matches!(parse(bad), Err(ProxyHeaderError::Malformed(_))),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
         }
         let long = [b"PROXY TCP4 ".as_slice(), &[b'1'; 120]].concat();
-        assert!(matches!(parse(&long), Err(ProxyError::Malformed(_))));
+        assert!(matches!(parse(&long), Err(ProxyHeaderError::Malformed(_))));
         let mut v2 = encode_v2(sa("1.2.3.4:5"), sa("5.6.7.8:9"));
         v2[12] = 0x31;
-        assert!(matches!(parse(&v2), Err(ProxyError::Malformed(_))));
+        assert!(matches!(parse(&v2), Err(ProxyHeaderError::Malformed(_))));
         let mut v2 = encode_v2(sa("1.2.3.4:5"), sa("5.6.7.8:9"));
         v2[15] = 4;
-        assert!(matches!(parse(&v2), Err(ProxyError::Malformed(_))));
+        assert!(matches!(parse(&v2), Err(ProxyHeaderError::Malformed(_))));
         let mut v2 = encode_v2(sa("1.2.3.4:5"), sa("5.6.7.8:9"));
         v2[14] = 0x20;
-        assert!(matches!(parse(&v2), Err(ProxyError::Malformed(_))));
+        assert!(matches!(parse(&v2), Err(ProxyHeaderError::Malformed(_))));
     }
 }
