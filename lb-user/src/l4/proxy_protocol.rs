@@ -138,7 +138,9 @@ fn parse_v1(data: &[u8]) -> Result<Option<ProxyHeader>, ProxyHeaderError> {
             "TCP4" => s.parse::<Ipv4Addr>().map(IpAddr::V4),
             "TCP6" => s.parse::<Ipv6Addr>().map(IpAddr::V6),
             _ => {
-                return Err(ProxyHeaderError::Malformed("v1 protocol is not TCP4, TCP6 or UNKNOWN"));
+                return Err(ProxyHeaderError::Malformed(
+                    "v1 protocol is not TCP4, TCP6 or UNKNOWN",
+                ));
             }
         }
         .map_err(|_| ProxyHeaderError::Malformed("v1 address does not match the protocol"))
