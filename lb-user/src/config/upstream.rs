@@ -81,10 +81,10 @@ impl UpstreamConfig {
         if self.connect_timeout_ms == 0 || self.response_timeout_ms == 0 {
             errors.push(format!("upstream.{name}: timeouts must be at least 1 ms"));
         }
-        if let Some(tls) = &self.tls {
-            if rustls_pki_types::ServerName::try_from(tls.sni.as_str()).is_err() {
-                errors.push(format!("upstream.{name}: tls.sni {:?} is not a DNS name", tls.sni));
-            }
+        if let Some(tls) = &self.tls
+            && rustls_pki_types::ServerName::try_from(tls.sni.as_str()).is_err()
+        {
+            errors.push(format!("upstream.{name}: tls.sni {:?} is not a DNS name", tls.sni));
         }
     }
 }

@@ -116,10 +116,10 @@ pub fn add_forwarded(headers: &mut HeaderMap, c: Client<'_>) {
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(c.proto));
     }
-    if let Some(host) = c.host {
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            set(headers, X_FORWARDED_HOST, host.as_bytes());
-        }
+    if let Some(host) = c.host
+        && !headers.contains_key(&X_FORWARDED_HOST)
+    {
+        set(headers, X_FORWARDED_HOST, host.as_bytes());
     }
     let mut fwd = prior_fwd.map(|p| p + ", ").unwrap_or_default().into_bytes();
     write_forwarded(&mut fwd, addr, c.proto, c.host.map(str::as_bytes));

@@ -18,20 +18,21 @@ pub fn normalize(path: &str, out: &mut Vec<u8>) -> bool {
     let mut decoded = Vec::with_capacity(p.len());
     let mut i = 0;
     while i < p.len() {
-        if p[i] == b'%' && i + 2 < p.len() {
-            if let (Some(h), Some(l)) = (hex(p[i + 1]), hex(p[i + 2])) {
-                let c = h << 4 | l;
-                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
-                    decoded.push(c);
-                    i += 3;
-                    continue;
-                }
-                // Other escapes stay escaped, with uppercase hex (§6.2.2.1).
-                let (h, l) = (p[i + 1].to_ascii_uppercase(), p[i + 2].to_ascii_uppercase());
-                decoded.extend_from_slice(&[b'%', h, l]);
+        if p[i] == b'%'
+            && i + 2 < p.len()
+            && let (Some(h), Some(l)) = (hex(p[i + 1]), hex(p[i + 2]))
+        {
+            let c = h << 4 | l;
+            if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                decoded.push(c);
                 i += 3;
                 continue;
             }
+            // Other escapes stay escaped, with uppercase hex (§6.2.2.1).
+            let (h, l) = (p[i + 1].to_ascii_uppercase(), p[i + 2].to_ascii_uppercase());
+            decoded.extend_from_slice(&[b'%', h, l]);
+            i += 3;
+            continue;
         }
         decoded.push(p[i]);
         i += 1;

@@ -101,10 +101,10 @@ async fn forward(
         return Err(fail(ProxyError::BodyTooLarge));
     }
     // RFC 9113 §8.3.1: `:authority` and `host` must name the same authority.
-    if let (Some(a), Some(h)) = (req.uri().authority(), req.headers().get(header::HOST)) {
-        if !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) {
-            return Err(fail(ProxyError::BadRequest(":authority and host disagree")));
-        }
+    if let (Some(a), Some(h)) = (req.uri().authority(), req.headers().get(header::HOST))
+        && !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes())
+    {
+        return Err(fail(ProxyError::BadRequest(":authority and host disagree")));
     }
     let host = host_of(&req);
     let mut normalized = Vec::new();
@@ -228,10 +228,10 @@ pub async fn send(
     if h2 {
         // HTTP/2 carries the authority as `:authority`, from the URI.
         out.headers.remove(header::HOST);
-    } else if !out.headers.contains_key(header::HOST) {
-        if let Some(h) = out.authority.and_then(|h| HeaderValue::from_str(h).ok()) {
-            out.headers.insert(header::HOST, h);
-        }
+    } else if !out.headers.contains_key(header::HOST)
+        && let Some(h) = out.authority.and_then(|h| HeaderValue::from_str(h).ok())
+    {
+        out.headers.insert(header::HOST, h);
     }
     let mut body = Some(body);
     // Backends tried so far: tried[..attempts].

@@ -158,10 +158,10 @@ pub async fn forward<S: ClientIo>(
             }
         };
     }
-    if let Framing::Length(n) = head.framing {
-        if n > http.max_body_bytes {
-            return answer(io, b, http, ends, &ProxyError::BodyTooLarge, None, false).await;
-        }
+    if let Framing::Length(n) = head.framing
+        && n > http.max_body_bytes
+    {
+        return answer(io, b, http, ends, &ProxyError::BodyTooLarge, None, false).await;
     }
     // The first body bytes ride with the head in one write.
     match body.take(b.client.filled(), http.max_body_bytes) {

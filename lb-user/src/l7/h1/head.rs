@@ -179,10 +179,10 @@ pub fn parse(
         Some(a) => Some(Span::within(head, a)),
         None => c.host.map(|v| Span::within(head, v)),
     };
-    if let Some(a) = c.host {
-        if !valid_authority(a, true) {
-            return Err(HeadError::Bad("invalid Host"));
-        }
+    if let Some(a) = c.host
+        && !valid_authority(a, true)
+    {
+        return Err(HeadError::Bad("invalid Host"));
     }
     let framing = c.framing(minor)?;
     let upgrade = match (minor, c.conn_upgrade, c.upgrade) {
