@@ -20,10 +20,7 @@ use crate::{
     snat,
 };
 
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
+use crate::hdr::tcp::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN};
 /// How far from the client's next sequence number (as this program saw it) an RST may be
 /// and still end the flow: the RFC 793 window check conntrack also makes (a backend on
 /// Linux resets only on an exact match, RFC 5961), with a 64 KiB window. A blind attacker has

@@ -17,6 +17,13 @@ pub mod eth {
 
 pub mod ipv4 {
     use super::Range;
+
+    /// An IPv4 address as it sits in a 16-byte address field (its first 4 bytes).
+    #[inline(always)]
+    pub fn of(a: &[u8; 16]) -> [u8; 4] {
+        [a[0], a[1], a[2], a[3]]
+    }
+
     /// Version (high nibble) and header length in words (low nibble).
     pub const VER_IHL: usize = 0;
     pub const TOTAL_LEN: usize = 2;
@@ -44,6 +51,11 @@ pub mod ipv6 {
 }
 
 pub mod tcp {
+    /// Flag bits of the `FLAGS` byte.
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
     pub const SEQ: usize = 4;
     /// Data offset in words (high nibble).
     pub const DATA_OFF: usize = 12;

@@ -438,10 +438,5 @@ fn translate(ctx: &XdpContext, w: &Work) -> Result<(), u32> {
 /// its own: six IPv6 address updates inlined in one function overflow BPF's 512-byte stack.
 #[inline(never)]
 fn readdress(check: u16, old: &[u8; 16], new: &[u8; 16], v4: bool) -> u16 {
-    if v4 { replace32(check, first4(old), first4(new)) } else { replace128(check, old, new) }
-}
-
-#[inline(always)]
-fn first4(a: &[u8; 16]) -> [u8; 4] {
-    [a[0], a[1], a[2], a[3]]
+    if v4 { replace32(check, ipv4::of(old), ipv4::of(new)) } else { replace128(check, old, new) }
 }

@@ -24,11 +24,6 @@ pub struct Translation {
     pub dmac: [u8; 6],
 }
 
-#[inline(always)]
-fn first4(a: &[u8; 16]) -> [u8; 4] {
-    [a[0], a[1], a[2], a[3]]
-}
-
 /// Rewrites the frame in place. The packet was parsed by [`crate::parse::parse`], so every
 /// header checked there is present; the checks here are for the verifier. Not inlined: one
 /// copy serves both directions and its locals get their own stack frame.
@@ -56,7 +51,7 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, t: &Translation) -> Result<(), u3
         // SAFETY: ptr_at checked the bounds.
         let ip = unsafe { &mut *ip };
         let (old_src, old_dst, new_src, new_dst) =
-            (first4(&pkt.src), first4(&pkt.dst), first4(&t.src), first4(&t.dst));
+            (ipv4::of(&pkt.src), ipv4::of(&pkt.dst), ipv4::of(&t.src), ipv4::of(&t.dst));
         let (check, ttl) = (ipv4::CHECK, ipv4::TTL);
         let mut ip_check = u16::from_ne_bytes([ip[check], ip[check + 1]]);
         ip_check = replace32(ip_check, old_src, new_src);

@@ -12,8 +12,6 @@ use crate::{
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
 
 /// The big-endian 16-bit field at `at` of a header.
 #[inline(always)]
@@ -130,7 +128,7 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), u32> {
             // bogus header only yields a bogus length, used for RST checks alone.
             let headers = (l4_off - eth::LEN) as u32 + (h[tcp::DATA_OFF] >> 4) as u32 * 4;
             let payload = (ip_len as u32).saturating_sub(headers);
-            let len = payload + (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
+            let len = payload + (flags & tcp::SYN != 0) as u32 + (flags & tcp::FIN != 0) as u32;
             let s = tcp::SEQ;
             (flags, u32::from_be_bytes([h[s], h[s + 1], h[s + 2], h[s + 3]]), len)
         }
