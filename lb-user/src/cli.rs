@@ -3,6 +3,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 
+use crate::control::client::AdminAddr;
+
 #[derive(Debug, Parser)]
 #[command(name = "lb", version, about = "An L4 (XDP) and L7 (HTTP/TLS) load balancer")]
 pub struct Cli {
@@ -61,6 +63,15 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Exit 0 if the daemon is ready (or, with `live`, answers at all), else 1: a probe for
+    /// service managers and kubelet exec probes. With `--admin unix:PATH` it asks exactly
+    /// one process, also while another binds the same admin address (reuse_port).
+    Probe {
+        #[arg(value_enum, default_value_t = ProbeKind::Ready)]
+        kind: ProbeKind,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Remove the pinned XDP program and maps (stops kernel forwarding).
     Detach {
         /// Read the pin directory from this config.
@@ -70,6 +81,14 @@ pub enum Command {
         #[arg(long)]
         pin_path: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ProbeKind {
+    /// `/ready`: listeners bound and serving, not shutting down.
+    Ready,
+    /// `/live`: the process answers.
+    Live,
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,9 +126,10 @@ pub enum BackendAction {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdminArgs {
-    /// The admin API address of the running daemon [default: the config's, else 127.0.0.1:9901].
+    /// The admin API of the running daemon: HOST:PORT, or unix:PATH for one process's
+    /// `[admin] socket` [default: the config's listen, else 127.0.0.1:9901].
     #[arg(long, env = "LB_ADMIN")]
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<AdminAddr>,
     /// Take the admin address from this config.
     #[arg(long, short, env = "LB_CONFIG")]
     pub config: Option<PathBuf>,
@@ -123,14 +143,14 @@ pub struct AdminArgs {
 
 impl AdminArgs {
     /// The address to reach the daemon at.
-    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
-        if let Some(a) = self.admin {
-            return Ok(a);
+    pub fn addr(&self) -> anyhow::Result<AdminAddr> {
+        if let Some(a) = &self.admin {
+            return Ok(a.clone());
         }
         if let Some(path) = &self.config {
-            return Ok(crate::config::Config::load(path)?.admin.listen);
+            return Ok(AdminAddr::Tcp(crate::config::Config::load(path)?.admin.listen));
         }
-        Ok(crate::config::DEFAULT_ADMIN.parse()?)
+        Ok(AdminAddr::Tcp(crate::config::DEFAULT_ADMIN.parse()?))
     }
 
     /// The bearer token to send, if any.

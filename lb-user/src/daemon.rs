@@ -14,7 +14,10 @@ use tokio::{signal::unix, sync::watch};
 use crate::{
     config::{Config, ServiceConfig, XdpConfig},
     control::{admin, reload, state::State},
-    dataplane::{Dataplane, DataplaneError, LoadOptions, host, snat},
+    dataplane::{
+        Dataplane, DataplaneError, LoadOptions, host, snat,
+        writer::{self, WriterLock},
+    },
     l4::{self, L4},
     l7, upgrade, upstream,
 };
@@ -145,6 +148,55 @@ fn raise_nofile() {
     }
 }
 
+/// The writer lock on the XDP pin directory; None when another lb holds it and this one
+/// starts beside it (it takes the maps over later). An upgrade waits: the process it
+/// replaces lets go as the hand-over starts.
+async fn writer_lock(xdp: &XdpConfig, upgrade: bool) -> anyhow::Result<Option<WriterLock>> {
+    let pin = &xdp.pin_path;
+    let context = || format!("XDP pin directory {}: the writer lock", pin.display());
+    if upgrade {
+        let wait = tokio::time::timeout(Duration::from_secs(10), WriterLock::wait(pin)).await;
+        return match wait {
+            Ok(lock) => Ok(Some(lock.with_context(context)?)),
+            Err(_) => anyhow::bail!(
+                "XDP maps under {}: lb pid {} still writes them 10 s into the upgrade; is a third lb running beside it?",
+                pin.display(),
+                writer::holder(pin).unwrap_or(0)
+            ),
+        };
+    }
+    let lock = WriterLock::try_take(pin).with_context(context)?;
+    if lock.is_none() {
+        log::info!(
+            "XDP maps under {}: lb pid {} writes them; this process serves its listeners and takes the maps over when that one stops",
+            pin.display(),
+            writer::holder(pin).unwrap_or(0)
+        );
+    }
+    Ok(lock)
+}
+
+/// Waits for the writer lock on the XDP maps, then adopts them as a restart does (tracked
+/// flows keep their backends) and writes this config's services.
+async fn take_xdp_later(state: Arc<State>, xdp: XdpConfig, mut shutdown: watch::Receiver<bool>) {
+    let lock = tokio::select! {
+        lock = WriterLock::wait(&xdp.pin_path) => lock,
+        _ = shutdown.changed() => return,
+    };
+    let lock = match lock {
+        Ok(lock) => lock,
+        Err(e) => return log::error!("XDP maps under {}: {e}", xdp.pin_path.display()),
+    };
+    log::info!("XDP maps under {}: the other lb let go; adopting them", xdp.pin_path.display());
+    match tokio::task::spawn_blocking(move || start_xdp(&xdp)).await {
+        Ok(Ok(dp)) => state.install_dataplane(dp, lock),
+        Ok(Err(e)) => log::error!(
+            "XDP: {e}; the pinned program keeps forwarding with the maps as the other lb left them"
+        ),
+        Err(e) => log::error!("XDP: {e}"),
+    }
+}
+
 /// Runs the daemon until SIGINT/SIGTERM (or a successor took over); `config_path` is what
 /// SIGHUP and `POST /reload` read again. With `upgrade`, the listening sockets come from the
 /// running process (see `upgrade`), which stops once this one is ready.
@@ -154,10 +206,16 @@ pub async fn run(
     upgrade: bool,
 ) -> anyhow::Result<()> {
     raise_nofile();
-    let mut takeover = upgrade::begin(&config.admin.upgrade_socket, upgrade)?;
-    let dataplane = match &config.xdp {
-        Some(xdp) => Some(start_xdp(xdp)?),
-        None => None,
+    let mut takeover = upgrade::begin(&config, upgrade)?;
+    upgrade::overlap::enable_migration(&config);
+    // The XDP maps have one writer: a process started beside a running one (every listener
+    // `reuse_port`) takes them over once that one lets go.
+    let (dataplane, later) = match &config.xdp {
+        Some(xdp) => match writer_lock(xdp, takeover.is_upgrade()).await? {
+            Some(lock) => (Some((start_xdp(xdp)?, lock)), None),
+            None => (None, Some(xdp.clone())),
+        },
+        None => (None, None),
     };
     // One set of groups for the admin API, L7 and L4, so `lb backend ...` changes what they use.
     let groups = upstream::groups(&config.upstream);
@@ -174,13 +232,19 @@ pub async fn run(
     let handoffs = handoffs(&l7_listeners, &shutdown_rx);
     let l4 = L4::build(&config.tcp, &groups, &handoffs)?;
     let l4 = l4.bind_from(&mut takeover.sockets).await?;
-    let listener = admin::bind_from(config.admin.listen, &mut takeover.sockets).await?;
+    let listener = admin::bind_from(&config.admin, &mut takeover.sockets).await?;
+    let local = admin::bind_local(&config.admin)?;
     let successor = upgrade::Successor::prepare(&config, &l4, &listener, &mut takeover.sockets)?;
     let (drain, upgrade_drain) = (l4.drain(), Duration::from_secs(config.tcp.upgrade_drain_secs));
     let auth = if config.admin.token.is_some() { "bearer token required" } else { "no token" };
     log::info!("admin API on http://{} ({auth})", listener.local_addr()?);
     let state = Arc::new(State::new(config, dataplane, groups, config_path));
-    let admin_task = tokio::spawn(admin::run(listener, state.clone(), shutdown_rx.clone()));
+    if let Some(xdp) = later {
+        state.xdp_paused.store(true, Ordering::Relaxed);
+        tokio::spawn(take_xdp_later(state.clone(), xdp, shutdown_rx.clone()));
+    }
+    let admin = admin::run(listener, local, state.clone(), shutdown_rx.clone());
+    let admin_task = tokio::spawn(admin);
     let mut l4_tasks = l4.spawn(shutdown_rx);
     {
         let mut runtime = state.runtime.lock().await;
@@ -198,7 +262,7 @@ pub async fn run(
     }
     state.ready.store(true, Ordering::Relaxed);
     takeover.ready();
-    let mut handed = successor.serve(&state);
+    let (mut handed, offering) = successor.serve(&state);
 
     let mut term = unix::signal(unix::SignalKind::terminate()).context("SIGTERM handler")?;
     let mut hup = unix::signal(unix::SignalKind::hangup()).context("SIGHUP handler")?;
@@ -228,17 +292,21 @@ pub async fn run(
             },
         }
     }
-    // Not ready first (load balancers in front stop sending), then drain the listeners
-    // within http.grace_ms, then stop the admin API.
+    // Not ready first (load balancers in front stop sending); the XDP maps go to whoever
+    // takes them next; every listening socket closes at once (the copies kept for a
+    // successor too: with reuse_port the kernel moves what is queued on them to the process
+    // beside this one), then L7 drains within http.grace_ms, L4 within its drain time.
     state.ready.store(false, Ordering::Relaxed);
-    state.runtime.lock().await.shutdown().await?;
+    state.release_xdp();
+    drop(offering);
     let _ = shutdown_tx.send(true);
+    state.runtime.lock().await.shutdown().await?;
     admin_task.await??;
     // The userspace L4 listeners stop accepting and let open connections finish (10 s at most).
     while let Some(r) = l4_tasks.join_next().await {
         r??;
     }
-    if state.dataplane.is_some() {
+    if state.dataplane.get().is_some() {
         log::info!("stopped; the pinned XDP program keeps forwarding (`lb detach` removes it)");
     } else {
         log::info!("stopped");

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use hyper::Method;
 use lb_user::{
-    cli::{AdminArgs, BackendAction, Cli, Command},
+    cli::{AdminArgs, BackendAction, Cli, Command, ProbeKind},
     config::{Config, DEFAULT_PIN_PATH},
     control::client,
 };
@@ -36,7 +36,7 @@ async fn call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
-    client::call(admin.addr()?, admin.token()?.as_deref(), method, path, body).await
+    client::call(&admin.addr()?, admin.token()?.as_deref(), method, path, body).await
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
@@ -73,7 +73,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Top { interval, once, admin } => {
             let token = admin.token()?;
             let every = std::time::Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
-            lb_user::top::run(admin.addr()?, token.as_deref(), every, once).await?;
+            lb_user::top::run(&admin.addr()?, token.as_deref(), every, once).await?;
         }
         Command::Status { admin } => {
             let v = call(&admin, Method::GET, "/status", None).await?;
@@ -85,6 +85,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             output::stats(&v, admin.json)?;
         }
         Command::Backend { action } => backend(action).await?,
+        Command::Probe { kind, admin } => {
+            let path = match kind {
+                ProbeKind::Ready => "/ready",
+                ProbeKind::Live => "/live",
+            };
+            if let Err(e) = call(&admin, Method::GET, path, None).await {
+                eprintln!("lb probe: {e:#}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Detach { config, pin_path } => {
             let dir = match (pin_path, config) {
                 (Some(p), _) => p,

@@ -17,6 +17,10 @@ pub fn status(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     if s.adopted {
         println!("(adopted the pinned program and maps of a previous run)");
     }
+    if !s.xdp_writer.is_empty() {
+        println!("XDP maps written by: {}", s.xdp_writer);
+    }
+    println!("pid: {}", s.pid);
     println!("ready: {}", if s.ready { "yes" } else { "no" });
     for u in &s.unavailable {
         println!("UNAVAILABLE {u}");

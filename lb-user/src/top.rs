@@ -6,14 +6,14 @@ use std::{collections::HashMap, fmt::Write as _, net::SocketAddr, time::Duration
 use hyper::Method;
 
 use crate::control::{
-    client,
+    client::{self, AdminAddr},
     state::{BackendStats, ServiceStats, Stats},
 };
 
 /// Samples the daemon at `admin` every `every` and redraws; with `once`, prints one view
 /// (plain text, rates over one interval) and returns.
 pub async fn run(
-    admin: SocketAddr,
+    admin: &AdminAddr,
     token: Option<&str>,
     every: Duration,
     once: bool,
@@ -54,7 +54,7 @@ fn human(v: f64) -> String {
 type Counts = (u64, u64, u64, u64);
 
 /// The view of `cur`, with rates against `prev` taken `secs` earlier.
-pub fn render(prev: &Stats, cur: &Stats, secs: f64, admin: SocketAddr) -> String {
+pub fn render(prev: &Stats, cur: &Stats, secs: f64, admin: &AdminAddr) -> String {
     let secs = secs.max(1e-3);
     let before: HashMap<(&str, Option<SocketAddr>), Counts> = prev
         .services
@@ -160,7 +160,7 @@ mod tests {
             &stats(1000, 10, 0),
             &stats(3000, 30, 500),
             2.0,
-            "127.0.0.1:9901".parse().unwrap(),
+            &"127.0.0.1:9901".parse().unwrap(),
         );
         let lines: Vec<&str> = view.lines().collect();
         let svc: Vec<&str> = lines[3].split_whitespace().collect();

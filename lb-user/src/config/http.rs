@@ -95,6 +95,10 @@ pub struct ListenerConfig {
     /// Certificates chosen by SNI; empty means plain HTTP (and h2c by prior knowledge).
     #[serde(default)]
     pub tls: Vec<CertConfig>,
+    /// SO_REUSEPORT: a second `lb run` with the same config binds alongside this one
+    /// (Kubernetes rolling updates); see `upgrade::overlap`.
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 /// One certificate chain and its key, PEM files; names come from the certificate's SANs.

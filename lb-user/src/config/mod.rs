@@ -68,6 +68,12 @@ pub struct AdminConfig {
     /// of the running process; env LB_UPGRADE_SOCKET.
     #[serde(default = "default_upgrade_socket")]
     pub upgrade_socket: PathBuf,
+    /// SO_REUSEPORT on `listen`, so that an overlapping process can bind it too.
+    #[serde(default)]
+    pub reuse_port: bool,
+    /// A unix socket (mode 0600) that serves the admin API of this process only, whatever
+    /// else binds `listen`: what probes use while two processes overlap.
+    pub socket: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -77,6 +83,8 @@ impl Default for AdminConfig {
             token: None,
             allow_insecure: false,
             upgrade_socket: default_upgrade_socket(),
+            reuse_port: false,
+            socket: None,
         }
     }
 }

@@ -74,6 +74,10 @@ pub struct TcpListenerConfig {
     /// splice(2) between the sockets when the kernel allows it; false forces plain copies.
     #[serde(default = "yes")]
     pub zero_copy: bool,
+    /// SO_REUSEPORT: a second `lb run` with the same config binds alongside this one
+    /// (Kubernetes rolling updates); see `upgrade::overlap`.
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 /// `{ host = "db.example.com", upstream = "db", passthrough = true }` or

@@ -9,57 +9,113 @@ use hyper::{
     Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::{TcpListener, TcpSocket, UnixListener, UnixStream},
+    sync::watch,
+};
 
 use super::{
     metrics, reload,
     state::{AddBackend, Change, State},
 };
+use crate::config::AdminConfig;
 
 /// Admin request bodies are small JSON documents.
 const MAX_BODY: usize = 64 * 1024;
 
-/// Serves the admin API on `listener` until `shutdown` turns true.
+/// Serves the admin API on `listener` (and on the unix socket `local`, if any) until
+/// `shutdown` turns true.
 pub async fn run(
     listener: TcpListener,
+    local: Option<UnixListener>,
     state: Arc<State>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     loop {
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => accepted?,
+        tokio::select! {
+            accepted = listener.accept() => serve(accepted?.0, &state),
+            Ok((stream, _)) = accept_local(&local) => serve(stream, &state),
             _ = shutdown.changed() => return Ok(()),
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, state.clone()));
-            if let Err(e) =
-                http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
-                log::debug!("admin connection: {e}");
-            }
-        });
+        }
     }
+}
+
+async fn accept_local(
+    local: &Option<UnixListener>,
+) -> std::io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
+    match local {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn serve<S>(stream: S, state: &Arc<State>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let state = state.clone();
+    tokio::spawn(async move {
+        let service = service_fn(move |req| handle(req, state.clone()));
+        if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+        {
+            log::debug!("admin connection: {e}");
+        }
+    });
 }
 
 /// The admin listener a replaced process handed over, else [`bind`].
 pub async fn bind_from(
-    addr: SocketAddr,
+    admin: &AdminConfig,
     inherited: &mut crate::upgrade::Inherited,
 ) -> anyhow::Result<TcpListener> {
-    match inherited.tcp(crate::upgrade::Kind::Admin, "admin", addr) {
-        Some(l) => Ok(TcpListener::from_std(l)?),
-        None => bind(addr).await,
+    match inherited.tcp(crate::upgrade::Kind::Admin, "admin", admin.listen) {
+        Some(l) => {
+            crate::upgrade::overlap::set_reuse_port(&l, admin.reuse_port)?;
+            l.set_nonblocking(true)?;
+            Ok(TcpListener::from_std(l)?)
+        }
+        None => bind(admin.listen, admin.reuse_port).await,
     }
 }
 
-/// Binds the admin listener, with an error that says what to change.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+/// Binds the admin listener (SO_REUSEPORT when `shared`), with an error that says what to
+/// change.
+pub async fn bind(addr: SocketAddr, shared: bool) -> anyhow::Result<TcpListener> {
+    let bind = || {
+        let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        s.set_reuseaddr(true)?;
+        s.set_reuseport(shared)?;
+        s.bind(addr)?;
+        s.listen(1024)
+    };
+    bind().map_err(|e| {
         anyhow::anyhow!(
             "cannot listen for the admin API on {addr}: {e}. Is another lb running? Set [admin] listen to a free address"
         )
     })
+}
+
+/// The admin API's unix socket of this process (mode 0600; a file left by a dead process is
+/// replaced), or None when the config names none.
+pub fn bind_local(admin: &AdminConfig) -> anyhow::Result<Option<UnixListener>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(path) = &admin.socket else { return Ok(None) };
+    let fail = |e: std::io::Error| {
+        anyhow::anyhow!(
+            "cannot serve the admin API on the unix socket {}: {e}. Set [admin] socket to a writable path",
+            path.display()
+        )
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
+        _ => {}
+    }
+    let l = UnixListener::bind(path).map_err(fail)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+    Ok(Some(l))
 }
 
 type Resp = Response<Full<Bytes>>;

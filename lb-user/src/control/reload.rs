@@ -117,8 +117,7 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     let mut runtime = state.runtime.lock().await;
     if state.xdp_paused.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(ReloadError::Invalid(vec![
-            "a new lb process (`lb run --upgrade`) has taken over from this one: reload that one"
-                .into(),
+            "another lb process writes the XDP maps (one that took over with `lb run --upgrade`, or the one this process waits to take over from): reload that one".into(),
         ]));
     }
     let path = state.config_path.as_ref().ok_or_else(|| {
@@ -181,7 +180,7 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     // Apply. XDP first: `apply` is idempotent and keeps service and backend ids, so tracked
     // flows keep their backend; only changed services' rings are rewritten. SNAT pools before
     // services, so new backends' first flows already spread over added addresses.
-    if let (Some(dp), Some(xdp)) = (&state.dataplane, &new.xdp) {
+    if let (Some(dp), Some(xdp)) = (state.dataplane.get(), &new.xdp) {
         let mut dp = dp.lock().unwrap_or_else(|e| e.into_inner());
         changes.extend(dp.apply_snat(&pools).map_err(|e| ReloadError::Apply(e.to_string()))?);
         dp.apply(&xdp.services).map_err(|e| ReloadError::Apply(e.to_string()))?;
@@ -211,6 +210,9 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
             Some(i) if old_listeners[i].server.terminates_tls() == s.terminates_tls() => {
                 let r = old_listeners.remove(i);
                 r.server.update_from(&s);
+                // reuse_port applies to the socket in place (the group forms at the next bind).
+                crate::upgrade::overlap::set_reuse_port(&r.socket, s.reuse_port)
+                    .map_err(|e| ReloadError::Apply(e.to_string()))?;
                 changes.push(format!(
                     "listener {} on {}: routes, upstreams, certificates updated",
                     s.name, s.listen
@@ -220,6 +222,8 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
             Some(i) => {
                 let r = old_listeners.remove(i);
                 let socket = r.socket.try_clone().map_err(|e| ReloadError::Apply(e.to_string()))?;
+                crate::upgrade::overlap::set_reuse_port(&socket, s.reuse_port)
+                    .map_err(|e| ReloadError::Apply(e.to_string()))?;
                 let listener =
                     TcpListener::from_std(socket).map_err(|e| ReloadError::Apply(e.to_string()))?;
                 let _ = r.stop.send(true);
@@ -269,6 +273,8 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         }
     };
     differs("admin.listen", old.admin.listen != new.admin.listen);
+    differs("admin.reuse_port", old.admin.reuse_port != new.admin.reuse_port);
+    differs("admin.socket", old.admin.socket != new.admin.socket);
     match (&old.xdp, &new.xdp) {
         (None, None) => {}
         (Some(a), Some(b)) => {

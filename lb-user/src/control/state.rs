@@ -3,7 +3,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -15,18 +15,28 @@ use thiserror::Error;
 use super::reload::Runtime;
 use crate::{
     config::Config,
-    dataplane::{Dataplane, DataplaneError, changes::HostChange, tables::TableError},
+    dataplane::{
+        Dataplane, DataplaneError,
+        changes::HostChange,
+        tables::TableError,
+        writer::{self, WriterLock},
+    },
     health::{self, BackendHealth},
     l4::ListenerSnapshot,
     upstream::{GroupError, Groups},
 };
+
+/// How long a process whose successor died waits for the successor's writer lock to go.
+const RETAKE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Shared by the admin handlers. The data plane sits behind a mutex: map syscalls happen on
 /// admin requests and health changes, never on a packet or request path. The config and the
 /// groups are swapped whole by a reload.
 pub struct State {
     pub config: ArcSwap<Config>,
-    pub dataplane: Option<Mutex<Dataplane>>,
+    /// Set once this process writes the XDP maps: at start, or later when another process
+    /// held them (an overlapping start) and let go.
+    pub dataplane: OnceLock<Mutex<Dataplane>>,
     pub groups: ArcSwap<Groups>,
     /// Where the config was read from; a reload reads it again.
     pub config_path: Option<PathBuf>,
@@ -36,9 +46,12 @@ pub struct State {
     pub ready: AtomicBool,
     /// The L7 listeners and health checkers; its lock also serializes reloads.
     pub runtime: tokio::sync::Mutex<Runtime>,
-    /// True while a process taking over (`lb run --upgrade`) owns the XDP maps: this one
-    /// writes them no more (backend changes refused, health changes not applied).
+    /// True while another process owns the XDP maps (one taking over with `lb run
+    /// --upgrade`, or the one this process overlaps): this one writes them no more (backend
+    /// changes refused, health changes not applied).
     pub xdp_paused: AtomicBool,
+    /// The right to write the XDP maps (`dataplane::writer`), while this process has it.
+    pub xdp_writer: Mutex<Option<WriterLock>>,
 }
 
 #[derive(Debug, Error)]
@@ -50,7 +63,7 @@ pub enum StateError {
     #[error(transparent)]
     Group(#[from] GroupError),
     #[error(
-        "XDP service {0:?}: a new lb process (`lb run --upgrade`) owns the XDP maps now; send the change to it"
+        "XDP service {0:?}: another lb process writes the XDP maps now (one that took over with `lb run --upgrade`, or the one this process waits to take over from; `lb status` says which): send the change to it"
     )]
     HandedOver(String),
 }
@@ -93,6 +106,9 @@ pub struct Status {
     /// The daemon's process id (which process answers, during an upgrade).
     #[serde(default)]
     pub pid: u32,
+    /// Who writes the XDP maps: "this process", or why not (empty without `[xdp]`).
+    #[serde(default)]
+    pub xdp_writer: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -170,24 +186,87 @@ impl State {
     /// The state of a daemon that has not started its listeners yet (not ready).
     pub fn new(
         config: Config,
-        dataplane: Option<Dataplane>,
+        dataplane: Option<(Dataplane, WriterLock)>,
         groups: Groups,
         config_path: Option<PathBuf>,
     ) -> Self {
+        let (dataplane, writer) = match dataplane {
+            Some((dp, lock)) => (OnceLock::from(Mutex::new(dp)), Some(lock)),
+            None => (OnceLock::new(), None),
+        };
         Self {
             config: ArcSwap::from_pointee(config),
-            dataplane: dataplane.map(Mutex::new),
+            dataplane,
             groups: ArcSwap::from_pointee(groups),
             config_path,
             health: Arc::default(),
             ready: AtomicBool::new(false),
             runtime: tokio::sync::Mutex::new(Runtime::default()),
             xdp_paused: AtomicBool::new(false),
+            xdp_writer: Mutex::new(writer),
         }
     }
 
-    fn dataplane(&self) -> Option<std::sync::MutexGuard<'_, Dataplane>> {
-        self.dataplane.as_ref().map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
+    pub fn dataplane(&self) -> Option<std::sync::MutexGuard<'_, Dataplane>> {
+        self.dataplane.get().map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, Option<WriterLock>> {
+        self.xdp_writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This process writes the XDP maps from now on: the data plane it started once another
+    /// process let go of them.
+    pub fn install_dataplane(&self, dp: Dataplane, lock: WriterLock) {
+        *self.writer() = Some(lock);
+        if self.dataplane.set(Mutex::new(dp)).is_err() {
+            log::warn!("a data plane was installed twice; the first stays");
+        }
+        self.xdp_paused.store(false, Ordering::Relaxed);
+    }
+
+    /// Stops writing the XDP maps and lets another process take them (a successor taking
+    /// over, or an overlapping process once this one stops).
+    pub fn release_xdp(&self) {
+        self.xdp_paused.store(true, Ordering::Relaxed);
+        if let Some(lock) = self.writer().take() {
+            log::info!("XDP maps under {} released to the next writer", lock.path().display());
+        }
+    }
+
+    /// Writes the XDP maps again after a successor went away before it was ready: only if no
+    /// other process took them meanwhile. A successor that is still exiting may hold the lock
+    /// a moment longer than its socket, hence the wait.
+    pub async fn retake_xdp(&self) {
+        let Some(pin) = self.config.load().xdp.as_ref().map(|x| x.pin_path.clone()) else {
+            return;
+        };
+        let wait = tokio::time::timeout(RETAKE_WAIT, WriterLock::wait(&pin)).await;
+        match wait {
+            Ok(Ok(lock)) => {
+                *self.writer() = Some(lock);
+                self.xdp_paused.store(false, Ordering::Relaxed);
+            }
+            Err(_) => log::warn!(
+                "XDP maps under {}: another lb (pid {}) writes them now; this one leaves them alone",
+                pin.display(),
+                writer::holder(&pin).unwrap_or(0)
+            ),
+            Ok(Err(e)) => {
+                log::warn!("XDP maps under {}: cannot take the writer lock: {e}", pin.display())
+            }
+        }
+    }
+
+    fn xdp_writer_status(&self) -> String {
+        let Some(xdp) = &self.config.load().xdp else { return String::new() };
+        if self.writer().is_some() && !self.xdp_paused.load(Ordering::Relaxed) {
+            return "this process".into();
+        }
+        match writer::holder(&xdp.pin_path) {
+            Some(pid) if pid != std::process::id() => format!("pid {pid}"),
+            _ => "nobody (handed over)".into(),
+        }
     }
 
     pub fn status(&self) -> Status {
@@ -223,6 +302,7 @@ impl State {
             unavailable,
             host,
             pid: std::process::id(),
+            xdp_writer: self.xdp_writer_status(),
         }
     }
 
@@ -254,6 +334,9 @@ impl State {
             }
             log::info!("backend {addr} of XDP service {service}: {change:?}");
             return Ok(());
+        }
+        if self.dataplane.get().is_none() && self.xdp_service_names().iter().any(|n| n == service) {
+            return Err(StateError::HandedOver(service.into()));
         }
         let groups = self.groups.load();
         let group = groups.get(service).ok_or_else(|| StateError::NotFound(service.into()))?;

@@ -8,6 +8,7 @@ mod loader;
 pub mod snat;
 pub mod tables;
 mod vip;
+pub mod writer;
 
 pub use link::Linked;
 pub use loader::{

@@ -200,14 +200,27 @@ impl L4 {
                 };
                 L4Error::Bind { listener: name.clone(), addr, source, hint }
             };
+            let shared = match &s {
+                Service::Tcp(t) => t.config.reuse_port,
+                Service::Udp(u) => u.config.reuse_port,
+            };
+            let reuse = |fd: &dyn std::os::fd::AsFd| {
+                crate::upgrade::overlap::set_reuse_port(&fd.as_fd(), shared).map_err(err)
+            };
             let socket = match &s {
                 Service::Tcp(_) => match inherited.tcp(crate::upgrade::Kind::Tcp, name, addr) {
-                    Some(l) => Socket::Tcp(TcpListener::from_std(l).map_err(err)?),
-                    None => Socket::Tcp(tcp_listener(addr).map_err(err)?),
+                    Some(l) => {
+                        reuse(&l)?;
+                        Socket::Tcp(TcpListener::from_std(l).map_err(err)?)
+                    }
+                    None => Socket::Tcp(tcp_listener(addr, shared).map_err(err)?),
                 },
                 Service::Udp(_) => match inherited.udp(name, addr) {
-                    Some(u) => Socket::Udp(UdpSocket::from_std(u).map_err(err)?),
-                    None => Socket::Udp(UdpSocket::bind(addr).await.map_err(err)?),
+                    Some(u) => {
+                        reuse(&u)?;
+                        Socket::Udp(UdpSocket::from_std(u).map_err(err)?)
+                    }
+                    None => Socket::Udp(udp_socket(addr, shared).map_err(err)?),
                 },
             };
             listeners.push((s, socket));
@@ -217,13 +230,26 @@ impl L4 {
 }
 
 /// A listening socket whose accepted connections inherit TCP_NODELAY (one setsockopt per
-/// listener rather than per connection), with the L7 listeners' backlog of 4096.
-fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// listener rather than per connection), with the L7 listeners' backlog of 4096;
+/// SO_REUSEPORT when `shared`.
+fn tcp_listener(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
     let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     s.set_reuseaddr(true)?;
+    s.set_reuseport(shared)?;
     s.set_nodelay(true)?;
     s.bind(addr)?;
     s.listen(4096)
+}
+
+/// A UDP listener socket, SO_REUSEPORT when `shared` (set before bind, so tokio's
+/// `UdpSocket::bind` cannot make it).
+fn udp_socket(addr: SocketAddr, shared: bool) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Socket as Raw, Type};
+    let s = Raw::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    s.set_reuse_port(shared)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
 }
 
 impl Bound {

@@ -100,6 +100,9 @@ async fn accept_loop(
         // (often on the other worker thread) for every connection that ends.
         while conns.try_join_next().is_some() {}
     }
+    // Closed before the drain: with reuse_port the kernel moves what is queued on it to the
+    // process beside this one (the daemon closes its other copies too).
+    drop(listener);
     let drained = tokio::time::timeout(service.drain.get(), async {
         while conns.join_next().await.is_some() {}
     })

@@ -36,6 +36,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub struct Server {
     pub name: String,
     pub listen: SocketAddr,
+    /// SO_REUSEPORT (`reuse_port`): an overlapping process may bind `listen` too.
+    pub reuse_port: bool,
     /// Routes and upstreams, read per request so a reload reaches open connections too.
     ctx: ArcSwap<Ctx>,
     http: Arc<HttpConfig>,
@@ -81,7 +83,9 @@ impl Server {
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(256));
         let ctx = ArcSwap::new(ctx);
-        Ok(Self { name: listener.name.clone(), listen: listener.listen, ctx, http, tls, h2 })
+        let (name, listen, reuse_port) =
+            (listener.name.clone(), listener.listen, listener.reuse_port);
+        Ok(Self { name, listen, reuse_port, ctx, http, tls, h2 })
     }
 
     /// Takes `other`'s routes, upstreams, per-request limits and certificates (a reload of the
@@ -101,7 +105,10 @@ impl Server {
     ) -> Result<TcpListener, L7Error> {
         let err = |source| L7Error::Bind { listener: self.name.clone(), addr: self.listen, source };
         match inherited.tcp(crate::upgrade::Kind::Http, &self.name, self.listen) {
-            Some(l) => TcpListener::from_std(l).map_err(err),
+            Some(l) => {
+                crate::upgrade::overlap::set_reuse_port(&l, self.reuse_port).map_err(err)?;
+                TcpListener::from_std(l).map_err(err)
+            }
             None => self.bind().await,
         }
     }
@@ -115,6 +122,7 @@ impl Server {
                 tokio::net::TcpSocket::new_v6()?
             };
             socket.set_reuseaddr(true)?;
+            socket.set_reuseport(self.reuse_port)?;
             socket.bind(self.listen)?;
             // tokio's default backlog (128) drops SYNs in a burst of new connections while
             // the accept loop catches up; the kernel caps this at net.core.somaxconn.

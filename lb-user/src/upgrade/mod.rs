@@ -7,6 +7,7 @@
 //! pinned maps) and sends one `Socket` per listener, then `Done`; new → `Ready` once it
 //! serves; old → `Stopping`, then drains. If the new process goes away before `Ready`, the old
 //! one resumes its XDP writes and keeps everything (it never stopped serving).
+pub mod overlap;
 pub mod systemd;
 mod take;
 pub mod wire;
@@ -16,7 +17,7 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd as _, OwnedFd},
     path::Path,
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::Duration,
 };
 
@@ -40,9 +41,9 @@ pub enum UpgradeError {
     )]
     Connect { path: String, source: io::Error },
     #[error(
-        "another lb (pid {pid}) is running with the upgrade socket {path}: use `lb run --upgrade` to take over from it without a gap, or stop it first"
+        "another lb (pid {pid}) is running with the upgrade socket {path}: use `lb run --upgrade` to take over from it without a gap, set reuse_port = true on {lacking} to run beside it, or stop it first"
     )]
-    Running { pid: u32, path: String },
+    Running { pid: u32, path: String, lacking: String },
     #[error("the running lb refused the upgrade: {0}")]
     Refused(String),
     #[error("upgrade socket {path}: {source}")]
@@ -163,7 +164,8 @@ fn bind(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
-    // `begin` found nobody answering here, so a file left is a dead process's.
+    // `begin` found nobody answering here (a file left is a dead process's), or a process
+    // this one overlaps: the newest process owns the path, so an upgrade reaches it.
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -199,13 +201,25 @@ impl Successor {
     }
 
     /// Answers upgrade requests; the receiver yields the pid of the successor that took over
-    /// (never, without a socket).
-    pub fn serve(self, state: &Arc<State>) -> mpsc::Receiver<u32> {
+    /// (never, without a socket). Dropping the guard stops answering and closes the copies
+    /// of the listening sockets kept for a successor.
+    pub fn serve(self, state: &Arc<State>) -> (mpsc::Receiver<u32>, Offering) {
         let (tx, rx) = mpsc::channel(1);
-        if let Some(socket) = self.socket {
-            tokio::spawn(serve(socket, state.clone(), self.offers, tx));
+        let task = self.socket.map(|socket| {
+            tokio::spawn(serve(socket, state.clone(), self.offers, tx)).abort_handle()
+        });
+        (rx, Offering(task))
+    }
+}
+
+/// The task that offers this process's sockets to a successor; aborted on drop.
+pub struct Offering(Option<tokio::task::AbortHandle>);
+
+impl Drop for Offering {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
         }
-        rx
     }
 }
 
@@ -255,7 +269,7 @@ async fn serve(
             Ok(None) => {}
             Err(e) => {
                 // Nothing was given up: the sockets are shared, never closed here.
-                state.xdp_paused.store(false, Ordering::Relaxed);
+                state.retake_xdp().await;
                 log::warn!(
                     "upgrade: the new process went away before it was ready ({e}); this one keeps serving and writing the XDP maps"
                 );
@@ -295,7 +309,8 @@ fn session<'a>(
     log::info!(
         "upgrade: pid {pid} is taking over; XDP map writes paused until it is ready or gone"
     );
-    state.xdp_paused.store(true, Ordering::Relaxed);
+    // The successor adopts the pinned maps as soon as it has the sockets.
+    state.release_xdp();
     for o in offers {
         let msg = Msg::Socket { kind: o.kind, name: o.name.clone(), listen: o.listen };
         wire::send(reader.sock(), &msg, &[o.fd.as_fd()])?;

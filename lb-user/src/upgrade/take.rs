@@ -1,6 +1,9 @@
 //! The new process's side of an upgrade: ask the running process for its sockets, and tell it
-//! when to stop. Also the check that a plain `lb run` is not started over a running one.
-use std::{io, os::unix::net::UnixStream, path::Path, time::Duration};
+//! when to stop. Also the check that a plain `lb run` is not started over a running one
+//! unless every listener can be shared with it (`overlap`).
+use std::{io, os::unix::net::UnixStream, time::Duration};
+
+use crate::config::Config;
 
 use super::{
     Inherited, Offer, UpgradeError,
@@ -18,12 +21,16 @@ pub struct Takeover {
     pub sockets: Inherited,
     conn: Option<Reader>,
     old_pid: u32,
+    /// The pid of a running lb this plain start binds beside (every listener `reuse_port`).
+    pub overlapping: Option<u32>,
 }
 
-/// For `lb run --upgrade` (`upgrade`), takes the running process's sockets over `path`; for a
-/// plain `lb run`, fails if a running lb answers there (its sockets are in use: the start
-/// would fail on the first bind, less clearly).
-pub fn begin(path: &Path, upgrade: bool) -> Result<Takeover, UpgradeError> {
+/// For `lb run --upgrade` (`upgrade`), takes the running process's sockets over the upgrade
+/// socket of `config`; for a plain `lb run`, fails if a running lb answers there and a
+/// listener of `config` lacks `reuse_port` (its socket is in use: the start would fail on
+/// that bind, less clearly).
+pub fn begin(config: &Config, upgrade: bool) -> Result<Takeover, UpgradeError> {
+    let path = &config.admin.upgrade_socket;
     let shown = path.display().to_string();
     let io = |source: io::Error| UpgradeError::Io { path: shown.clone(), source };
     let stream = match UnixStream::connect(path) {
@@ -37,10 +44,18 @@ pub fn begin(path: &Path, upgrade: bool) -> Result<Takeover, UpgradeError> {
     let hello = Msg::Hello { pid: std::process::id(), upgrade };
     wire::send(reader.sock(), &hello, &[]).map_err(io)?;
     if !upgrade {
-        return match reader.recv().map_err(io)? {
-            (Msg::Running { pid }, _) => Err(UpgradeError::Running { pid, path: shown }),
-            (other, _) => Err(UpgradeError::Protocol(format!("{other:?}"))),
+        let pid = match reader.recv().map_err(io)? {
+            (Msg::Running { pid }, _) => pid,
+            (other, _) => return Err(UpgradeError::Protocol(format!("{other:?}"))),
         };
+        let lacking = super::overlap::lacking(config);
+        if !lacking.is_empty() {
+            return Err(UpgradeError::Running { pid, path: shown, lacking: lacking.join(", ") });
+        }
+        log::info!(
+            "lb pid {pid} runs with this config's sockets: binding beside it (reuse_port); it keeps the XDP maps until it stops"
+        );
+        return Ok(Takeover { overlapping: Some(pid), ..Takeover::default() });
     }
     let mut sockets = Inherited::default();
     loop {
@@ -53,7 +68,12 @@ pub fn begin(path: &Path, upgrade: bool) -> Result<Takeover, UpgradeError> {
                     "upgrade: pid {pid} handed over {} listening sockets",
                     sockets.sockets.len()
                 );
-                return Ok(Takeover { sockets, conn: Some(reader), old_pid: pid });
+                return Ok(Takeover {
+                    sockets,
+                    conn: Some(reader),
+                    old_pid: pid,
+                    overlapping: None,
+                });
             }
             (Msg::Refused { reason }, _) => return Err(UpgradeError::Refused(reason)),
             (other, _) => return Err(UpgradeError::Protocol(format!("{other:?}"))),
@@ -62,6 +82,11 @@ pub fn begin(path: &Path, upgrade: bool) -> Result<Takeover, UpgradeError> {
 }
 
 impl Takeover {
+    /// Whether this start takes over from a running process (`lb run --upgrade`).
+    pub fn is_upgrade(&self) -> bool {
+        self.conn.is_some()
+    }
+
     /// Tells the replaced process (if any) that this one serves: it stops accepting and
     /// drains. Sockets nobody took (listeners the new config dropped) are closed here; the old
     /// process closes its copies as it exits. Then tells a service manager, if any. This
