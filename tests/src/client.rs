@@ -215,3 +215,56 @@ pub fn ping(ns: &Netns, target: IpAddr, timeout: Duration) -> anyhow::Result<boo
         Ok(sock.recv(&mut buf).is_ok_and(|n| n >= 8 && buf[0] == reply))
     })?
 }
+
+/// A connector for hyper-util's pooled client that opens each TCP connection from `ns` (the
+/// client's runtime thread stays where it is: only the socket is made inside).
+#[derive(Clone)]
+pub struct NetnsConnector {
+    ns: std::sync::Arc<Netns>,
+}
+
+impl NetnsConnector {
+    pub fn new(ns: &Netns) -> Self {
+        Self { ns: std::sync::Arc::new(ns.share()) }
+    }
+}
+
+type Connecting = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>>,
+            > + Send,
+    >,
+>;
+
+impl tower_service::Service<hyper::Uri> for NetnsConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = Connecting;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let ns = self.ns.clone();
+        Box::pin(async move {
+            let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+            let addr: SocketAddr = authority.parse().map_err(std::io::Error::other)?;
+            let connect = move || {
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+                s.set_nodelay(true)?;
+                s.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(s)
+            };
+            let std = tokio::task::spawn_blocking(move || ns.run(connect))
+                .await
+                .map_err(std::io::Error::other)?
+                .map_err(std::io::Error::other)??;
+            Ok(hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(std)?))
+        })
+    }
+}

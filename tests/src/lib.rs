@@ -4,7 +4,8 @@
 //! - [`lb`]: the `lb` process ([`lb::Lb`], built with [`lb::LbBuilder`]) and one-shot commands;
 //! - [`scenario`]: "topology + backends + config + `lb run`" in one call, with [`conf`] for the
 //!   TOML pieces;
-//! - [`backends`]: every kind of backend; [`client`], [`load`], [`admin`], [`tls`]: the clients;
+//! - [`backends`]: every kind of backend; [`client`], [`load`], [`repeat`], [`admin`], [`tls`]:
+//!   the clients;
 //! - [`l4`], [`http`]: the L4 and L7 proxies in-process (no root); [`fixture`], [`packet`]: XDP
 //!   frames through `BPF_PROG_TEST_RUN`, [`icmp`] the ICMP errors among them; [`flood`]: the
 //!   same frames sent from a namespace;
@@ -32,6 +33,7 @@ pub mod netns;
 pub mod packet;
 pub mod procs;
 pub mod rel;
+pub mod repeat;
 pub mod scenario;
 pub mod tls;
 pub mod topology;

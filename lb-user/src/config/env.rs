@@ -11,6 +11,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("LB_ADMIN_TOKEN", "[admin] token (daemon) and the bearer token the client commands send"),
     ("LB_PIN_PATH", "[xdp] pin_path"),
     ("LB_UPGRADE_SOCKET", "[admin] upgrade_socket of `lb run` and `lb run --upgrade`"),
+    ("LB_ADMIN_SOCKET", "[admin] socket of `lb run` (each overlapping process its own)"),
 ];
 
 /// Applies the overrides `env` knows; returns the errors of unusable values.
@@ -29,6 +30,9 @@ pub(super) fn apply(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -
     }
     if let Some(v) = env("LB_UPGRADE_SOCKET").filter(|v| !v.is_empty()) {
         config.admin.upgrade_socket = v.into();
+    }
+    if let Some(v) = env("LB_ADMIN_SOCKET").filter(|v| !v.is_empty()) {
+        config.admin.socket = Some(v.into());
     }
     if let (Some(v), Some(xdp)) = (env("LB_PIN_PATH"), config.xdp.as_mut()) {
         xdp.pin_path = v.into();

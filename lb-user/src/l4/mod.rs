@@ -215,13 +215,20 @@ impl L4 {
                     }
                     None => Socket::Tcp(tcp_listener(addr, shared).map_err(err)?),
                 },
-                Service::Udp(_) => match inherited.udp(name, addr) {
-                    Some(u) => {
-                        reuse(&u)?;
-                        Socket::Udp(UdpSocket::from_std(u).map_err(err)?)
+                Service::Udp(_) => {
+                    let u = match inherited.udp(name, addr) {
+                        Some(u) => {
+                            reuse(&u)?;
+                            UdpSocket::from_std(u).map_err(err)?
+                        }
+                        None => udp_socket(addr, shared).map_err(err)?,
+                    };
+                    if shared {
+                        // A process that stopped beside this one steered the group its way.
+                        crate::upgrade::overlap::clear_steering(&u).map_err(err)?;
                     }
-                    None => Socket::Udp(udp_socket(addr, shared).map_err(err)?),
-                },
+                    Socket::Udp(u)
+                }
             };
             listeners.push((s, socket));
         }

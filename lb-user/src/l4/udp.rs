@@ -29,6 +29,11 @@ const MAX_DATAGRAM: usize = 65_535;
 /// to what it relayed have come back.
 const LINGER_QUIET: Duration = Duration::from_secs(1);
 
+/// After steering datagrams away (reuse_port), the listener reads on until it has had none
+/// for this long (datagrams queued before the steering), and for at most `STEERED_MAX`.
+const STEERED_QUIET: Duration = Duration::from_millis(200);
+const STEERED_MAX: Duration = Duration::from_secs(2);
+
 pub struct UdpService {
     pub config: TcpListenerConfig,
     pub upstream: Arc<Picker>,
@@ -65,9 +70,31 @@ pub async fn run(
     let mut sweep =
         tokio::time::interval((idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(5)));
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    // With reuse_port, stopping steers new datagrams to the process beside this one, then
+    // reads what is already queued here until the socket has been quiet a moment.
+    let mut quiet_until: Option<tokio::time::Instant> = None;
+    let mut steered_end = tokio::time::Instant::now();
     loop {
+        let quiet = async {
+            match quiet_until {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let (n, client) = tokio::select! {
-            _ = shutdown.changed() => break,
+            _ = shutdown.changed(), if quiet_until.is_none() => {
+                if !svc.config.reuse_port {
+                    break;
+                }
+                if let Err(e) = crate::upgrade::overlap::steer_to_newest(&*socket) {
+                    log::warn!("listener {}: cannot steer datagrams to the next process: {e}", svc.config.name);
+                    break;
+                }
+                steered_end = tokio::time::Instant::now() + STEERED_MAX;
+                quiet_until = Some(tokio::time::Instant::now() + STEERED_QUIET);
+                continue;
+            }
+            _ = quiet => break,
             _ = sweep.tick() => {
                 let now = start.elapsed().as_millis() as u64;
                 let before = sessions.len();
@@ -85,6 +112,9 @@ pub async fn run(
                 }
             },
         };
+        if let Some(t) = quiet_until.as_mut() {
+            *t = (tokio::time::Instant::now() + STEERED_QUIET).min(steered_end);
+        }
         if !sessions.contains_key(&client) {
             if sessions.len() >= svc.config.max_connections {
                 svc.stats.error(ErrorKind::OverLimit);

@@ -53,3 +53,37 @@ pub fn enable_migration(config: &Config) {
         },
     }
 }
+
+/// Steers the datagrams of the SO_REUSEPORT group of `socket` to the socket that joined it
+/// last (the process started beside this one), so that this one can stop without losing a
+/// datagram: UDP has no `tcp_migrate_req`, and a datagram hashed to a socket that closes is
+/// gone. A one-instruction classic BPF program, `ret #1`: the group keeps its sockets in the
+/// order they joined, the older process first. Alone in the group (or after this socket
+/// closes) the index is out of range and the kernel hashes as before.
+pub fn steer_to_newest(socket: &impl AsFd) -> io::Result<()> {
+    let mut ret_1 =
+        [libc::sock_filter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: 1 }];
+    let prog = libc::sock_fprog { len: 1, filter: ret_1.as_mut_ptr() };
+    setsockopt_raw(socket, libc::SO_ATTACH_REUSEPORT_CBPF, &prog)
+}
+
+/// Removes a steering program a stopped process left on the group of `socket` (it outlives
+/// the socket that attached it), so the kernel hashes over every process again. A group
+/// without one answers ENOENT, which is fine.
+pub fn clear_steering(socket: &impl AsFd) -> io::Result<()> {
+    match setsockopt_raw(socket, libc::SO_DETACH_REUSEPORT_BPF, &0i32) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn setsockopt_raw<T>(socket: &impl AsFd, name: libc::c_int, value: &T) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let fd = socket.as_fd().as_raw_fd();
+    let len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` points to a live `T` of `len` bytes for the duration of the call; the
+    // kernel copies what it needs (the filter program too) before returning.
+    let rc =
+        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, name, (value as *const T).cast(), len) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}

@@ -72,10 +72,11 @@ fn sweep_dead_pins() {
 
 /// Variables lb reads (`lb_user::config::ENV_VARS`) that must not leak from the developer's
 /// shell into a test: a test sets the ones it means.
-const LB_ENV: [&str; 6] = [
+const LB_ENV: [&str; 7] = [
     "LB_CONFIG",
     "LB_ADMIN",
     "LB_ADMIN_LISTEN",
+    "LB_ADMIN_SOCKET",
     "LB_ADMIN_TOKEN",
     "LB_PIN_PATH",
     "LB_UPGRADE_SOCKET",

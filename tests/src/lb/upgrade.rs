@@ -1,5 +1,6 @@
 //! `lb run --upgrade` for the tests: replace a running [`Lb`] without a gap ([`Lb::upgrade`],
-//! the replaced process as [`Replaced`]), or run a second `lb run` beside it to its end.
+//! the replaced process as [`Replaced`]), start a second one beside it on shared sockets
+//! ([`Lb::start_beside`], `reuse_port`), or run a second `lb run` beside it to its end.
 use std::{
     path::{Path, PathBuf},
     process::{Child, ExitStatus, Output},
@@ -46,7 +47,55 @@ impl Lb {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.launch = launch;
-        Ok(Replaced { child: std::mem::replace(&mut self.child, child) })
+        Ok(Replaced { child: std::mem::replace(&mut self.child, child), launch: None })
+    }
+
+    /// This process's own admin unix socket (`LB_ADMIN_SOCKET`), if [`Lb::start_beside`]
+    /// gave it one.
+    pub fn admin_socket(&self) -> Option<PathBuf> {
+        let var = self.launch.env.iter().rev().find(|(k, _)| k == "LB_ADMIN_SOCKET");
+        var.map(|(_, v)| PathBuf::from(v))
+    }
+
+    /// `lb status --json` asked over this process's own admin unix socket.
+    pub fn own_status(&self) -> anyhow::Result<serde_json::Value> {
+        let socket = self.admin_socket().context("no admin socket of its own")?;
+        own_status(&self.launch, &socket)
+    }
+
+    /// A second `lb run` (not `--upgrade`) with this daemon's config, every listener of which
+    /// has `reuse_port`: it binds beside this one, each process with an admin unix socket of
+    /// its own (as each pod of a DaemonSet has its own /run). Returns once the new process
+    /// says, over its own socket, that it is ready; it is this `Lb` from then on, and the one
+    /// it overlaps is returned still serving, for the test to stop ([`Replaced::terminate`]).
+    pub fn start_beside(&mut self) -> anyhow::Result<Replaced> {
+        if self.admin_socket().is_none() {
+            bail!(
+                "the first process needs its own admin socket: start it with LbBuilder::env(\"LB_ADMIN_SOCKET\", ...)"
+            );
+        }
+        let mut launch = self.launch.clone();
+        let socket = std::env::temp_dir().join(format!("{}.sock", crate::netns::unique("adm")));
+        launch.env.push(("LB_ADMIN_SOCKET".into(), socket.display().to_string()));
+        let mut child = spawn_with(&launch, &self.config, &[])?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("the second lb run exited with {status} before it was ready");
+            }
+            let answered = own_status(&launch, &socket).ok();
+            if answered.is_some_and(|s| s["ready"] == true && s["pid"] == child.id()) {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the second lb run (pid {}) was not ready within 30 s", child.id());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let old = std::mem::replace(&mut self.launch, launch);
+        Ok(Replaced { child: std::mem::replace(&mut self.child, child), launch: Some(old) })
     }
 
     /// A second `lb run` (with `args`, e.g. `--upgrade`) beside this daemon, with `config` (a
@@ -65,11 +114,38 @@ impl Lb {
 /// A process that `lb run --upgrade` replaced, draining; killed on drop if still running.
 pub struct Replaced {
     child: Child,
+    /// How it was launched, for a process [`Lb::start_beside`] overlaps (its own admin socket).
+    launch: Option<super::Launch>,
+}
+
+/// `lb status --json` over the admin unix socket `socket`, with `launch`'s namespace.
+fn own_status(launch: &super::Launch, socket: &Path) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = super::Launch { uid: None, ..launch.clone() }.command()?;
+    let admin = format!("unix:{}", socket.display());
+    let out = cmd.args(["status", "--json", "--admin", &admin]).output()?;
+    if !out.status.success() {
+        bail!("lb status over {admin}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 impl Replaced {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// `lb status --json` over its own admin unix socket (a process [`Lb::start_beside`]
+    /// overlaps): what this process says, not the one beside it.
+    pub fn own_status(&self) -> anyhow::Result<serde_json::Value> {
+        let launch = self.launch.as_ref().context("not an overlapped process")?;
+        let var = launch.env.iter().rev().find(|(k, _)| k == "LB_ADMIN_SOCKET");
+        own_status(launch, Path::new(&var.context("no admin socket of its own")?.1))
+    }
+
+    /// SIGTERM: it stops accepting and drains, as a kubelet stops a pod.
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) on the pid of a child this handle owns and has not reaped.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
     }
 
     /// Whether it has exited.
