@@ -115,4 +115,10 @@ fn the_shipped_configs_are_valid() {
     assert!(block.contains("[[xdp.service]]"), "{block}");
     let config = lb_user::config::Config::parse(&block).expect("the ConfigMap's lb.toml");
     assert!(config.health.contains_key("web"));
+    // The DaemonSet's rolling update starts the new pod beside the old one: every listener
+    // can be shared, and the probes use the pod's own admin socket.
+    assert!(lb_user::upgrade::overlap::lacking(&config).is_empty(), "{block}");
+    let ds = std::fs::read_to_string(root.join("deploy/kubernetes/daemonset.yaml")).unwrap();
+    let socket = config.admin.socket.expect("[admin] socket").display().to_string();
+    assert!(ds.contains(&format!("unix:{socket}")) && ds.contains("maxSurge: 1"), "{ds}");
 }
