@@ -130,6 +130,22 @@ pub fn vip_addr_slot(addr: &[u8; 16], family: u8) -> u32 {
 
 /// `VipInfo::flags`: hash the whole five-tuple instead of the client address alone.
 pub const VIP_F_FIVE_TUPLE: u32 = 1;
+/// `VipInfo::flags`: direct server return. Packets are encapsulated toward the backend
+/// (IPv4-in-IPv4, IPv6-in-IPv6), which answers the client itself; no SNAT, no reply path.
+pub const VIP_F_DSR: u32 = 2;
+/// With [`VIP_F_DSR`]: encapsulate in UDP (GUE variant 1, draft-ietf-intarea-gue: the IP
+/// packet straight after the UDP header, told apart by its version nibble) instead of bare
+/// IP-in-IP, for networks that drop IP protocols 4 and 41. The UDP source port varies per
+/// flow, so the backend's NIC spreads flows over its queues.
+pub const VIP_F_GUE: u32 = 4;
+
+/// The UDP destination port of GUE-encapsulated packets (what `lb decap` listens for).
+pub const GUE_PORT: u16 = 6080;
+/// Bytes encapsulation adds: an outer IPv4 (20) or IPv6 (40) header, plus the UDP header (8)
+/// with [`VIP_F_GUE`].
+pub const ENCAP_V4: u16 = 20;
+pub const ENCAP_V6: u16 = 40;
+pub const ENCAP_GUE: u16 = 8;
 
 /// What the program knows about a virtual service.
 #[repr(C)]
@@ -212,6 +228,10 @@ pub const FLOW_F_SYNACK: u32 = 8;
 /// the flow is confirmed. Until then a TCP flow may be a spoofed or abandoned SYN and ages
 /// under `Settings::tcp_syn_ns`; both live in the unconfirmed tables.
 pub const FLOW_F_CONFIRMED: u32 = 16;
+/// A flow of a DSR service ([`VIP_F_DSR`], with [`VIP_F_GUE`] as `FLOW_F_GUE`): it has no NAT
+/// entry, and its backend's answers never pass the balancer.
+pub const FLOW_F_DSR: u32 = 32;
+pub const FLOW_F_GUE: u32 = 64;
 
 /// A cached next hop: where `bpf_fib_lookup` last said to send a flow's frames. Refreshed after
 /// [`HOP_TTL_NS`], so established flows skip the FIB on most packets.
@@ -419,6 +439,8 @@ pub mod stat {
         DROP_NAT_LOST = 36, "drop_nat_lost";
         NAT_RESTORED = 37, "nat_restored";
         SNAT_ADDR_NEXT = 38, "snat_addr_next";
+        DSR_ENCAP = 39, "dsr_encapsulated";
+        DSR_UNTRACKED = 40, "dsr_untracked";
     }
 }
 

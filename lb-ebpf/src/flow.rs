@@ -5,8 +5,9 @@ use aya_ebpf::{bindings::xdp_action, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
     BACKEND_F_ACTIVE, BackendInfo, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN,
     DEFAULT_TCP_CLOSED_NS, DEFAULT_TCP_IDLE_NS, DEFAULT_TCP_SYN_NS, DEFAULT_UDP_IDLE_NS,
-    FLOW_F_CONFIRMED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_RST, FLOW_F_SYNACK, FlowState,
-    NatKey, NatState, PROTO_TCP, RING_SIZE, Settings, VIP_F_FIVE_TUPLE, VipInfo,
+    FLOW_F_CONFIRMED, FLOW_F_DSR, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_GUE, FLOW_F_RST,
+    FLOW_F_SYNACK, FlowState, NatKey, NatState, PROTO_TCP, RING_SIZE, Settings, VIP_F_DSR,
+    VIP_F_FIVE_TUPLE, VIP_F_GUE, VipInfo,
     hash::{five_tuple_hash, source_hash},
     stat,
 };
@@ -337,6 +338,9 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     // Route with the client as source first: it names the egress interface, whose SNAT
     // address (its pool's, or its own) becomes the source.
     route_to_backend(ctx, w, true, now)?;
+    if vip.flags & VIP_F_DSR != 0 {
+        return create_dsr(w, id, vip, now);
+    }
     mem::copy16(&mut w.nk.backend, &w.be.addr);
     w.nk.backend_port = w.be.port;
     w.nk.proto = w.pkt.proto;
@@ -358,6 +362,34 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     // insert makes its flow visible (snat::SETUP_NS), so removing it on failure is safe.
     if FLOWS_NEW.insert(&w.key, &w.st, 0).is_err() {
         let _ = NAT_NEW.remove(&w.nk);
+        return Err(drop(stat::DROP_MAP_FULL));
+    }
+    Ok(())
+}
+
+/// A new DSR flow (`w.be` chosen and routed): its outer source, and an unconfirmed entry for
+/// a TCP SYN or a UDP datagram. Any other packet of a flow this node does not track (another
+/// node may have started it, before ECMP moved it here) goes to the backend the ring says,
+/// which is every node's answer for the same backend set, and is not tracked: a flood of
+/// stray segments cannot fill the table. There is no reply path to confirm a flow on, so the
+/// backend's answer is assumed (`FLOW_F_SYNACK`): the client's ACK (TCP) or next datagram
+/// (UDP) confirms it. Not inlined, like `create`.
+#[inline(never)]
+fn create_dsr(w: &mut Work, id: u32, vip: &VipInfo, now: u64) -> Result<(), u32> {
+    snat::encap_source(w)?;
+    w.st.backend_id = id;
+    w.st.generation = w.be.generation;
+    w.st.nat_port = 0;
+    let gue = if vip.flags & VIP_F_GUE != 0 { FLOW_F_GUE } else { 0 };
+    w.st.flags = FLOW_F_DSR | gue | FLOW_F_SYNACK | flags_of(&w.pkt, FLOW_F_FIN_CLIENT);
+    w.st.last_seen_ns = now;
+    w.st.client_next = w.pkt.seq.wrapping_add(w.pkt.seq_len);
+    w.st._pad2 = 0;
+    if w.pkt.proto == PROTO_TCP && !is_syn(&w.pkt) {
+        count(stat::DSR_UNTRACKED);
+        return Ok(());
+    }
+    if FLOWS_NEW.insert(&w.key, &w.st, 0).is_err() {
         return Err(drop(stat::DROP_MAP_FULL));
     }
     Ok(())
@@ -455,6 +487,15 @@ fn lost(w: &Work, confirmed: bool) -> u32 {
 /// state with the confirmation, `w.be` its backend. Not inlined: once per connection.
 #[inline(never)]
 pub fn promote(w: &mut Work) -> Result<(), u32> {
+    if w.st.flags & FLOW_F_DSR != 0 {
+        // No NAT entry: the flow entry moves alone.
+        if FLOWS.insert(&w.key, &w.st, 0).is_err() {
+            return Err(drop(stat::DROP_MAP_FULL));
+        }
+        let _ = FLOWS_NEW.remove(&w.key);
+        count(stat::FLOW_CONFIRMED);
+        return Ok(());
+    }
     nat_key_of_flow(w);
     // SAFETY: a valid map value, copied out.
     match unsafe { NAT_NEW.get(&w.nk) } {

@@ -10,6 +10,7 @@
 // onto the 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+pub mod encap;
 pub mod fib;
 pub mod flow;
 pub mod hdr;
@@ -22,7 +23,7 @@ pub mod scratch;
 pub mod snat;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use lb_common::{FLOW_F_CONFIRMED, HOP_TTL_NS, PROTO_TCP, stat};
+use lb_common::{FLOW_F_CONFIRMED, FLOW_F_DSR, HOP_TTL_NS, PROTO_TCP, VIP_F_DSR, stat};
 
 use crate::{
     flow::Tracked,
@@ -106,7 +107,9 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
                     mem::copy(&mut (*ptr).hop, &w.st.hop);
                     (*ptr).mtu = w.st.mtu;
                 }
-                flow::check_nat(w, confirmed, now)?;
+                if w.st.flags & FLOW_F_DSR == 0 {
+                    flow::check_nat(w, confirmed, now)?;
+                }
             }
             // SAFETY: a valid map value (see flow::touch on concurrent updates).
             let st = unsafe { &mut *ptr };
@@ -140,8 +143,9 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
                 return Ok(xdp_action::XDP_PASS);
             }
             count(stat::FLOW_MISS);
-            if w.pkt.proto == PROTO_TCP && !flow::is_syn(&w.pkt) {
-                // Its NAT state is gone (or never was): the backend would not know it.
+            if w.pkt.proto == PROTO_TCP && !flow::is_syn(&w.pkt) && vip.flags & VIP_F_DSR == 0 {
+                // Its NAT state is gone (or never was): the backend would not know it. (A DSR
+                // service balances it by the ring: `flow::create_dsr`.)
                 count(stat::DROP_NOT_SYN);
                 return Err(xdp_action::XDP_DROP);
             }
@@ -157,6 +161,11 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
         }
     };
     let len = frame_len(ctx);
+    if w.st.flags & FLOW_F_DSR != 0 {
+        account(&SERVICE_STATS, service_id, len, new);
+        account(&BACKEND_STATS, w.st.backend_id, len, new);
+        return encap::send(ctx, w, len);
+    }
     if icmp::exceeds(len, w.st.mtu) {
         return icmp::too_big(ctx, &w.pkt, w.st.mtu);
     }

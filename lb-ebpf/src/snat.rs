@@ -112,6 +112,28 @@ extern "C" fn try_address(i: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
+/// The outer source of a DSR flow toward `w.be` (into `w.st.snat`): an address of its
+/// egress interface's `[[xdp.snat]]` pool picked by flow hash, so the backend's NIC hashes
+/// flows of one client over several queues (Katran varies the source for the same reason),
+/// else the interface's own address. No port: nothing comes back.
+#[inline(always)]
+pub fn encap_source(w: &mut Work) -> Result<(), u32> {
+    if let Some(pool) = SNAT_POOLS.get_ptr(w.st.hop.ifindex) {
+        // SAFETY: a valid map value; the count is read once.
+        let n =
+            unsafe { if w.pkt.family == FAMILY_V4 { (*pool).v4_count } else { (*pool).v6_count } };
+        let n = if n > MAX_SNAT_ADDRS { MAX_SNAT_ADDRS } else { n };
+        if n != 0 {
+            let p = &w.pkt;
+            let k = five_tuple_hash(&p.src, &p.dst, p.sport, p.dport, p.proto) % n;
+            if pool_address(w, pool, k) {
+                return Ok(());
+            }
+        }
+    }
+    own_address(w)
+}
+
 /// Puts the egress interface's own address (the SNAT source without a pool) into `w.st.snat`
 /// and `w.nk.snat`.
 #[inline(always)]

@@ -213,3 +213,68 @@ pub fn fields(frame: &[u8]) -> Fields {
         ttl,
     }
 }
+
+/// The outer headers of a DSR-encapsulated frame (IP-in-IP, or IP in UDP), read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outer {
+    pub dmac: [u8; 6],
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// 4 (IPv4-in-IPv4), 41 (IPv6-in-IPv6) or 17 (GUE).
+    pub proto: u8,
+    /// The UDP ports and length, for GUE.
+    pub udp: Option<(u16, u16, u16)>,
+    /// The IPv4 header checksum verifies, the DF bit is set (true for IPv6).
+    pub header_ok: bool,
+    /// The encapsulated packet, from its IP header on.
+    pub inner: Vec<u8>,
+}
+
+/// Splits an encapsulated frame into its outer headers and the packet inside; the lengths
+/// the outer headers state must match the frame.
+pub fn outer(frame: &[u8]) -> Result<Outer, String> {
+    let short = || format!("frame too short: {} bytes", frame.len());
+    let dmac = frame.get(0..6).ok_or_else(short)?.try_into().expect("6 bytes");
+    let (src, dst, proto, header_ok, l4) = match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => {
+            let ip = frame.get(14..34).ok_or_else(short)?;
+            let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+            if total != frame.len() - 14 {
+                return Err(format!(
+                    "IPv4 total length {total}, frame carries {}",
+                    frame.len() - 14
+                ));
+            }
+            let ok = ip[0] == 0x45 && fold(sum(ip, 0)) == 0xffff && ip[6] & 0x40 != 0;
+            let (s, d): ([u8; 4], [u8; 4]) =
+                (ip[12..16].try_into().unwrap(), ip[16..20].try_into().unwrap());
+            (IpAddr::from(s), IpAddr::from(d), ip[9], ok, 34)
+        }
+        0x86dd => {
+            let ip = frame.get(14..54).ok_or_else(short)?;
+            let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+            if plen != frame.len() - 54 {
+                return Err(format!(
+                    "IPv6 payload length {plen}, frame carries {}",
+                    frame.len() - 54
+                ));
+            }
+            let (s, d): ([u8; 16], [u8; 16]) =
+                (ip[8..24].try_into().unwrap(), ip[24..40].try_into().unwrap());
+            (IpAddr::from(s), IpAddr::from(d), ip[6], true, 54)
+        }
+        t => return Err(format!("ethertype {t:#06x}")),
+    };
+    let (udp, inner) = if proto == 17 {
+        let u = frame.get(l4..l4 + 8).ok_or_else(short)?;
+        let len = u16::from_be_bytes([u[4], u[5]]);
+        if len as usize != frame.len() - l4 {
+            return Err(format!("UDP length {len}, frame carries {}", frame.len() - l4));
+        }
+        let ports = (u16::from_be_bytes([u[0], u[1]]), u16::from_be_bytes([u[2], u[3]]), len);
+        (Some(ports), frame[l4 + 8..].to_vec())
+    } else {
+        (None, frame[l4..].to_vec())
+    };
+    Ok(Outer { dmac, src, dst, proto, udp, header_ok, inner })
+}

@@ -25,7 +25,8 @@ pub use http::{AccessLog, CertConfig, Cidr, HttpConfig, ListenerConfig, RouteCon
 pub use tcp::{ProxyProtocol, Secs, SniAction, SniRoute, TcpConfig, TcpListenerConfig};
 pub use upstream::{Balance, UpstreamConfig, UpstreamTls};
 pub use xdp::{
-    DEFAULT_PIN_PATH, HashMode, Protocol, ServiceConfig, SnatConfig, XdpConfig, XdpMode,
+    DEFAULT_PIN_PATH, Encap, Forwarding, HashMode, Protocol, ServiceConfig, SnatConfig, XdpConfig,
+    XdpMode,
 };
 
 /// The whole config file.

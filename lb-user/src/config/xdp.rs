@@ -167,6 +167,29 @@ pub enum HashMode {
     FiveTuple,
 }
 
+/// `forwarding` of an `[[xdp.service]]`.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Forwarding {
+    /// Full NAT: the balancer rewrites both directions; replies come back through it.
+    #[default]
+    Nat,
+    /// Direct server return: packets are encapsulated to the backend, which answers the
+    /// client itself (`lb decap` on the backend unwraps them).
+    Dsr,
+}
+
+/// `encap` of a DSR service.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encap {
+    /// IPv4-in-IPv4 (protocol 4), IPv6-in-IPv6 (next header 41).
+    #[default]
+    Ipip,
+    /// The same inside UDP to port 6080 (GUE variant 1), for networks that drop protocol 4.
+    Gue,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
@@ -176,6 +199,10 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     #[serde(default)]
     pub hash: HashMode,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    /// Only with `forwarding = "dsr"`.
+    pub encap: Option<Encap>,
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
 }
@@ -244,7 +271,19 @@ impl XdpConfig {
                     s.name, s.vip
                 ));
             }
+            if s.encap.is_some() && s.forwarding != Forwarding::Dsr {
+                errors.push(format!("service {:?}: encap applies to forwarding = \"dsr\" only: remove it, or set forwarding = \"dsr\"", s.name));
+            }
             for b in &s.backends {
+                if s.forwarding == Forwarding::Dsr && b.addr().port() != s.vip.port() {
+                    errors.push(format!(
+                        "service {:?}: backend {} with forwarding = \"dsr\": the client's packet reaches the backend unchanged, addressed to the VIP, so the backend serves the VIP's port {}: write the backend as {}",
+                        s.name,
+                        b.addr(),
+                        s.vip.port(),
+                        std::net::SocketAddr::new(b.addr().ip(), s.vip.port())
+                    ));
+                }
                 if b.addr().is_ipv4() != s.vip.is_ipv4() {
                     let fam = if b.addr().is_ipv4() { "IPv4" } else { "IPv6" };
                     errors.push(format!(
@@ -362,5 +401,33 @@ mod tests {
         let typo = format!("{BASE}[[xdp.snat]]\ninterface = \"eth0\"\naddress = [\"10.1.0.10\"]\n");
         let err = Config::parse(&typo).unwrap_err().to_string();
         assert!(err.contains("address"), "unknown key named: {err}");
+    }
+
+    #[test]
+    fn dsr_services_parse_and_refuse_what_cannot_work() {
+        use super::{Encap, Forwarding};
+        let svc = |extra: &str, backend: &str| {
+            format!(
+                "{BASE}[[xdp.service]]\nname = \"web\"\nvip = \"10.0.0.9:80\"\n{extra}backends = [\"{backend}\"]\n"
+            )
+        };
+        let c =
+            Config::parse(&svc("forwarding = \"dsr\"\nencap = \"gue\"\n", "10.1.0.2:80")).unwrap();
+        let s = &c.xdp.unwrap().services[0];
+        assert_eq!((s.forwarding, s.encap), (Forwarding::Dsr, Some(Encap::Gue)));
+        let c = Config::parse(&svc("", "10.1.0.2:8080")).unwrap();
+        assert_eq!(c.xdp.unwrap().services[0].forwarding, Forwarding::Nat, "full NAT by default");
+        for (extra, backend, want) in [
+            (
+                "forwarding = \"dsr\"\n",
+                "10.1.0.2:8080",
+                "serves the VIP's port 80: write the backend as 10.1.0.2:80",
+            ),
+            ("encap = \"ipip\"\n", "10.1.0.2:80", "encap applies to forwarding = \"dsr\" only"),
+            ("forwarding = \"direct\"\n", "10.1.0.2:80", "forwarding"),
+        ] {
+            let err = Config::parse(&svc(extra, backend)).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("line "), "{extra}: {err}");
+        }
     }
 }

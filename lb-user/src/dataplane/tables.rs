@@ -8,7 +8,7 @@ use std::{
 
 use lb_common::{
     BACKEND_F_ACTIVE, BackendInfo, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SNAT_ADDRS, SnatPool, VIP_F_FIVE_TUPLE, VipInfo, VipKey,
+    MAX_SNAT_ADDRS, SnatPool, VIP_F_DSR, VIP_F_FIVE_TUPLE, VIP_F_GUE, VipInfo, VipKey,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -18,7 +18,7 @@ use super::{
     vip_key,
 };
 use crate::{
-    config::{HashMode, ServiceConfig},
+    config::{Encap, Forwarding, HashMode, ServiceConfig},
     maglev,
 };
 
@@ -180,7 +180,7 @@ impl Tables {
                 }
             }
             let svc = self.services.get_mut(&c.name).expect("inserted above");
-            svc.flags = if c.hash == HashMode::FiveTuple { VIP_F_FIVE_TUPLE } else { 0 };
+            svc.flags = vip_flags(c);
             self.sync(&c.name, maps)?;
         }
         // Whatever a previous daemon had that this config does not: retire it.
@@ -496,6 +496,17 @@ impl Maps for MemMaps {
         self.snat_pools.remove(&ifindex);
         Ok(())
     }
+}
+
+/// The `VIP_F_*` bits of a service: hashing and forwarding.
+fn vip_flags(c: &ServiceConfig) -> u32 {
+    let hash = if c.hash == HashMode::FiveTuple { VIP_F_FIVE_TUPLE } else { 0 };
+    let forwarding = match (c.forwarding, c.encap.unwrap_or_default()) {
+        (Forwarding::Nat, _) => 0,
+        (Forwarding::Dsr, Encap::Ipip) => VIP_F_DSR,
+        (Forwarding::Dsr, Encap::Gue) => VIP_F_DSR | VIP_F_GUE,
+    };
+    hash | forwarding
 }
 
 #[cfg(test)]
