@@ -243,6 +243,7 @@ pub async fn run(
         state.xdp_paused.store(true, Ordering::Relaxed);
         tokio::spawn(take_xdp_later(state.clone(), xdp, shutdown_rx.clone()));
     }
+    tokio::spawn(crate::control::announce::run(state.clone(), shutdown_rx.clone()));
     let admin = admin::run(listener, local, state.clone(), shutdown_rx.clone());
     let admin_task = tokio::spawn(admin);
     let mut l4_tasks = l4.spawn(shutdown_rx);

@@ -20,6 +20,9 @@ pub fn status(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     if !s.xdp_writer.is_empty() {
         println!("XDP maps written by: {}", s.xdp_writer);
     }
+    for a in &s.announce {
+        println!("VIP {:<40} {}", a.vip, a.state);
+    }
     println!("pid: {}", s.pid);
     println!("ready: {}", if s.ready { "yes" } else { "no" });
     for u in &s.unavailable {

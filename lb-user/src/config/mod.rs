@@ -49,9 +49,41 @@ pub struct Config {
     /// Active health checks by service or upstream group name (`[health.NAME]`).
     #[serde(default)]
     pub health: BTreeMap<String, HealthConfig>,
+    /// Routes for the XDP VIPs in a kernel table, for a BGP daemon to announce.
+    pub announce: Option<AnnounceConfig>,
     /// The text this config was parsed from (for `GET /config`, redacted there).
     #[serde(skip)]
     pub source: String,
+}
+
+/// `[announce]`: while an XDP service has a backend up, its VIP has a route in routing table
+/// `table` (lb speaks no BGP: bird2's kernel protocol or FRR's `ip import-table` exports it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnounceConfig {
+    pub table: u32,
+    /// Withdraw every route when `lb run` stops (the pinned program keeps forwarding, so by
+    /// default they stay until `lb detach`).
+    #[serde(default)]
+    pub withdraw_on_stop: bool,
+}
+
+impl AnnounceConfig {
+    fn validate(&self, xdp: bool, errors: &mut Vec<String>) {
+        if !xdp {
+            errors.push("[announce] announces XDP VIPs, but there is no [xdp] section: add one, or remove [announce]".into());
+        }
+        let reserved = match self.table {
+            0 => Some("unspecified"),
+            253 => Some("default"),
+            254 => Some("main"),
+            255 => Some("local"),
+            _ => None,
+        };
+        if let Some(name) = reserved {
+            errors.push(format!("announce.table = {} is the kernel's {name} table: a blackhole route for each VIP there would change this host's forwarding; use a table of its own, e.g. table = 100", self.table));
+        }
+    }
 }
 
 /// Where the admin API listens.
@@ -170,6 +202,9 @@ impl Config {
         }
         if let Some(xdp) = &config.xdp {
             xdp.validate(&mut errors);
+        }
+        if let Some(a) = &config.announce {
+            a.validate(config.xdp.is_some(), &mut errors);
         }
         config.tcp.validate(&config.upstream, &mut errors);
         for (name, u) in &config.upstream {

@@ -1,5 +1,6 @@
 //! The control plane: the admin API the daemon serves and the client the CLI uses.
 pub mod admin;
+pub mod announce;
 pub mod client;
 pub mod metrics;
 pub mod reload;

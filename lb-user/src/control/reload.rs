@@ -275,6 +275,8 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     differs("admin.listen", old.admin.listen != new.admin.listen);
     differs("admin.reuse_port", old.admin.reuse_port != new.admin.reuse_port);
     differs("admin.socket", old.admin.socket != new.admin.socket);
+    let table = |c: &Config| c.announce.as_ref().map(|a| a.table);
+    differs("announce.table", table(old) != table(new));
     match (&old.xdp, &new.xdp) {
         (None, None) => {}
         (Some(a), Some(b)) => {

@@ -109,6 +109,9 @@ pub struct Status {
     /// Who writes the XDP maps: "this process", or why not (empty without `[xdp]`).
     #[serde(default)]
     pub xdp_writer: String,
+    /// With `[announce]`: each VIP, announced or withdrawn.
+    #[serde(default)]
+    pub announce: Vec<super::announce::Announcement>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -270,7 +273,8 @@ impl State {
     }
 
     pub fn status(&self) -> Status {
-        let (xdp, adopted, host) = match self.dataplane() {
+        let config = self.config.load();
+        let (xdp, adopted, host, announce) = match self.dataplane() {
             Some(dp) => (
                 dp.attached()
                     .iter()
@@ -282,8 +286,9 @@ impl State {
                     .collect(),
                 dp.adopted,
                 dp.host().changes().to_vec(),
+                super::announce::status(&dp, &config),
             ),
-            None => (Vec::new(), false, Vec::new()),
+            None => (Vec::new(), false, Vec::new(), Vec::new()),
         };
         let unavailable = match self.stats(None) {
             Ok(stats) => stats
@@ -303,6 +308,7 @@ impl State {
             host,
             pid: std::process::id(),
             xdp_writer: self.xdp_writer_status(),
+            announce,
         }
     }
 

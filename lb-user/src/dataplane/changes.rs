@@ -40,6 +40,9 @@ pub enum Kind {
     /// A filesystem lb mounted (bpffs on /sys/fs/bpf). Not undone: other programs may pin
     /// there too, and the mount goes at reboot.
     Mount,
+    /// A VIP route announced in a routing table for a BGP daemon (`target`: `blackhole
+    /// ADDR/LEN table N`).
+    Route,
 }
 
 /// One change `lb run` made.
@@ -59,6 +62,7 @@ impl std::fmt::Display for HostChange {
             Kind::Address => "address",
             Kind::Neighbour => "neighbour",
             Kind::Mount => "mount",
+            Kind::Route => "route",
         };
         write!(f, "{kind} {}: {} -> {}", self.target, self.before, self.after)
     }
@@ -232,6 +236,46 @@ impl Changes {
         self.forget(Kind::Address, &target)
     }
 
+    /// Announces `addr` (a VIP with a backend up) as a blackhole route in routing table
+    /// `table`, for a BGP daemon to export: bird2's kernel protocol does not learn `local`
+    /// routes, and a blackhole in a table no rule consults changes no forwarding here.
+    pub fn announce(&mut self, addr: IpAddr, table: u32) -> Result<(), HostError> {
+        let target = route_target(addr, table);
+        let mut args = vec!["route", "replace"];
+        args.extend(target.split_whitespace());
+        args.extend(["proto", "static"]);
+        ip(&args)?;
+        if self.find(Kind::Route, &target).is_none() {
+            log::info!("announce: {addr} announced (route in table {table})");
+        }
+        self.note(Kind::Route, &target, "absent", "present")
+    }
+
+    /// Withdraws the route of `addr` from `table`, if this daemon announced it.
+    pub fn withdraw(&mut self, addr: IpAddr, table: u32) -> Result<(), HostError> {
+        let target = route_target(addr, table);
+        if self.find(Kind::Route, &target).is_none() {
+            return Ok(());
+        }
+        let mut args = vec!["route", "del"];
+        args.extend(target.split_whitespace());
+        // Gone already (flushed by hand) is withdrawn too.
+        let _ = ip(&args);
+        log::info!("announce: {addr} withdrawn (no backend up, or stopping)");
+        self.forget(Kind::Route, &target)
+    }
+
+    /// The VIPs announced in `table`.
+    pub fn announced(&self, table: u32) -> Vec<IpAddr> {
+        let suffix = format!(" table {table}");
+        self.record
+            .changes
+            .iter()
+            .filter(|c| c.kind == Kind::Route && c.target.ends_with(&suffix))
+            .filter_map(|c| c.target.split_whitespace().nth(1)?.split('/').next()?.parse().ok())
+            .collect()
+    }
+
     /// The VIP addresses lb added and still holds.
     pub fn locals(&self) -> Vec<IpAddr> {
         self.record
@@ -293,6 +337,13 @@ pub fn undo(pin_dir: &Path) -> Result<Vec<String>, HostError> {
                 _ => continue,
             },
             Kind::Mount => continue,
+            // Already gone (withdrawn by hand, or the table flushed): nothing to undo.
+            Kind::Route => {
+                let mut args = vec!["route", "del"];
+                args.extend(c.target.split_whitespace());
+                let _ = ip(&args);
+                Ok(())
+            }
             Kind::Neighbour => {
                 let mut args = vec!["neigh", "del"];
                 args.extend(c.target.split_whitespace());
@@ -357,6 +408,11 @@ fn write_sysctl(path: &Path, key: &str, value: &str) -> Result<(), HostError> {
 fn local_target(addr: IpAddr) -> String {
     let len = if addr.is_ipv4() { 32 } else { 128 };
     format!("{addr}/{len} dev lo")
+}
+
+fn route_target(addr: IpAddr, table: u32) -> String {
+    let len = if addr.is_ipv4() { 32 } else { 128 };
+    format!("blackhole {addr}/{len} table {table}")
 }
 
 fn addr_args(verb: &str, addr: IpAddr) -> Vec<String> {

@@ -180,6 +180,23 @@ impl Host {
         Ok(())
     }
 
+    /// Keeps exactly the VIPs in `up` announced in routing table `table` (`[announce]`).
+    pub fn sync_announced(&mut self, up: &BTreeSet<IpAddr>, table: u32) -> Result<(), HostError> {
+        for gone in self.changes.announced(table).into_iter().filter(|a| !up.contains(a)) {
+            self.changes.withdraw(gone, table)?;
+        }
+        let have = self.changes.announced(table);
+        for vip in up.iter().filter(|a| !have.contains(a)) {
+            self.changes.announce(*vip, table)?;
+        }
+        Ok(())
+    }
+
+    /// The VIPs announced in `table` now.
+    pub fn announced(&self, table: u32) -> Vec<IpAddr> {
+        self.changes.announced(table)
+    }
+
     /// Keeps the next hop toward `backend` resolved, as a managed neighbour entry the kernel
     /// refreshes by itself. Best effort: a failure is logged, and the program counts
     /// `drop_no_neigh` until the entry resolves.
