@@ -35,10 +35,10 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     }
     let config = state.config.load();
     let Some(a) = config.announce.as_ref().filter(|a| a.withdraw_on_stop) else { return };
-    if let Some(mut dp) = state.dataplane() {
-        if let Err(e) = dp.host_mut().sync_announced(&BTreeSet::new(), a.table) {
-            log::warn!("announce: {e}");
-        }
+    if let Some(mut dp) = state.dataplane()
+        && let Err(e) = dp.host_mut().sync_announced(&BTreeSet::new(), a.table)
+    {
+        log::warn!("announce: {e}");
     }
 }
 
