@@ -20,6 +20,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/setpriv"),
     ("procps", "/usr/sbin/sysctl"),
     ("systemd", "/usr/bin/systemd-analyze"),
+    // BGP: the node and router daemons of the `[announce]` tests (deploy/bgp/bird.conf).
+    ("bird2", "/usr/sbin/bird"),
     // Go and the packaged Go libraries that ../shared/tools/h2spec/build.sh compiles h2spec
     // against (GOPATH mode, no module proxy).
     ("golang-go", "/usr/bin/go"),
