@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod checksum;
+pub mod decap;
 pub mod hash;
 
 use core::mem::size_of;
@@ -460,4 +461,6 @@ mod pod {
     unsafe impl aya::Pod for super::SnatPool {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Hop {}
+    unsafe impl aya::Pod for super::decap::DecapKey {}
+    unsafe impl aya::Pod for super::decap::DecapSettings {}
 }

@@ -72,6 +72,13 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// On a backend of a `forwarding = "dsr"` service: unwrap the packets balancers
+    /// encapsulated to it (IPv4-in-IPv4, IPv6-in-IPv6, GUE) in XDP, for kernels without the
+    /// ipip/ip6_tunnel/fou modules.
+    Decap {
+        #[command(subcommand)]
+        action: DecapAction,
+    },
     /// Remove the pinned XDP program and maps (stops kernel forwarding).
     Detach {
         /// Read the pin directory from this config.
@@ -81,6 +88,43 @@ pub enum Command {
         #[arg(long)]
         pin_path: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DecapAction {
+    /// Attach the decapsulation program to an interface (it stays, pinned, after this exits).
+    Attach {
+        #[arg(long)]
+        interface: String,
+        /// Unwrap only packets to this VIP (repeat for more); without one, every packet to
+        /// GUE port 6080 or of IP protocol 4/41 is unwrapped.
+        #[arg(long = "vip")]
+        vips: Vec<std::net::IpAddr>,
+        /// `native` (in the driver) or `generic`.
+        #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
+        mode: String,
+        #[command(flatten)]
+        pin: DecapPin,
+    },
+    /// Detach it from an interface (its maps go with the last one).
+    Detach {
+        #[arg(long)]
+        interface: String,
+        #[command(flatten)]
+        pin: DecapPin,
+    },
+    /// Where it is attached, and its counters.
+    Status {
+        #[command(flatten)]
+        pin: DecapPin,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DecapPin {
+    /// Where the program's link and maps are pinned.
+    #[arg(long = "pin-path", env = "LB_PIN_PATH", default_value = crate::dataplane::decap::DEFAULT_DECAP_PIN)]
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

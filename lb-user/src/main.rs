@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use hyper::Method;
 use lb_user::{
-    cli::{AdminArgs, BackendAction, Cli, Command, ProbeKind},
+    cli::{AdminArgs, BackendAction, Cli, Command, DecapAction, ProbeKind},
     config::{Config, DEFAULT_PIN_PATH},
     control::client,
 };
@@ -85,6 +85,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             output::stats(&v, admin.json)?;
         }
         Command::Backend { action } => backend(action).await?,
+        Command::Decap { action } => decap(action)?,
         Command::Probe { kind, admin } => {
             let path = match kind {
                 ProbeKind::Ready => "/ready",
@@ -146,6 +147,50 @@ async fn backend(action: BackendAction) -> anyhow::Result<()> {
             let path = service.map_or("/stats".to_string(), |s| format!("/services/{s}"));
             let v = call(&admin, Method::GET, &path, None).await?;
             output::backends(&v, admin.json)?;
+        }
+    }
+    Ok(())
+}
+
+/// `lb decap attach|detach|status`: local, no daemon involved.
+fn decap(action: DecapAction) -> anyhow::Result<()> {
+    use lb_user::{config::XdpMode, dataplane::decap};
+    match action {
+        DecapAction::Attach { interface, vips, mode, pin } => {
+            let mode = if mode == "generic" { XdpMode::Generic } else { XdpMode::Native };
+            let opts = decap::DecapOptions { pin: pin.path, interface, vips, mode };
+            let linked = decap::attach(&opts)?;
+            let only = if opts.vips.is_empty() {
+                "every encapsulated packet".to_string()
+            } else {
+                let v: Vec<String> = opts.vips.iter().map(|a| a.to_string()).collect();
+                format!("packets to {}", v.join(", "))
+            };
+            println!(
+                "decap on {} ({} mode, link {}): unwraps {only}",
+                opts.interface,
+                opts.mode.as_str(),
+                linked.as_str()
+            );
+        }
+        DecapAction::Detach { interface, pin } => {
+            let removed = decap::detach(&pin.path, &interface)?;
+            if removed.is_empty() {
+                println!("decap was not attached to {interface} under {}", pin.path.display());
+            } else {
+                println!("removed {}", removed.join(", "));
+            }
+        }
+        DecapAction::Status { pin } => {
+            let links = decap::links(&pin.path);
+            if links.is_empty() {
+                println!("decap: not attached (pin path {})", pin.path.display());
+                return Ok(());
+            }
+            println!("decap attached to {}", links.join(", "));
+            for (name, v) in decap::counters(&pin.path)? {
+                println!("  {name:<16} {v}");
+            }
         }
     }
     Ok(())

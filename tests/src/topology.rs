@@ -27,8 +27,8 @@ pub struct Topology {
     pub client: Netns,
     pub lb: Netns,
     pub backends: Vec<Backend>,
-    /// Keeps the do-nothing XDP programs attached.
-    pass: Vec<aya::Ebpf>,
+    /// Keeps the do-nothing XDP programs attached, by namespace name.
+    pass: Vec<(String, aya::Ebpf)>,
 }
 
 /// The first IPv4 VIP tests use; further VIPs go up from here.
@@ -38,6 +38,12 @@ pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 
 impl Topology {
+    /// Detaches the do-nothing XDP program of `ns`'s interface, so that another program (`lb
+    /// decap`) can take it; that one then serves as the program redirected frames need.
+    pub fn release_pass(&mut self, ns: &Netns) {
+        self.pass.retain(|(name, _)| *name != ns.name);
+    }
+
     /// Builds the topology with `backends` backends. Everything is torn down on drop.
     pub fn new(backends: usize) -> anyhow::Result<Self> {
         let client = Netns::new("c")?;
@@ -108,7 +114,12 @@ impl Topology {
 }
 
 /// The veth pair between the balancer and backend `i` (1-based), addressed and up.
-fn link_backend(lb: &Netns, ns: &Netns, i: usize, pass: &mut Vec<aya::Ebpf>) -> anyhow::Result<()> {
+fn link_backend(
+    lb: &Netns,
+    ns: &Netns,
+    i: usize,
+    pass: &mut Vec<(String, aya::Ebpf)>,
+) -> anyhow::Result<()> {
     let lb_iface = format!("b{i}");
     veth(lb, &lb_iface, ns, "eth0")?;
     ns.ip(&["addr", "add", &format!("10.1.{i}.2/24"), "dev", "eth0"])?;
@@ -137,12 +148,12 @@ fn up(ns: &Netns, iface: &str) -> anyhow::Result<()> {
 fn prepare_sender_receiver(
     ns: &Netns,
     iface: &str,
-    keep: &mut Vec<aya::Ebpf>,
+    keep: &mut Vec<(String, aya::Ebpf)>,
 ) -> anyhow::Result<()> {
     ns.exec(&["ethtool", "-K", iface, "tx", "off"])?;
     let name = iface.to_string();
     let ebpf = ns.run(move || lb_user::dataplane::attach_pass(&name))??;
-    keep.push(ebpf);
+    keep.push((ns.name.clone(), ebpf));
     Ok(())
 }
 

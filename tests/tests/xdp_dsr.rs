@@ -164,3 +164,51 @@ fn a_packet_too_big_once_wrapped_is_answered_with_room_for_the_header() {
         assert_eq!(counters(dp)["icmp_too_big_sent"], 1);
     });
 }
+
+/// End to end in namespaces: the balancer wraps each packet to a DSR VIP toward a backend;
+/// `lb decap` on the backend unwraps it; the backend (the VIP on `lo`) answers the client
+/// itself, and the balancer's NAT reply path translates nothing.
+#[test]
+fn requests_to_a_dsr_vip_are_answered_by_backends_that_run_lb_decap() {
+    lb_tests::privileged!();
+    end_to_end("");
+    end_to_end("encap = \"gue\"\n");
+}
+
+fn end_to_end(encap: &str) {
+    use lb_tests::{
+        lb::decap::Decap,
+        scenario::{Scenario, WEB},
+        topology::VIP4,
+    };
+    let mut s = Scenario::topology(2)
+        .xdp_service("forwarding = \"dsr\"\nhash = \"five-tuple\"\n")
+        .start()
+        .expect("lb run");
+    for i in 0..2 {
+        let ns = s.backend_ns(i).share();
+        s.topo_mut().release_pass(&ns);
+    }
+    let vip = VIP4.to_string();
+    let mut decaps = Vec::new();
+    for i in 0..2 {
+        let ns = s.backend_ns(i);
+        // The backend's side of DSR: the VIP is local, and not answered by ARP.
+        ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"]).expect("VIP on lo");
+        ns.sysctl("net.ipv4.conf.all.arp_ignore", "1").unwrap();
+        ns.sysctl("net.ipv4.conf.all.arp_announce", "2").unwrap();
+        decaps.push(Decap::attach(ns, "eth0", &[&vip]).expect("lb decap attach"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let body = s.get(WEB).expect("GET through the DSR VIP");
+        seen.insert(body);
+    }
+    assert_eq!(seen.len(), 2, "{encap}: both backends answered: {seen:?}");
+    let counters = s.lb().reasons().expect("lb stats");
+    assert!(counters["dsr_encapsulated"] >= 20, "{counters:?}");
+    assert_eq!(counters["reply"], 0, "no reply was translated by the balancer: {counters:?}");
+    let unwrapped: u64 = decaps.iter().map(|d| d.counter("decapsulated")).sum();
+    assert!(unwrapped >= counters["dsr_encapsulated"], "every wrapped packet was unwrapped");
+    assert!(decaps[0].status().unwrap().contains("decap attached to eth0"));
+}

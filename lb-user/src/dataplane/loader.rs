@@ -448,7 +448,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Makes sure `dir` lies on a bpffs. The default place, /sys/fs/bpf, is mounted when it is not
 /// (a fresh host, or `ip netns exec`, which remounts /sys); elsewhere the operator decides.
 /// True when it mounted one.
-fn ensure_bpffs(dir: &Path) -> Result<bool, DataplaneError> {
+pub(super) fn ensure_bpffs(dir: &Path) -> Result<bool, DataplaneError> {
     let on_bpffs = |p: &Path| {
         let mut p = p.to_path_buf();
         while !p.exists() {
@@ -481,7 +481,7 @@ fn ensure_bpffs(dir: &Path) -> Result<bool, DataplaneError> {
     Err(pin_err(dir, "not on a bpffs; set xdp.pin_path to a directory on one"))
 }
 
-fn aya_mode(mode: XdpMode) -> AyaXdpMode {
+pub(super) fn aya_mode(mode: XdpMode) -> AyaXdpMode {
     match mode {
         XdpMode::Native => AyaXdpMode::Driver,
         XdpMode::Generic => AyaXdpMode::Skb,

@@ -1,6 +1,7 @@
 //! The XDP data plane: loading the program, attaching it, preparing the host, and keeping its
 //! maps in step with the configured services.
 pub mod changes;
+pub mod decap;
 pub mod host;
 mod kernel_maps;
 mod link;
@@ -21,3 +22,5 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 /// The do-nothing XDP_PASS object (no maps), for veth peers that receive redirected frames.
 pub static PASS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-pass"));
+/// `lb decap`'s program (`lb-ebpf/src/decap.rs`), with its own three small maps.
+pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));

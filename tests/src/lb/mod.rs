@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{admin::Admin, netns::Netns};
 
+pub mod decap;
 mod upgrade;
 pub use upgrade::Replaced;
 
