@@ -61,6 +61,85 @@ pub async fn peek_until<T, E>(
     }
 }
 
+/// A parser fed a stream's bytes as they arrive (see [`super::sni::HelloReader`]).
+pub trait Incremental {
+    type Out;
+    type Err;
+    /// Takes the bytes after those fed before.
+    fn feed(&mut self, new: &[u8]) -> Result<Option<Self::Out>, Self::Err>;
+    /// How many more bytes it can use now (so no peek reads past what it parses).
+    fn wants(&self) -> usize;
+}
+
+impl Incremental for super::sni::HelloReader {
+    type Out = super::sni::ClientHello;
+    type Err = super::sni::HelloError;
+    fn feed(&mut self, new: &[u8]) -> Result<Option<Self::Out>, Self::Err> {
+        super::sni::HelloReader::feed(self, new)
+    }
+    fn wants(&self) -> usize {
+        super::sni::HelloReader::wants(self)
+    }
+}
+
+/// Peeks until `parser` is satisfied, feeding it each byte once. With SO_PEEK_OFF (Linux 6.9+)
+/// every peek copies only bytes not peeked before, into a buffer no larger than what the parser
+/// wants next (one TLS record at most); without it each peek copies from the start again into
+/// a buffer as long as what was fed, and only the new part is fed. The caller bounds the time;
+/// `parser` bounds the length. The peek offset is turned off again before returning.
+pub async fn peek_feed<P: Incremental>(
+    stream: &TcpStream,
+    parser: &mut P,
+) -> Result<P::Out, PeekError<P::Err>> {
+    let offset = sys::set_peek_off(stream.as_fd(), 0).is_ok();
+    let r = feed_loop(stream, parser, offset).await;
+    if offset {
+        let _ = sys::set_peek_off(stream.as_fd(), -1);
+    }
+    r
+}
+
+async fn feed_loop<P: Incremental>(
+    stream: &TcpStream,
+    parser: &mut P,
+    offset: bool,
+) -> Result<P::Out, PeekError<P::Err>> {
+    let mut buf = Vec::new();
+    // Bytes fed so far (only used without the peek offset).
+    let mut seen = 0usize;
+    loop {
+        let want = parser.wants().max(1);
+        let skip = if offset { 0 } else { seen };
+        buf.resize(skip + want, 0);
+        let ready = stream.ready(Interest::READABLE).await.map_err(PeekError::Io)?;
+        let r = stream.try_io(Interest::READABLE, || {
+            let n = sys::peek(stream.as_fd(), &mut buf)?;
+            if n <= skip && n != 0 {
+                // Nothing new: tell tokio to wait for the next readiness event.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        let n = match r {
+            Ok(0) => return Err(PeekError::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if ready.is_read_closed() && (seen > 0 || offset) {
+                    return Err(PeekError::Eof);
+                }
+                continue;
+            }
+            Err(e) => return Err(PeekError::Io(e)),
+        };
+        seen += n - skip;
+        match parser.feed(&buf[skip..n]) {
+            Ok(Some(v)) => return Ok(v),
+            Err(e) => return Err(PeekError::Parse(e)),
+            Ok(None) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -72,6 +151,57 @@ mod tests {
     /// Wants `want` bytes, then returns how many it saw.
     fn need(want: usize) -> impl FnMut(&[u8]) -> Result<Option<usize>, ()> {
         move |b| Ok((b.len() >= want).then_some(b.len()))
+    }
+
+    /// Wants `total` bytes in pieces of at most `chunk`; counts what it was fed.
+    struct Count {
+        total: usize,
+        chunk: usize,
+        fed: usize,
+    }
+
+    impl Incremental for Count {
+        type Out = usize;
+        type Err = ();
+        fn feed(&mut self, new: &[u8]) -> Result<Option<usize>, ()> {
+            assert!(new.len() <= self.wants(), "fed {} past what it wanted", new.len());
+            self.fed += new.len();
+            Ok((self.fed == self.total).then_some(self.fed))
+        }
+        fn wants(&self) -> usize {
+            (self.total - self.fed).min(self.chunk)
+        }
+    }
+
+    #[tokio::test]
+    async fn feeds_each_trickled_byte_once_and_consumes_nothing() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let writer = tokio::spawn(async move {
+            for i in 0..50u8 {
+                c.write_all(&[i]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            c.write_all(&[7u8; 3000]).await.unwrap();
+            c
+        });
+        let mut p = Count { total: 3050, chunk: 1000, fed: 0 };
+        let got = tokio::time::timeout(Duration::from_secs(10), peek_feed(&s, &mut p))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, 3050);
+        let mut c = writer.await.unwrap();
+        // Still all there, and a plain peek (the offset turned off) sees it from the start.
+        let mut buf = vec![0u8; 4000];
+        assert_eq!(sys::peek(s.as_fd(), &mut buf).unwrap(), 3050);
+        assert_eq!(&buf[..3], &[0, 1, 2]);
+        c.shutdown().await.unwrap();
+        let mut p = Count { total: 99_999, chunk: 1000, fed: 0 };
+        let r = tokio::time::timeout(Duration::from_secs(10), peek_feed(&s, &mut p)).await.unwrap();
+        assert!(matches!(r, Err(PeekError::Eof)), "{r:?}");
+        assert_eq!(p.fed, 3050);
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use tokio::{
 use super::{
     balance::Picker,
     handoff::{Handoff, TlsHandoff},
-    peek::{PeekError, peek_until},
+    peek::{PeekError, peek_feed, peek_until},
     proxy_protocol::{self, canonical},
     sni::{self, HelloError, SniRoutes},
     stats::{ErrorKind, Gauge, ListenerStats},
@@ -150,7 +150,7 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
     } else {
         let peeked = tokio::time::timeout(
             cfg.peek_timeout.0,
-            peek_until(&client, sni::MAX_PEEK, sni::parse_client_hello),
+            peek_feed(&client, &mut sni::HelloReader::default()),
         )
         .await
         .map_err(|_| ErrorKind::PeekTimeout)?;
