@@ -68,6 +68,14 @@ pub struct TcpListenerConfig {
     /// or are dropped and counted (UDP).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// TCP: connections one client (an IPv4 address, an IPv6 /64) may hold at once; more are
+    /// closed as soon as accepted and counted (`source_limit`). Absent: no per-source limit.
+    #[serde(default)]
+    pub max_connections_per_source: Option<usize>,
+    /// UDP: sessions one client (an IPv4 address, an IPv6 /64) may hold at once; datagrams
+    /// that would open more are dropped and counted (`source_limit`). Absent: no limit.
+    #[serde(default)]
+    pub max_sessions_per_source: Option<usize>,
     /// Bytes buffered per direction of a connection (the pipe size when splicing).
     #[serde(default = "default_buffer_size")]
     pub buffer_size: usize,
@@ -216,6 +224,24 @@ impl TcpConfig {
             if l.max_connections == 0 {
                 errors.push(format!("{at}: max_connections must be at least 1"));
             }
+            for (key, v, proto) in [
+                ("max_connections_per_source", l.max_connections_per_source, Protocol::Tcp),
+                ("max_sessions_per_source", l.max_sessions_per_source, Protocol::Udp),
+            ] {
+                match v {
+                    Some(0) => errors.push(format!("{at}: {key} must be at least 1")),
+                    Some(_) if l.protocol != proto => errors.push(format!(
+                        "{at}: {key} applies to protocol = \"{}\" listeners only: use {}",
+                        if proto == Protocol::Tcp { "tcp" } else { "udp" },
+                        if proto == Protocol::Tcp {
+                            "max_sessions_per_source"
+                        } else {
+                            "max_connections_per_source"
+                        }
+                    )),
+                    _ => {}
+                }
+            }
             if !(4096..=16 << 20).contains(&l.buffer_size) {
                 errors.push(format!(
                     "{at}: buffer_size {} is out of range: use 4096 to 16777216 bytes",
@@ -315,6 +341,7 @@ mod tests {
             protocol = "udp"
             upstream = "a"
             proxy_protocol = "v1"
+            max_connections_per_source = 3
             sni = [ { host = "a.example", upstream = "a", passthrough = true } ]
             [[tcp.listener]]
             name = "x"
@@ -324,6 +351,7 @@ mod tests {
             [[tcp.listener]]
             name = "y"
             listen = "0.0.0.0:443"
+            max_connections_per_source = 0
             sni = [ { host = "a..b", upstream = "a", passthrough = true },
                     { host = "c.example", upstream = "a" },
                     { host = "d.example", upstream = "zz", passthrough = true },
@@ -342,6 +370,8 @@ mod tests {
             "\"c.example\" needs either",
             "upstream \"zz\", which is not defined",
             "\"e.example.\" is listed twice",
+            "max_connections_per_source applies to protocol = \"tcp\" listeners only: use max_sessions_per_source",
+            "max_connections_per_source must be at least 1",
         ] {
             assert!(err.contains(want), "missing {want:?} in:\n{err}");
         }

@@ -17,6 +17,7 @@ use tokio::{
 use super::{
     balance::Picker,
     handoff::{Handoff, TlsHandoff},
+    limit::PerSource,
     peek::{PeekError, peek_feed, peek_until},
     proxy_protocol::{self, canonical},
     sni::{self, HelloError, SniRoutes},
@@ -46,6 +47,8 @@ pub struct TcpService {
     pub stats: Arc<ListenerStats>,
     /// How long connections may finish after the listener stops.
     pub drain: super::Drain,
+    /// `max_connections_per_source`, counted by peer address.
+    pub per_source: Option<Arc<PerSource>>,
 }
 
 /// Accepts until `shutdown` turns true, then lets connections finish for `service.drain`.
@@ -87,9 +90,24 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
         };
         service.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        // PROXY senders carry many clients: the limit is for the ones connecting directly.
+        let slot = match &service.per_source {
+            Some(t) if !service.config.trusts(peer.ip()) => match t.acquire(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    // Closed before anything is read or spawned: a reset, so neither side
+                    // keeps the connection in TIME_WAIT.
+                    service.stats.error(ErrorKind::SourceLimit);
+                    let _ = stream.set_zero_linger();
+                    continue;
+                }
+            },
+            _ => None,
+        };
         let service = service.clone();
         conns.spawn(async move {
             let _permit = permit;
+            let _slot = slot;
             let _active = Gauge::up(&service.stats.active);
             if let Err(kind) = serve(&service, stream, peer).await {
                 service.stats.error(kind);
