@@ -216,6 +216,19 @@ impl TcpConfig {
                 }
                 _ => {}
             }
+            let passthrough = l.sni.iter().filter_map(|r| match r.action() {
+                Some(SniAction::Passthrough(u)) => Some(u),
+                _ => None,
+            });
+            for u in l.upstream.iter().cloned().chain(passthrough) {
+                if let Some(b) = upstreams.get(&u).and_then(|c| c.balance.as_ref())
+                    && !b.applies_to_l4()
+                {
+                    errors.push(format!(
+                        "{at}: upstream {u:?} has balance = \"{b}\", which an L4 listener cannot apply: use hash-source-ip (the default), round-robin or least-conn, or a separate upstream for the L7 routes"
+                    ));
+                }
+            }
             if l.upstream.is_none() && l.sni.is_empty() {
                 errors.push(format!(
                     "{at}: nothing to route to: set upstream = \"GROUP\" or add sni routes"
@@ -335,6 +348,13 @@ mod tests {
             r#"
             [upstream.a]
             backends = ["10.0.0.5:53"]
+            [upstream.h]
+            balance = "hash-header:x-user"
+            backends = ["10.0.0.7:53"]
+            [[tcp.listener]]
+            name = "h"
+            listen = "0.0.0.0:54"
+            upstream = "h"
             [[tcp.listener]]
             name = "x"
             listen = "0.0.0.0:53"
@@ -372,6 +392,7 @@ mod tests {
             "\"e.example.\" is listed twice",
             "max_connections_per_source applies to protocol = \"tcp\" listeners only: use max_sessions_per_source",
             "max_connections_per_source must be at least 1",
+            "upstream \"h\" has balance = \"hash-header:x-user\", which an L4 listener cannot apply",
         ] {
             assert!(err.contains(want), "missing {want:?} in:\n{err}");
         }

@@ -16,7 +16,7 @@ use crate::{
     dataplane::snat,
     health::Checker,
     l7::{self, Server},
-    upstream::{Group, Groups},
+    upstream::{Group, Groups, Policy},
 };
 
 /// One serving L7 listener.
@@ -137,15 +137,26 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     let old_groups = state.groups.load_full();
     let mut groups = Groups::new();
     let mut keep_sets = Vec::new();
+    let mut policies = Vec::new();
     for (name, u) in &new.upstream {
         let group = match old_groups.get(name) {
-            Some(g) if g.balance == u.balance => {
+            // The group itself stays (every L4 listener, health check and L7 upstream holds
+            // it); a new policy is swapped into it when the reload applies.
+            Some(g) => {
+                let policy = Policy::of(u);
+                if g.policy().configured != policy.configured {
+                    let show = |b: &Option<crate::config::Balance>| {
+                        b.as_ref().map_or("(default)".to_string(), |b| b.to_string())
+                    };
+                    changes.push(format!(
+                        "upstream {name}: balance {} → {}",
+                        show(&g.policy().configured),
+                        show(&policy.configured)
+                    ));
+                    policies.push((g.clone(), policy));
+                }
                 keep_sets.push((g.clone(), u.backends.clone()));
                 g.clone()
-            }
-            Some(g) => {
-                changes.push(format!("upstream {name}: balance {} → {}", g.balance, u.balance));
-                Arc::new(Group::rebuilt(name, u, g))
             }
             None => {
                 changes.push(format!("upstream {name}: added"));
@@ -189,6 +200,9 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
         crate::daemon::sync_host(&mut dp, &xdp.interfaces, &xdp.services)
             .map_err(|e| ReloadError::Apply(e.to_string()))?;
         changes.push(format!("xdp: {} services applied", xdp.services.len()));
+    }
+    for (group, policy) in policies {
+        group.set_policy(policy);
     }
     for (group, specs) in keep_sets {
         let before: Vec<(SocketAddr, u32)> =
