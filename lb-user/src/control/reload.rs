@@ -35,6 +35,8 @@ pub struct Runtime {
     /// Listeners a reload removed, finishing their connections.
     draining: Vec<JoinHandle<std::io::Result<()>>>,
     checker: Option<Checker>,
+    /// The L4 hand-off targets by L7 listener name, pointed at the listener serving now.
+    pub targets: crate::l4::Targets,
 }
 
 impl Runtime {
@@ -42,9 +44,23 @@ impl Runtime {
     pub fn serve(&mut self, server: Arc<Server>, listener: TcpListener) -> std::io::Result<()> {
         let socket = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(server.clone().run(listener, stopped));
+        let task = tokio::spawn(server.clone().run(listener, stopped.clone()));
+        self.point(&server, server.terminates_tls().then_some(stopped));
         self.listeners.push(Running { server, stop, task, socket });
         Ok(())
+    }
+
+    /// Points the hand-off target named like `server` at it (`Some`: it serves, with TLS, until
+    /// `stopped`), or nowhere.
+    fn point(&self, server: &Arc<Server>, stopped: Option<watch::Receiver<bool>>) {
+        let Some(target) = self.targets.get(&server.name) else { return };
+        target.point(stopped.map(|stopped| {
+            let server = server.clone();
+            Box::new(move |h: crate::l4::Handoff| {
+                server.adopt(h.stream, h.client, stopped.clone());
+                Ok(())
+            }) as Box<dyn crate::l4::TlsHandoff>
+        }));
     }
 
     /// (Re)starts the health checks of `config`, keeping what was learned about kept backends.
@@ -237,6 +253,7 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
                 let listener =
                     TcpListener::from_std(socket).map_err(|e| ReloadError::Apply(e.to_string()))?;
                 let _ = r.stop.send(true);
+                runtime.point(&r.server, None);
                 runtime.draining.push(r.task);
                 changes.push(format!("listener {} on {}: rebuilt (TLS changed)", s.name, s.listen));
                 bound.push((s, listener));
@@ -248,6 +265,7 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
         changes
             .push(format!("listener {} on {}: removed, draining", r.server.name, r.server.listen));
         let _ = r.stop.send(true);
+        runtime.point(&r.server, None);
         runtime.draining.push(r.task);
     }
     runtime.listeners = next;

@@ -34,7 +34,7 @@ use tokio::{
     task::JoinSet,
 };
 
-pub use handoff::{Handoff, Handoffs, Refused, TlsHandoff};
+pub use handoff::{Handoff, Handoffs, Refused, Target, Targets, TlsHandoff};
 pub use stats::{ErrorKind, ListenerSnapshot, ListenerStats};
 
 use crate::{
