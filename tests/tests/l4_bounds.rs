@@ -1,0 +1,173 @@
+//! Issue 13's bounds and policies of the userspace L4 proxy: per-source limits (TCP and UDP,
+//! the extra refused and counted, other sources unaffected) and each `balance` policy, in
+//! process on loopback (no root); the memory of 10,000 UDP sessions and the two reload cases
+//! through `lb run` in a namespace (root).
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use lb_tests::{
+    backends::{echo_backend, udp_echo},
+    client::greeted,
+    conf,
+    l4::{L4Harness, xdp_choice},
+};
+use lb_user::{config::Config, l4::ErrorKind};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A UDP client from `source` to `target`: the reply to one datagram, if one came in `wait`.
+fn udp_from(source: &str, target: SocketAddr) -> UdpSocket {
+    let s = UdpSocket::bind((ip(source), 0)).unwrap();
+    s.connect(target).unwrap();
+    s
+}
+
+fn ask(s: &UdpSocket, wait: Duration) -> Option<String> {
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.send(b"q").unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_source_limits_refuse_the_extra_count_it_and_spare_other_sources() {
+    let echo = echo_backend("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let dns = udp_echo("127.0.0.1:0".parse().unwrap(), "u").await;
+    let config = [
+        conf::tcp_over("tcp", &format!("\"{echo}\""), "max_connections_per_source = 3\n"),
+        conf::tcp_over(
+            "udp",
+            &format!("\"{dns}\""),
+            "protocol = \"udp\"\nmax_sessions_per_source = 2\n",
+        ),
+    ]
+    .concat();
+    let h = L4Harness::start(&config, Default::default()).await;
+    let (tcp, udp) = (h.addr("tcp"), h.addr("udp"));
+
+    let held = tokio::task::spawn_blocking(move || {
+        let held: Vec<_> = (0..3).map(|_| greeted(tcp, Some(ip("127.0.0.2"))).unwrap()).collect();
+        // The fourth from the same address: closed at once, before any byte is relayed.
+        let mut s =
+            lb_tests::client::connect_from(Some(ip("127.0.0.2")), tcp, lb_tests::T).unwrap();
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut b);
+        assert!(b.is_empty(), "the 4th connection of one source was relayed: {b:?}");
+        // Another source is not affected.
+        assert_eq!(greeted(tcp, Some(ip("127.0.0.3"))).unwrap().0, "echo");
+        held
+    })
+    .await
+    .unwrap();
+    h.wait_for("tcp", "one refusal counted", |s| s.errors(ErrorKind::SourceLimit) == 1).await;
+    drop(held);
+    // Places are given back when connections end.
+    h.wait_for("tcp", "held connections closed", |s| {
+        s.active.load(std::sync::atomic::Ordering::Relaxed) == 0
+    })
+    .await;
+    let again =
+        tokio::task::spawn_blocking(move || greeted(tcp, Some(ip("127.0.0.2"))).map(|g| g.0));
+    assert_eq!(again.await.unwrap().unwrap(), "echo");
+
+    tokio::task::spawn_blocking(move || {
+        // Sessions are per address and port: two sockets of 127.0.0.2 get sessions, a third not.
+        let a = udp_from("127.0.0.2", udp);
+        let b = udp_from("127.0.0.2", udp);
+        let c = udp_from("127.0.0.2", udp);
+        assert_eq!(ask(&a, lb_tests::T).as_deref(), Some("u:q"));
+        assert_eq!(ask(&b, lb_tests::T).as_deref(), Some("u:q"));
+        assert_eq!(ask(&c, Duration::from_millis(300)), None, "a third session of one source");
+        assert_eq!(ask(&a, lb_tests::T).as_deref(), Some("u:q"), "the first two still served");
+        let d = udp_from("127.0.0.3", udp);
+        assert_eq!(ask(&d, lb_tests::T).as_deref(), Some("u:q"), "another source is not affected");
+    })
+    .await
+    .unwrap();
+    assert!(h.stats("udp").errors(ErrorKind::SourceLimit) >= 1);
+    assert_eq!(h.stats("udp").udp_sessions_created.load(std::sync::atomic::Ordering::Relaxed), 3);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_l4_policy_distributes_as_documented() {
+    let mut backends = Vec::new();
+    for name in ["b1", "b2", "b3"] {
+        backends.push(echo_backend("127.0.0.1:0".parse().unwrap(), name).await);
+    }
+    let list = conf::list(&backends);
+    let config = [
+        conf::upstream("rr", &list) + "balance = \"round-robin\"\n",
+        conf::upstream("lc", &list) + "balance = \"least-conn\"\n",
+        conf::upstream("hash", &list),
+        conf::tcp("rr", "127.0.0.1:0", "upstream = \"rr\"\n"),
+        conf::tcp("lc", "127.0.0.1:0", "upstream = \"lc\"\n"),
+        conf::tcp("hash", "127.0.0.1:0", "upstream = \"hash\"\n"),
+    ]
+    .concat();
+    let parsed = Config::parse(&config).unwrap();
+    let h = L4Harness::start(&config, Default::default()).await;
+    let (rr, lc, hash) = (h.addr("rr"), h.addr("lc"), h.addr("hash"));
+    let names: HashMap<SocketAddr, String> =
+        backends.iter().zip(["b1", "b2", "b3"]).map(|(a, n)| (*a, n.to_string())).collect();
+
+    // round-robin: one client's 30 connections, 10 to each backend.
+    let counts = tokio::task::spawn_blocking(move || {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for _ in 0..30 {
+            *counts.entry(greeted(rr, None).unwrap().0).or_default() += 1;
+        }
+        counts
+    })
+    .await
+    .unwrap();
+    assert!(counts.len() == 3 && counts.values().all(|&n| n == 10), "round-robin: {counts:?}");
+
+    // least-conn: three held connections reach three backends; when one closes, the next
+    // connection goes to the backend it left.
+    let (mut held, freed) = tokio::task::spawn_blocking(move || {
+        let held: Vec<_> = (0..3).map(|_| greeted(lc, None).unwrap()).collect();
+        let mut who: Vec<&str> = held.iter().map(|(n, _)| n.as_str()).collect();
+        who.sort();
+        assert_eq!(who, ["b1", "b2", "b3"], "least-conn over idle backends");
+        let freed = held[1].0.clone();
+        (held, freed)
+    })
+    .await
+    .unwrap();
+    held.remove(1);
+    h.wait_for("lc", "the closed connection ended", |s| {
+        s.active.load(std::sync::atomic::Ordering::Relaxed) == 2
+    })
+    .await;
+    let next = tokio::task::spawn_blocking(move || {
+        (0..3).map(|_| greeted(lc, None).unwrap()).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(next[0].0, freed, "least-conn prefers the backend with fewer open connections");
+    drop((held, next));
+
+    // hash-source-ip (the default): each client sticks to the backend the XDP path picks.
+    tokio::task::spawn_blocking(move || {
+        let mut seen = std::collections::HashSet::new();
+        for i in 2..12u8 {
+            let client = ip(&format!("127.0.0.{i}"));
+            let want = &names[&xdp_choice(&parsed, "hash", client)];
+            for _ in 0..4 {
+                assert_eq!(&greeted(hash, Some(client)).unwrap().0, want, "client {client}");
+            }
+            seen.insert(want.clone());
+        }
+        assert!(seen.len() >= 2, "clients spread: {seen:?}");
+    })
+    .await
+    .unwrap();
+    h.stop().await;
+}
