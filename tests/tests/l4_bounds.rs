@@ -171,3 +171,63 @@ async fn each_l4_policy_distributes_as_documented() {
     .unwrap();
     h.stop().await;
 }
+
+/// The bound the issue sets per UDP session, and the slack for what any run grows by (the
+/// allocator's arenas, the session table's doublings, the reply buffers of the worker threads).
+const SESSION_BYTES: u64 = 4096;
+const SLACK_KB: u64 = 8 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_udp_sessions_cost_lb_under_4_kib_each() {
+    lb_tests::privileged!();
+    lb_tests::procs::raise_nofile();
+    let ns = lb_tests::netns::Netns::new("udpmem").unwrap();
+    let u = ns.run(|| UdpSocket::bind("127.0.0.1:7053")).unwrap().unwrap();
+    lb_tests::backends::udp_echo_on(u, "u");
+    let config = [
+        conf::upstream("dns", "\"127.0.0.1:7053\""),
+        conf::tcp(
+            "dns",
+            "127.0.0.1:15353",
+            "protocol = \"udp\"\nupstream = \"dns\"\nmax_connections = 20000\nidle_timeout = 600\n",
+        ),
+    ]
+    .concat();
+    let lb = lb_tests::lb::Lb::builder(&ns, config).start().expect("lb run");
+    let target: SocketAddr = "127.0.0.1:15353".parse().unwrap();
+    let ns2 = ns.share();
+    // Warm up (threads, first allocations), then measure 10,000 more sessions of one 1,200-byte
+    // datagram each, as the issue did.
+    let (warm, got) = tokio::task::spawn_blocking(move || {
+        lb_tests::load::udp_sessions(&ns2, target, 200, 1200, 25)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(got, 200);
+    let before = lb_tests::procs::sample(lb.pid()).rss_kb;
+    let ns2 = ns.share();
+    let (socks, got) = tokio::task::spawn_blocking(move || {
+        lb_tests::load::udp_sessions(&ns2, target, 10_000, 1200, 25)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(got, 10_000, "every session answered");
+    let after = lb_tests::procs::sample(lb.pid()).rss_kb;
+    let stats: serde_json::Value =
+        serde_json::from_str(&lb.admin().get("/stats").unwrap()).unwrap();
+    assert_eq!(stats["l4"][0]["counters"]["udp_sessions_active"], 10_200);
+    let grown = after.saturating_sub(before);
+    let per_session = grown * 1024 / 10_000;
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "udp sessions: RSS {before} KiB -> {after} KiB for 10,000 sessions: {per_session} bytes each"
+    );
+    assert!(
+        grown <= 10_000 * SESSION_BYTES / 1024 + SLACK_KB,
+        "10,000 UDP sessions grew lb's RSS by {grown} KiB ({per_session} bytes a session)"
+    );
+    drop((warm, socks));
+}
