@@ -231,3 +231,136 @@ async fn ten_thousand_udp_sessions_cost_lb_under_4_kib_each() {
     );
     drop((warm, socks));
 }
+
+/// The value of the Prometheus sample `series` (name and labels) on the daemon's /metrics.
+fn metric(lb: &lb_tests::lb::Lb, series: &str) -> u64 {
+    let text = lb.admin().get("/metrics").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_keep_steering_an_l4_group_after_a_reload_changes_its_policy() {
+    lb_tests::privileged!();
+    let ns = lb_tests::netns::Netns::new("rpol").unwrap();
+    let b1 = lb_tests::backends::HttpBackend::start(&ns, "127.0.0.1:7001".parse().unwrap(), "b1")
+        .unwrap();
+    let b2 = lb_tests::backends::HttpBackend::start(&ns, "127.0.0.1:7002".parse().unwrap(), "b2")
+        .unwrap();
+    // b2's weight changes with the policy: the group then holds a new backend object for it,
+    // which only the group the checks steer knows unless the listener follows that group.
+    let config = |balance: &str, w2: u32| {
+        [
+            conf::upstream("g", &conf::weighted([("127.0.0.1:7001", 1), ("127.0.0.1:7002", w2)])),
+            format!("balance = \"{balance}\"\n"),
+            conf::fast_health("g", "tcp"),
+            conf::tcp("web", "127.0.0.1:18080", "upstream = \"g\"\n"),
+        ]
+        .concat()
+    };
+    let web: SocketAddr = "127.0.0.1:18080".parse().unwrap();
+    let lb = lb_tests::lb::Lb::builder(&ns, config("round-robin", 1))
+        .wait_listening(&ns, web)
+        .start()
+        .expect("lb run");
+    lb.write_config(&config("least-conn", 2)).unwrap();
+    let out = lb.cli(&["reload"]).expect("reload");
+    assert!(out.contains("balance round-robin → least-conn"), "{out}");
+    // b2 goes away; the checks take it out of the group the listener balances over, so no
+    // connection is even tried there (a connect failure would be retried on b1, unseen).
+    drop(b2);
+    // Many client addresses, so a source-hashing picker would also try b2 for some.
+    let get = |ns: &lb_tests::netns::Netns, i: u8| {
+        let source = Some(ip(&format!("127.0.0.{}", 2 + i)));
+        lb_tests::client::http_get(ns, source, web, lb_tests::T).unwrap()
+    };
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(50));
+        let list = lb.cli(&["backend", "list", "g"]).unwrap_or_default();
+        if list.lines().any(|l| l.contains("127.0.0.1:7002") && l.contains("down")) {
+            break;
+        }
+    }
+    let failures = metric(&lb, "lb_l4_connect_failures_total{listener=\"web\"}");
+    for i in 0..40 {
+        assert_eq!(get(&ns, i), "b1");
+    }
+    assert_eq!(
+        metric(&lb, "lb_l4_connect_failures_total{listener=\"web\"}"),
+        failures,
+        "the listener still tried the backend the checks took out"
+    );
+    drop(b1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_l4_handoff_follows_a_reload_that_toggles_tls_on_its_l7_listener() {
+    lb_tests::privileged!();
+    let ns = lb_tests::netns::Netns::new("rtls").unwrap();
+    let _app =
+        lb_tests::backends::HttpBackend::start(&ns, "127.0.0.1:7080".parse().unwrap(), "app")
+            .unwrap();
+    let dir = lb_tests::http::temp_dir("handoff-reload");
+    let first = lb_tests::http::write_cert(&dir, "first", &["*.example.com"]);
+    let second = lb_tests::http::write_cert(&dir, "second", &["*.example.com"]);
+    let config = |cert: Option<&lb_tests::http::TestCert>| {
+        let tls = cert.map_or(String::new(), |c| {
+            format!(
+                "tls = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+                c.cert.display(),
+                c.key.display()
+            )
+        });
+        [
+            conf::http_listener("public", "127.0.0.1:9443", &tls),
+            conf::route("public", "app"),
+            conf::upstream("app", "\"127.0.0.1:7080\""),
+            conf::tcp(
+                "edge",
+                "127.0.0.1:8443",
+                "sni = [ { host = \"*.example.com\", terminate = \"public\" } ]\n",
+            ),
+        ]
+        .concat()
+    };
+    let edge: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let lb = lb_tests::lb::Lb::builder(&ns, config(Some(&first)))
+        .wait_listening(&ns, edge)
+        .start()
+        .expect("lb run");
+    let ders = [&first, &second].map(|c| rustls::pki_types::CertificateDer::from(c.der.clone()));
+    let request = |ns: &lb_tests::netns::Netns| {
+        let roots = lb_tests::tls::client_config(&[&ders[0], &ders[1]]);
+        let get = b"GET / HTTP/1.1\r\nhost: www.example.com\r\nconnection: close\r\n\r\n";
+        ns.run(move || lb_tests::tls::https_request(edge, "www.example.com", roots, get)).unwrap()
+    };
+    let (cert, response) = request(&ns).expect("handed off");
+    assert_eq!(cert.as_ref(), Some(&ders[0]));
+    assert!(response.trim_end().ends_with("app"), "{response}");
+
+    // TLS off: the listener is rebuilt without TLS; hand-offs to it are refused and counted.
+    lb.write_config(&config(None)).unwrap();
+    let out = lb.cli(&["reload"]).expect("reload");
+    assert!(out.contains("rebuilt (TLS changed)"), "{out}");
+    let refused = metric(&lb, "lb_l4_errors_total{listener=\"edge\",kind=\"handoff_failed\"}");
+    assert!(request(&ns).is_err(), "a hand-off reached a listener that no longer terminates TLS");
+    let mut counted = false;
+    for _ in 0..100 {
+        let now = metric(&lb, "lb_l4_errors_total{listener=\"edge\",kind=\"handoff_failed\"}");
+        if now == refused + 1 {
+            counted = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(counted, "the refused hand-off was not counted");
+
+    // TLS on again with another certificate: hand-offs reach the new listener.
+    lb.write_config(&config(Some(&second))).unwrap();
+    lb.cli(&["reload"]).expect("reload");
+    let (cert, response) = request(&ns).expect("handed off after the reload");
+    assert_eq!(cert.as_ref(), Some(&ders[1]), "the hand-off went to the listener serving now");
+    assert!(response.trim_end().ends_with("app"), "{response}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
