@@ -232,14 +232,6 @@ async fn ten_thousand_udp_sessions_cost_lb_under_4_kib_each() {
     drop((warm, socks));
 }
 
-/// The value of the Prometheus sample `series` (name and labels) on the daemon's /metrics.
-fn metric(lb: &lb_tests::lb::Lb, series: &str) -> u64 {
-    let text = lb.admin().get("/metrics").unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_keep_steering_an_l4_group_after_a_reload_changes_its_policy() {
     lb_tests::privileged!();
@@ -282,12 +274,12 @@ async fn health_checks_keep_steering_an_l4_group_after_a_reload_changes_its_poli
             break;
         }
     }
-    let failures = metric(&lb, "lb_l4_connect_failures_total{listener=\"web\"}");
+    let failures = lb.admin().metric("lb_l4_connect_failures_total{listener=\"web\"}");
     for i in 0..40 {
         assert_eq!(get(&ns, i), "b1");
     }
     assert_eq!(
-        metric(&lb, "lb_l4_connect_failures_total{listener=\"web\"}"),
+        lb.admin().metric("lb_l4_connect_failures_total{listener=\"web\"}"),
         failures,
         "the listener still tried the backend the checks took out"
     );
@@ -343,11 +335,13 @@ async fn the_l4_handoff_follows_a_reload_that_toggles_tls_on_its_l7_listener() {
     lb.write_config(&config(None)).unwrap();
     let out = lb.cli(&["reload"]).expect("reload");
     assert!(out.contains("rebuilt (TLS changed)"), "{out}");
-    let refused = metric(&lb, "lb_l4_errors_total{listener=\"edge\",kind=\"handoff_failed\"}");
+    let refused =
+        lb.admin().metric("lb_l4_errors_total{listener=\"edge\",kind=\"handoff_failed\"}");
     assert!(request(&ns).is_err(), "a hand-off reached a listener that no longer terminates TLS");
     let mut counted = false;
     for _ in 0..100 {
-        let now = metric(&lb, "lb_l4_errors_total{listener=\"edge\",kind=\"handoff_failed\"}");
+        let now =
+            lb.admin().metric("lb_l4_errors_total{listener=\"edge\",kind=\"handoff_failed\"}");
         if now == refused + 1 {
             counted = true;
             break;

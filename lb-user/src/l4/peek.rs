@@ -153,6 +153,26 @@ mod tests {
         move |b| Ok((b.len() >= want).then_some(b.len()))
     }
 
+    /// A connection whose client sends `slow` bytes (0, 1, ...) one at a time, then `fast` bytes
+    /// of 7 at once; the client comes back from the task when it is done.
+    async fn trickled(
+        slow: u8,
+        fast: usize,
+    ) -> (tokio::net::TcpStream, tokio::task::JoinHandle<tokio::net::TcpStream>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let writer = tokio::spawn(async move {
+            for i in 0..slow {
+                c.write_all(&[i]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            c.write_all(&vec![7u8; fast]).await.unwrap();
+            c
+        });
+        (s, writer)
+    }
+
     /// Wants `total` bytes in pieces of at most `chunk`; counts what it was fed.
     struct Count {
         total: usize,
@@ -175,17 +195,7 @@ mod tests {
 
     #[tokio::test]
     async fn feeds_each_trickled_byte_once_and_consumes_nothing() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        let writer = tokio::spawn(async move {
-            for i in 0..50u8 {
-                c.write_all(&[i]).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            c.write_all(&[7u8; 3000]).await.unwrap();
-            c
-        });
+        let (s, writer) = trickled(50, 3000).await;
         let mut p = Count { total: 3050, chunk: 1000, fed: 0 };
         let got = tokio::time::timeout(Duration::from_secs(10), peek_feed(&s, &mut p))
             .await
@@ -206,17 +216,7 @@ mod tests {
 
     #[tokio::test]
     async fn waits_for_trickled_bytes_grows_and_consumes_nothing() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        let writer = tokio::spawn(async move {
-            for i in 0..10u8 {
-                c.write_all(&[i]).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            c.write_all(&[7u8; 5000]).await.unwrap();
-            c
-        });
+        let (s, writer) = trickled(10, 5000).await;
         let got = tokio::time::timeout(Duration::from_secs(10), peek_until(&s, 8192, need(5010)))
             .await
             .unwrap()
