@@ -83,60 +83,69 @@ impl Incremental for super::sni::HelloReader {
 }
 
 /// Peeks until `parser` is satisfied, feeding it each byte once. With SO_PEEK_OFF (Linux 6.9+)
-/// every peek copies only bytes not peeked before, into a buffer no larger than what the parser
-/// wants next (one TLS record at most); without it each peek copies from the start again into
-/// a buffer as long as what was fed, and only the new part is fed. The caller bounds the time;
-/// `parser` bounds the length. The peek offset is turned off again before returning.
+/// every peek copies only bytes not peeked before, at most what the parser wants next (one TLS
+/// record at most); without it each peek copies from the start again and only the new part is
+/// fed. Peeks land in a per-thread buffer and are fed before the next await, so a waiting
+/// connection holds only what its parser keeps. The caller bounds the time; `parser` bounds
+/// the length. The peek offset is turned off again before returning.
 pub async fn peek_feed<P: Incremental>(
     stream: &TcpStream,
     parser: &mut P,
 ) -> Result<P::Out, PeekError<P::Err>> {
-    let offset = sys::set_peek_off(stream.as_fd(), 0).is_ok();
-    let r = feed_loop(stream, parser, offset).await;
-    if offset {
-        let _ = sys::set_peek_off(stream.as_fd(), -1);
-    }
-    r
-}
-
-async fn feed_loop<P: Incremental>(
-    stream: &TcpStream,
-    parser: &mut P,
-    offset: bool,
-) -> Result<P::Out, PeekError<P::Err>> {
-    let mut buf = Vec::new();
-    // Bytes fed so far (only used without the peek offset).
+    let offset = sys::set_peek_off(stream.as_fd(), 0).is_ok().then_some(PeekOffset(stream));
+    // Bytes fed so far: what a peek from the start skips when there is no offset.
     let mut seen = 0usize;
     loop {
-        let want = parser.wants().max(1);
-        let skip = if offset { 0 } else { seen };
-        buf.resize(skip + want, 0);
         let ready = stream.ready(Interest::READABLE).await.map_err(PeekError::Io)?;
+        let mut fed = None;
         let r = stream.try_io(Interest::READABLE, || {
-            let n = sys::peek(stream.as_fd(), &mut buf)?;
-            if n <= skip && n != 0 {
-                // Nothing new: tell tokio to wait for the next readiness event.
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
+            SCRATCH.with_borrow_mut(|buf| {
+                let skip = if offset.is_some() { 0 } else { seen };
+                let end = skip + parser.wants().max(1);
+                if buf.len() < end {
+                    buf.resize(end, 0);
+                }
+                let n = sys::peek(stream.as_fd(), &mut buf[..end])?;
+                if n <= skip && n != 0 {
+                    // Nothing new: tell tokio to wait for the next readiness event.
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                if n > skip {
+                    seen += n - skip;
+                    fed = Some(parser.feed(&buf[skip..n]));
+                }
+                Ok(n)
+            })
         });
-        let n = match r {
+        match r {
             Ok(0) => return Err(PeekError::Eof),
-            Ok(n) => n,
+            Ok(_) => match fed {
+                Some(Ok(Some(v))) => return Ok(v),
+                Some(Err(e)) => return Err(PeekError::Parse(e)),
+                _ => {}
+            },
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if ready.is_read_closed() && (seen > 0 || offset) {
+                if ready.is_read_closed() && (seen > 0 || offset.is_some()) {
                     return Err(PeekError::Eof);
                 }
-                continue;
             }
             Err(e) => return Err(PeekError::Io(e)),
-        };
-        seen += n - skip;
-        match parser.feed(&buf[skip..n]) {
-            Ok(Some(v)) => return Ok(v),
-            Err(e) => return Err(PeekError::Parse(e)),
-            Ok(None) => {}
         }
+    }
+}
+
+thread_local! {
+    /// Where [`peek_feed`] peeks on this worker thread: one TLS record (or, without a peek
+    /// offset, what was fed plus one record: at most `sni::MAX_PEEK`).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Turns the peek offset off when dropped, also when the caller's timeout drops the peek.
+struct PeekOffset<'a>(&'a TcpStream);
+
+impl Drop for PeekOffset<'_> {
+    fn drop(&mut self) {
+        let _ = sys::set_peek_off(self.0.as_fd(), -1);
     }
 }
 

@@ -47,8 +47,9 @@ pub fn parse_client_hello(data: &[u8]) -> Result<Option<ClientHello>, HelloError
 
 /// The ClientHello parser fed a stream in pieces as they arrive: each byte is looked at once
 /// (a trickled hello costs linear work in all), record headers are read as soon as their 5
-/// bytes are there, and what it holds is the handshake message alone (fragments reassembled,
-/// allocated once its length is known), never more than [`MAX_HELLO_LEN`] + 4 bytes.
+/// bytes are there, and what it holds is the handshake message alone (fragments reassembled),
+/// grown with the bytes that came (at most twice them), never past the length its header
+/// declares, so never more than [`MAX_HELLO_LEN`] + 4 bytes.
 #[derive(Debug, Default)]
 pub struct HelloReader {
     /// The record header being read, and how much of it has arrived.
@@ -123,6 +124,13 @@ impl HelloReader {
                 }
                 take = room;
             }
+            if let Some(n) = self.body_len {
+                // Grown with what arrives (doubling, never past the declared length), not
+                // reserved for what the client claims it will send.
+                let len = self.msg.len();
+                let cap = (4 + n).min((len * 2).max(len + take));
+                self.msg.reserve_exact(cap.saturating_sub(len));
+            }
             self.msg.extend_from_slice(&data[..take]);
             #[cfg(test)]
             {
@@ -132,9 +140,6 @@ impl HelloReader {
             data = &data[take..];
             if self.body_len.is_none() {
                 self.body_len = handshake_len(&self.msg)?;
-                if let Some(n) = self.body_len {
-                    self.msg.reserve_exact(n);
-                }
             }
             if let Some(n) = self.body_len
                 && self.msg.len() == 4 + n
