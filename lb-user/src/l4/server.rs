@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     config::{ProxyProtocol, TcpListenerConfig},
-    upstream::Backend,
+    upstream::InFlight,
 };
 
 /// How long connections may finish after shutdown before they are cut.
@@ -234,7 +234,7 @@ async fn connect(
     svc: &TcpService,
     picker: &Picker,
     client: IpAddr,
-) -> Result<(Arc<Backend>, TcpStream), ErrorKind> {
+) -> Result<(InFlight, TcpStream), ErrorKind> {
     let cfg = &svc.config;
     // Allocates only once a connect has failed.
     let mut failed: Vec<SocketAddr> = Vec::new();
@@ -249,8 +249,10 @@ async fn connect(
         if !failed.is_empty() {
             svc.stats.connect_retries.fetch_add(1, Ordering::Relaxed);
         }
+        // Counted from the pick, so least-conn sees connections still connecting.
+        let in_flight = backend.start();
         match tokio::time::timeout(cfg.connect_timeout.0, TcpStream::connect(backend.addr)).await {
-            Ok(Ok(s)) => return Ok((backend, s)),
+            Ok(Ok(s)) => return Ok((in_flight, s)),
             Ok(Err(e)) => log::debug!("listener {}: connect {}: {e}", cfg.name, backend.addr),
             Err(_) => log::debug!("listener {}: connect {}: timed out", cfg.name, backend.addr),
         }
@@ -270,8 +272,8 @@ async fn relay_to(
     dst: Option<SocketAddr>,
 ) -> Result<(), ErrorKind> {
     let cfg = &svc.config;
-    let (backend, mut upstream) = connect(svc, picker, src.ip()).await?;
-    let _in_flight = Gauge::up(&backend.in_flight);
+    let (in_flight, mut upstream) = connect(svc, picker, src.ip()).await?;
+    let backend = in_flight.backend();
     let _ = upstream.set_nodelay(true);
     let header = match cfg.proxy_protocol {
         ProxyProtocol::None => None,
