@@ -1,7 +1,7 @@
 //! A UDP listener of the userspace L4 proxy: one session per client address (address and
-//! port), each with its own connected socket to the backend Maglev picks for the client, so
-//! replies find their way back; sessions with no datagram either way for the idle timeout are
-//! swept.
+//! port), each with its own connected socket to the backend the group's policy picks for the
+//! client (Maglev over its address by default), so replies find their way back; sessions with
+//! no datagram either way for the idle timeout are swept.
 //!
 //! Memory: a session holds no buffer. Datagrams from clients land in the listener's one buffer;
 //! a session's reply task waits for readiness holding nothing, then receives into its worker
