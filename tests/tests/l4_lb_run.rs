@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use lb_tests::{
     T,
+    admin::sample,
     backends::{HttpBackend, TlsBackend, echo_backend_on, udp_echo_on},
     client::{echo_roundtrip, http_get, udp_socket},
     conf,
@@ -16,13 +17,6 @@ use lb_tests::{
     topology::Topology,
 };
 use lb_user::config::Config;
-
-/// The value of the Prometheus sample `series` (name and labels) in `text`.
-fn sample(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lb_run_serves_tls_passthrough_tcp_and_udp_with_the_xdp_paths_stickiness() {

@@ -269,7 +269,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.http.listener[0].tls.len(), 2);
         assert_eq!(c.http.route[0].path.as_deref(), Some("/v1"));
-        assert_eq!(c.upstream["api"].balance, Balance::RoundRobin);
+        assert_eq!(c.upstream["api"].balance, Some(Balance::RoundRobin));
         assert_eq!(c.upstream["api"].backends[1].weight(), 2);
     }
 

@@ -7,6 +7,7 @@
 //! [`Bound::spawn`] (one task per listener, stopped by the daemon's shutdown channel).
 pub mod balance;
 pub mod handoff;
+pub mod limit;
 pub mod peek;
 pub mod proxy_protocol;
 pub mod server;
@@ -33,7 +34,7 @@ use tokio::{
     task::JoinSet,
 };
 
-pub use handoff::{Handoff, Handoffs, Refused, TlsHandoff};
+pub use handoff::{Handoff, Handoffs, Refused, Target, Targets, TlsHandoff};
 pub use stats::{ErrorKind, ListenerSnapshot, ListenerStats};
 
 use crate::{
@@ -134,6 +135,7 @@ impl L4 {
                     upstream,
                     stats,
                     drain: drain.clone(),
+                    per_source: l.max_sessions_per_source.map(limit::PerSource::new),
                 })));
                 continue;
             }
@@ -160,6 +162,7 @@ impl L4 {
                 default,
                 stats,
                 drain: drain.clone(),
+                per_source: l.max_connections_per_source.map(limit::PerSource::new),
             })));
         }
         Ok(Self { services, drain })

@@ -17,7 +17,8 @@ use tokio::{
 use super::{
     balance::Picker,
     handoff::{Handoff, TlsHandoff},
-    peek::{PeekError, peek_until},
+    limit::PerSource,
+    peek::{PeekError, peek_feed, peek_until},
     proxy_protocol::{self, canonical},
     sni::{self, HelloError, SniRoutes},
     stats::{ErrorKind, Gauge, ListenerStats},
@@ -25,7 +26,7 @@ use super::{
 };
 use crate::{
     config::{ProxyProtocol, TcpListenerConfig},
-    upstream::Backend,
+    upstream::InFlight,
 };
 
 /// How long connections may finish after shutdown before they are cut.
@@ -46,6 +47,8 @@ pub struct TcpService {
     pub stats: Arc<ListenerStats>,
     /// How long connections may finish after the listener stops.
     pub drain: super::Drain,
+    /// `max_connections_per_source`, counted by peer address.
+    pub per_source: Option<Arc<PerSource>>,
 }
 
 /// Accepts until `shutdown` turns true, then lets connections finish for `service.drain`.
@@ -87,9 +90,24 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
         };
         service.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        // PROXY senders carry many clients: the limit is for the ones connecting directly.
+        let slot = match &service.per_source {
+            Some(t) if !service.config.trusts(peer.ip()) => match t.acquire(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    // Closed before anything is read or spawned: a reset, so neither side
+                    // keeps the connection in TIME_WAIT.
+                    service.stats.error(ErrorKind::SourceLimit);
+                    let _ = stream.set_zero_linger();
+                    continue;
+                }
+            },
+            _ => None,
+        };
         let service = service.clone();
         conns.spawn(async move {
             let _permit = permit;
+            let _slot = slot;
             let _active = Gauge::up(&service.stats.active);
             if let Err(kind) = serve(&service, stream, peer).await {
                 service.stats.error(kind);
@@ -153,7 +171,7 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
     } else {
         let peeked = tokio::time::timeout(
             cfg.peek_timeout.0,
-            peek_until(&client, sni::MAX_PEEK, sni::parse_client_hello),
+            peek_feed(&client, &mut sni::HelloReader::default()),
         )
         .await
         .map_err(|_| ErrorKind::PeekTimeout)?;
@@ -219,7 +237,7 @@ async fn connect(
     svc: &TcpService,
     picker: &Picker,
     client: IpAddr,
-) -> Result<(Arc<Backend>, TcpStream), ErrorKind> {
+) -> Result<(InFlight, TcpStream), ErrorKind> {
     let cfg = &svc.config;
     // Allocates only once a connect has failed.
     let mut failed: Vec<SocketAddr> = Vec::new();
@@ -234,8 +252,10 @@ async fn connect(
         if !failed.is_empty() {
             svc.stats.connect_retries.fetch_add(1, Ordering::Relaxed);
         }
+        // Counted from the pick, so least-conn sees connections still connecting.
+        let in_flight = backend.start();
         match tokio::time::timeout(cfg.connect_timeout.0, TcpStream::connect(backend.addr)).await {
-            Ok(Ok(s)) => return Ok((backend, s)),
+            Ok(Ok(s)) => return Ok((in_flight, s)),
             Ok(Err(e)) => log::debug!("listener {}: connect {}: {e}", cfg.name, backend.addr),
             Err(_) => log::debug!("listener {}: connect {}: timed out", cfg.name, backend.addr),
         }
@@ -255,8 +275,8 @@ async fn relay_to(
     dst: Option<SocketAddr>,
 ) -> Result<(), ErrorKind> {
     let cfg = &svc.config;
-    let (backend, mut upstream) = connect(svc, picker, src.ip()).await?;
-    let _in_flight = Gauge::up(&backend.in_flight);
+    let (in_flight, mut upstream) = connect(svc, picker, src.ip()).await?;
+    let backend = in_flight.backend();
     let _ = upstream.set_nodelay(true);
     let header = match cfg.proxy_protocol {
         ProxyProtocol::None => None,

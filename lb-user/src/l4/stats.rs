@@ -39,10 +39,13 @@ pub enum ErrorKind {
     OverLimit,
     /// The L7 listener refused the connection (for example a full queue).
     HandoffFailed,
+    /// A client over `max_connections_per_source` (TCP, closed at once) or
+    /// `max_sessions_per_source` (UDP, the datagram dropped).
+    SourceLimit,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 14] = [
         Self::NotTls,
         Self::BadClientHello,
         Self::PeekTimeout,
@@ -56,6 +59,7 @@ impl ErrorKind {
         Self::Io,
         Self::OverLimit,
         Self::HandoffFailed,
+        Self::SourceLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +77,7 @@ impl ErrorKind {
             Self::Io => "io",
             Self::OverLimit => "over_limit",
             Self::HandoffFailed => "handoff_failed",
+            Self::SourceLimit => "source_limit",
         }
     }
 }

@@ -73,6 +73,23 @@ pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
+/// Sets SO_PEEK_OFF: each MSG_PEEK then copies from `off` bytes into the receive queue and
+/// moves the offset past what it copied, so a peek sees only bytes not peeked before; -1 turns
+/// it off. TCP has it since Linux 6.9; older kernels answer EOPNOTSUPP or EINVAL.
+pub fn set_peek_off(fd: BorrowedFd<'_>, off: i32) -> io::Result<()> {
+    // SAFETY: setsockopt with a pointer to a local int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            (&off as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 /// Half-closes a socket (sends FIN) through a shared reference, so both relay directions can
 /// run on `&TcpStream` at once.
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
