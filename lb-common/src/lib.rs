@@ -7,6 +7,7 @@
 
 pub mod checksum;
 pub mod hash;
+pub mod relay;
 
 use core::mem::size_of;
 

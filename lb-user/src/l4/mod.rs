@@ -7,6 +7,7 @@
 //! [`Bound::spawn`] (one task per listener, stopped by the daemon's shutdown channel).
 pub mod balance;
 pub mod handoff;
+pub mod kernel;
 pub mod peek;
 pub mod proxy_protocol;
 pub mod server;
@@ -154,7 +155,10 @@ impl L4 {
                 };
                 routes.insert(&r.host, route);
             }
+            let (relay, relay_name) = kernel::Mode::choose(l.relay, l.zero_copy);
+            stats.set_relay(relay_name);
             services.push(Service::Tcp(Arc::new(TcpService {
+                relay,
                 config: l.clone(),
                 routes,
                 default,

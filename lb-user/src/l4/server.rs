@@ -17,6 +17,7 @@ use tokio::{
 use super::{
     balance::Picker,
     handoff::{Handoff, TlsHandoff},
+    kernel::{self, JoinError, Mode},
     peek::{PeekError, peek_until},
     proxy_protocol::{self, canonical},
     sni::{self, HelloError, SniRoutes},
@@ -44,6 +45,8 @@ pub struct TcpService {
     pub routes: SniRoutes<Route>,
     pub default: Option<Arc<Picker>>,
     pub stats: Arc<ListenerStats>,
+    /// Kernel or userspace relay, chosen when the listener was built.
+    pub relay: super::kernel::Mode,
     /// How long connections may finish after the listener stops.
     pub drain: super::Drain,
 }
@@ -267,15 +270,8 @@ async fn relay_to(
     svc.stats.relayed.fetch_add(1, Ordering::Relaxed);
     let opts =
         RelayOpts { idle: cfg.idle(), buffer_size: cfg.buffer_size, zero_copy: cfg.zero_copy };
-    match tcp::relay(
-        client,
-        &upstream,
-        opts,
-        &svc.stats.bytes_to_backend,
-        &svc.stats.bytes_to_client,
-    )
-    .await
-    {
+    let r = relay_with(svc, client, &upstream, opts).await;
+    match r {
         Ok(_) => Ok(()),
         Err(RelayError::Idle(_)) => Err(ErrorKind::IdleTimeout),
         Err(RelayError::Io(e)) => {
@@ -283,4 +279,25 @@ async fn relay_to(
             Err(ErrorKind::Io)
         }
     }
+}
+
+/// Relays in the kernel when the listener does and this connection can join; else in userspace.
+async fn relay_with(
+    svc: &TcpService,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    mut opts: RelayOpts,
+) -> Result<tcp::Moved, RelayError> {
+    let (up, down) = (&svc.stats.bytes_to_backend, &svc.stats.bytes_to_client);
+    match svc.relay {
+        Mode::Kernel(k) => match kernel::relay(k, client, upstream, opts, up, down).await {
+            Err(JoinError::NotJoined(why)) => {
+                log::debug!("listener {}: relayed in userspace: {why}", svc.config.name);
+            }
+            Err(JoinError::Relay(e)) => return Err(e),
+            Ok(m) => return Ok(m),
+        },
+        Mode::User { zero_copy } => opts.zero_copy = zero_copy,
+    }
+    tcp::relay(client, upstream, opts, up, down).await
 }
