@@ -1,6 +1,6 @@
 //! tokio backends for the L4 tests, on loopback or on a listener bound inside a namespace: a
 //! TCP echo that names itself, a UDP echo, a backend that reads PROXY headers with its own
-//! independent parser, and a TLS server with its own certificate. Each needs a runtime.
+//! independent parser, one that resets its connections, and a TLS server with its own certificate. Each needs a runtime.
 use std::net::{IpAddr, SocketAddr};
 
 use tokio::{
@@ -76,6 +76,25 @@ where
 /// closes: a client that half-closes still gets everything.
 pub async fn echo_backend(addr: SocketAddr, name: &str) -> SocketAddr {
     echo_backend_on(std::net::TcpListener::bind(addr).expect("bind echo backend"), name)
+}
+
+/// On each connection: reads what comes, writes `"bye\n"`, waits a moment (so the answer is
+/// relayed on), then resets the connection (SO_LINGER 0). On loopback, port 0 picks a port.
+pub async fn resetting_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind resetting backend");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                let _ = tokio::time::timeout(T, s.read(&mut buf)).await;
+                let _ = s.write_all(b"bye\n").await;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                let _ = s.set_zero_linger();
+            });
+        }
+    });
+    addr
 }
 
 /// [`echo_backend`] on a listener bound elsewhere (e.g. inside a namespace). Needs a runtime.
