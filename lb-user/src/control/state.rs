@@ -93,6 +93,10 @@ pub struct Status {
     /// The daemon's process id (which process answers, during an upgrade).
     #[serde(default)]
     pub pid: u32,
+    /// How each TCP `[[tcp.listener]]` relays: `kernel`, `splice` or `copy`, with why the
+    /// kernel relay is not used when it is not.
+    #[serde(default)]
+    pub relays: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -223,7 +227,17 @@ impl State {
             unavailable,
             host,
             pid: std::process::id(),
+            relays: self.relays(),
         }
+    }
+
+    fn relays(&self) -> std::collections::BTreeMap<String, String> {
+        let config = self.config.load();
+        let names: Vec<&str> = config.tcp.listeners.iter().map(|l| l.name.as_str()).collect();
+        crate::l4::stats::registered(&names)
+            .into_iter()
+            .filter_map(|l| Some((l.name, l.relay?)))
+            .collect()
     }
 
     fn xdp_service_names(&self) -> Vec<String> {

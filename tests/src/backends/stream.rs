@@ -78,6 +78,32 @@ pub async fn echo_backend(addr: SocketAddr, name: &str) -> SocketAddr {
     echo_backend_on(std::net::TcpListener::bind(addr).expect("bind echo backend"), name)
 }
 
+/// On each connection: reads to EOF, then writes the number of bytes it read (`"12345\n"`) and
+/// closes. Needs a runtime.
+pub fn counting_backend_on(listener: std::net::TcpListener) -> SocketAddr {
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = TcpListener::from_std(listener).expect("tokio listener");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                loop {
+                    match tokio::time::timeout(T, s.read(&mut buf)).await {
+                        Ok(Ok(0)) => break,
+                        Ok(Ok(n)) => total += n as u64,
+                        _ => return,
+                    }
+                }
+                let _ = s.write_all(format!("{total}\n").as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
 /// On each connection: reads what comes, writes `"bye\n"`, waits a moment (so the answer is
 /// relayed on), then resets the connection (SO_LINGER 0). On loopback, port 0 picks a port.
 pub async fn resetting_backend() -> SocketAddr {
