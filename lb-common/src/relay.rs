@@ -8,12 +8,17 @@ pub const MAX_SOCKETS: u32 = 131_072;
 
 /// Map names in the `lb-relay` object.
 pub mod maps {
-    /// `SockHash<u64>`: every relayed socket, keyed by its own cookie.
+    /// `SockHash<u64>`: every relayed socket whose received bytes the verdict program takes,
+    /// keyed by its own cookie; the program is attached to this map.
     pub const SOCKS: &str = "LB_RELAY_SOCKS";
+    /// `SockHash<u64>`: the same sockets as redirect targets, with no program. A socket joins
+    /// here before either socket joins [`SOCKS`], so that the first bytes the program takes
+    /// always find their peer (a redirect to a socket not yet in the map would drop them).
+    pub const TARGETS: &str = "LB_RELAY_TARGETS";
     /// `HashMap<u64, RelayPeer>`: per socket cookie, where its bytes go and what moved.
     pub const PEERS: &str = "LB_RELAY_PEERS";
     /// Every map of the object, checked after load.
-    pub const ALL: [&str; 2] = [SOCKS, PEERS];
+    pub const ALL: [&str; 3] = [SOCKS, TARGETS, PEERS];
 }
 
 /// The stream verdict program, attached to [`maps::SOCKS`].

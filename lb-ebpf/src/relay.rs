@@ -17,8 +17,14 @@ use aya_ebpf::{
 };
 use lb_common::relay::{MAX_SOCKETS, RelayPeer};
 
+// The map the program is attached to: sockets whose received bytes it takes.
 #[map(name = "LB_RELAY_SOCKS")]
 static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+// The same sockets as redirect targets (no program): each joins here first, so a redirect never
+// looks for a peer that is not in yet.
+#[map(name = "LB_RELAY_TARGETS")]
+static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 // Not preallocated: an idle daemon holds no entry memory.
 #[map(name = "LB_RELAY_PEERS")]
@@ -41,7 +47,7 @@ pub fn lb_relay(ctx: SkBuffContext) -> u32 {
     }
     // SAFETY: `entry` points into the map value, valid for the whole program run.
     let mut peer = unsafe { (*entry).peer };
-    let verdict = SOCKS.redirect_skb(&ctx, &mut peer, 0) as u32;
+    let verdict = TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
     // SAFETY: as above. The counters only change atomically (userspace may read them while a
     // socket's bytes are counted); a racing store of `last_ns` writes a time just as recent.
     unsafe {

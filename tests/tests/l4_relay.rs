@@ -96,6 +96,44 @@ async fn idle_connections_are_closed_and_counted_by_each_relay() {
     lb.stop().await;
 }
 
+/// Bytes both ways at once while the connection is being set up (the client writes and
+/// half-closes at connect, the backend greets at accept), 200 times per relay: the kernel
+/// relay's join must neither lose nor reorder them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_during_set_up_arrive_whole_by_each_relay() {
+    let echo = echo_backend("127.0.0.1:0".parse().unwrap(), "echo").await;
+    let mut config = conf::upstream("echo", &conf::list([echo]));
+    for mode in RELAYS {
+        config +=
+            &conf::tcp(mode, "127.0.0.1:0", &format!("upstream = \"echo\"\n{}", relay_key(mode)));
+    }
+    let lb = L4Harness::start(&config, Handoffs::new()).await;
+    for mode in RELAYS {
+        lb.expect_relay(mode, mode);
+        let addr = lb.addr(mode);
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            for i in 0..200 {
+                let mut s = std::net::TcpStream::connect_timeout(&addr, T).unwrap();
+                s.set_read_timeout(Some(T)).unwrap();
+                let msg = format!("early {i}");
+                s.write_all(msg.as_bytes()).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut all = Vec::new();
+                s.read_to_end(&mut all).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&all),
+                    format!("echo\n{msg}eof\n"),
+                    "{mode}: #{i}"
+                );
+            }
+        })
+        .await
+        .unwrap();
+    }
+    lb.stop().await;
+}
+
 /// A backend that answers, then resets its connection (SO_LINGER 0): the reset reaches the
 /// client as a reset, or at least as a close, and is counted as an error, by each relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,7 @@ use aya::{
     programs::SkSkb,
 };
 use lb_common::relay::{self, RelayPeer};
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{io::unix::AsyncFd, net::TcpStream};
 
 use super::{
     sys::{self, Said},
@@ -51,6 +51,7 @@ pub struct KernelRelay {
 
 struct Maps {
     socks: SockHash<MapData, u64>,
+    targets: SockHash<MapData, u64>,
     peers: HashMap<MapData, u64, RelayPeer>,
     // Owns the program and its attachment to `socks`; dropping it detaches.
     _ebpf: Ebpf,
@@ -93,6 +94,7 @@ impl KernelRelay {
             ebpf.take_map(name).ok_or(LoadError::Missing(name))
         };
         let socks: SockHash<MapData, u64> = take(&mut ebpf, relay::maps::SOCKS)?.try_into()?;
+        let targets: SockHash<MapData, u64> = take(&mut ebpf, relay::maps::TARGETS)?.try_into()?;
         let peers: HashMap<MapData, u64, RelayPeer> =
             take(&mut ebpf, relay::maps::PEERS)?.try_into()?;
         let prog: &mut SkSkb = ebpf
@@ -101,7 +103,7 @@ impl KernelRelay {
             .try_into()?;
         prog.load()?;
         prog.attach(socks.fd())?;
-        Ok(Self { maps: Mutex::new(Maps { socks, peers, _ebpf: ebpf }) })
+        Ok(Self { maps: Mutex::new(Maps { socks, targets, peers, _ebpf: ebpf }) })
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -113,20 +115,21 @@ impl KernelRelay {
     }
 }
 
-/// Why a connection could not be relayed in the kernel.
-#[derive(Debug, thiserror::Error)]
-pub enum JoinError {
-    /// Nothing moved yet: the caller relays this connection in userspace instead (maps full,
-    /// a socket the kernel refuses).
-    #[error("joining the relay maps: {0}")]
-    NotJoined(String),
-    #[error(transparent)]
-    Relay(#[from] RelayError),
+/// A connection that could not join the relay maps (maps full, a socket the kernel refuses):
+/// nothing moved yet, so the caller relays it in userspace instead.
+pub struct NotJoined {
+    pub why: String,
+    pub client: TcpStream,
+    pub backend: TcpStream,
 }
+
+/// A socket of a joined connection, watched for reading only: registered for writing too (as a
+/// `TcpStream` is), every ACK that frees send space would wake the event loop for nothing.
+type Watched = AsyncFd<std::net::TcpStream>;
 
 /// One side of a joined connection.
 struct Side<'a> {
-    stream: &'a TcpStream,
+    stream: &'a Watched,
     cookie: u64,
     /// What [`sys::tcp_written`] said when the socket joined (a PROXY header counts there).
     written_at_join: u64,
@@ -165,69 +168,140 @@ impl Drop for Joined<'_> {
     fn drop(&mut self) {
         self.fold();
         let mut maps = self.relay.maps();
+        // The reverse of joining: the program stops taking bytes first. Closing a socket
+        // takes it out of the sockhashes anyway; the peer entry must go.
         for side in &self.sides {
-            // Closing a socket takes it out of the sockhash anyway; the peer entry must go.
             let _ = maps.socks.remove(&side.cookie);
+        }
+        for side in &self.sides {
+            let _ = maps.targets.remove(&side.cookie);
             let _ = maps.peers.remove(&side.cookie);
         }
     }
 }
 
 /// Relays `client` and `backend` in the kernel until both directions have ended, one fails, or
-/// the connection idles, as [`super::tcp::relay`] does in userspace.
+/// the connection idles, as [`super::tcp::relay`] does in userspace; the sockets are closed
+/// when this returns, except when they could not join.
 pub async fn relay(
     relay: &KernelRelay,
-    client: &TcpStream,
-    backend: &TcpStream,
+    client: TcpStream,
+    backend: TcpStream,
     opts: RelayOpts,
     to_backend: &AtomicU64,
     to_client: &AtomicU64,
-) -> Result<Moved, JoinError> {
-    let mut joined = join(relay, client, backend, to_backend, to_client)?;
-    let r = watch(&mut joined, opts.idle).await;
-    joined.fold();
-    let moved = Moved { to_backend: joined.sides[0].seen, to_client: joined.sides[1].seen };
-    r.map(|()| moved).map_err(JoinError::Relay)
+) -> Result<Result<Moved, RelayError>, NotJoined> {
+    match drain(&client, &backend, to_backend).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let why = "the client kept sending while its queue was drained".to_string();
+            return Err(NotJoined { why, client, backend });
+        }
+        Err(e) => return Ok(Err(RelayError::Io(e))),
+    }
+    let watched = |s: TcpStream| sys::watch_readable(s.into_std()?);
+    let (client, backend) = match (watched(client), watched(backend)) {
+        (Ok(c), Ok(b)) => (c, b),
+        (Err(e), _) | (_, Err(e)) => return Ok(Err(RelayError::Io(e))),
+    };
+    let why = match join(relay, &client, &backend, to_backend, to_client) {
+        Ok(mut joined) => {
+            let r = watch(&mut joined, opts.idle).await;
+            joined.fold();
+            let moved = Moved { to_backend: joined.sides[0].seen, to_client: joined.sides[1].seen };
+            // Out of the maps before the sockets close.
+            drop(joined);
+            return Ok(r.map(|()| moved));
+        }
+        Err(why) => why,
+    };
+    let back = |w: Watched| TcpStream::from_std(w.into_inner());
+    match (back(client), back(backend)) {
+        (Ok(client), Ok(backend)) => Err(NotJoined { why, client, backend }),
+        (Err(e), _) | (_, Err(e)) => Ok(Err(RelayError::Io(e))),
+    }
 }
 
+/// Most bytes read from the client's receive queue before joining; past that the connection
+/// is relayed in userspace (a client that sends this fast gains little from the kernel relay).
+const DRAIN_MAX: usize = 256 * 1024;
+
+/// Moves what waits in the client's receive queue to the backend, in userspace, before the
+/// join. The kernel hands a joined socket's queue to the program whole skb by skb, ignoring what
+/// was already read from the first one: after a PROXY header was read, the rest of its segment
+/// would otherwise be relayed with the header again. Once the queue is empty, what arrives is
+/// new skbs, which the program gets whole. False when the client kept sending past
+/// [`DRAIN_MAX`]; the bytes moved are counted either way.
+async fn drain(client: &TcpStream, backend: &TcpStream, counter: &AtomicU64) -> io::Result<bool> {
+    let mut buf = [0u8; 16 * 1024];
+    let mut moved = 0;
+    while moved < DRAIN_MAX {
+        let n = match client.try_read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        let mut off = 0;
+        while off < n {
+            backend.writable().await?;
+            match backend.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        moved += n;
+    }
+    Ok(false)
+}
+
+/// Puts both sockets in the maps; on failure, takes out what went in and says why.
 fn join<'a>(
     relay: &'a KernelRelay,
-    client: &'a TcpStream,
-    backend: &'a TcpStream,
+    client: &'a Watched,
+    backend: &'a Watched,
     to_backend: &'a AtomicU64,
     to_client: &'a AtomicU64,
-) -> Result<Joined<'a>, JoinError> {
-    let not = |e: io::Error| JoinError::NotJoined(e.to_string());
-    let side = |stream: &'a TcpStream, counter| -> Result<Side<'a>, JoinError> {
+) -> Result<Joined<'a>, String> {
+    let side = |stream: &'a Watched, counter| -> io::Result<Side<'a>> {
+        let fd = stream.get_ref().as_fd();
         Ok(Side {
             stream,
-            cookie: sys::socket_cookie(stream.as_fd()).map_err(not)?,
-            written_at_join: sys::tcp_written(stream.as_fd()).map_err(not)?,
+            cookie: sys::socket_cookie(fd)?,
+            written_at_join: sys::tcp_written(fd)?,
             seen: 0,
             counter,
             ended: false,
         })
     };
-    let sides = [side(client, to_backend)?, side(backend, to_client)?];
+    let sides = [
+        side(client, to_backend).map_err(|e| e.to_string())?,
+        side(backend, to_client).map_err(|e| e.to_string())?,
+    ];
     let (c, b) = (sides[0].cookie, sides[1].cookie);
     let joined = Joined { relay, sides, start: Instant::now() };
     {
         let mut maps = relay.maps();
-        // Peers first: a socket in the sockhash without an entry would drop what it receives.
+        // Peers and targets first, both sockets, then the map with the program: whatever
+        // the first socket to join receives finds its entry and its peer already in.
         for (me, peer) in [(c, b), (b, c)] {
             let entry = RelayPeer { peer, ..Default::default() };
-            maps.peers.insert(me, entry, 0).map_err(|e| JoinError::NotJoined(e.to_string()))?;
+            maps.peers.insert(me, entry, 0).map_err(|e| e.to_string())?;
         }
         for s in &joined.sides {
-            maps.socks
-                .insert(s.cookie, s.stream.as_raw_fd(), 0)
-                .map_err(|e| JoinError::NotJoined(e.to_string()))?;
+            let fd = s.stream.as_raw_fd();
+            maps.targets.insert(s.cookie, fd, 0).map_err(|e| e.to_string())?;
+        }
+        for s in &joined.sides {
+            maps.socks.insert(s.cookie, s.stream.as_raw_fd(), 0).map_err(|e| e.to_string())?;
         }
     }
     for s in &joined.sides {
         // Hands what was queued before the join to the program. A failure here would leave
         // those bytes until the next arrival; it cannot fail on a TCP socket we own.
-        if let Err(e) = sys::set_rcvlowat(s.stream.as_fd(), 1) {
+        if let Err(e) = sys::set_rcvlowat(s.stream.get_ref().as_fd(), 1) {
             log::debug!("kernel relay: SO_RCVLOWAT: {e}");
         }
     }
@@ -263,12 +337,12 @@ async fn watch(j: &mut Joined<'_>, idle: Duration) -> Result<(), RelayError> {
                 let (src, dst) = (&j.sides[i], &j.sides[1 - i]);
                 flush(src, dst).await?;
                 // The peer may already be gone; its own wake-up reports that.
-                let _ = sys::shutdown_write(dst.stream.as_fd());
+                let _ = sys::shutdown_write(dst.stream.get_ref().as_fd());
                 j.sides[i].ended = true;
             }
             (i, Said::Queued | Said::Nothing) => {
                 // Bytes the callback has not handed on (they raced the join): run it again.
-                let _ = sys::set_rcvlowat(j.sides[i].stream.as_fd(), 1);
+                let _ = sys::set_rcvlowat(j.sides[i].stream.get_ref().as_fd(), 1);
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
@@ -277,25 +351,21 @@ async fn watch(j: &mut Joined<'_>, idle: Duration) -> Result<(), RelayError> {
 
 /// Waits until the socket has something to say: EOF, an error (a reset), or bytes of its own.
 async fn wait(side: &Side<'_>) -> Result<Said, RelayError> {
-    let s = side.stream;
+    let fd = side.stream.get_ref().as_fd();
     loop {
-        s.ready(Interest::READABLE).await?;
-        // Nothing to say clears tokio's readiness (a wake-up for bytes the program took away),
-        // so the next wait sleeps.
-        match s.try_io(Interest::READABLE, || match sys::said(s.as_fd())? {
-            Said::Nothing => Err(io::ErrorKind::WouldBlock.into()),
-            said => Ok(said),
-        }) {
-            Ok(Said::Eof) => {
+        let mut ready = side.stream.readable().await?;
+        match sys::said(fd)? {
+            // A wake-up for bytes the program took away: clear the readiness seen (not any
+            // that came since), so the next wait sleeps.
+            Said::Nothing => ready.clear_ready(),
+            Said::Eof => {
                 // The FIN is seen without the socket lock, maybe while the softirq that brought
                 // it still runs the program on the bytes before it: a call that takes the lock
                 // waits for that, so the counters read next include them.
-                sys::tcp_written(s.as_fd())?;
+                sys::tcp_written(fd)?;
                 return Ok(Said::Eof);
             }
-            Ok(said) => return Ok(said),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(RelayError::Io(e)),
+            Said::Queued => return Ok(Said::Queued),
         }
     }
 }
@@ -307,7 +377,8 @@ async fn flush(src: &Side<'_>, dst: &Side<'_>) -> Result<(), RelayError> {
     let mut pause = Duration::from_micros(50);
     loop {
         let want = src.seen;
-        let written = sys::tcp_written(dst.stream.as_fd())?.saturating_sub(dst.written_at_join);
+        let written =
+            sys::tcp_written(dst.stream.get_ref().as_fd())?.saturating_sub(dst.written_at_join);
         if written >= want {
             return Ok(());
         }

@@ -17,7 +17,7 @@ use tokio::{
 use super::{
     balance::Picker,
     handoff::{Handoff, TlsHandoff},
-    kernel::{self, JoinError, Mode},
+    kernel::{self, Mode},
     peek::{PeekError, peek_until},
     proxy_protocol::{self, canonical},
     sni::{self, HelloError, SniRoutes},
@@ -198,7 +198,7 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
             svc.stats.handed_off.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
-        Route::Upstream(picker) => relay_to(svc, &client, &picker, src, dst).await,
+        Route::Upstream(picker) => relay_to(svc, client, &picker, src, dst).await,
     }
 }
 
@@ -249,7 +249,7 @@ async fn connect(
 
 async fn relay_to(
     svc: &TcpService,
-    client: &TcpStream,
+    client: TcpStream,
     picker: &Picker,
     src: SocketAddr,
     dst: Option<SocketAddr>,
@@ -260,8 +260,8 @@ async fn relay_to(
     let _ = upstream.set_nodelay(true);
     let header = match cfg.proxy_protocol {
         ProxyProtocol::None => None,
-        ProxyProtocol::V1 => Some(proxy_protocol::encode_v1(src, local_addr(client, dst)?)),
-        ProxyProtocol::V2 => Some(proxy_protocol::encode_v2(src, local_addr(client, dst)?)),
+        ProxyProtocol::V1 => Some(proxy_protocol::encode_v1(src, local_addr(&client, dst)?)),
+        ProxyProtocol::V2 => Some(proxy_protocol::encode_v2(src, local_addr(&client, dst)?)),
     };
     if let Some(h) = header {
         upstream.write_all(&h).await.map_err(|_| ErrorKind::Io)?;
@@ -270,7 +270,7 @@ async fn relay_to(
     svc.stats.relayed.fetch_add(1, Ordering::Relaxed);
     let opts =
         RelayOpts { idle: cfg.idle(), buffer_size: cfg.buffer_size, zero_copy: cfg.zero_copy };
-    let r = relay_with(svc, client, &upstream, opts).await;
+    let r = relay_with(svc, client, upstream, opts).await;
     match r {
         Ok(_) => Ok(()),
         Err(RelayError::Idle(_)) => Err(ErrorKind::IdleTimeout),
@@ -282,22 +282,26 @@ async fn relay_to(
 }
 
 /// Relays in the kernel when the listener does and this connection can join; else in userspace.
+/// Both sockets are closed when this returns.
 async fn relay_with(
     svc: &TcpService,
-    client: &TcpStream,
-    upstream: &TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     mut opts: RelayOpts,
 ) -> Result<tcp::Moved, RelayError> {
     let (up, down) = (&svc.stats.bytes_to_backend, &svc.stats.bytes_to_client);
-    match svc.relay {
+    let (client, upstream) = match svc.relay {
         Mode::Kernel(k) => match kernel::relay(k, client, upstream, opts, up, down).await {
-            Err(JoinError::NotJoined(why)) => {
-                log::debug!("listener {}: relayed in userspace: {why}", svc.config.name);
+            Ok(done) => return done,
+            Err(n) => {
+                log::debug!("listener {}: relayed in userspace: {}", svc.config.name, n.why);
+                (n.client, n.backend)
             }
-            Err(JoinError::Relay(e)) => return Err(e),
-            Ok(m) => return Ok(m),
         },
-        Mode::User { zero_copy } => opts.zero_copy = zero_copy,
-    }
-    tcp::relay(client, upstream, opts, up, down).await
+        Mode::User { zero_copy } => {
+            opts.zero_copy = zero_copy;
+            (client, upstream)
+        }
+    };
+    tcp::relay(&client, &upstream, opts, up, down).await
 }

@@ -197,6 +197,17 @@ pub fn said(fd: BorrowedFd<'_>) -> io::Result<Said> {
     })
 }
 
+/// Registers a socket with tokio's reactor for readability alone (a `TcpStream` is registered
+/// for writing too, so every ACK that frees send space wakes the reactor).
+pub fn watch_readable(
+    s: std::net::TcpStream,
+) -> io::Result<tokio::io::unix::AsyncFd<std::net::TcpStream>> {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: a std TcpStream owns its descriptor: it stays open, and is the one `as_raw_fd`
+    // returns, until the stream is dropped, which only the AsyncFd can do.
+    unsafe { AsyncFd::register_with_interest(s, Interest::READABLE) }.map_err(|e| e.into_parts().1)
+}
+
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns` (which `Instant` does not expose).
 pub fn monotonic_ns() -> u64 {
     let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
