@@ -94,6 +94,14 @@ async fn headers_are_accepted_only_from_trusted_sources_within_the_timeout() {
         assert_eq!((s.version, s.src, s.dst), (2, claimed, vip));
         assert_eq!(s.payload, b"payload");
     }
+    // A header and a megabyte in one go: the bytes after the header, which lb reads in the
+    // same segments as the header, reach the backend once each, in order.
+    let bulk: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (_, back) = send(trusting, [v1.clone(), bulk.clone()].concat()).await;
+    assert_eq!(back, b"ok\n");
+    let s = next(&mut seen).await;
+    let want = [b"payload".as_slice(), &bulk].concat();
+    assert!(s.payload == want, "payload of {} bytes differs", s.payload.len());
     // A trusted v2 LOCAL header: the connection's own addresses are kept.
     let (me, _) = send(trusting, [proxy_protocol::encode_v2_local(), b"x".to_vec()].concat()).await;
     assert_eq!(next(&mut seen).await.src, me);

@@ -182,22 +182,26 @@ impl Drop for Joined<'_> {
 
 /// Relays `client` and `backend` in the kernel until both directions have ended, one fails, or
 /// the connection idles, as [`super::tcp::relay`] does in userspace; the sockets are closed
-/// when this returns, except when they could not join.
+/// when this returns, except when they could not join. `partly_read`: userspace has read from
+/// the client's socket (a PROXY header).
 pub async fn relay(
     relay: &KernelRelay,
+    partly_read: bool,
     client: TcpStream,
     backend: TcpStream,
     opts: RelayOpts,
     to_backend: &AtomicU64,
     to_client: &AtomicU64,
 ) -> Result<Result<Moved, RelayError>, NotJoined> {
-    match drain(&client, &backend, to_backend).await {
-        Ok(true) => {}
-        Ok(false) => {
-            let why = "the client kept sending while its queue was drained".to_string();
-            return Err(NotJoined { why, client, backend });
+    if partly_read {
+        match drain(&client, &backend, to_backend).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let why = "the client kept sending while its read queue was emptied".to_string();
+                return Err(NotJoined { why, client, backend });
+            }
+            Err(e) => return Ok(Err(RelayError::Io(e))),
         }
-        Err(e) => return Ok(Err(RelayError::Io(e))),
     }
     let watched = |s: TcpStream| sys::watch_readable(s.into_std()?);
     let (client, backend) = match (watched(client), watched(backend)) {
@@ -222,21 +226,22 @@ pub async fn relay(
     }
 }
 
-/// Most bytes read from the client's receive queue before joining; past that the connection
-/// is relayed in userspace (a client that sends this fast gains little from the kernel relay).
+/// Most bytes [`drain`] moves; past that the connection is relayed in userspace.
 const DRAIN_MAX: usize = 256 * 1024;
 
-/// Moves what waits in the client's receive queue to the backend, in userspace, before the
-/// join. The kernel hands a joined socket's queue to the program whole skb by skb, ignoring what
-/// was already read from the first one: after a PROXY header was read, the rest of its segment
-/// would otherwise be relayed with the header again. Once the queue is empty, what arrives is
-/// new skbs, which the program gets whole. False when the client kept sending past
+/// Empties the client's receive queue into the backend, in userspace, before the join, when
+/// userspace has read from it (a PROXY header). The kernel hands a joined socket's queue to the
+/// program skb by skb, ignoring what was already read from the first one, so the rest of the
+/// header's segment would be relayed with the header again (and TCP appends new bytes to the
+/// last queued skb, so reading up to any count is not enough). Once a read finds the queue
+/// empty, every skb that comes is whole. False when the client kept sending past
 /// [`DRAIN_MAX`]; the bytes moved are counted either way.
 async fn drain(client: &TcpStream, backend: &TcpStream, counter: &AtomicU64) -> io::Result<bool> {
     let mut buf = [0u8; 16 * 1024];
     let mut moved = 0;
     while moved < DRAIN_MAX {
-        let n = match client.try_read(&mut buf) {
+        // A plain recv, not tokio's: its cached readiness may not know of bytes just come.
+        let n = match sys::recv(client.as_fd(), &mut buf) {
             Ok(0) => return Ok(true),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),

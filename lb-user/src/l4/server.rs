@@ -198,7 +198,10 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
             svc.stats.handed_off.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
-        Route::Upstream(picker) => relay_to(svc, client, &picker, src, dst).await,
+        Route::Upstream(picker) => {
+            let read_header = cfg.trusts(peer.ip());
+            relay_to(svc, client, read_header, &picker, src, dst).await
+        }
     }
 }
 
@@ -250,6 +253,7 @@ async fn connect(
 async fn relay_to(
     svc: &TcpService,
     client: TcpStream,
+    read_header: bool,
     picker: &Picker,
     src: SocketAddr,
     dst: Option<SocketAddr>,
@@ -270,7 +274,7 @@ async fn relay_to(
     svc.stats.relayed.fetch_add(1, Ordering::Relaxed);
     let opts =
         RelayOpts { idle: cfg.idle(), buffer_size: cfg.buffer_size, zero_copy: cfg.zero_copy };
-    let r = relay_with(svc, client, upstream, opts).await;
+    let r = relay_with(svc, client, read_header, upstream, opts).await;
     match r {
         Ok(_) => Ok(()),
         Err(RelayError::Idle(_)) => Err(ErrorKind::IdleTimeout),
@@ -286,18 +290,21 @@ async fn relay_to(
 async fn relay_with(
     svc: &TcpService,
     client: TcpStream,
+    read_header: bool,
     upstream: TcpStream,
     mut opts: RelayOpts,
 ) -> Result<tcp::Moved, RelayError> {
     let (up, down) = (&svc.stats.bytes_to_backend, &svc.stats.bytes_to_client);
     let (client, upstream) = match svc.relay {
-        Mode::Kernel(k) => match kernel::relay(k, client, upstream, opts, up, down).await {
-            Ok(done) => return done,
-            Err(n) => {
-                log::debug!("listener {}: relayed in userspace: {}", svc.config.name, n.why);
-                (n.client, n.backend)
+        Mode::Kernel(k) => {
+            match kernel::relay(k, read_header, client, upstream, opts, up, down).await {
+                Ok(done) => return done,
+                Err(n) => {
+                    log::debug!("listener {}: relayed in userspace: {}", svc.config.name, n.why);
+                    (n.client, n.backend)
+                }
             }
-        },
+        }
         Mode::User { zero_copy } => {
             opts.zero_copy = zero_copy;
             (client, upstream)

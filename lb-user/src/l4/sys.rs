@@ -146,6 +146,16 @@ pub fn tcp_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(info.tcpi_bytes_acked + queued.max(0) as u64)
 }
 
+/// Bytes in a TCP socket's receive queue not yet read (`SIOCINQ`).
+pub fn queued(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCINQ writes one int into `queued`, which we own.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut queued) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(queued.max(0) as usize)
+}
+
 /// What a socket has to say, learnt without reading from it (a socket in the kernel relay's
 /// sockhash has the relay's receive path, whose answers differ from plain TCP's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,12 +193,7 @@ pub fn said(fd: BorrowedFd<'_>) -> io::Result<Said> {
         };
         return Err(io::Error::from_raw_os_error(if err == 0 { libc::EIO } else { err }));
     }
-    let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCINQ writes one int into `queued`, which we own.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut queued) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(if queued > 0 {
+    Ok(if queued(fd)? > 0 {
         Said::Queued
     } else if p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0 {
         Said::Eof
