@@ -23,7 +23,7 @@ use aya::{
     maps::{HashMap, MapData, SockHash},
     programs::SkSkb,
 };
-use lb_common::relay::{self, RelayPeer};
+use lb_common::relay::{self, BACKLOG, RelayCounts, RelayPeer};
 use tokio::{io::unix::AsyncFd, net::TcpStream};
 
 use super::{
@@ -32,12 +32,17 @@ use super::{
 };
 use crate::config::Relay;
 
-/// The `lb-relay` object: the verdict program and its two maps, nothing of the XDP program.
+/// The `lb-relay` object: the verdict program and its maps, nothing of the XDP program.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-relay"));
 
 /// How often a relayed connection's counters are folded into the listener's (and its idle time
 /// checked, when that comes sooner).
 const STATS_TICK: Duration = Duration::from_secs(2);
+
+/// How often a busy connection's budgets are renewed: a peer that keeps up then never pauses
+/// below [`BACKLOG`] / this much time (16 MiB / 20 ms = 800 MiB/s); a faster one pauses now and
+/// then and catches up from userspace.
+const BUSY_TICK: Duration = Duration::from_millis(20);
 
 /// How long an ended direction may take to hand its last redirected bytes to the peer's send
 /// queue before the peer is half-closed anyway (the kernel's work queue usually takes
@@ -53,6 +58,7 @@ struct Maps {
     socks: SockHash<MapData, u64>,
     targets: SockHash<MapData, u64>,
     peers: HashMap<MapData, u64, RelayPeer>,
+    counts: HashMap<MapData, u64, RelayCounts>,
     // Owns the program and its attachment to `socks`; dropping it detaches.
     _ebpf: Ebpf,
 }
@@ -97,21 +103,27 @@ impl KernelRelay {
         let targets: SockHash<MapData, u64> = take(&mut ebpf, relay::maps::TARGETS)?.try_into()?;
         let peers: HashMap<MapData, u64, RelayPeer> =
             take(&mut ebpf, relay::maps::PEERS)?.try_into()?;
+        let counts: HashMap<MapData, u64, RelayCounts> =
+            take(&mut ebpf, relay::maps::COUNTS)?.try_into()?;
         let prog: &mut SkSkb = ebpf
             .program_mut(relay::PROGRAM)
             .ok_or(LoadError::Missing(relay::PROGRAM))?
             .try_into()?;
         prog.load()?;
         prog.attach(socks.fd())?;
-        Ok(Self { maps: Mutex::new(Maps { socks, targets, peers, _ebpf: ebpf }) })
+        Ok(Self { maps: Mutex::new(Maps { socks, targets, peers, counts, _ebpf: ebpf }) })
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn entry(&self, cookie: u64) -> Option<RelayPeer> {
-        self.maps().peers.get(&cookie, 0).ok()
+    fn counts(&self, cookie: u64) -> Option<RelayCounts> {
+        self.maps().counts.get(&cookie, 0).ok()
+    }
+
+    fn set_peer(&self, cookie: u64, peer: RelayPeer) -> io::Result<()> {
+        self.maps().peers.insert(cookie, peer, 0).map_err(io::Error::other)
     }
 }
 
@@ -135,6 +147,14 @@ struct Side<'a> {
     written_at_join: u64,
     /// This side's counter (bytes received here and redirected) as last folded.
     seen: u64,
+    /// The program's counts for this socket, as last read.
+    counts: RelayCounts,
+    /// Bytes userspace has read here of those the program passed while paused.
+    drained: u64,
+    /// Bytes userspace has written into this socket since the join (passed bytes of the peer).
+    sent_by_user: u64,
+    /// The budget last given to the program for this socket.
+    budget: u64,
     /// The listener counter for bytes this side receives.
     counter: &'a AtomicU64,
     ended: bool,
@@ -154,10 +174,11 @@ impl Joined<'_> {
     fn fold(&mut self) -> u64 {
         let mut last = 0;
         for side in &mut self.sides {
-            if let Some(e) = self.relay.entry(side.cookie) {
-                side.counter.fetch_add(e.bytes.saturating_sub(side.seen), Ordering::Relaxed);
-                side.seen = side.seen.max(e.bytes);
-                last = last.max(e.last_ns);
+            if let Some(c) = self.relay.counts(side.cookie) {
+                side.counter.fetch_add(c.bytes.saturating_sub(side.seen), Ordering::Relaxed);
+                side.seen = side.seen.max(c.bytes);
+                last = last.max(c.last_ns);
+                side.counts = c;
             }
         }
         last
@@ -176,6 +197,7 @@ impl Drop for Joined<'_> {
         for side in &self.sides {
             let _ = maps.targets.remove(&side.cookie);
             let _ = maps.peers.remove(&side.cookie);
+            let _ = maps.counts.remove(&side.cookie);
         }
     }
 }
@@ -277,6 +299,10 @@ fn join<'a>(
             cookie: sys::socket_cookie(fd)?,
             written_at_join: sys::tcp_written(fd)?,
             seen: 0,
+            counts: RelayCounts::default(),
+            drained: 0,
+            sent_by_user: 0,
+            budget: BACKLOG,
             counter,
             ended: false,
         })
@@ -292,8 +318,9 @@ fn join<'a>(
         // Peers and targets first, both sockets, then the map with the program: whatever
         // the first socket to join receives finds its entry and its peer already in.
         for (me, peer) in [(c, b), (b, c)] {
-            let entry = RelayPeer { peer, ..Default::default() };
+            let entry = RelayPeer { peer, budget: BACKLOG, ..Default::default() };
             maps.peers.insert(me, entry, 0).map_err(|e| e.to_string())?;
+            maps.counts.insert(me, RelayCounts::default(), 0).map_err(|e| e.to_string())?;
         }
         for s in &joined.sides {
             let fd = s.stream.as_raw_fd();
@@ -315,11 +342,17 @@ fn join<'a>(
 
 /// Waits for EOF or an error on each side, reading counters every [`STATS_TICK`].
 async fn watch(j: &mut Joined<'_>, idle: Duration) -> Result<(), RelayError> {
+    let mut before = 0;
     loop {
         if j.sides.iter().all(|s| s.ended) {
             return Ok(());
         }
         let last_ns = j.fold();
+        // Busy (bytes moved fast since the last look): look again soon, so the budgets grow
+        // before they run out and the program keeps redirecting instead of pausing.
+        let now: u64 = j.sides.iter().map(|s| s.seen).sum();
+        let busy = now - before >= BACKLOG / 16;
+        before = now;
         let quiet = match last_ns {
             0 => j.start.elapsed(),
             ns => {
@@ -329,29 +362,139 @@ async fn watch(j: &mut Joined<'_>, idle: Duration) -> Result<(), RelayError> {
         if quiet >= idle {
             return Err(RelayError::Idle(idle));
         }
-        let tick = STATS_TICK.min(idle - quiet);
+        j.refresh_budgets()?;
+        let tick = if busy { BUSY_TICK } else { STATS_TICK }.min(idle - quiet);
         let (a, b) = (&j.sides[0], &j.sides[1]);
         let seen = tokio::select! {
             r = wait(a), if !a.ended => (0, r?),
             r = wait(b), if !b.ended => (1, r?),
             () = tokio::time::sleep(tick) => continue,
         };
-        match seen {
-            (i, Said::Eof) => {
-                j.fold();
+        j.fold();
+        let (i, said) = seen;
+        let s = &j.sides[i];
+        if s.counts.passed > s.drained {
+            // Paused: what the program left here goes on from userspace first (before an EOF).
+            j.catch_up(i, idle).await?;
+            continue;
+        }
+        match said {
+            Said::Eof => {
                 let (src, dst) = (&j.sides[i], &j.sides[1 - i]);
                 flush(src, dst).await?;
                 // The peer may already be gone; its own wake-up reports that.
                 let _ = sys::shutdown_write(dst.stream.get_ref().as_fd());
                 j.sides[i].ended = true;
             }
-            (i, Said::Queued | Said::Nothing) => {
+            Said::Queued | Said::Nothing => {
                 // Bytes the callback has not handed on (they raced the join): run it again.
                 let _ = sys::set_rcvlowat(j.sides[i].stream.get_ref().as_fd(), 1);
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
     }
+}
+
+/// Bytes of passed data moved per [`Joined::catch_up`] before the other side gets a turn.
+const CATCH_UP_MAX: u64 = 1 << 20;
+
+impl Joined<'_> {
+    /// Gives each socket's program a budget of what its peer has sent on plus [`BACKLOG`] (and
+    /// tells it what userspace has read of what it passed), when that moves the budget on by
+    /// a quarter of the backlog or more: one map update per direction and busy tick.
+    fn refresh_budgets(&mut self) -> io::Result<()> {
+        for i in 0..2 {
+            let budget = progress(&self.sides[1 - i])? + BACKLOG;
+            let s = &self.sides[i];
+            if budget >= s.budget + BACKLOG / 4 {
+                self.give(i, budget)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn give(&mut self, i: usize, budget: u64) -> io::Result<()> {
+        let (me, peer) = (self.sides[i].cookie, self.sides[1 - i].cookie);
+        let resume_at = self.sides[i].drained;
+        self.relay.set_peer(me, RelayPeer { peer, budget, resume_at, _pad: 0 })?;
+        self.sides[i].budget = budget;
+        Ok(())
+    }
+
+    /// Side `i` is paused (its peer fell [`BACKLOG`] behind): once everything redirected has
+    /// reached the peer, reads what the program passed to this socket and writes it to the
+    /// peer, in order, then gives a new budget; the program resumes redirecting with the next
+    /// bytes once userspace has read all it passed. Bounded: the peer is at most
+    /// `BACKLOG` behind, the passed bytes sit in this socket's receive buffer (its TCP window
+    /// closes when that is full), and userspace holds one 16 KiB buffer.
+    async fn catch_up(&mut self, i: usize, idle: Duration) -> Result<(), RelayError> {
+        flush(&self.sides[i], &self.sides[1 - i]).await?;
+        let mut buf = [0u8; 16 * 1024];
+        let mut moved = 0;
+        while moved < CATCH_UP_MAX {
+            let (src, dst) = (&self.sides[i], &self.sides[1 - i]);
+            let avail = src.counts.passed - src.drained;
+            if avail == 0 {
+                break;
+            }
+            let want = (avail as usize).min(buf.len());
+            // Only bytes the program passed (tcp_bpf's receive returns those first, in order).
+            let n = match sys::recv(src.stream.get_ref().as_fd(), &mut buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(RelayError::Io(e)),
+            };
+            write_all(dst.stream.get_ref(), &buf[..n], idle).await?;
+            src.counter.fetch_add(n as u64, Ordering::Relaxed);
+            self.sides[i].drained += n as u64;
+            self.sides[1 - i].sent_by_user += n as u64;
+            moved += n as u64;
+            if self.sides[i].counts.passed == self.sides[i].drained {
+                self.fold();
+            }
+        }
+        let budget = progress(&self.sides[1 - i])? + BACKLOG;
+        self.give(i, budget)?;
+        Ok(())
+    }
+}
+
+/// Bytes of the peer's own redirected ones that have reached `dst`'s send queue since the join.
+fn progress(dst: &Side<'_>) -> io::Result<u64> {
+    let written = sys::tcp_written(dst.stream.get_ref().as_fd())?;
+    Ok(written.saturating_sub(dst.written_at_join).saturating_sub(dst.sent_by_user))
+}
+
+/// Writes all of `buf` to a non-blocking socket watched for reading only: waits by sleeping
+/// (a peer too slow to take 16 KiB is one that moves little), giving up after `idle` without
+/// progress.
+async fn write_all(
+    dst: &std::net::TcpStream,
+    mut buf: &[u8],
+    idle: Duration,
+) -> Result<(), RelayError> {
+    use std::io::Write as _;
+    let mut pause = Duration::from_micros(100);
+    let mut last = Instant::now();
+    while !buf.is_empty() {
+        match (&*dst).write(buf) {
+            Ok(n) => {
+                buf = &buf[n..];
+                last = Instant::now();
+                pause = Duration::from_micros(100);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if last.elapsed() >= idle {
+                    return Err(RelayError::Idle(idle));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            Err(e) => return Err(RelayError::Io(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Waits until the socket has something to say: EOF, an error (a reset), or bytes of its own.
@@ -382,8 +525,7 @@ async fn flush(src: &Side<'_>, dst: &Side<'_>) -> Result<(), RelayError> {
     let mut pause = Duration::from_micros(50);
     loop {
         let want = src.seen;
-        let written =
-            sys::tcp_written(dst.stream.get_ref().as_fd())?.saturating_sub(dst.written_at_join);
+        let written = progress(dst)?;
         if written >= want {
             return Ok(());
         }

@@ -193,9 +193,12 @@ pub fn said(fd: BorrowedFd<'_>) -> io::Result<Said> {
         };
         return Err(io::Error::from_raw_os_error(if err == 0 { libc::EIO } else { err }));
     }
-    Ok(if queued(fd)? > 0 {
+    let closed = p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0;
+    // POLLIN without a FIN: bytes in the receive queue or, on a socket in a sockhash, bytes
+    // the verdict program passed to it (which SIOCINQ does not count).
+    Ok(if queued(fd)? > 0 || (p.revents & libc::POLLIN != 0 && !closed) {
         Said::Queued
-    } else if p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0 {
+    } else if closed {
         Said::Eof
     } else {
         Said::Nothing
