@@ -134,6 +134,56 @@ async fn bytes_sent_during_set_up_arrive_whole_by_each_relay() {
     lb.stop().await;
 }
 
+/// A backend that reads nothing for 2 s: the client can push only a bounded amount meanwhile
+/// (the kernel relay pauses the client once the backend is relay::BACKLOG behind), and then
+/// every byte arrives once, in order, by each relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stops_reading_holds_the_client_back_by_each_relay() {
+    let stalling = lb_tests::backends::stalling_backend(std::time::Duration::from_secs(2));
+    let mut config = conf::upstream("s", &conf::list([stalling]));
+    for mode in RELAYS {
+        config +=
+            &conf::tcp(mode, "127.0.0.1:0", &format!("upstream = \"s\"\n{}", relay_key(mode)));
+    }
+    let lb = L4Harness::start(&config, Handoffs::new()).await;
+    for mode in RELAYS {
+        lb.expect_relay(mode, mode);
+        let addr = lb.addr(mode);
+        let (sent, answer) = tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect_timeout(&addr, T).unwrap();
+            s.set_write_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+            let chunk: Vec<u8> = (0..(251 * 256) as u32).map(|i| (i % 251) as u8).collect();
+            let (mut sent, start) = (0u64, std::time::Instant::now());
+            // Push until the writes stall (or 1.5 s): a whole number of chunks keeps the
+            // pattern aligned, so a partly written chunk is finished before stopping.
+            while start.elapsed() < std::time::Duration::from_millis(1500) {
+                match s.write(&chunk) {
+                    Ok(n) => {
+                        s.set_write_timeout(None).unwrap();
+                        s.write_all(&chunk[n..]).unwrap();
+                        s.set_write_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+                        sent += chunk.len() as u64;
+                    }
+                    Err(_) => break,
+                }
+            }
+            s.set_write_timeout(None).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            (sent, answer)
+        })
+        .await
+        .unwrap();
+        eprintln!("{mode}: {sent} bytes pushed into a backend that stalls");
+        assert!(sent < 64 << 20, "{mode}: the client pushed {sent} bytes into a stalled backend");
+        assert_eq!(answer, format!("ok {sent}\n"), "{mode}");
+    }
+    lb.stop().await;
+}
+
 /// A backend that answers, then resets its connection (SO_LINGER 0): the reset reaches the
 /// client as a reset, or at least as a close, and is counted as an error, by each relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,6 +105,40 @@ pub fn counting_backend_on(listener: std::net::TcpListener) -> SocketAddr {
     addr
 }
 
+/// On each connection: waits `delay` without reading, then reads to EOF checking that byte `i`
+/// is `i % 251`, and answers `"ok N\n"` (N bytes read) or `"bad at I\n"`. A blocking thread per
+/// connection.
+pub fn stalling_backend(delay: std::time::Duration) -> SocketAddr {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind stalling backend");
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let _ = s.set_read_timeout(Some(T));
+                let mut buf = vec![0u8; 1 << 16];
+                let mut total = 0u64;
+                loop {
+                    let n = match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(_) => return,
+                    };
+                    if let Some(i) = (0..n).find(|&i| buf[i] != ((total + i as u64) % 251) as u8) {
+                        let _ = s.write_all(format!("bad at {}\n", total + i as u64).as_bytes());
+                        return;
+                    }
+                    total += n as u64;
+                }
+                let _ = s.write_all(format!("ok {total}\n").as_bytes());
+            });
+        }
+    });
+    addr
+}
+
 /// On each connection: reads what comes, writes `"bye\n"`, waits a moment (so the answer is
 /// relayed on), then resets the connection (SO_LINGER 0). On loopback, port 0 picks a port.
 pub async fn resetting_backend() -> SocketAddr {
