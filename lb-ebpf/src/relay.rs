@@ -41,8 +41,8 @@ pub fn lb_relay(ctx: SkBuffContext) -> u32 {
     // A socket without entries (userspace is removing it) has nowhere to go: drop, as the
     // kernel does for a failed redirect. Userspace removes entries only after both sides ended.
     // SAFETY: lookups in maps of plain integers; the value stays valid for the program run.
-    let Some(ctl) = (unsafe { PEERS.get(&cookie) }) else { return sk_action::SK_DROP };
-    let Some(counts) = COUNTS.get_ptr_mut(&cookie) else { return sk_action::SK_DROP };
+    let Some(ctl) = (unsafe { PEERS.get(cookie) }) else { return sk_action::SK_DROP };
+    let Some(counts) = COUNTS.get_ptr_mut(cookie) else { return sk_action::SK_DROP };
     let len = ctx.len() as u64;
     if len == 0 {
         // A bare FIN: its sequence number is accounted for already, and redirecting an empty
