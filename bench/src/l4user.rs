@@ -275,19 +275,24 @@ fn start(topo: &Topology, c: &Contender) -> anyhow::Result<Option<Lb>> {
             };
             let body = if c.sni {
                 format!(
-                    "{}[[tcp.listener]]\nname = \"tls\"\nlisten = \"{VIP4}:443\"\n\
+                    "{}[[tcp.listener]]\nname = \"tls\"\nlisten = \"{VIP4}:443\"\nrelay = \"kernel\"\n\
                      sni = [{{ host = \"{HOST}\", upstream = \"tls\", passthrough = true }}]\n",
                     group("tls", 443)
                 )
             } else {
                 format!(
                     "{}{}[[tcp.listener]]\nname = \"web\"\nlisten = \"{VIP4}:80\"\nupstream = \"web\"\n\
-                     [[tcp.listener]]\nname = \"bulk\"\nlisten = \"{VIP4}:5201\"\nupstream = \"bulk\"\n",
+                     relay = \"kernel\"\n[[tcp.listener]]\nname = \"bulk\"\nlisten = \"{VIP4}:5201\"\n\
+                     upstream = \"bulk\"\nrelay = \"kernel\"\n",
                     group("web", 80),
                     group("bulk", 5201)
                 )
             };
-            Ok(Some(Lb::start(ns, &format!("[admin]\nlisten = \"{admin}\"\n{body}"), admin)?))
+            let lb = Lb::start(ns, &format!("[admin]\nlisten = \"{admin}\"\n{body}"), admin)?;
+            // The kernel relay falls back (not root, no CAP_BPF): say which one ran.
+            let status = lb.json(&["status"])?;
+            eprintln!("lb relays: {}", status["relays"]);
+            Ok(Some(lb))
         }
     }
 }

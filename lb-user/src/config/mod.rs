@@ -22,7 +22,7 @@ pub use backend::BackendSpec;
 pub use env::{ENV_VARS, redacted};
 pub use health::{CheckKind, HealthConfig};
 pub use http::{AccessLog, CertConfig, Cidr, HttpConfig, ListenerConfig, RouteConfig};
-pub use tcp::{ProxyProtocol, Secs, SniAction, SniRoute, TcpConfig, TcpListenerConfig};
+pub use tcp::{ProxyProtocol, Relay, Secs, SniAction, SniRoute, TcpConfig, TcpListenerConfig};
 pub use upstream::{Balance, UpstreamConfig, UpstreamTls};
 pub use xdp::{
     DEFAULT_PIN_PATH, Encap, Forwarding, HashMode, Protocol, ServiceConfig, SnatConfig, XdpConfig,

@@ -86,6 +86,22 @@ pub struct TcpListenerConfig {
     /// (Kubernetes rolling updates); see `upgrade::overlap`.
     #[serde(default)]
     pub reuse_port: bool,
+    /// How relayed bytes move (TCP only); unset means `kernel` where the kernel relay loads,
+    /// else what `zero_copy` says.
+    #[serde(default)]
+    pub relay: Option<Relay>,
+}
+
+/// `relay = "kernel" | "splice" | "copy"`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Relay {
+    /// A BPF sockhash redirects each socket's bytes to its peer inside the kernel.
+    Kernel,
+    /// Userspace: small exchanges copied, bulk spliced through a pipe.
+    Splice,
+    /// Userspace: always copied through a buffer.
+    Copy,
 }
 
 /// `{ host = "db.example.com", upstream = "db", passthrough = true }` or
@@ -271,6 +287,11 @@ impl TcpConfig {
                         "{at}: sni routes need TLS over TCP: remove them or use protocol = \"tcp\""
                     ));
                 }
+                if l.relay.is_some() {
+                    errors.push(format!(
+                        "{at}: relay applies to TCP listeners only (UDP datagrams are relayed by lb itself): remove it"
+                    ));
+                }
                 if l.proxy_protocol != ProxyProtocol::None || !l.accept_proxy_from.is_empty() {
                     errors.push(format!(
                         "{at}: the PROXY protocol is supported on TCP listeners only: remove proxy_protocol/accept_proxy_from"
@@ -366,6 +387,7 @@ mod tests {
             upstream = "a"
             proxy_protocol = "v1"
             max_connections_per_source = 3
+            relay = "kernel"
             sni = [ { host = "a.example", upstream = "a", passthrough = true } ]
             [[tcp.listener]]
             name = "x"
@@ -387,6 +409,7 @@ mod tests {
         for want in [
             "sni routes need TLS",
             "PROXY protocol is supported on TCP listeners only",
+            "relay applies to TCP listeners only",
             "duplicate tcp listener name \"x\"",
             "is already used",
             "upstream \"nope\" is not defined",

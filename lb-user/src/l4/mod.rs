@@ -8,6 +8,7 @@
 pub mod balance;
 pub mod handoff;
 pub mod limit;
+pub mod kernel;
 pub mod peek;
 pub mod proxy_protocol;
 pub mod server;
@@ -156,7 +157,10 @@ impl L4 {
                 };
                 routes.insert(&r.host, route);
             }
+            let (relay, relay_name) = kernel::Mode::choose(l.relay, l.zero_copy);
+            stats.set_relay(relay_name);
             services.push(Service::Tcp(Arc::new(TcpService {
+                relay,
                 config: l.clone(),
                 routes,
                 default,

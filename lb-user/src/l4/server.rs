@@ -17,6 +17,7 @@ use tokio::{
 use super::{
     balance::Picker,
     handoff::{Handoff, TlsHandoff},
+    kernel::{self, Mode},
     limit::PerSource,
     peek::{PeekError, peek_feed, peek_until},
     proxy_protocol::{self, canonical},
@@ -45,6 +46,8 @@ pub struct TcpService {
     pub routes: SniRoutes<Route>,
     pub default: Option<Arc<Picker>>,
     pub stats: Arc<ListenerStats>,
+    /// Kernel or userspace relay, chosen when the listener was built.
+    pub relay: super::kernel::Mode,
     /// How long connections may finish after the listener stops.
     pub drain: super::Drain,
     /// `max_connections_per_source`, counted by peer address.
@@ -216,7 +219,10 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
             svc.stats.handed_off.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
-        Route::Upstream(picker) => relay_to(svc, &client, &picker, src, dst).await,
+        Route::Upstream(picker) => {
+            let read_header = cfg.trusts(peer.ip());
+            relay_to(svc, client, read_header, &picker, src, dst).await
+        }
     }
 }
 
@@ -269,7 +275,8 @@ async fn connect(
 
 async fn relay_to(
     svc: &TcpService,
-    client: &TcpStream,
+    client: TcpStream,
+    read_header: bool,
     picker: &Picker,
     src: SocketAddr,
     dst: Option<SocketAddr>,
@@ -280,8 +287,8 @@ async fn relay_to(
     let _ = upstream.set_nodelay(true);
     let header = match cfg.proxy_protocol {
         ProxyProtocol::None => None,
-        ProxyProtocol::V1 => Some(proxy_protocol::encode_v1(src, local_addr(client, dst)?)),
-        ProxyProtocol::V2 => Some(proxy_protocol::encode_v2(src, local_addr(client, dst)?)),
+        ProxyProtocol::V1 => Some(proxy_protocol::encode_v1(src, local_addr(&client, dst)?)),
+        ProxyProtocol::V2 => Some(proxy_protocol::encode_v2(src, local_addr(&client, dst)?)),
     };
     if let Some(h) = header {
         upstream.write_all(&h).await.map_err(|_| ErrorKind::Io)?;
@@ -290,15 +297,8 @@ async fn relay_to(
     svc.stats.relayed.fetch_add(1, Ordering::Relaxed);
     let opts =
         RelayOpts { idle: cfg.idle(), buffer_size: cfg.buffer_size, zero_copy: cfg.zero_copy };
-    match tcp::relay(
-        client,
-        &upstream,
-        opts,
-        &svc.stats.bytes_to_backend,
-        &svc.stats.bytes_to_client,
-    )
-    .await
-    {
+    let r = relay_with(svc, client, read_header, upstream, opts).await;
+    match r {
         Ok(_) => Ok(()),
         Err(RelayError::Idle(_)) => Err(ErrorKind::IdleTimeout),
         Err(RelayError::Io(e)) => {
@@ -306,4 +306,32 @@ async fn relay_to(
             Err(ErrorKind::Io)
         }
     }
+}
+
+/// Relays in the kernel when the listener does and this connection can join; else in userspace.
+/// Both sockets are closed when this returns.
+async fn relay_with(
+    svc: &TcpService,
+    client: TcpStream,
+    read_header: bool,
+    upstream: TcpStream,
+    mut opts: RelayOpts,
+) -> Result<tcp::Moved, RelayError> {
+    let (up, down) = (&svc.stats.bytes_to_backend, &svc.stats.bytes_to_client);
+    let (client, upstream) = match svc.relay {
+        Mode::Kernel(k) => {
+            match kernel::relay(k, read_header, client, upstream, opts, up, down).await {
+                Ok(done) => return done,
+                Err(n) => {
+                    log::debug!("listener {}: relayed in userspace: {}", svc.config.name, n.why);
+                    (n.client, n.backend)
+                }
+            }
+        }
+        Mode::User { zero_copy } => {
+            opts.zero_copy = zero_copy;
+            (client, upstream)
+        }
+    };
+    tcp::relay(&client, &upstream, opts, up, down).await
 }
