@@ -7,8 +7,8 @@
 //! [`Bound::spawn`] (one task per listener, stopped by the daemon's shutdown channel).
 pub mod balance;
 pub mod handoff;
-pub mod limit;
 pub mod kernel;
+pub mod limit;
 pub mod peek;
 pub mod proxy_protocol;
 pub mod server;
