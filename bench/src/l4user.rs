@@ -45,15 +45,27 @@ struct Contender {
     peer: Peer,
     /// TLS passthrough routed by SNI (port 443) rather than a plain relay (ports 80 and 5201).
     sni: bool,
+    /// lb's `relay` (empty for the peers).
+    relay: &'static str,
 }
 
-const CONTENDERS: [Contender; 6] = [
-    Contender { name: "HAProxy 2.6 mode tcp", peer: Peer::Haproxy, sni: false },
-    Contender { name: "nginx 1.22 stream", peer: Peer::Nginx, sni: false },
-    Contender { name: "lb `[[tcp.listener]]`", peer: Peer::Lb, sni: false },
-    Contender { name: "HAProxy 2.6 `req.ssl_sni` → use_backend", peer: Peer::Haproxy, sni: true },
-    Contender { name: "nginx 1.22 stream `ssl_preread` + map", peer: Peer::Nginx, sni: true },
-    Contender { name: "lb `[[tcp.listener]]` sni passthrough", peer: Peer::Lb, sni: true },
+const fn peer(name: &'static str, peer: Peer, sni: bool) -> Contender {
+    Contender { name, peer, sni, relay: "" }
+}
+
+const fn lb(name: &'static str, sni: bool, relay: &'static str) -> Contender {
+    Contender { name, peer: Peer::Lb, sni, relay }
+}
+
+const CONTENDERS: [Contender; 8] = [
+    peer("HAProxy 2.6 mode tcp", Peer::Haproxy, false),
+    peer("nginx 1.22 stream", Peer::Nginx, false),
+    lb("lb `[[tcp.listener]]` relay = kernel", false, "kernel"),
+    lb("lb `[[tcp.listener]]` relay = splice", false, "splice"),
+    peer("HAProxy 2.6 `req.ssl_sni` → use_backend", Peer::Haproxy, true),
+    peer("nginx 1.22 stream `ssl_preread` + map", Peer::Nginx, true),
+    lb("lb `[[tcp.listener]]` sni passthrough, relay = kernel", true, "kernel"),
+    lb("lb `[[tcp.listener]]` sni passthrough, relay = splice", true, "splice"),
 ];
 
 /// How HAProxy and nginx spread the web and TLS ports. By default as `lb`'s L4 proxy does, by
@@ -275,19 +287,26 @@ fn start(topo: &Topology, c: &Contender) -> anyhow::Result<Option<Lb>> {
             };
             let body = if c.sni {
                 format!(
-                    "{}[[tcp.listener]]\nname = \"tls\"\nlisten = \"{VIP4}:443\"\n\
+                    "{}[[tcp.listener]]\nname = \"tls\"\nlisten = \"{VIP4}:443\"\nrelay = \"{relay}\"\n\
                      sni = [{{ host = \"{HOST}\", upstream = \"tls\", passthrough = true }}]\n",
-                    group("tls", 443)
+                    group("tls", 443),
+                    relay = c.relay
                 )
             } else {
                 format!(
                     "{}{}[[tcp.listener]]\nname = \"web\"\nlisten = \"{VIP4}:80\"\nupstream = \"web\"\n\
-                     [[tcp.listener]]\nname = \"bulk\"\nlisten = \"{VIP4}:5201\"\nupstream = \"bulk\"\n",
+                     relay = \"{relay}\"\n[[tcp.listener]]\nname = \"bulk\"\nlisten = \"{VIP4}:5201\"\n\
+                     upstream = \"bulk\"\nrelay = \"{relay}\"\n",
                     group("web", 80),
-                    group("bulk", 5201)
+                    group("bulk", 5201),
+                    relay = c.relay
                 )
             };
-            Ok(Some(Lb::start(ns, &format!("[admin]\nlisten = \"{admin}\"\n{body}"), admin)?))
+            let lb = Lb::start(ns, &format!("[admin]\nlisten = \"{admin}\"\n{body}"), admin)?;
+            // The kernel relay falls back (not root, no CAP_BPF): say which one ran.
+            let status = lb.json(&["status"])?;
+            eprintln!("lb relays: {}", status["relays"]);
+            Ok(Some(lb))
         }
     }
 }
@@ -443,20 +462,20 @@ fn table(results: &BTreeMap<usize, Samples>, sni: bool, bulk: &str) -> String {
             s.errors
         );
     }
-    let Some((_, lb)) = rows.iter().find(|(i, _)| CONTENDERS[*i].peer == Peer::Lb) else {
-        return md;
-    };
     md += "\n| lb ÷ peer (medians) | connections/s | keep-alive req/s | bulk | p99 connect-to-first-byte (below 1: lb faster) |\n\
            | --- | ---: | ---: | ---: | ---: |\n";
-    for (i, p) in rows.iter().filter(|(i, _)| CONTENDERS[*i].peer != Peer::Lb) {
-        md += &format!(
-            "| ÷ {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
-            CONTENDERS[*i].name,
-            med(&lb.close) / med(&p.close),
-            med(&lb.keepalive) / med(&p.keepalive),
-            med(&lb.gbps) / med(&p.gbps),
-            med(&lb.first_p99) / med(&p.first_p99)
-        );
+    for (l, lb) in rows.iter().filter(|(i, _)| CONTENDERS[*i].peer == Peer::Lb) {
+        for (i, p) in rows.iter().filter(|(i, _)| CONTENDERS[*i].peer != Peer::Lb) {
+            md += &format!(
+                "| relay = {} ÷ {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                CONTENDERS[*l].relay,
+                CONTENDERS[*i].name,
+                med(&lb.close) / med(&p.close),
+                med(&lb.keepalive) / med(&p.keepalive),
+                med(&lb.gbps) / med(&p.gbps),
+                med(&lb.first_p99) / med(&p.first_p99)
+            );
+        }
     }
     md
 }

@@ -9,7 +9,22 @@ mod sni;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    match sni::parse_client_hello(data) {
+    let whole = sni::parse_client_hello(data);
+    // Fed in pieces (cut where the first byte says, then at what the reader wants, as the peek
+    // does), the reader gives the same answer as for the whole.
+    let mut reader = sni::HelloReader::default();
+    let mut at = 0;
+    let mut cut = data.first().map_or(0, |&b| b as usize % 17 + 1);
+    let fed = loop {
+        let end = (at + cut.max(1)).min(data.len());
+        match reader.feed(&data[at..end]) {
+            Ok(None) if end < data.len() => at = end,
+            done => break done,
+        }
+        cut = reader.wants().min(cut * 2 + 1);
+    };
+    assert_eq!(fed, whole, "split feeding disagrees with the whole");
+    match whole {
         Ok(Some(hello)) => {
             assert!(hello.len <= data.len(), "claims more bytes than it was given");
             // The verdict depends only on the ClientHello's own bytes.

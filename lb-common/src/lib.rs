@@ -8,6 +8,7 @@
 pub mod checksum;
 pub mod decap;
 pub mod hash;
+pub mod relay;
 
 use core::mem::size_of;
 

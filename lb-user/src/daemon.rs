@@ -111,23 +111,17 @@ fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
     sync_host(dp, &xdp.interfaces, &xdp.services)
 }
 
-/// The L7 TLS listeners as hand-off targets for the L4 listeners' `terminate` routes.
-fn handoffs(
-    l7: &[(Arc<l7::Server>, tokio::net::TcpListener)],
-    shutdown: &watch::Receiver<bool>,
-) -> l4::Handoffs {
-    l7.iter()
+/// A hand-off target for each L7 TLS listener, for the L4 listeners' `terminate` routes;
+/// `Runtime::serve` points each at its listener (and a reload repoints them).
+fn handoffs(l7: &[(Arc<l7::Server>, tokio::net::TcpListener)]) -> (l4::Targets, l4::Handoffs) {
+    let targets: l4::Targets = l7
+        .iter()
         .filter(|(server, _)| server.terminates_tls())
-        .map(|(server, _)| {
-            let name = server.name.clone();
-            let (server, shutdown) = (server.clone(), shutdown.clone());
-            let take = move |h: l4::Handoff| {
-                server.adopt(h.stream, h.client, shutdown.clone());
-                Ok(())
-            };
-            (name, Arc::new(take) as Arc<dyn l4::TlsHandoff>)
-        })
-        .collect()
+        .map(|(server, _)| (server.name.clone(), Arc::new(l4::Target::default())))
+        .collect();
+    let handoffs =
+        targets.iter().map(|(n, t)| (n.clone(), t.clone() as Arc<dyn l4::TlsHandoff>)).collect();
+    (targets, handoffs)
 }
 
 /// Raises the soft open-file limit to the hard one: every proxied connection takes two
@@ -229,7 +223,7 @@ pub async fn run(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Userspace L4 listeners. SNI routes with `terminate = "NAME"` hand the connection (its
     // ClientHello unread) to the L7 TLS listener NAME of this process.
-    let handoffs = handoffs(&l7_listeners, &shutdown_rx);
+    let (targets, handoffs) = handoffs(&l7_listeners);
     let l4 = L4::build(&config.tcp, &groups, &handoffs)?;
     let l4 = l4.bind_from(&mut takeover.sockets).await?;
     let listener = admin::bind_from(&config.admin, &mut takeover.sockets).await?;
@@ -249,6 +243,7 @@ pub async fn run(
     let mut l4_tasks = l4.spawn(shutdown_rx);
     {
         let mut runtime = state.runtime.lock().await;
+        runtime.targets = targets;
         for (server, listener) in l7_listeners {
             runtime.serve(server, listener)?;
         }

@@ -28,6 +28,9 @@ pub fn status(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     for u in &s.unavailable {
         println!("UNAVAILABLE {u}");
     }
+    for (listener, relay) in &s.relays {
+        println!("tcp listener {listener}: relay {relay}");
+    }
     if !s.host.is_empty() {
         println!("host changes (`lb detach` undoes them):");
         for c in &s.host {

@@ -67,4 +67,16 @@ impl Admin {
         anyhow::ensure!(status == 200, "GET {path}: {status} {body}");
         Ok(body)
     }
+
+    /// The value of the Prometheus sample `series` (name and labels) on `/metrics` now.
+    pub fn metric(&self, series: &str) -> u64 {
+        sample(&self.get("/metrics").expect("/metrics"), series)
+    }
+}
+
+/// The value of the Prometheus sample `series` (name and labels) in `text`.
+pub fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
 }

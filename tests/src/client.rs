@@ -184,6 +184,16 @@ pub fn echo_roundtrip(
     Ok((greeting.trim().to_string(), rest))
 }
 
+/// Connects (from `source` if given) and reads the greeting line an echo backend sends; the
+/// connection stays open for the caller. Blocking; bounded by [`crate::T`].
+pub fn greeted(target: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<(String, TcpStream)> {
+    let s = connect_from(source, target, crate::T)?;
+    let mut greeting = String::new();
+    BufReader::new(s.try_clone()?).read_line(&mut greeting)?;
+    anyhow::ensure!(!greeting.is_empty(), "closed before the greeting");
+    Ok((greeting.trim().to_string(), s))
+}
+
 /// Connects to `target` and sends nothing: what the peer wrote before it closed (empty when it
 /// just closed, or reset). Blocking; bounded by [`crate::T`].
 pub fn read_silently(target: SocketAddr) -> std::io::Result<Vec<u8>> {

@@ -47,6 +47,26 @@ impl L4Harness {
         &self.stats[listener]
     }
 
+    /// Checks that `listener` relays as `mode` says ([`relay_key`]). The kernel relay needs
+    /// root: without it the listener falls back to splicing, which is accepted (and said) unless
+    /// `LB_REQUIRE_PRIVILEGED=1` asks for every mode to be tested for real.
+    pub fn expect_relay(&self, listener: &str, mode: &str) {
+        let got = self.stats(listener).relay().unwrap_or("-").to_string();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let required = std::env::var("LB_REQUIRE_PRIVILEGED").as_deref() == Ok("1");
+        if mode == "kernel" && got != "kernel" && !root && !required {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "NOTE {}: {listener} relays by {got}",
+                crate::test_name()
+            );
+            return;
+        }
+        assert_eq!(got, mode, "listener {listener} relays by {got}");
+    }
+
     /// Waits (bounded) until `f` holds on the listener's counters; connection tasks count
     /// after the client has seen the close.
     pub async fn wait_for(&self, listener: &str, what: &str, f: impl Fn(&ListenerStats) -> bool) {
@@ -67,6 +87,14 @@ impl L4Harness {
             r.expect("task").expect("listener");
         }
     }
+}
+
+/// The relay modes a `[[tcp.listener]]` offers; relay tests run through each.
+pub const RELAYS: [&str; 3] = ["kernel", "splice", "copy"];
+
+/// The config line that picks `mode` (one of [`RELAYS`]) for a listener.
+pub fn relay_key(mode: &str) -> String {
+    format!("relay = \"{mode}\"\n")
 }
 
 /// The backend the XDP path picks for `client` among `group`'s backends, computed the way the

@@ -301,3 +301,35 @@ fn exchange(mut s: std::net::TcpStream) -> Exchange {
         }
     }
 }
+
+/// Opens `n` UDP sessions through `target` from `ns`: `n` sockets (one source port each), one
+/// `size`-byte datagram from each, sent `batch` at a time with the replies read before the
+/// next batch (so no socket buffer overflows). Returns the sockets (the sessions live while
+/// the proxy keeps them) and how many got their reply. Blocking; each reply waited for at
+/// most [`crate::T`].
+pub fn udp_sessions(
+    ns: &Netns,
+    target: SocketAddr,
+    n: usize,
+    size: usize,
+    batch: usize,
+) -> anyhow::Result<(Vec<std::net::UdpSocket>, usize)> {
+    ns.run(move || -> anyhow::Result<_> {
+        let payload = vec![b'x'; size];
+        let mut socks = Vec::with_capacity(n);
+        let mut replies = 0;
+        let mut buf = vec![0u8; size + 64];
+        while socks.len() < n {
+            let start = socks.len();
+            for _ in 0..batch.min(n - start) {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+                s.connect(target)?;
+                s.set_read_timeout(Some(crate::T))?;
+                s.send(&payload)?;
+                socks.push(s);
+            }
+            replies += socks[start..].iter().filter(|s| s.recv(&mut buf).is_ok()).count();
+        }
+        Ok((socks, replies))
+    })?
+}

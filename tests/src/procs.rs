@@ -41,3 +41,14 @@ pub fn sample(pid: u32) -> Sample {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
     Sample { rss_kb, fds }
 }
+
+/// CPU time `pid` has used so far, all its threads, in ns: the run time of each thread from
+/// /proc/PID/task/*/schedstat (utime + stime of /proc/PID/stat count the same time, but in
+/// 10 ms ticks, too coarse for what a kernel relay costs).
+pub fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}

@@ -11,7 +11,7 @@ use lb_tests::{
     backends::{ProxySeen, proxy_backend},
     client::read_silently,
     conf,
-    l4::L4Harness,
+    l4::{L4Harness, RELAYS, relay_key},
 };
 use lb_user::l4::{ErrorKind, Handoffs, proxy_protocol};
 
@@ -39,25 +39,30 @@ async fn next(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v1_and_v2_headers_carry_the_client_address_to_backends() {
+async fn v1_and_v2_headers_carry_the_client_address_to_backends_by_each_relay() {
     let (backend, mut seen) = proxy_backend().await;
-    let to_b = |version: &str| format!("upstream = \"b\"\nproxy_protocol = \"{version}\"\n");
-    let config = [
-        conf::upstream("b", &conf::list([backend])),
-        conf::tcp("v1", "127.0.0.1:0", &to_b("v1")),
-        conf::tcp("v2", "127.0.0.1:0", &to_b("v2")),
-        conf::tcp("v2-on-v6", "[::1]:0", &to_b("v2")),
-    ]
-    .concat();
+    let keys = |version: &str, mode: &str| {
+        format!("upstream = \"b\"\nproxy_protocol = \"{version}\"\n{}", relay_key(mode))
+    };
+    let mut config = conf::upstream("b", &conf::list([backend]));
+    for mode in RELAYS {
+        config += &conf::tcp(&format!("v1-{mode}"), "127.0.0.1:0", &keys("v1", mode));
+        config += &conf::tcp(&format!("v2-{mode}"), "127.0.0.1:0", &keys("v2", mode));
+        config += &conf::tcp(&format!("v2-on-v6-{mode}"), "[::1]:0", &keys("v2", mode));
+    }
     let lb = L4Harness::start(&config, Handoffs::new()).await;
-    for (name, version) in [("v1", 1), ("v2", 2), ("v2-on-v6", 2)] {
-        let (me, back) = send(lb.addr(name), b"hello backend".to_vec()).await;
-        assert_eq!(back, b"ok\n");
-        let s = next(&mut seen).await;
-        assert_eq!(s.version, version, "{name}");
-        assert_eq!(s.src, me, "{name}: the backend sees the client's address and port");
-        assert_eq!(s.dst, lb.addr(name), "{name}: and the address it connected to");
-        assert_eq!(s.payload, b"hello backend");
+    for mode in RELAYS {
+        for (name, version) in [("v1", 1), ("v2", 2), ("v2-on-v6", 2)] {
+            let name = format!("{name}-{mode}");
+            lb.expect_relay(&name, mode);
+            let (me, back) = send(lb.addr(&name), b"hello backend".to_vec()).await;
+            assert_eq!(back, b"ok\n");
+            let s = next(&mut seen).await;
+            assert_eq!(s.version, version, "{name}");
+            assert_eq!(s.src, me, "{name}: the backend sees the client's address and port");
+            assert_eq!(s.dst, lb.addr(&name), "{name}: and the address it connected to");
+            assert_eq!(s.payload, b"hello backend");
+        }
     }
     lb.stop().await;
 }
@@ -89,6 +94,14 @@ async fn headers_are_accepted_only_from_trusted_sources_within_the_timeout() {
         assert_eq!((s.version, s.src, s.dst), (2, claimed, vip));
         assert_eq!(s.payload, b"payload");
     }
+    // A header and a megabyte in one go: the bytes after the header, which lb reads in the
+    // same segments as the header, reach the backend once each, in order.
+    let bulk: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (_, back) = send(trusting, [v1.clone(), bulk.clone()].concat()).await;
+    assert_eq!(back, b"ok\n");
+    let s = next(&mut seen).await;
+    let want = [b"payload".as_slice(), &bulk].concat();
+    assert!(s.payload == want, "payload of {} bytes differs", s.payload.len());
     // A trusted v2 LOCAL header: the connection's own addresses are kept.
     let (me, _) = send(trusting, [proxy_protocol::encode_v2_local(), b"x".to_vec()].concat()).await;
     assert_eq!(next(&mut seen).await.src, me);

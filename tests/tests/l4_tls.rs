@@ -12,7 +12,7 @@ use lb_tests::{
     backends::{TlsBackend, echo_backend, serve_tls},
     client::read_silently,
     conf,
-    l4::L4Harness,
+    l4::{L4Harness, RELAYS, relay_key},
     tls::{TlsSeen, cert, client_config, refragment, server_config, tls_client, trickle, whole},
 };
 use lb_user::l4::{ErrorKind, Handoff, Handoffs, Refused, TlsHandoff};
@@ -36,7 +36,8 @@ impl Setup {
     }
 }
 
-async fn setup() -> Setup {
+/// The listeners with `edge` relaying by `relay` (one of [`RELAYS`]).
+async fn setup_with(relay: &str) -> Setup {
     let db = TlsBackend::start("db", &["db.example.com"]).await;
     let api = TlsBackend::start("api", &["*.api.example.com"]).await;
     let fallback = TlsBackend::start("fallback", &["fallback.test"]).await;
@@ -66,7 +67,8 @@ async fn setup() -> Setup {
 
     let db_route = "{ host = \"db.example.com\", upstream = \"db\", passthrough = true }";
     let edge = format!(
-        "sni = [ {db_route},\n        {{ host = \"*.api.example.com\", upstream = \"api\", passthrough = true }},\n        {{ host = \"*.example.com\", terminate = \"public\" }},\n        {{ host = \"queued.example.org\", terminate = \"queue\" }} ]\nupstream = \"fallback\"\npeek_timeout = 2\n"
+        "sni = [ {db_route},\n        {{ host = \"*.api.example.com\", upstream = \"api\", passthrough = true }},\n        {{ host = \"*.example.com\", terminate = \"public\" }},\n        {{ host = \"queued.example.org\", terminate = \"queue\" }} ]\nupstream = \"fallback\"\npeek_timeout = 2\n{}",
+        relay_key(relay)
     );
     let config = [
         conf::upstream("db", &conf::list([db.addr])),
@@ -87,7 +89,12 @@ async fn setup() -> Setup {
     ]
     .concat();
     let lb = L4Harness::start(&config, handoffs).await;
+    lb.expect_relay("edge", relay);
     Setup { lb, db, api, fallback, l7_cert, handed }
+}
+
+async fn setup() -> Setup {
+    setup_with("kernel").await
 }
 
 /// Runs a blocking TLS client off the runtime.
@@ -123,8 +130,14 @@ async fn passthrough_routes_by_sni_and_the_client_sees_the_backend_certificate()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_hello_one_byte_at_a_time_and_over_many_records() {
-    let s = setup().await;
+async fn client_hello_one_byte_at_a_time_and_over_many_records_by_each_relay() {
+    for mode in RELAYS {
+        hello_in_pieces(mode).await;
+    }
+}
+
+async fn hello_in_pieces(mode: &str) {
+    let s = setup_with(mode).await;
     let edge = s.lb.addr("edge");
     let one = client(edge, "db.example.com", s.roots(), trickle).await;
     assert_eq!(one.cert, s.db.cert);

@@ -22,7 +22,7 @@ pub use backend::BackendSpec;
 pub use env::{ENV_VARS, redacted};
 pub use health::{CheckKind, HealthConfig};
 pub use http::{AccessLog, CertConfig, Cidr, HttpConfig, ListenerConfig, RouteConfig};
-pub use tcp::{ProxyProtocol, Secs, SniAction, SniRoute, TcpConfig, TcpListenerConfig};
+pub use tcp::{ProxyProtocol, Relay, Secs, SniAction, SniRoute, TcpConfig, TcpListenerConfig};
 pub use upstream::{Balance, UpstreamConfig, UpstreamTls};
 pub use xdp::{
     DEFAULT_PIN_PATH, Encap, Forwarding, HashMode, Protocol, ServiceConfig, SnatConfig, XdpConfig,
@@ -269,7 +269,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.http.listener[0].tls.len(), 2);
         assert_eq!(c.http.route[0].path.as_deref(), Some("/v1"));
-        assert_eq!(c.upstream["api"].balance, Balance::RoundRobin);
+        assert_eq!(c.upstream["api"].balance, Some(Balance::RoundRobin));
         assert_eq!(c.upstream["api"].backends[1].weight(), 2);
     }
 

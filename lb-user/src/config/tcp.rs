@@ -68,6 +68,14 @@ pub struct TcpListenerConfig {
     /// or are dropped and counted (UDP).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// TCP: connections one client (an IPv4 address, an IPv6 /64) may hold at once; more are
+    /// closed as soon as accepted and counted (`source_limit`). Absent: no per-source limit.
+    #[serde(default)]
+    pub max_connections_per_source: Option<usize>,
+    /// UDP: sessions one client (an IPv4 address, an IPv6 /64) may hold at once; datagrams
+    /// that would open more are dropped and counted (`source_limit`). Absent: no limit.
+    #[serde(default)]
+    pub max_sessions_per_source: Option<usize>,
     /// Bytes buffered per direction of a connection (the pipe size when splicing).
     #[serde(default = "default_buffer_size")]
     pub buffer_size: usize,
@@ -78,6 +86,22 @@ pub struct TcpListenerConfig {
     /// (Kubernetes rolling updates); see `upgrade::overlap`.
     #[serde(default)]
     pub reuse_port: bool,
+    /// How relayed bytes move (TCP only); unset means `kernel` where the kernel relay loads,
+    /// else what `zero_copy` says.
+    #[serde(default)]
+    pub relay: Option<Relay>,
+}
+
+/// `relay = "kernel" | "splice" | "copy"`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Relay {
+    /// A BPF sockhash redirects each socket's bytes to its peer inside the kernel.
+    Kernel,
+    /// Userspace: small exchanges copied, bulk spliced through a pipe.
+    Splice,
+    /// Userspace: always copied through a buffer.
+    Copy,
 }
 
 /// `{ host = "db.example.com", upstream = "db", passthrough = true }` or
@@ -212,6 +236,19 @@ impl TcpConfig {
                 }
                 _ => {}
             }
+            let passthrough = l.sni.iter().filter_map(|r| match r.action() {
+                Some(SniAction::Passthrough(u)) => Some(u),
+                _ => None,
+            });
+            for u in l.upstream.iter().cloned().chain(passthrough) {
+                if let Some(b) = upstreams.get(&u).and_then(|c| c.balance.as_ref())
+                    && !b.applies_to_l4()
+                {
+                    errors.push(format!(
+                        "{at}: upstream {u:?} has balance = \"{b}\", which an L4 listener cannot apply: use hash-source-ip (the default), round-robin or least-conn, or a separate upstream for the L7 routes"
+                    ));
+                }
+            }
             if l.upstream.is_none() && l.sni.is_empty() {
                 errors.push(format!(
                     "{at}: nothing to route to: set upstream = \"GROUP\" or add sni routes"
@@ -219,6 +256,24 @@ impl TcpConfig {
             }
             if l.max_connections == 0 {
                 errors.push(format!("{at}: max_connections must be at least 1"));
+            }
+            for (key, v, proto) in [
+                ("max_connections_per_source", l.max_connections_per_source, Protocol::Tcp),
+                ("max_sessions_per_source", l.max_sessions_per_source, Protocol::Udp),
+            ] {
+                match v {
+                    Some(0) => errors.push(format!("{at}: {key} must be at least 1")),
+                    Some(_) if l.protocol != proto => errors.push(format!(
+                        "{at}: {key} applies to protocol = \"{}\" listeners only: use {}",
+                        if proto == Protocol::Tcp { "tcp" } else { "udp" },
+                        if proto == Protocol::Tcp {
+                            "max_sessions_per_source"
+                        } else {
+                            "max_connections_per_source"
+                        }
+                    )),
+                    _ => {}
+                }
             }
             if !(4096..=16 << 20).contains(&l.buffer_size) {
                 errors.push(format!(
@@ -230,6 +285,11 @@ impl TcpConfig {
                 if !l.sni.is_empty() {
                     errors.push(format!(
                         "{at}: sni routes need TLS over TCP: remove them or use protocol = \"tcp\""
+                    ));
+                }
+                if l.relay.is_some() {
+                    errors.push(format!(
+                        "{at}: relay applies to TCP listeners only (UDP datagrams are relayed by lb itself): remove it"
                     ));
                 }
                 if l.proxy_protocol != ProxyProtocol::None || !l.accept_proxy_from.is_empty() {
@@ -313,12 +373,21 @@ mod tests {
             r#"
             [upstream.a]
             backends = ["10.0.0.5:53"]
+            [upstream.h]
+            balance = "hash-header:x-user"
+            backends = ["10.0.0.7:53"]
+            [[tcp.listener]]
+            name = "h"
+            listen = "0.0.0.0:54"
+            upstream = "h"
             [[tcp.listener]]
             name = "x"
             listen = "0.0.0.0:53"
             protocol = "udp"
             upstream = "a"
             proxy_protocol = "v1"
+            max_connections_per_source = 3
+            relay = "kernel"
             sni = [ { host = "a.example", upstream = "a", passthrough = true } ]
             [[tcp.listener]]
             name = "x"
@@ -328,6 +397,7 @@ mod tests {
             [[tcp.listener]]
             name = "y"
             listen = "0.0.0.0:443"
+            max_connections_per_source = 0
             sni = [ { host = "a..b", upstream = "a", passthrough = true },
                     { host = "c.example", upstream = "a" },
                     { host = "d.example", upstream = "zz", passthrough = true },
@@ -339,6 +409,7 @@ mod tests {
         for want in [
             "sni routes need TLS",
             "PROXY protocol is supported on TCP listeners only",
+            "relay applies to TCP listeners only",
             "duplicate tcp listener name \"x\"",
             "is already used",
             "upstream \"nope\" is not defined",
@@ -346,6 +417,9 @@ mod tests {
             "\"c.example\" needs either",
             "upstream \"zz\", which is not defined",
             "\"e.example.\" is listed twice",
+            "max_connections_per_source applies to protocol = \"tcp\" listeners only: use max_sessions_per_source",
+            "max_connections_per_source must be at least 1",
+            "upstream \"h\" has balance = \"hash-header:x-user\", which an L4 listener cannot apply",
         ] {
             assert!(err.contains(want), "missing {want:?} in:\n{err}");
         }

@@ -10,9 +10,10 @@ use super::BackendSpec;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// round-robin | least-conn | p2c-ewma | hash-source-ip | hash-header:NAME | hash-cookie:NAME
+    /// round-robin | least-conn | p2c-ewma | hash-source-ip | hash-header:NAME | hash-cookie:NAME.
+    /// Absent: round-robin for the L7 proxy, hash-source-ip (Maglev, as XDP) for L4 listeners.
     #[serde(default)]
-    pub balance: Balance,
+    pub balance: Option<Balance>,
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
     /// TCP connect timeout to one backend, in milliseconds.
@@ -55,6 +56,11 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamConfig {
+    /// The policy the L7 proxy applies (round robin unless `balance` says otherwise).
+    pub fn http_balance(&self) -> Balance {
+        self.balance.clone().unwrap_or_default()
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
@@ -125,6 +131,14 @@ pub enum Balance {
     HashHeader(String),
     /// Consistent hash of a cookie's value (falls back to round robin without it).
     HashCookie(String),
+}
+
+impl Balance {
+    /// Whether an L4 listener can apply it: it sees no request (no header, no cookie) and
+    /// measures no response latency.
+    pub fn applies_to_l4(&self) -> bool {
+        matches!(self, Self::HashSourceIp | Self::RoundRobin | Self::LeastConn)
+    }
 }
 
 impl FromStr for Balance {
@@ -210,7 +224,8 @@ mod tests {
     #[test]
     fn defaults_apply() {
         let c: UpstreamConfig = toml::from_str(r#"backends = ["10.0.0.1:80"]"#).unwrap();
-        assert_eq!(c.balance, Balance::RoundRobin);
+        assert_eq!(c.balance, None);
+        assert_eq!(c.http_balance(), Balance::RoundRobin);
         assert!(!c.http2 && c.tls.is_none());
         assert_eq!(c.connect_timeout(), Duration::from_secs(3));
     }

@@ -16,7 +16,7 @@ use crate::{
     dataplane::snat,
     health::Checker,
     l7::{self, Server},
-    upstream::{Group, Groups},
+    upstream::{Group, Groups, Policy},
 };
 
 /// One serving L7 listener.
@@ -35,6 +35,8 @@ pub struct Runtime {
     /// Listeners a reload removed, finishing their connections.
     draining: Vec<JoinHandle<std::io::Result<()>>>,
     checker: Option<Checker>,
+    /// The L4 hand-off targets by L7 listener name, pointed at the listener serving now.
+    pub targets: crate::l4::Targets,
 }
 
 impl Runtime {
@@ -42,9 +44,23 @@ impl Runtime {
     pub fn serve(&mut self, server: Arc<Server>, listener: TcpListener) -> std::io::Result<()> {
         let socket = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(server.clone().run(listener, stopped));
+        let task = tokio::spawn(server.clone().run(listener, stopped.clone()));
+        self.point(&server, server.terminates_tls().then_some(stopped));
         self.listeners.push(Running { server, stop, task, socket });
         Ok(())
+    }
+
+    /// Points the hand-off target named like `server` at it (`Some`: it serves, with TLS, until
+    /// `stopped`), or nowhere.
+    fn point(&self, server: &Arc<Server>, stopped: Option<watch::Receiver<bool>>) {
+        let Some(target) = self.targets.get(&server.name) else { return };
+        target.point(stopped.map(|stopped| {
+            let server = server.clone();
+            Box::new(move |h: crate::l4::Handoff| {
+                server.adopt(h.stream, h.client, stopped.clone());
+                Ok(())
+            }) as Box<dyn crate::l4::TlsHandoff>
+        }));
     }
 
     /// (Re)starts the health checks of `config`, keeping what was learned about kept backends.
@@ -136,15 +152,26 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     let old_groups = state.groups.load_full();
     let mut groups = Groups::new();
     let mut keep_sets = Vec::new();
+    let mut policies = Vec::new();
     for (name, u) in &new.upstream {
         let group = match old_groups.get(name) {
-            Some(g) if g.balance == u.balance => {
+            // The group itself stays (every L4 listener, health check and L7 upstream holds
+            // it); a new policy is swapped into it when the reload applies.
+            Some(g) => {
+                let policy = Policy::of(u);
+                if g.policy().configured != policy.configured {
+                    let show = |b: &Option<crate::config::Balance>| {
+                        b.as_ref().map_or("(default)".to_string(), |b| b.to_string())
+                    };
+                    changes.push(format!(
+                        "upstream {name}: balance {} → {}",
+                        show(&g.policy().configured),
+                        show(&policy.configured)
+                    ));
+                    policies.push((g.clone(), policy));
+                }
                 keep_sets.push((g.clone(), u.backends.clone()));
                 g.clone()
-            }
-            Some(g) => {
-                changes.push(format!("upstream {name}: balance {} → {}", g.balance, u.balance));
-                Arc::new(Group::rebuilt(name, u, g))
             }
             None => {
                 changes.push(format!("upstream {name}: added"));
@@ -189,6 +216,9 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
             .map_err(|e| ReloadError::Apply(e.to_string()))?;
         changes.push(format!("xdp: {} services applied", xdp.services.len()));
     }
+    for (group, policy) in policies {
+        group.set_policy(policy);
+    }
     for (group, specs) in keep_sets {
         let before: Vec<(SocketAddr, u32)> =
             group.backends().iter().map(|b| (b.addr, b.weight)).collect();
@@ -227,6 +257,7 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
                 let listener =
                     TcpListener::from_std(socket).map_err(|e| ReloadError::Apply(e.to_string()))?;
                 let _ = r.stop.send(true);
+                runtime.point(&r.server, None);
                 runtime.draining.push(r.task);
                 changes.push(format!("listener {} on {}: rebuilt (TLS changed)", s.name, s.listen));
                 bound.push((s, listener));
@@ -238,6 +269,7 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
         changes
             .push(format!("listener {} on {}: removed, draining", r.server.name, r.server.listen));
         let _ = r.stop.send(true);
+        runtime.point(&r.server, None);
         runtime.draining.push(r.task);
     }
     runtime.listeners = next;

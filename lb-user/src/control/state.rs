@@ -112,6 +112,10 @@ pub struct Status {
     /// With `[announce]`: each VIP, announced or withdrawn.
     #[serde(default)]
     pub announce: Vec<super::announce::Announcement>,
+    /// How each TCP `[[tcp.listener]]` relays: `kernel`, `splice` or `copy`, with why the
+    /// kernel relay is not used when it is not.
+    #[serde(default)]
+    pub relays: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -309,7 +313,17 @@ impl State {
             pid: std::process::id(),
             xdp_writer: self.xdp_writer_status(),
             announce,
+            relays: self.relays(),
         }
+    }
+
+    fn relays(&self) -> std::collections::BTreeMap<String, String> {
+        let config = self.config.load();
+        let names: Vec<&str> = config.tcp.listeners.iter().map(|l| l.name.as_str()).collect();
+        crate::l4::stats::registered(&names)
+            .into_iter()
+            .filter_map(|l| Some((l.name, l.relay?)))
+            .collect()
     }
 
     fn xdp_service_names(&self) -> Vec<String> {

@@ -1,7 +1,11 @@
-//! Backend choice for the userspace L4 proxy: the same Maglev table and client-address hash as
-//! the XDP path (`maglev::table`, `lb_common::hash::source_hash`), so one client reaches the
-//! same backend whichever path serves it. The table is cached per group and rebuilt when the
-//! group's backend set (the `Arc`) or the availability of its backends changes.
+//! Backend choice for the userspace L4 proxy, by the group's `balance`: `hash-source-ip` (the
+//! default) is the same Maglev table and client-address hash as the XDP path (`maglev::table`,
+//! `lb_common::hash::source_hash`), so one client reaches the same backend whichever path
+//! serves it; `round-robin` and `least-conn` are the group's own ([`Group::pick`], weights
+//! honoured; least-conn counts each backend's open connections or UDP sessions). The Maglev
+//! table is cached per group and rebuilt when the group's backend set (the `Arc`) or the
+//! availability of its backends changes. The policy is read per connection, so a reload that
+//! changes it applies to the next connection.
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -10,6 +14,7 @@ use std::{
 use arc_swap::ArcSwapOption;
 
 use crate::{
+    config::Balance,
     maglev,
     upstream::{Backend, Group},
 };
@@ -72,6 +77,13 @@ impl Picker {
     /// failed to reach): the owner of the client's slot, else of the next slots in turn, so the
     /// retries of one client always go to the same backends and spread like Maglev's own slots.
     pub fn pick_avoiding(&self, client: IpAddr, avoid: &[SocketAddr]) -> Option<Arc<Backend>> {
+        let hashed =
+            self.group.policy().configured.as_ref().is_none_or(|b| *b == Balance::HashSourceIp);
+        if !hashed {
+            // round-robin, least-conn (config validation keeps the request-bound policies to
+            // L7 upstreams; were one here, its request-less fallback applies).
+            return self.group.pick(None, avoid);
+        }
         let cached = self.current();
         if cached.members.iter().all(|b| avoid.contains(&b.addr)) {
             return None;
@@ -205,5 +217,36 @@ mod tests {
             assert!(third != first && third != second);
             assert!(p.pick_avoiding(c, &[first, second, third]).is_none());
         }
+    }
+
+    #[test]
+    fn follows_the_groups_policy_and_its_changes() {
+        let c: UpstreamConfig = toml::from_str(
+            r#"balance = "round-robin"
+            backends = ["10.1.1.2:80", "10.1.2.2:80", "10.1.3.2:80"]"#,
+        )
+        .unwrap();
+        let g = Arc::new(Group::new("g", &c));
+        let p = Picker::new(g.clone());
+        let client: IpAddr = "10.9.9.9".parse().unwrap();
+        let mut count = std::collections::HashMap::new();
+        for _ in 0..300 {
+            *count.entry(p.pick(client).unwrap().addr).or_insert(0) += 1;
+        }
+        assert!(count.values().all(|&n| n == 100), "one client, spread evenly: {count:?}");
+        // least-conn: the backend with the fewest open connections.
+        let set = g.backends();
+        set[0].in_flight.store(5, Ordering::Relaxed);
+        set[1].in_flight.store(1, Ordering::Relaxed);
+        set[2].in_flight.store(3, Ordering::Relaxed);
+        let lc: UpstreamConfig = toml::from_str(r#"balance = "least-conn""#).unwrap();
+        g.set_policy(crate::upstream::Policy::of(&lc));
+        assert_eq!(p.pick(client).unwrap().addr, set[1].addr);
+        assert_eq!(p.pick_avoiding(client, &[set[1].addr]).unwrap().addr, set[2].addr);
+        // Back to the default: Maglev, the same backend for a client every time.
+        let none: UpstreamConfig = toml::from_str("").unwrap();
+        g.set_policy(crate::upstream::Policy::of(&none));
+        let first = p.pick(client).unwrap().addr;
+        assert!((0..50).all(|_| p.pick(client).unwrap().addr == first));
     }
 }

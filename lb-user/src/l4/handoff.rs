@@ -4,6 +4,7 @@
 //! its usual rustls acceptor on it.
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
+use arc_swap::ArcSwapOption;
 use tokio::{net::TcpStream, sync::mpsc};
 
 /// A connection handed to an L7 listener.
@@ -50,3 +51,28 @@ impl TlsHandoff for mpsc::Sender<Handoff> {
 
 /// The L7 listeners by the name SNI routes use in `terminate = "NAME"`.
 pub type Handoffs = HashMap<String, Arc<dyn TlsHandoff>>;
+
+/// A hand-off target that follows reloads: the `terminate = "NAME"` routes hold one per name,
+/// and the daemon points it at the L7 TLS listener of that name serving now. A reload that
+/// rebuilds the listener (TLS toggled) repoints it; one that turns TLS off or removes the
+/// listener leaves it pointing nowhere, and hand-offs are refused (`handoff_failed`).
+#[derive(Default)]
+pub struct Target(ArcSwapOption<Box<dyn TlsHandoff>>);
+
+impl Target {
+    pub fn point(&self, to: Option<Box<dyn TlsHandoff>>) {
+        self.0.store(to.map(Arc::new));
+    }
+}
+
+impl TlsHandoff for Target {
+    fn handoff(&self, conn: Handoff) -> Result<(), Refused> {
+        match &*self.0.load() {
+            Some(t) => t.handoff(conn),
+            None => Err(Refused),
+        }
+    }
+}
+
+/// The repointable targets by L7 listener name.
+pub type Targets = HashMap<String, Arc<Target>>;

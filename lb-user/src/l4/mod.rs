@@ -7,6 +7,8 @@
 //! [`Bound::spawn`] (one task per listener, stopped by the daemon's shutdown channel).
 pub mod balance;
 pub mod handoff;
+pub mod kernel;
+pub mod limit;
 pub mod peek;
 pub mod proxy_protocol;
 pub mod server;
@@ -33,7 +35,7 @@ use tokio::{
     task::JoinSet,
 };
 
-pub use handoff::{Handoff, Handoffs, Refused, TlsHandoff};
+pub use handoff::{Handoff, Handoffs, Refused, Target, Targets, TlsHandoff};
 pub use stats::{ErrorKind, ListenerSnapshot, ListenerStats};
 
 use crate::{
@@ -134,6 +136,7 @@ impl L4 {
                     upstream,
                     stats,
                     drain: drain.clone(),
+                    per_source: l.max_sessions_per_source.map(limit::PerSource::new),
                 })));
                 continue;
             }
@@ -154,12 +157,16 @@ impl L4 {
                 };
                 routes.insert(&r.host, route);
             }
+            let (relay, relay_name) = kernel::Mode::choose(l.relay, l.zero_copy);
+            stats.set_relay(relay_name);
             services.push(Service::Tcp(Arc::new(TcpService {
+                relay,
                 config: l.clone(),
                 routes,
                 default,
                 stats,
                 drain: drain.clone(),
+                per_source: l.max_connections_per_source.map(limit::PerSource::new),
             })));
         }
         Ok(Self { services, drain })

@@ -17,7 +17,9 @@ use tokio::{
 use super::{
     balance::Picker,
     handoff::{Handoff, TlsHandoff},
-    peek::{PeekError, peek_until},
+    kernel::{self, Mode},
+    limit::PerSource,
+    peek::{PeekError, peek_feed, peek_until},
     proxy_protocol::{self, canonical},
     sni::{self, HelloError, SniRoutes},
     stats::{ErrorKind, Gauge, ListenerStats},
@@ -25,7 +27,7 @@ use super::{
 };
 use crate::{
     config::{ProxyProtocol, TcpListenerConfig},
-    upstream::Backend,
+    upstream::InFlight,
 };
 
 /// How long connections may finish after shutdown before they are cut.
@@ -44,8 +46,12 @@ pub struct TcpService {
     pub routes: SniRoutes<Route>,
     pub default: Option<Arc<Picker>>,
     pub stats: Arc<ListenerStats>,
+    /// Kernel or userspace relay, chosen when the listener was built.
+    pub relay: super::kernel::Mode,
     /// How long connections may finish after the listener stops.
     pub drain: super::Drain,
+    /// `max_connections_per_source`, counted by peer address.
+    pub per_source: Option<Arc<PerSource>>,
 }
 
 /// Accepts until `shutdown` turns true, then lets connections finish for `service.drain`.
@@ -87,9 +93,24 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
         };
         service.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        // PROXY senders carry many clients: the limit is for the ones connecting directly.
+        let slot = match &service.per_source {
+            Some(t) if !service.config.trusts(peer.ip()) => match t.acquire(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    // Closed before anything is read or spawned: a reset, so neither side
+                    // keeps the connection in TIME_WAIT.
+                    service.stats.error(ErrorKind::SourceLimit);
+                    let _ = stream.set_zero_linger();
+                    continue;
+                }
+            },
+            _ => None,
+        };
         let service = service.clone();
         conns.spawn(async move {
             let _permit = permit;
+            let _slot = slot;
             let _active = Gauge::up(&service.stats.active);
             if let Err(kind) = serve(&service, stream, peer).await {
                 service.stats.error(kind);
@@ -153,7 +174,7 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
     } else {
         let peeked = tokio::time::timeout(
             cfg.peek_timeout.0,
-            peek_until(&client, sni::MAX_PEEK, sni::parse_client_hello),
+            peek_feed(&client, &mut sni::HelloReader::default()),
         )
         .await
         .map_err(|_| ErrorKind::PeekTimeout)?;
@@ -198,7 +219,10 @@ async fn serve(svc: &TcpService, mut client: TcpStream, peer: SocketAddr) -> Res
             svc.stats.handed_off.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
-        Route::Upstream(picker) => relay_to(svc, &client, &picker, src, dst).await,
+        Route::Upstream(picker) => {
+            let read_header = cfg.trusts(peer.ip());
+            relay_to(svc, client, read_header, &picker, src, dst).await
+        }
     }
 }
 
@@ -219,7 +243,7 @@ async fn connect(
     svc: &TcpService,
     picker: &Picker,
     client: IpAddr,
-) -> Result<(Arc<Backend>, TcpStream), ErrorKind> {
+) -> Result<(InFlight, TcpStream), ErrorKind> {
     let cfg = &svc.config;
     // Allocates only once a connect has failed.
     let mut failed: Vec<SocketAddr> = Vec::new();
@@ -234,8 +258,10 @@ async fn connect(
         if !failed.is_empty() {
             svc.stats.connect_retries.fetch_add(1, Ordering::Relaxed);
         }
+        // Counted from the pick, so least-conn sees connections still connecting.
+        let in_flight = backend.start();
         match tokio::time::timeout(cfg.connect_timeout.0, TcpStream::connect(backend.addr)).await {
-            Ok(Ok(s)) => return Ok((backend, s)),
+            Ok(Ok(s)) => return Ok((in_flight, s)),
             Ok(Err(e)) => log::debug!("listener {}: connect {}: {e}", cfg.name, backend.addr),
             Err(_) => log::debug!("listener {}: connect {}: timed out", cfg.name, backend.addr),
         }
@@ -249,19 +275,20 @@ async fn connect(
 
 async fn relay_to(
     svc: &TcpService,
-    client: &TcpStream,
+    client: TcpStream,
+    read_header: bool,
     picker: &Picker,
     src: SocketAddr,
     dst: Option<SocketAddr>,
 ) -> Result<(), ErrorKind> {
     let cfg = &svc.config;
-    let (backend, mut upstream) = connect(svc, picker, src.ip()).await?;
-    let _in_flight = Gauge::up(&backend.in_flight);
+    let (in_flight, mut upstream) = connect(svc, picker, src.ip()).await?;
+    let backend = in_flight.backend();
     let _ = upstream.set_nodelay(true);
     let header = match cfg.proxy_protocol {
         ProxyProtocol::None => None,
-        ProxyProtocol::V1 => Some(proxy_protocol::encode_v1(src, local_addr(client, dst)?)),
-        ProxyProtocol::V2 => Some(proxy_protocol::encode_v2(src, local_addr(client, dst)?)),
+        ProxyProtocol::V1 => Some(proxy_protocol::encode_v1(src, local_addr(&client, dst)?)),
+        ProxyProtocol::V2 => Some(proxy_protocol::encode_v2(src, local_addr(&client, dst)?)),
     };
     if let Some(h) = header {
         upstream.write_all(&h).await.map_err(|_| ErrorKind::Io)?;
@@ -270,15 +297,8 @@ async fn relay_to(
     svc.stats.relayed.fetch_add(1, Ordering::Relaxed);
     let opts =
         RelayOpts { idle: cfg.idle(), buffer_size: cfg.buffer_size, zero_copy: cfg.zero_copy };
-    match tcp::relay(
-        client,
-        &upstream,
-        opts,
-        &svc.stats.bytes_to_backend,
-        &svc.stats.bytes_to_client,
-    )
-    .await
-    {
+    let r = relay_with(svc, client, read_header, upstream, opts).await;
+    match r {
         Ok(_) => Ok(()),
         Err(RelayError::Idle(_)) => Err(ErrorKind::IdleTimeout),
         Err(RelayError::Io(e)) => {
@@ -286,4 +306,32 @@ async fn relay_to(
             Err(ErrorKind::Io)
         }
     }
+}
+
+/// Relays in the kernel when the listener does and this connection can join; else in userspace.
+/// Both sockets are closed when this returns.
+async fn relay_with(
+    svc: &TcpService,
+    client: TcpStream,
+    read_header: bool,
+    upstream: TcpStream,
+    mut opts: RelayOpts,
+) -> Result<tcp::Moved, RelayError> {
+    let (up, down) = (&svc.stats.bytes_to_backend, &svc.stats.bytes_to_client);
+    let (client, upstream) = match svc.relay {
+        Mode::Kernel(k) => {
+            match kernel::relay(k, read_header, client, upstream, opts, up, down).await {
+                Ok(done) => return done,
+                Err(n) => {
+                    log::debug!("listener {}: relayed in userspace: {}", svc.config.name, n.why);
+                    (n.client, n.backend)
+                }
+            }
+        }
+        Mode::User { zero_copy } => {
+            opts.zero_copy = zero_copy;
+            (client, upstream)
+        }
+    };
+    tcp::relay(&client, &upstream, opts, up, down).await
 }

@@ -42,47 +42,119 @@ pub enum HelloError {
 /// Parses the ClientHello at the start of `data`. `Ok(None)`: the bytes so far are a valid
 /// prefix, read more. Never panics, whatever the input.
 pub fn parse_client_hello(data: &[u8]) -> Result<Option<ClientHello>, HelloError> {
-    // Reassemble the handshake message from the records' fragments.
-    let mut msg = Vec::new();
-    let mut pos = 0;
-    loop {
-        let Some(header) = data.get(pos..pos + 5) else {
-            // Judge a partial first header as early as possible, so non-TLS is told at once.
-            let rest = &data[pos.min(data.len())..];
-            check_record_prefix(rest, pos == 0)?;
-            return Ok(None);
-        };
-        check_record_prefix(header, pos == 0)?;
-        let len = u16::from_be_bytes([header[3], header[4]]) as usize;
-        if len == 0 {
-            return Err(HelloError::Malformed("empty handshake record"));
-        }
-        if len > MAX_RECORD {
-            return Err(HelloError::Malformed("record longer than 2^14"));
-        }
-        pos += 5;
-        if pos + len > MAX_PEEK {
-            return Err(HelloError::TooLarge);
-        }
-        let end = (pos + len).min(data.len());
-        msg.extend_from_slice(&data[pos..end]);
-        if end < pos + len {
-            // Check what we have of the handshake header so far.
-            handshake_len(&msg)?;
-            return Ok(None);
-        }
-        pos += len;
-        let Some(body_len) = handshake_len(&msg)? else { continue };
-        if msg.len() >= 4 + body_len {
-            if msg.len() > 4 + body_len {
-                // Another handshake message shares the record: a client sends nothing after
-                // its ClientHello until the server answers.
-                return Err(HelloError::Malformed("data after the ClientHello"));
+    HelloReader::default().feed(data)
+}
+
+/// The ClientHello parser fed a stream in pieces as they arrive: each byte is looked at once
+/// (a trickled hello costs linear work in all), record headers are read as soon as their 5
+/// bytes are there, and what it holds is the handshake message alone (fragments reassembled),
+/// grown with the bytes that came (at most twice them), never past the length its header
+/// declares, so never more than [`MAX_HELLO_LEN`] + 4 bytes.
+#[derive(Debug, Default)]
+pub struct HelloReader {
+    /// The record header being read, and how much of it has arrived.
+    header: [u8; 5],
+    header_len: usize,
+    /// Records whose header has been read.
+    records: usize,
+    /// Bytes of the current record's fragment still to come.
+    remaining: usize,
+    /// The handshake message reassembled so far.
+    msg: Vec<u8>,
+    /// Its body length, once its 4-byte header is there.
+    body_len: Option<usize>,
+    /// Bytes of the stream consumed (record headers included).
+    pos: usize,
+    /// Bytes copied or parsed, for the test that a trickled hello costs linear work.
+    #[cfg(test)]
+    work: usize,
+}
+
+impl HelloReader {
+    /// How many more bytes the reader can use now: the rest of a record header or of a
+    /// record's fragment (at most 2^14), so a caller never reads past the ClientHello.
+    pub fn wants(&self) -> usize {
+        if self.remaining == 0 { 5 - self.header_len } else { self.remaining }
+    }
+
+    /// Takes the next bytes of the stream. `Ok(None)`: valid so far, feed more. After `Ok(Some)`
+    /// or an error the reader is done; feeding it more is a caller bug but still never panics.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<Option<ClientHello>, HelloError> {
+        while !data.is_empty() {
+            if self.remaining == 0 {
+                let take = (5 - self.header_len).min(data.len());
+                self.header[self.header_len..self.header_len + take].copy_from_slice(&data[..take]);
+                self.header_len += take;
+                self.pos += take;
+                #[cfg(test)]
+                {
+                    self.work += take;
+                }
+                data = &data[take..];
+                check_record_prefix(&self.header[..self.header_len], self.records == 0)?;
+                if self.header_len < 5 {
+                    return Ok(None);
+                }
+                let len = u16::from_be_bytes([self.header[3], self.header[4]]) as usize;
+                if len == 0 {
+                    return Err(HelloError::Malformed("empty handshake record"));
+                }
+                if len > MAX_RECORD {
+                    return Err(HelloError::Malformed("record longer than 2^14"));
+                }
+                if self.pos + len > MAX_PEEK {
+                    return Err(HelloError::TooLarge);
+                }
+                (self.remaining, self.header_len) = (len, 0);
+                self.records += 1;
+                continue;
             }
-            let mut hello = parse_body(&msg[4..])?;
-            hello.len = pos;
-            return Ok(Some(hello));
+            // Until the handshake header is complete, take only its 4 bytes: then the message's
+            // length is known and the buffer is sized once.
+            let room = match self.body_len {
+                None => 4 - self.msg.len(),
+                Some(n) => 4 + n - self.msg.len(),
+            };
+            let mut take = self.remaining.min(data.len());
+            if take > room {
+                if self.body_len.is_some() {
+                    // Another handshake message shares the record: a client sends nothing
+                    // after its ClientHello until the server answers.
+                    return Err(HelloError::Malformed("data after the ClientHello"));
+                }
+                take = room;
+            }
+            if let Some(n) = self.body_len {
+                // Grown with what arrives (doubling, never past the declared length), not
+                // reserved for what the client claims it will send.
+                let len = self.msg.len();
+                let cap = (4 + n).min((len * 2).max(len + take));
+                self.msg.reserve_exact(cap.saturating_sub(len));
+            }
+            self.msg.extend_from_slice(&data[..take]);
+            #[cfg(test)]
+            {
+                self.work += take;
+            }
+            (self.remaining, self.pos) = (self.remaining - take, self.pos + take);
+            data = &data[take..];
+            if self.body_len.is_none() {
+                self.body_len = handshake_len(&self.msg)?;
+            }
+            if let Some(n) = self.body_len
+                && self.msg.len() == 4 + n
+                && self.remaining == 0
+            {
+                #[cfg(test)]
+                {
+                    self.work += self.msg.len();
+                }
+                let mut hello = parse_body(&self.msg[4..])?;
+                hello.len = self.pos;
+                return Ok(Some(hello));
+            }
         }
+        Ok(None)
     }
 }
 
@@ -388,6 +460,61 @@ mod tests {
         }
         // 1-byte records quintuple the size: past MAX_PEEK, refused rather than buffered.
         assert_eq!(parse_client_hello(&records(&msg, 1)), Err(HelloError::TooLarge));
+    }
+
+    /// Feeds `data` in pieces split at `cuts`; the first answer that is not `Ok(None)`.
+    fn fed(data: &[u8], cuts: &[usize]) -> (Result<Option<ClientHello>, HelloError>, HelloReader) {
+        let mut r = HelloReader::default();
+        let mut at = 0;
+        for &c in cuts.iter().chain([&data.len()]) {
+            match r.feed(&data[at..c]) {
+                Ok(None) => at = c,
+                done => return (done, r),
+            }
+        }
+        (Ok(None), r)
+    }
+
+    #[test]
+    fn every_split_point_gives_the_answer_of_the_whole() {
+        let msg = handshake(&[sni_ext(b"split.example"), alpn_ext(&[b"h2"]), (21, vec![0; 300])]);
+        let mut bad = msg.clone();
+        bad.push(0);
+        let mut not_tls = records(&msg, 200);
+        not_tls[0] = b'G';
+        for data in [records(&msg, 1 << 14), records(&msg, 100), records(&bad, 100), not_tls] {
+            let whole = parse_client_hello(&data);
+            for i in 0..=data.len() {
+                assert_eq!(fed(&data, &[i]).0, whole, "split at {i}");
+                // And a second cut anywhere after it.
+                let j = (i + 7 * (i % 13) + 1).min(data.len());
+                assert_eq!(fed(&data, &[i, j]).0, whole, "split at {i} and {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_trickled_hello_costs_linear_work_and_holds_only_the_message() {
+        let msg = handshake(&[sni_ext(b"slow.example"), (21, vec![0; 40_000])]);
+        let data = records(&msg, 16_000);
+        let cuts: Vec<usize> = (1..data.len()).collect();
+        let (got, r) = fed(&data, &cuts);
+        assert_eq!(got.unwrap().unwrap().sni.as_deref(), Some("slow.example"));
+        // Each byte copied once, the message parsed once: no re-parse per wake-up.
+        assert!(r.work <= data.len() + msg.len(), "work {} for {} bytes", r.work, data.len());
+        assert!(
+            r.msg.capacity() <= msg.len() + 8,
+            "holds {} for a {} message",
+            r.msg.capacity(),
+            msg.len()
+        );
+        // Whatever the reader is in, it never asks past the current record.
+        let mut r = HelloReader::default();
+        assert_eq!(r.wants(), 5);
+        r.feed(&data[..3]).unwrap();
+        assert_eq!(r.wants(), 2);
+        r.feed(&data[3..5]).unwrap();
+        assert_eq!(r.wants(), 16_000);
     }
 
     #[test]

@@ -39,10 +39,13 @@ pub enum ErrorKind {
     OverLimit,
     /// The L7 listener refused the connection (for example a full queue).
     HandoffFailed,
+    /// A client over `max_connections_per_source` (TCP, closed at once) or
+    /// `max_sessions_per_source` (UDP, the datagram dropped).
+    SourceLimit,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 14] = [
         Self::NotTls,
         Self::BadClientHello,
         Self::PeekTimeout,
@@ -56,6 +59,7 @@ impl ErrorKind {
         Self::Io,
         Self::OverLimit,
         Self::HandoffFailed,
+        Self::SourceLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +77,7 @@ impl ErrorKind {
             Self::Io => "io",
             Self::OverLimit => "over_limit",
             Self::HandoffFailed => "handoff_failed",
+            Self::SourceLimit => "source_limit",
         }
     }
 }
@@ -103,12 +108,24 @@ pub struct ListenerStats {
     pub udp_sessions_active: AtomicU64,
     pub datagrams_to_backend: AtomicU64,
     pub datagrams_to_client: AtomicU64,
+    /// How a TCP listener relays (`kernel`, `splice`, `copy`, with why not `kernel`); unset on
+    /// UDP listeners.
+    relay: std::sync::OnceLock<String>,
     errors: [AtomicU64; ErrorKind::ALL.len()],
 }
 
 impl ListenerStats {
     pub fn new(name: &str) -> Self {
         Self { name: name.to_string(), ..Default::default() }
+    }
+
+    /// Records how the listener relays; set once, when it is built.
+    pub fn set_relay(&self, how: String) {
+        let _ = self.relay.set(how);
+    }
+
+    pub fn relay(&self) -> Option<&str> {
+        self.relay.get().map(String::as_str)
     }
 
     pub fn error(&self, kind: ErrorKind) {
@@ -143,7 +160,8 @@ impl ListenerStats {
         .collect();
         let errors =
             ErrorKind::ALL.iter().map(|&k| (k.as_str().to_string(), self.errors(k))).collect();
-        ListenerSnapshot { name: self.name.clone(), counters, errors }
+        let relay = self.relay().map(str::to_string);
+        ListenerSnapshot { name: self.name.clone(), relay, counters, errors }
     }
 }
 
@@ -151,6 +169,9 @@ impl ListenerStats {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ListenerSnapshot {
     pub name: String,
+    /// How a TCP listener relays, as [`ListenerStats::relay`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
     pub counters: BTreeMap<String, u64>,
     pub errors: BTreeMap<String, u64>,
 }

@@ -1,7 +1,14 @@
-//! A UDP listener of the userspace L4 proxy: one session per client address, each with its own
-//! connected socket to the backend Maglev picks for the client, so replies find their way back;
-//! sessions with no datagram either way for the idle timeout are swept.
+//! A UDP listener of the userspace L4 proxy: one session per client address (address and
+//! port), each with its own connected socket to the backend the group's policy picks for the
+//! client (Maglev over its address by default), so replies find their way back; sessions with
+//! no datagram either way for the idle timeout are swept.
+//!
+//! Memory: a session holds no buffer. Datagrams from clients land in the listener's one buffer;
+//! a session's reply task waits for readiness holding nothing, then receives into its worker
+//! thread's buffer and sends at once without awaiting, so 10,000 sessions cost their sockets,
+//! tasks and table entries (about 1-2 KiB each), not 10,000 buffers.
 use std::{
+    cell::RefCell,
     collections::HashMap,
     io,
     net::SocketAddr,
@@ -19,6 +26,7 @@ use tokio::{
 
 use super::{
     balance::Picker,
+    limit::{PerSource, SourceSlot},
     stats::{ErrorKind, ListenerStats},
 };
 use crate::{config::TcpListenerConfig, upstream::Backend};
@@ -28,6 +36,13 @@ const MAX_DATAGRAM: usize = 65_535;
 /// After the listener stops, a session with no datagram for this long is over: the replies
 /// to what it relayed have come back.
 const LINGER_QUIET: Duration = Duration::from_secs(1);
+/// Replies relayed per wake-up of a session's task before it lets others run.
+const REPLIES_PER_WAKE: usize = 64;
+
+thread_local! {
+    /// The buffer replies are received into on this worker thread; never held across an await.
+    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
+}
 
 /// After steering datagrams away (reuse_port), the listener reads on until it has had none
 /// for this long (datagrams queued before the steering), and for at most `STEERED_MAX`.
@@ -40,13 +55,21 @@ pub struct UdpService {
     pub stats: Arc<ListenerStats>,
     /// How long sessions may linger after the listener stops.
     pub drain: super::Drain,
+    /// `max_sessions_per_source`, counted by client address.
+    pub per_source: Option<Arc<PerSource>>,
+}
+
+/// What a session and its reply task share.
+struct Link {
+    upstream: UdpSocket,
+    /// Last datagram either way, in ms since the listener started.
+    last_ms: AtomicU64,
 }
 
 struct Session {
-    upstream: Arc<UdpSocket>,
-    /// Last datagram either way, in ms since the listener started.
-    last_ms: Arc<AtomicU64>,
+    link: Arc<Link>,
     backend: Arc<Backend>,
+    _slot: Option<SourceSlot>,
     /// Dropping it stops the session's reply task.
     _stop: oneshot::Sender<()>,
 }
@@ -98,7 +121,7 @@ pub async fn run(
             _ = sweep.tick() => {
                 let now = start.elapsed().as_millis() as u64;
                 let before = sessions.len();
-                sessions.retain(|_, s| now.saturating_sub(s.last_ms.load(Ordering::Relaxed)) < idle.as_millis() as u64);
+                sessions.retain(|_, s| now.saturating_sub(s.link.last_ms.load(Ordering::Relaxed)) < idle.as_millis() as u64);
                 let expired = (before - sessions.len()) as u64;
                 svc.stats.udp_sessions_expired.fetch_add(expired, Ordering::Relaxed);
                 svc.stats.udp_sessions_active.store(sessions.len() as u64, Ordering::Relaxed);
@@ -120,7 +143,17 @@ pub async fn run(
                 svc.stats.error(ErrorKind::OverLimit);
                 continue;
             }
-            match open(&svc, &socket, client, start).await {
+            let slot = match &svc.per_source {
+                Some(t) => match t.acquire(client.ip()) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        svc.stats.error(ErrorKind::SourceLimit);
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            match open(&svc, &socket, client, start, slot).await {
                 Ok(s) => {
                     sessions.insert(client, s);
                     svc.stats.udp_sessions_created.fetch_add(1, Ordering::Relaxed);
@@ -133,8 +166,8 @@ pub async fn run(
             }
         }
         let s = &sessions[&client];
-        s.last_ms.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        match s.upstream.send(&buf[..n]).await {
+        s.link.last_ms.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        match s.link.upstream.send(&buf[..n]).await {
             Ok(_) => {
                 svc.stats.datagrams_to_backend.fetch_add(1, Ordering::Relaxed);
                 svc.stats.bytes_to_backend.fetch_add(n as u64, Ordering::Relaxed);
@@ -153,7 +186,7 @@ pub async fn run(
         tokio::time::sleep(quiet / 4).await;
         let now = start.elapsed().as_millis() as u64;
         sessions.retain(|_, s| {
-            now.saturating_sub(s.last_ms.load(Ordering::Relaxed)) < quiet.as_millis() as u64
+            now.saturating_sub(s.link.last_ms.load(Ordering::Relaxed)) < quiet.as_millis() as u64
         });
     }
     drop(sessions);
@@ -167,37 +200,58 @@ async fn open(
     listener: &Arc<UdpSocket>,
     client: SocketAddr,
     start: Instant,
+    slot: Option<SourceSlot>,
 ) -> Result<Session, ErrorKind> {
     let backend = svc.upstream.pick(client.ip()).ok_or(ErrorKind::NoBackend)?;
     let bind: SocketAddr =
         if backend.addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
     let upstream = UdpSocket::bind(bind).await.map_err(|_| ErrorKind::Io)?;
     upstream.connect(backend.addr).await.map_err(|_| ErrorKind::ConnectFailed)?;
-    let upstream = Arc::new(upstream);
-    let last_ms = Arc::new(AtomicU64::new(start.elapsed().as_millis() as u64));
-    let (stop, mut stopped) = oneshot::channel::<()>();
-    let (up, last, listener, svc2) =
-        (upstream.clone(), last_ms.clone(), listener.clone(), svc.clone());
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        loop {
-            let n = tokio::select! {
-                _ = &mut stopped => break,
-                r = up.recv(&mut buf) => match r {
+    let link =
+        Arc::new(Link { upstream, last_ms: AtomicU64::new(start.elapsed().as_millis() as u64) });
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(replies(link.clone(), listener.clone(), svc.clone(), client, start, stopped));
+    backend.in_flight.fetch_add(1, Ordering::Relaxed);
+    Ok(Session { link, backend, _slot: slot, _stop: stop })
+}
+
+/// Relays a session's replies until it is dropped. Waits for readiness holding no buffer, then
+/// receives into the thread's buffer and sends without awaiting: a reply the listening socket
+/// cannot take now is dropped (and counted), as a full socket buffer drops UDP anywhere.
+async fn replies(
+    link: Arc<Link>,
+    listener: Arc<UdpSocket>,
+    svc: Arc<UdpService>,
+    client: SocketAddr,
+    start: Instant,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            r = link.upstream.readable() => if r.is_err() { break },
+        }
+        REPLY_BUF.with_borrow_mut(|buf| {
+            for _ in 0..REPLIES_PER_WAKE {
+                let n = match link.upstream.try_recv(buf) {
                     Ok(n) => n,
+                    // Clears tokio's readiness: the next wait sleeps until a reply comes.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    // A refused datagram (ICMP port unreachable) surfaces here; keep going.
                     Err(_) => {
-                        svc2.stats.error(ErrorKind::Io);
+                        svc.stats.error(ErrorKind::Io);
                         continue;
                     }
-                },
-            };
-            last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-            if listener.send_to(&buf[..n], client).await.is_ok() {
-                svc2.stats.datagrams_to_client.fetch_add(1, Ordering::Relaxed);
-                svc2.stats.bytes_to_client.fetch_add(n as u64, Ordering::Relaxed);
+                };
+                link.last_ms.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                match listener.try_send_to(&buf[..n], client) {
+                    Ok(_) => {
+                        svc.stats.datagrams_to_client.fetch_add(1, Ordering::Relaxed);
+                        svc.stats.bytes_to_client.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => svc.stats.error(ErrorKind::Io),
+                }
             }
-        }
-    });
-    backend.in_flight.fetch_add(1, Ordering::Relaxed);
-    Ok(Session { upstream, last_ms, backend, _stop: stop })
+        });
+    }
 }

@@ -116,7 +116,7 @@ async fn forward(
     };
     let name = ctx.router.route(host.as_deref(), route_path).ok_or(fail(ProxyError::NoRoute))?;
     let upstream = ctx.upstreams.get(name).ok_or(fail(ProxyError::NoRoute))?;
-    let key = hash_key(&upstream.group.balance, peer.ip(), req.headers());
+    let key = hash_key(&upstream.group.policy().http, peer.ip(), req.headers());
 
     let upgrade = if req.version() == Version::HTTP_11 {
         headers::requested_upgrade(req.headers())

@@ -113,7 +113,7 @@ impl Upstream {
             // The proxy sets Host from the client's request; the URI carries the backend.
             .set_host(false)
             .build(connector);
-        let by_client = (config.balance == crate::config::Balance::HashSourceIp)
+        let by_client = (config.http_balance() == crate::config::Balance::HashSourceIp)
             .then(|| crate::l4::balance::Picker::new(group.clone()));
         Ok(Self { group, config: config.clone(), client, scheme, pool, h2, by_client })
     }

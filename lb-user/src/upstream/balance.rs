@@ -17,12 +17,14 @@ impl Group {
     pub fn pick(&self, key: Option<&[u8]>, skip: &[SocketAddr]) -> Option<Arc<Backend>> {
         // A borrowed snapshot: no reference count bump on the set shared by every thread.
         let set = self.backends.load();
+        let policy = self.policy();
+        let balance = &policy.http;
         let ok = |b: &&Arc<Backend>| b.is_available() && !skip.contains(&b.addr);
         let keyed = matches!(
-            (&self.balance, key),
+            (balance, key),
             (Balance::HashSourceIp | Balance::HashHeader(_) | Balance::HashCookie(_), Some(_))
         );
-        if !keyed && !matches!(self.balance, Balance::LeastConn | Balance::P2cEwma) {
+        if !keyed && !matches!(balance, Balance::LeastConn | Balance::P2cEwma) {
             // Round robin, the default: walked in place, without a candidate list per request.
             let total: u64 = set.iter().filter(ok).map(|b| u64::from(b.weight)).sum();
             if total == 0 {
@@ -44,7 +46,7 @@ impl Group {
             return None;
         }
         let tick = self.next.fetch_add(1, Ordering::Relaxed);
-        let chosen = match (&self.balance, key) {
+        let chosen = match (balance, key) {
             (Balance::LeastConn, _) => least_conn(&candidates, tick),
             (Balance::P2cEwma, _) => p2c_ewma(&candidates, tick),
             (Balance::HashSourceIp | Balance::HashHeader(_) | Balance::HashCookie(_), Some(k)) => {

@@ -133,12 +133,28 @@ pub enum GroupError {
     ZeroWeight,
 }
 
+/// How a group balances. Swapped whole by a reload, in place: everything holding the group (L4
+/// listeners, L7 upstreams, health checks, `lb backend`) keeps the one group and follows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// `balance` as written; absent means each proxy's default.
+    pub configured: Option<Balance>,
+    /// What the L7 proxy applies ([`Group::pick`]): `configured`, else round robin.
+    pub http: Balance,
+}
+
+impl Policy {
+    pub fn of(config: &UpstreamConfig) -> Self {
+        Self { configured: config.balance.clone(), http: config.http_balance() }
+    }
+}
+
 /// A named backend set.
 #[derive(Debug)]
 pub struct Group {
     pub name: String,
-    /// How [`Group::pick`] chooses.
-    pub balance: Balance,
+    /// How [`Group::pick`] and the L4 picker choose.
+    policy: ArcSwap<Policy>,
     backends: ArcSwap<Vec<Arc<Backend>>>,
     /// Round-robin position (also the tie breaker and the random seed of other policies).
     next: AtomicU64,
@@ -150,10 +166,20 @@ impl Group {
             config.backends.iter().map(|b| Arc::new(Backend::new(b.addr(), b.weight()))).collect();
         Self {
             name: name.to_string(),
-            balance: config.balance.clone(),
+            policy: ArcSwap::from_pointee(Policy::of(config)),
             backends: ArcSwap::from_pointee(list),
             next: AtomicU64::new(0),
         }
+    }
+
+    /// The balancing policy now (a cheap borrowed snapshot).
+    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
+    /// Changes the policy (a reload); backends, their state and counters stay.
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
     }
 
     /// Whether passive ejection may take one more backend out: it never leaves fewer than
@@ -223,19 +249,6 @@ impl Group {
                 .collect();
             Arc::new(list)
         });
-    }
-
-    /// A group with `config`'s policy over the backends of `previous` (for a reload that
-    /// changes the balancing policy), then set to `config`'s backends.
-    pub fn rebuilt(name: &str, config: &UpstreamConfig, previous: &Group) -> Self {
-        let g = Self {
-            name: name.to_string(),
-            balance: config.balance.clone(),
-            backends: ArcSwap::new(previous.backends()),
-            next: AtomicU64::new(0),
-        };
-        g.set_backends(&config.backends);
-        g
     }
 
     pub fn drain(&self, addr: SocketAddr) -> Result<(), GroupError> {
@@ -320,8 +333,8 @@ mod tests {
         assert_eq!(after[2].addr, "10.0.0.9:80".parse().unwrap());
         let config: UpstreamConfig =
             toml::from_str("balance = \"least-conn\"\nbackends = [\"10.0.0.1:80\"]").unwrap();
-        let r = Group::rebuilt("api", &config, &g);
-        assert_eq!(r.balance, Balance::LeastConn);
-        assert!(Arc::ptr_eq(&r.backends()[0], &before[0]));
+        g.set_policy(Policy::of(&config));
+        assert_eq!(g.policy().http, Balance::LeastConn);
+        assert!(Arc::ptr_eq(&g.backends()[0], &before[0]), "a policy change keeps the backends");
     }
 }

@@ -27,8 +27,8 @@ pub mod stream;
 
 pub use process::ProcBackend;
 pub use stream::{
-    ProxySeen, TlsBackend, echo_backend, echo_backend_on, proxy_backend, serve_tls, udp_echo,
-    udp_echo_on,
+    ProxySeen, TlsBackend, counting_backend_on, echo_backend, echo_backend_on, proxy_backend,
+    resetting_backend, serve_tls, stalling_backend, udp_echo, udp_echo_on,
 };
 
 /// How an [`HttpBackend`] answers.

@@ -1,6 +1,6 @@
 //! tokio backends for the L4 tests, on loopback or on a listener bound inside a namespace: a
 //! TCP echo that names itself, a UDP echo, a backend that reads PROXY headers with its own
-//! independent parser, and a TLS server with its own certificate. Each needs a runtime.
+//! independent parser, one that resets its connections, and a TLS server with its own certificate. Each needs a runtime.
 use std::net::{IpAddr, SocketAddr};
 
 use tokio::{
@@ -76,6 +76,86 @@ where
 /// closes: a client that half-closes still gets everything.
 pub async fn echo_backend(addr: SocketAddr, name: &str) -> SocketAddr {
     echo_backend_on(std::net::TcpListener::bind(addr).expect("bind echo backend"), name)
+}
+
+/// On each connection: reads to EOF, then writes the number of bytes it read (`"12345\n"`) and
+/// closes. A blocking thread per connection with 1 MiB reads: faster than a task in a debug
+/// build, so bulk tests measure the proxy rather than this backend.
+pub fn counting_backend_on(listener: std::net::TcpListener) -> SocketAddr {
+    use std::io::{Read as _, Write as _};
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(T));
+                let mut buf = vec![0u8; 1 << 20];
+                let mut total = 0u64;
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => total += n as u64,
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.write_all(format!("{total}\n").as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+/// On each connection: waits `delay` without reading, then reads to EOF checking that byte `i`
+/// is `i % 251`, and answers `"ok N\n"` (N bytes read) or `"bad at I\n"`. A blocking thread per
+/// connection.
+pub fn stalling_backend(delay: std::time::Duration) -> SocketAddr {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind stalling backend");
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let _ = s.set_read_timeout(Some(T));
+                let mut buf = vec![0u8; 1 << 16];
+                let mut total = 0u64;
+                loop {
+                    let n = match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(_) => return,
+                    };
+                    if let Some(i) = (0..n).find(|&i| buf[i] != ((total + i as u64) % 251) as u8) {
+                        let _ = s.write_all(format!("bad at {}\n", total + i as u64).as_bytes());
+                        return;
+                    }
+                    total += n as u64;
+                }
+                let _ = s.write_all(format!("ok {total}\n").as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+/// On each connection: reads what comes, writes `"bye\n"`, waits a moment (so the answer is
+/// relayed on), then resets the connection (SO_LINGER 0). On loopback, port 0 picks a port.
+pub async fn resetting_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind resetting backend");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                let _ = tokio::time::timeout(T, s.read(&mut buf)).await;
+                let _ = s.write_all(b"bye\n").await;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                let _ = s.set_zero_linger();
+            });
+        }
+    });
+    addr
 }
 
 /// [`echo_backend`] on a listener bound elsewhere (e.g. inside a namespace). Needs a runtime.

@@ -297,7 +297,7 @@ fn prepare(
     let route_path = if normalized { std::str::from_utf8(&b.path).unwrap_or(path) } else { path };
     let name = ctx.router.route(authority, route_path).ok_or(ProxyError::NoRoute)?;
     let upstream = ctx.upstreams.get(name).ok_or(ProxyError::NoRoute)?;
-    let key = hash_key(&upstream.group.balance, peer.ip(), hb, &b.fields);
+    let key = hash_key(&upstream.group.policy().http, peer.ip(), hb, &b.fields);
     if upstream.config.http2 {
         let mut path = if normalized && http.normalize_path { b.path.clone() } else { Vec::new() };
         if path.is_empty() {
