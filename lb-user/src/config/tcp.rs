@@ -86,8 +86,8 @@ pub struct TcpListenerConfig {
     /// (Kubernetes rolling updates); see `upgrade::overlap`.
     #[serde(default)]
     pub reuse_port: bool,
-    /// How relayed bytes move (TCP only); unset means `kernel` where the kernel relay loads,
-    /// else what `zero_copy` says.
+    /// How relayed bytes move (TCP only); unset means the userspace relay `zero_copy` says
+    /// (splice, or copy).
     #[serde(default)]
     pub relay: Option<Relay>,
 }
