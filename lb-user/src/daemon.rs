@@ -234,7 +234,7 @@ pub async fn run(
     log::info!("admin API on http://{} ({auth})", listener.local_addr()?);
     let state = Arc::new(State::new(config, dataplane, groups, config_path));
     if let Some(xdp) = later {
-        state.xdp_paused.store(true, Ordering::Relaxed);
+        // Paused until then: no writer lock yet (State::xdp_paused).
         tokio::spawn(take_xdp_later(state.clone(), xdp, shutdown_rx.clone()));
     }
     tokio::spawn(crate::control::announce::run(state.clone(), shutdown_rx.clone()));

@@ -98,7 +98,6 @@ pub async fn bind(addr: SocketAddr, shared: bool) -> anyhow::Result<TcpListener>
 /// The admin API's unix socket of this process (mode 0600; a file left by a dead process is
 /// replaced), or None when the config names none.
 pub fn bind_local(admin: &AdminConfig) -> anyhow::Result<Option<UnixListener>> {
-    use std::os::unix::fs::PermissionsExt as _;
     let Some(path) = &admin.socket else { return Ok(None) };
     let fail = |e: std::io::Error| {
         anyhow::anyhow!(
@@ -106,16 +105,9 @@ pub fn bind_local(admin: &AdminConfig) -> anyhow::Result<Option<UnixListener>> {
             path.display()
         )
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(fail)?;
-    }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
-        _ => {}
-    }
-    let l = UnixListener::bind(path).map_err(fail)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
-    Ok(Some(l))
+    let std = crate::upgrade::bind_private(path).map_err(fail)?;
+    std.set_nonblocking(true).map_err(fail)?;
+    Ok(Some(UnixListener::from_std(std).map_err(fail)?))
 }
 
 type Resp = Response<Full<Bytes>>;

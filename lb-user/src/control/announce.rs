@@ -46,7 +46,7 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
 pub fn sync(state: &State) {
     let config = state.config.load();
     let Some(a) = &config.announce else { return };
-    if state.xdp_paused.load(std::sync::atomic::Ordering::Relaxed) {
+    if state.xdp_paused() {
         return;
     }
     let Some(mut dp) = state.dataplane() else { return };

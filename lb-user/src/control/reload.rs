@@ -131,7 +131,7 @@ pub struct ReloadReport {
 /// Reads the config file again and applies it (see the module doc).
 pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     let mut runtime = state.runtime.lock().await;
-    if state.xdp_paused.load(std::sync::atomic::Ordering::Relaxed) {
+    if state.xdp_paused() {
         return Err(ReloadError::Invalid(vec![
             "another lb process writes the XDP maps (one that took over with `lb run --upgrade`, or the one this process waits to take over from): reload that one".into(),
         ]));

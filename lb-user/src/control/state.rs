@@ -46,11 +46,8 @@ pub struct State {
     pub ready: AtomicBool,
     /// The L7 listeners and health checkers; its lock also serializes reloads.
     pub runtime: tokio::sync::Mutex<Runtime>,
-    /// True while another process owns the XDP maps (one taking over with `lb run
-    /// --upgrade`, or the one this process overlaps): this one writes them no more (backend
-    /// changes refused, health changes not applied).
-    pub xdp_paused: AtomicBool,
-    /// The right to write the XDP maps (`dataplane::writer`), while this process has it.
+    /// The right to write the XDP maps (`dataplane::writer`), while this process has it;
+    /// without it (see [`State::xdp_paused`]) it writes them no more.
     pub xdp_writer: Mutex<Option<WriterLock>>,
 }
 
@@ -209,7 +206,6 @@ impl State {
             health: Arc::default(),
             ready: AtomicBool::new(false),
             runtime: tokio::sync::Mutex::new(Runtime::default()),
-            xdp_paused: AtomicBool::new(false),
             xdp_writer: Mutex::new(writer),
         }
     }
@@ -229,13 +225,18 @@ impl State {
         if self.dataplane.set(Mutex::new(dp)).is_err() {
             log::warn!("a data plane was installed twice; the first stays");
         }
-        self.xdp_paused.store(false, Ordering::Relaxed);
+    }
+
+    /// True while another process owns the XDP maps (one taking over with `lb run
+    /// --upgrade`, or the one this process overlaps): this one holds no writer lock, and
+    /// refuses backend changes, skips health writes and refuses reloads.
+    pub fn xdp_paused(&self) -> bool {
+        self.config.load().xdp.is_some() && self.writer().is_none()
     }
 
     /// Stops writing the XDP maps and lets another process take them (a successor taking
     /// over, or an overlapping process once this one stops).
     pub fn release_xdp(&self) {
-        self.xdp_paused.store(true, Ordering::Relaxed);
         if let Some(lock) = self.writer().take() {
             log::info!("XDP maps under {} released to the next writer", lock.path().display());
         }
@@ -250,10 +251,7 @@ impl State {
         };
         let wait = tokio::time::timeout(RETAKE_WAIT, WriterLock::wait(&pin)).await;
         match wait {
-            Ok(Ok(lock)) => {
-                *self.writer() = Some(lock);
-                self.xdp_paused.store(false, Ordering::Relaxed);
-            }
+            Ok(Ok(lock)) => *self.writer() = Some(lock),
             Err(_) => log::warn!(
                 "XDP maps under {}: another lb (pid {}) writes them now; this one leaves them alone",
                 pin.display(),
@@ -267,7 +265,7 @@ impl State {
 
     fn xdp_writer_status(&self) -> String {
         let Some(xdp) = &self.config.load().xdp else { return String::new() };
-        if self.writer().is_some() && !self.xdp_paused.load(Ordering::Relaxed) {
+        if self.writer().is_some() {
             return "this process".into();
         }
         match writer::holder(&xdp.pin_path) {
@@ -341,7 +339,7 @@ impl State {
         if let Some(mut dp) = self.dataplane()
             && dp.tables().services().iter().any(|(n, _)| n == service)
         {
-            if self.xdp_paused.load(Ordering::Relaxed) {
+            if self.xdp_paused() {
                 return Err(StateError::HandedOver(service.into()));
             }
             match change {
@@ -491,7 +489,7 @@ impl health::Steer for State {
         if let Some(mut dp) = self.dataplane()
             && dp.tables().backends(name).is_ok()
         {
-            if self.xdp_paused.load(Ordering::Relaxed) {
+            if self.xdp_paused() {
                 return;
             }
             // Idempotent: only a change rewrites the backend's Maglev slots.

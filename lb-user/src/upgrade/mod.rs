@@ -136,7 +136,7 @@ pub fn listen(path: &Path, inherited: &mut Inherited) -> Option<UnixListener> {
     let name = path.display().to_string();
     let std = match inherited.take(Kind::Upgrade, &name, None) {
         Some(fd) => std::os::unix::net::UnixListener::from(fd),
-        None => match bind(path) {
+        None => match bind_private(path) {
             Ok(l) => l,
             Err(e) => {
                 log::warn!(
@@ -159,7 +159,10 @@ pub fn listen(path: &Path, inherited: &mut Inherited) -> Option<UnixListener> {
     }
 }
 
-fn bind(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+/// A unix socket at `path` only this user can reach (mode 0600, in a 0700 directory it
+/// creates), replacing a file left by a dead process: the upgrade socket and the admin API's
+/// `[admin] socket`.
+pub fn bind_private(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
