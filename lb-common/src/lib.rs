@@ -275,7 +275,9 @@ pub struct FlowState {
     /// TCP: the sequence number after the client's latest segment (host byte order), the
     /// reference for telling a client RST the backend would accept from a blind one.
     pub client_next: u32,
-    pub _pad2: u32,
+    /// A GUE flow's outer UDP source port (network byte order), picked once from its hash.
+    pub encap_sport: u16,
+    pub _pad2: u16,
 }
 const _: () = assert!(size_of::<FlowState>() == 72);
 

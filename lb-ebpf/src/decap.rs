@@ -44,6 +44,8 @@ fn count(index: u32) {
     }
 }
 
+/// `lb_ebpf::parse::ptr_at`'s twin: linking the library would bring the balancer's maps
+/// (exported symbols) into this object, and `lb decap` would create them.
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     let (start, end) = (ctx.data(), ctx.data_end());

@@ -13,9 +13,8 @@ use lb_common::{
 use crate::{
     fib,
     hdr::{eth, ipv4, ipv6, udp},
-    icmp,
     maps::count,
-    parse::ptr_at,
+    parse::{Packet, ptr_at},
     scratch::Work,
 };
 
@@ -35,19 +34,24 @@ pub fn overhead(family: u8, gue: bool) -> u16 {
     if gue { ip + ENCAP_GUE } else { ip }
 }
 
-/// Wraps the frame for `w.be` (outer source `w.st.snat`, next hop `w.st.hop`) and sends it.
-/// A packet that would no longer fit the route's MTU gets "fragmentation needed" / "packet
-/// too big" with the MTU minus the overhead, so the client's path MTU leaves room for it.
-/// Not inlined: its locals stay out of the forwarding path's frame.
+/// The outer UDP source port of a new GUE flow (network byte order): from the ephemeral
+/// range by flow hash, so the backend's NIC spreads flows over its queues. Picked once, when
+/// the flow is created (`FlowState::encap_sport`).
+#[inline(always)]
+pub fn gue_sport(p: &Packet) -> u16 {
+    let h = hash::five_tuple_hash(&p.src, &p.dst, p.sport, p.dport, p.proto);
+    (SPORT_BASE | (h as u16 & 0x3fff)).to_be()
+}
+
+/// Wraps the frame for `w.be` (outer source `w.st.snat`, next hop `w.st.hop`) and sends it;
+/// the caller checked that it fits the route's MTU with [`overhead`] more. Not inlined: its
+/// locals stay out of the forwarding path's frame.
 #[inline(never)]
 pub fn send(ctx: &XdpContext, w: &mut Work, frame_len: u64) -> Result<u32, u32> {
     let abort = xdp_action::XDP_ABORTED;
     let v4 = w.pkt.family == FAMILY_V4;
     let gue = w.st.flags & FLOW_F_GUE != 0;
     let extra = overhead(w.pkt.family, gue);
-    if icmp::exceeds(frame_len + extra as u64, w.st.mtu) {
-        return icmp::too_big(ctx, &w.pkt, w.st.mtu.saturating_sub(extra));
-    }
     let inner_len = (frame_len as usize).saturating_sub(eth::LEN) as u16;
     // SAFETY: ctx is this program's xdp_md; the helper checks the headroom.
     if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -(extra as i32)) } != 0 {
@@ -76,10 +80,7 @@ pub fn send(ctx: &XdpContext, w: &mut Work, frame_len: u64) -> Result<u32, u32> 
         let u: *mut [u8; udp::LEN] = ptr_at(ctx, eth::LEN + ip_len).ok_or(abort)?;
         // SAFETY: ptr_at checked the bounds.
         let u = unsafe { &mut *u };
-        let p = &w.pkt;
-        let h = hash::five_tuple_hash(&p.src, &p.dst, p.sport, p.dport, p.proto);
-        let sport = SPORT_BASE | (h as u16 & 0x3fff);
-        u[0..2].copy_from_slice(&sport.to_be_bytes());
+        u[0..2].copy_from_slice(&w.st.encap_sport.to_ne_bytes());
         u[2..4].copy_from_slice(&GUE_PORT.to_be_bytes());
         u[4..6].copy_from_slice(&(inner_len + ENCAP_GUE).to_be_bytes());
         // No checksum: the inner packet carries its own (IPv4 allows zero; for IPv6, RFC 6935

@@ -13,6 +13,7 @@ use lb_common::{
 };
 
 use crate::{
+    encap,
     fib::{self, FibMiss},
     maps::{BACKENDS, FLOWS, FLOWS_NEW, NAT, NAT_NEW, RING, SETTINGS, count},
     mem,
@@ -357,6 +358,7 @@ pub fn create(ctx: &XdpContext, w: &mut Work, vip: &VipInfo, now: u64) -> Result
     w.st.flags = flags_of(&w.pkt, FLOW_F_FIN_CLIENT);
     w.st.last_seen_ns = now;
     w.st.client_next = w.pkt.seq.wrapping_add(w.pkt.seq_len);
+    w.st.encap_sport = 0;
     w.st._pad2 = 0;
     // The NAT entry was inserted first (it claims the port); nobody reclaims it before this
     // insert makes its flow visible (snat::SETUP_NS), so removing it on failure is safe.
@@ -384,6 +386,7 @@ fn create_dsr(w: &mut Work, id: u32, vip: &VipInfo, now: u64) -> Result<(), u32>
     w.st.flags = FLOW_F_DSR | gue | FLOW_F_SYNACK | flags_of(&w.pkt, FLOW_F_FIN_CLIENT);
     w.st.last_seen_ns = now;
     w.st.client_next = w.pkt.seq.wrapping_add(w.pkt.seq_len);
+    w.st.encap_sport = encap::gue_sport(&w.pkt);
     w.st._pad2 = 0;
     if w.pkt.proto == PROTO_TCP && !is_syn(&w.pkt) {
         count(stat::DSR_UNTRACKED);

@@ -23,7 +23,7 @@ pub mod scratch;
 pub mod snat;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use lb_common::{FLOW_F_CONFIRMED, FLOW_F_DSR, HOP_TTL_NS, PROTO_TCP, VIP_F_DSR, stat};
+use lb_common::{FLOW_F_CONFIRMED, FLOW_F_DSR, FLOW_F_GUE, HOP_TTL_NS, PROTO_TCP, VIP_F_DSR, stat};
 
 use crate::{
     flow::Tracked,
@@ -161,16 +161,18 @@ fn forward(ctx: &XdpContext, w: &mut Work) -> Result<u32, u32> {
         }
     };
     let len = frame_len(ctx);
-    if w.st.flags & FLOW_F_DSR != 0 {
-        account(&SERVICE_STATS, service_id, len, new);
-        account(&BACKEND_STATS, w.st.backend_id, len, new);
-        return encap::send(ctx, w, len);
-    }
-    if icmp::exceeds(len, w.st.mtu) {
-        return icmp::too_big(ctx, &w.pkt, w.st.mtu);
+    // A DSR packet grows by its outer header: the client hears the MTU minus that, so its
+    // path MTU leaves room for it.
+    let dsr = w.st.flags & FLOW_F_DSR != 0;
+    let extra = if dsr { encap::overhead(w.pkt.family, w.st.flags & FLOW_F_GUE != 0) } else { 0 };
+    if icmp::exceeds(len + extra as u64, w.st.mtu) {
+        return icmp::too_big(ctx, &w.pkt, w.st.mtu.saturating_sub(extra));
     }
     account(&SERVICE_STATS, service_id, len, new);
     account(&BACKEND_STATS, w.st.backend_id, len, new);
+    if dsr {
+        return encap::send(ctx, w, len);
+    }
     mem::copy16(&mut w.t.src, &w.st.snat);
     mem::copy16(&mut w.t.dst, &w.be.addr);
     w.t.sport = w.st.nat_port;
