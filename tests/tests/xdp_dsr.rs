@@ -10,7 +10,7 @@ use lb_tests::{
     icmp::{self, Icmp},
     packet::{Frame, TCP_ACK, TCP_SYN, outer},
 };
-use lb_user::dataplane::LoadOptions;
+use lb_user::dataplane::{Dataplane, LoadOptions};
 
 const VIP: &str = "10.200.0.1";
 const VIP6: &str = "fd00:200::1";
@@ -23,6 +23,11 @@ fn dsr(extra: &str) -> String {
         "[[xdp.service]]\nname = \"web6\"\nvip = \"[{VIP6}]:80\"\nforwarding = \"dsr\"\n{extra}backends = [\"[fd01:1::2]:80\"]\n"
     );
     fixture::config(&[&web, &web6])
+}
+
+/// Runs `body` on a fresh fixture namespace with the program loaded from `config`.
+fn with_dsr(config: String, body: impl FnOnce(&mut Dataplane) + Send + 'static) {
+    in_namespace(config, LoadOptions::private(), |_| Ok(()), body);
 }
 
 fn syn(client: &str, sport: u16, vip: &str) -> Vec<u8> {
@@ -47,99 +52,79 @@ fn assert_wrapped(out: &[u8], sent: &[u8], node: &str, backend: &str, proto: u8,
 #[test]
 fn dsr_wraps_the_clients_packet_toward_its_backend() {
     lb_tests::privileged!();
-    in_namespace(
-        dsr(""),
-        LoadOptions::private(),
-        |_| Ok(()),
-        |dp| {
-            let sent = syn("10.0.0.2", 40000, VIP);
-            let (a, out) = run(dp, &sent);
-            assert_eq!(a, XDP_REDIRECT, "to the backend's interface");
-            assert_wrapped(&out, &sent, "10.1.1.1", "10.1.1.2", 4, "IPv4 SYN");
-            // The handshake's ACK confirms the flow (no SYN-ACK passes a DSR balancer).
-            let ack = Frame::tcp(ip("10.0.0.2"), 40000, ip(VIP), 80, TCP_ACK).bytes();
-            let (a, out) = run(dp, &ack);
-            assert_eq!(a, XDP_REDIRECT);
-            assert_wrapped(&out, &ack, "10.1.1.1", "10.1.1.2", 4, "IPv4 ACK");
-            let sent6 = syn("fd00::2", 40000, VIP6);
-            let (a, out) = run(dp, &sent6);
-            assert_eq!(a, XDP_REDIRECT);
-            assert_wrapped(&out, &sent6, "fd01:1::1", "fd01:1::2", 41, "IPv6 SYN");
-            let s = counters(dp);
-            assert_eq!((s["dsr_encapsulated"], s["flow_confirmed"]), (3, 1), "{s:?}");
-            assert_eq!(s["reply"], 0);
-        },
-    );
+    with_dsr(dsr(""), |dp| {
+        let sent = syn("10.0.0.2", 40000, VIP);
+        let (a, out) = run(dp, &sent);
+        assert_eq!(a, XDP_REDIRECT, "to the backend's interface");
+        assert_wrapped(&out, &sent, "10.1.1.1", "10.1.1.2", 4, "IPv4 SYN");
+        // The handshake's ACK confirms the flow (no SYN-ACK passes a DSR balancer).
+        let ack = Frame::tcp(ip("10.0.0.2"), 40000, ip(VIP), 80, TCP_ACK).bytes();
+        let (a, out) = run(dp, &ack);
+        assert_eq!(a, XDP_REDIRECT);
+        assert_wrapped(&out, &ack, "10.1.1.1", "10.1.1.2", 4, "IPv4 ACK");
+        let sent6 = syn("fd00::2", 40000, VIP6);
+        let (a, out) = run(dp, &sent6);
+        assert_eq!(a, XDP_REDIRECT);
+        assert_wrapped(&out, &sent6, "fd01:1::1", "fd01:1::2", 41, "IPv6 SYN");
+        let s = counters(dp);
+        assert_eq!((s["dsr_encapsulated"], s["flow_confirmed"]), (3, 1), "{s:?}");
+        assert_eq!(s["reply"], 0);
+    });
 }
 
 #[test]
 fn gue_wraps_in_udp_with_a_per_flow_source_port() {
     lb_tests::privileged!();
-    in_namespace(
-        dsr("encap = \"gue\"\n"),
-        LoadOptions::private(),
-        |_| Ok(()),
-        |dp| {
-            let mut ports = std::collections::BTreeSet::new();
-            for sport in 40000..40008 {
-                let sent = syn("10.0.0.2", sport, VIP);
-                let (a, out) = run(dp, &sent);
-                assert_eq!(a, XDP_REDIRECT);
-                assert_wrapped(&out, &sent, "10.1.1.1", "10.1.1.2", 17, "GUE v4");
-                ports.insert(outer(&out).unwrap().udp.unwrap().0);
-            }
-            assert!(ports.len() > 1, "flows spread over source ports: {ports:?}");
-            let sent6 = syn("fd00::2", 40000, VIP6);
-            let (a, out) = run(dp, &sent6);
+    with_dsr(dsr("encap = \"gue\"\n"), |dp| {
+        let mut ports = std::collections::BTreeSet::new();
+        for sport in 40000..40008 {
+            let sent = syn("10.0.0.2", sport, VIP);
+            let (a, out) = run(dp, &sent);
             assert_eq!(a, XDP_REDIRECT);
-            assert_wrapped(&out, &sent6, "fd01:1::1", "fd01:1::2", 17, "GUE v6");
-        },
-    );
+            assert_wrapped(&out, &sent, "10.1.1.1", "10.1.1.2", 17, "GUE v4");
+            ports.insert(outer(&out).unwrap().udp.unwrap().0);
+        }
+        assert!(ports.len() > 1, "flows spread over source ports: {ports:?}");
+        let sent6 = syn("fd00::2", 40000, VIP6);
+        let (a, out) = run(dp, &sent6);
+        assert_eq!(a, XDP_REDIRECT);
+        assert_wrapped(&out, &sent6, "fd01:1::1", "fd01:1::2", 17, "GUE v6");
+    });
 }
 
 #[test]
 fn a_segment_of_an_untracked_flow_follows_the_ring_and_is_not_tracked() {
     lb_tests::privileged!();
-    in_namespace(
-        dsr(""),
-        LoadOptions::private(),
-        |_| Ok(()),
-        |dp| {
-            // Mid-connection: another node started this flow before ECMP moved it here.
-            let mut seg = Frame::tcp(ip("10.0.0.3"), 41000, ip(VIP), 80, TCP_ACK);
-            seg.payload = b"GET / HTTP/1.1\r\n\r\n".to_vec();
-            let sent = seg.bytes();
-            let (a, out) = run(dp, &sent);
-            assert_eq!(a, XDP_REDIRECT, "balanced, not dropped as under full NAT");
-            assert_wrapped(&out, &sent, "10.1.1.1", "10.1.1.2", 4, "untracked segment");
-            let s = counters(dp);
-            assert_eq!((s["dsr_untracked"], s["drop_not_syn"]), (1, 0), "{s:?}");
-            assert_eq!(dp.flows_per_backend().unwrap().values().sum::<u64>(), 0, "nothing tracked");
-        },
-    );
+    with_dsr(dsr(""), |dp| {
+        // Mid-connection: another node started this flow before ECMP moved it here.
+        let mut seg = Frame::tcp(ip("10.0.0.3"), 41000, ip(VIP), 80, TCP_ACK);
+        seg.payload = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+        let sent = seg.bytes();
+        let (a, out) = run(dp, &sent);
+        assert_eq!(a, XDP_REDIRECT, "balanced, not dropped as under full NAT");
+        assert_wrapped(&out, &sent, "10.1.1.1", "10.1.1.2", 4, "untracked segment");
+        let s = counters(dp);
+        assert_eq!((s["dsr_untracked"], s["drop_not_syn"]), (1, 0), "{s:?}");
+        assert_eq!(dp.flows_per_backend().unwrap().values().sum::<u64>(), 0, "nothing tracked");
+    });
 }
 
 #[test]
 fn a_tracked_flow_keeps_its_backend_when_backends_change() {
     lb_tests::privileged!();
-    in_namespace(
-        dsr(""),
-        LoadOptions::private(),
-        |_| Ok(()),
-        |dp| {
-            let first = syn("10.0.0.2", 40000, VIP);
-            assert_eq!(run(dp, &first).0, XDP_REDIRECT);
-            let ack = Frame::tcp(ip("10.0.0.2"), 40000, ip(VIP), 80, TCP_ACK).bytes();
-            assert_eq!(run(dp, &ack).0, XDP_REDIRECT);
-            // A second backend behind b2 takes over most of the ring.
-            dp.add_backend("web", "10.1.2.2:80".parse().unwrap(), 100).expect("add backend");
-            for _ in 0..3 {
-                let (a, out) = run(dp, &ack);
-                assert_eq!(a, XDP_REDIRECT);
-                assert_eq!(outer(&out).unwrap().dst, ip("10.1.1.2"), "still its first backend");
-            }
-        },
-    );
+    with_dsr(dsr(""), |dp| {
+        let first = syn("10.0.0.2", 40000, VIP);
+        assert_eq!(run(dp, &first).0, XDP_REDIRECT);
+        let ack = Frame::tcp(ip("10.0.0.2"), 40000, ip(VIP), 80, TCP_ACK).bytes();
+        assert_eq!(run(dp, &ack).0, XDP_REDIRECT);
+        // A second backend behind b2 takes over most of the ring.
+        dp.add_backend("web", "10.1.2.2:80".parse().unwrap(), 100).expect("add backend");
+        for _ in 0..3 {
+            let (a, out) = run(dp, &ack);
+            assert_eq!(a, XDP_REDIRECT);
+            assert_eq!(outer(&out).unwrap().dst, ip("10.1.1.2"), "still its first backend");
+        }
+    });
 }
 
 #[test]
