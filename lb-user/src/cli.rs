@@ -100,6 +100,11 @@ pub enum DecapAction {
         /// GUE port 6080 or of IP protocol 4/41 is unwrapped.
         #[arg(long = "vip")]
         vips: Vec<std::net::IpAddr>,
+        /// Also make this host a DSR backend for each `--vip`: the VIP on `lo`, ARP for it
+        /// neither answered nor announced (`arp_ignore = 1`, `arp_announce = 2`). Recorded
+        /// and undone by `lb decap detach` of the last interface.
+        #[arg(long, requires = "vips")]
+        configure_host: bool,
         /// `native` (in the driver) or `generic`.
         #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
         mode: String,

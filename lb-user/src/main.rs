@@ -156,10 +156,15 @@ async fn backend(action: BackendAction) -> anyhow::Result<()> {
 fn decap(action: DecapAction) -> anyhow::Result<()> {
     use lb_user::{config::XdpMode, dataplane::decap};
     match action {
-        DecapAction::Attach { interface, vips, mode, pin } => {
+        DecapAction::Attach { interface, vips, configure_host, mode, pin } => {
             let mode = if mode == "generic" { XdpMode::Generic } else { XdpMode::Native };
             let opts = decap::DecapOptions { pin: pin.path, interface, vips, mode };
             let linked = decap::attach(&opts)?;
+            if configure_host {
+                for change in decap::configure_host(&opts.pin, &opts.vips)? {
+                    println!("host: {change}");
+                }
+            }
             let only = if opts.vips.is_empty() {
                 "every encapsulated packet".to_string()
             } else {

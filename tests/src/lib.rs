@@ -18,9 +18,11 @@ use std::time::{Duration, Instant};
 
 pub mod admin;
 pub mod backends;
+pub mod bird;
 pub mod client;
 pub mod conf;
 pub mod conformance;
+pub mod fabric;
 pub mod fixture;
 pub mod flood;
 pub mod h2;

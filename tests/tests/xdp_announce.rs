@@ -4,7 +4,7 @@
 //! one is back, shown by `lb status`, and gone after `lb detach`.
 use std::time::Duration;
 
-use lb_tests::{conf, scenario::Scenario, topology::VIP4};
+use lb_tests::{bird::Bird, conf, scenario::Scenario, topology::VIP4};
 
 const TABLE: &str = "100";
 
@@ -52,54 +52,6 @@ fn a_vip_is_announced_while_a_backend_is_up() {
     assert!(!announced(&s), "lb detach withdraws it: {}", routes(&s));
 }
 
-/// A bird2 daemon in `ns` with `config`, stopped (and its files removed) on drop.
-struct Bird {
-    ns: lb_tests::netns::Netns,
-    dir: std::path::PathBuf,
-    child: std::process::Child,
-}
-
-impl Bird {
-    fn start(ns: &lb_tests::netns::Netns, name: &str, config: &str) -> Self {
-        let dir = std::env::temp_dir().join(lb_tests::netns::unique(name));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("bird.conf"), config).unwrap();
-        let (conf, sock) = (dir.join("bird.conf"), dir.join("bird.ctl"));
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns.name, "bird", "-f", "-c"])
-            .arg(&conf)
-            .arg("-s")
-            .arg(&sock)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("bird2 (installed by cargo xtask bootstrap)");
-        Self { ns: ns.share(), dir, child }
-    }
-
-    /// `birdc show route for ADDR all` (empty while bird is starting).
-    fn route(&self, addr: &str) -> String {
-        self.birdc(&["show", "route", "for", addr, "all"])
-    }
-
-    /// What `birdc ARGS` prints.
-    fn birdc(&self, cmd: &[&str]) -> String {
-        let sock = self.dir.join("bird.ctl").display().to_string();
-        let mut args = vec!["birdc", "-s", &sock];
-        args.extend(cmd);
-        // birdc exits 1 for "Network not found": the text is the answer either way.
-        let out = self.ns.exec_output(&args).map(|o| o.stdout).unwrap_or_default();
-        String::from_utf8_lossy(&out).into_owned()
-    }
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// The shipped `deploy/bgp/bird.conf` on the balancer exports what `[announce]` keeps in
 /// table 100 to a bird2 router (the client's namespace) by BGP, and withdraws it with the
 /// route.
@@ -108,12 +60,8 @@ fn the_shipped_bird_config_announces_the_vip_to_a_router() {
     lb_tests::privileged!();
     let body = format!("[announce]\ntable = {TABLE}\n{}", conf::fast_health("web", "http"));
     let s = Scenario::topology(1).xdp_service("").config(&body).start().expect("lb run");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let shipped = std::fs::read_to_string(root.join("deploy/bgp/bird.conf")).unwrap();
-    let node = shipped.replace("192.0.2.11", "10.0.0.1").replace("192.0.2.1 ", "10.0.0.2 ");
-    let router = "router id 10.0.0.2;\nprotocol device {}\nprotocol bgp lb1 {\n  local 10.0.0.2 as 65000;\n  neighbor 10.0.0.1 as 65001;\n  hold time 9;\n  ipv4 { import all; export none; };\n}\n";
-    let node = Bird::start(s.balancer(), "bird-node", &node);
-    let router = Bird::start(s.client(), "bird-router", router);
+    let node = Bird::node(s.balancer(), "10.0.0.1", "10.0.0.2").expect("bird on the node");
+    let router = Bird::router(s.client(), "10.0.0.2", &["10.0.0.1"], false).expect("bird router");
     let vip = VIP4.to_string();
     let learned = |r: &Bird| r.route(&vip).contains("BGP.next_hop: 10.0.0.1");
     let ok = lb_tests::wait_until(Duration::from_secs(30), || learned(&router));
@@ -121,7 +69,7 @@ fn the_shipped_bird_config_announces_the_vip_to_a_router() {
         ok,
         "the router learned the VIP from the node: {}; router: {}; node: {} {}",
         router.route(&vip),
-        router.birdc(&["show", "protocols", "all", "lb1"]),
+        router.birdc(&["show", "protocols", "all", "node0"]),
         node.birdc(&["show", "protocols"]),
         node.birdc(&["show", "route", "table", "lbvips", "all"])
     );

@@ -162,38 +162,50 @@ fn requests_to_a_dsr_vip_are_answered_by_backends_that_run_lb_decap() {
 
 fn end_to_end(encap: &str) {
     use lb_tests::{
+        conf,
         lb::decap::Decap,
         scenario::{Scenario, WEB},
-        topology::VIP4,
+        topology::{VIP4, VIP6},
     };
+    let keys = format!("forwarding = \"dsr\"\nhash = \"five-tuple\"\n{encap}");
+    let web6 = std::net::SocketAddr::new(VIP6.into(), 80);
+    let v6 = conf::list(["[fd01:1::2]:80", "[fd01:2::2]:80"]);
     let mut s = Scenario::topology(2)
-        .xdp_service("forwarding = \"dsr\"\nhash = \"five-tuple\"\n")
+        // Dual-stack backends: the IPv6 VIP's packets arrive unwrapped as IPv6.
+        .bind("[::]:80".parse().unwrap())
+        .xdp_service(&keys)
+        .xdp_raw(&conf::xdp_service("web6", web6, &v6, &keys))
         .start()
         .expect("lb run");
     for i in 0..2 {
         let ns = s.backend_ns(i).share();
         s.topo_mut().release_pass(&ns);
     }
-    let vip = VIP4.to_string();
+    let (vip, vip6) = (VIP4.to_string(), VIP6.to_string());
     let mut decaps = Vec::new();
     for i in 0..2 {
         let ns = s.backend_ns(i);
-        // The backend's side of DSR: the VIP is local, and not answered by ARP.
-        ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"]).expect("VIP on lo");
-        ns.sysctl("net.ipv4.conf.all.arp_ignore", "1").unwrap();
-        ns.sysctl("net.ipv4.conf.all.arp_announce", "2").unwrap();
-        decaps.push(Decap::attach(ns, "eth0", &[&vip]).expect("lb decap attach"));
+        // The backend's side of DSR (the VIPs local, not answered by ARP) by --configure-host.
+        decaps.push(Decap::attach(ns, "eth0", &[&vip, &vip6]).expect("lb decap attach"));
+        assert_eq!(ns.sysctl_value("net.ipv4.conf.all.arp_ignore").unwrap(), "1");
+        let lo = ns.ip(&["addr", "show", "dev", "lo"]).unwrap();
+        assert!(lo.contains(&format!("{vip}/32")) && lo.contains(&vip6), "{lo}");
     }
-    let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..20 {
-        let body = s.get(WEB).expect("GET through the DSR VIP");
-        seen.insert(body);
+    for target in [WEB, web6] {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            seen.insert(s.get(target).unwrap_or_else(|e| panic!("{encap} GET {target}: {e:#}")));
+        }
+        assert_eq!(seen.len(), 2, "{encap} {target}: both backends answered: {seen:?}");
     }
-    assert_eq!(seen.len(), 2, "{encap}: both backends answered: {seen:?}");
     let counters = s.lb().reasons().expect("lb stats");
-    assert!(counters["dsr_encapsulated"] >= 20, "{counters:?}");
+    assert!(counters["dsr_encapsulated"] >= 40, "{counters:?}");
     assert_eq!(counters["reply"], 0, "no reply was translated by the balancer: {counters:?}");
     let unwrapped: u64 = decaps.iter().map(|d| d.counter("decapsulated")).sum();
     assert!(unwrapped >= counters["dsr_encapsulated"], "every wrapped packet was unwrapped");
     assert!(decaps[0].status().unwrap().contains("decap attached to eth0"));
+    // The last detach undoes what --configure-host did.
+    let ns = s.backend_ns(0).share();
+    drop(decaps);
+    assert!(!ns.ip(&["addr", "show", "dev", "lo"]).unwrap().contains(&vip6), "VIPs removed");
 }

@@ -19,6 +19,7 @@ use lb_common::{
 };
 
 use super::{
+    changes,
     host::Iface,
     link,
     loader::{DataplaneError, aya_mode, ensure_bpffs, pin_err},
@@ -98,8 +99,25 @@ pub fn detach(pin: &Path, iface: &str) -> Result<Vec<String>, DataplaneError> {
             }
         }
         let _ = std::fs::remove_dir(pin);
+        removed.extend(changes::undo(pin)?);
     }
     Ok(removed)
+}
+
+/// The rest of a DSR backend's set-up for `vips`: each on `lo` (the unwrapped packet is
+/// addressed to it), and ARP for them left to the nodes (`arp_ignore = 1`: answer only for
+/// addresses of the asking interface; `arp_announce = 2`: never source ARP from a VIP).
+/// Recorded beside the pins like `lb run`'s changes; returns them.
+pub fn configure_host(pin: &Path, vips: &[IpAddr]) -> Result<Vec<String>, changes::HostError> {
+    let mut host = changes::Changes::open(Some(pin))?;
+    for vip in vips {
+        host.add_local(*vip)?;
+    }
+    if vips.iter().any(IpAddr::is_ipv4) {
+        host.sysctl(&["net", "ipv4", "conf", "all", "arp_ignore"], "1")?;
+        host.sysctl(&["net", "ipv4", "conf", "all", "arp_announce"], "2")?;
+    }
+    Ok(host.list().iter().map(ToString::to_string).collect())
 }
 
 /// The interfaces with a pinned decap link under `pin`.

@@ -55,6 +55,8 @@ pub struct HttpBackend {
     pub accepted: Arc<AtomicU64>,
     /// When each request head arrived.
     pub arrived: Arc<Mutex<Vec<Instant>>>,
+    /// The client address of each accepted connection, as the backend sees it.
+    pub peers: Arc<Mutex<Vec<std::net::IpAddr>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -75,9 +77,10 @@ impl HttpBackend {
             requests: Arc::default(),
             accepted: Arc::default(),
             arrived: Arc::default(),
+            peers: Arc::default(),
             stop: Arc::default(),
         };
-        let (stop, accepted) = (b.stop.clone(), b.accepted.clone());
+        let (stop, accepted, peers) = (b.stop.clone(), b.accepted.clone(), b.peers.clone());
         let served = Served {
             name: b.name.clone(),
             requests: b.requests.clone(),
@@ -88,8 +91,9 @@ impl HttpBackend {
             let held = Arc::new(Mutex::new(Vec::new()));
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => {
+                    Ok((stream, peer)) => {
                         accepted.fetch_add(1, Ordering::Relaxed);
+                        peers.lock().unwrap().push(peer.ip());
                         let (served, held) = (served.clone(), held.clone());
                         std::thread::spawn(move || served.serve(stream, reply, &held));
                     }

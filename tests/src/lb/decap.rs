@@ -13,13 +13,17 @@ pub struct Decap {
 }
 
 impl Decap {
-    /// `lb decap attach --interface IFACE --vip V...` in `ns`, pinned under a test pin path.
+    /// `lb decap attach --interface IFACE --vip V... --configure-host` in `ns` (with VIPs:
+    /// the host's DSR set-up too), pinned under a test pin path.
     pub fn attach(ns: &Netns, iface: &str, vips: &[&str]) -> anyhow::Result<Self> {
         let pin = pin_path();
         let mut cmd = command(Some(ns))?;
         cmd.args(["decap", "attach", "--interface", iface, "--pin-path", &pin]);
         for v in vips {
             cmd.args(["--vip", v]);
+        }
+        if !vips.is_empty() {
+            cmd.arg("--configure-host");
         }
         let out = cmd.output().context("run lb decap attach")?;
         if !out.status.success() {
