@@ -58,7 +58,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let mut keepalive = Vec::new();
     let mut close = Vec::new();
     let mut passing = Vec::new();
-    let mut packets = (0, 0, 0);
+    let mut dsr = Vec::new();
+    let mut packets = (0, 0, 0, 0);
     for round in 1..=rounds {
         progress(&format!("in situ, round {round}/{rounds}: trivial program under kernel routing"));
         let topo = fresh(1)?;
@@ -75,8 +76,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         drop(topo);
 
         progress(&format!("in situ, round {round}/{rounds}: lb XDP full NAT"));
-        let topo = fresh(1)?;
-        let (vip, lbd, undo) = setup(&topo, 3, 1)?;
+        let mut topo = fresh(1)?;
+        let (vip, lbd, undo) = setup(&mut topo, 3, 1)?;
         let url = format!("http://{vip}/");
         let _ = wrk(&topo.client, &url, 10, 1, false);
         let (ns, n) = measure(&topo, || wrk(&topo.client, &url, 50, secs, false).map(drop))?;
@@ -94,17 +95,33 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             l.stop()?;
         }
         undo();
+        drop(topo);
+        std::thread::sleep(Duration::from_millis(100));
+
+        progress(&format!("in situ, round {round}/{rounds}: lb XDP DSR"));
+        let mut topo = fresh(1)?;
+        let (vip, lbd, undo) = setup(&mut topo, 4, 1)?;
+        let url = format!("http://{vip}/");
+        let _ = wrk(&topo.client, &url, 10, 1, false);
+        let (ns, n) = measure(&topo, || wrk(&topo.client, &url, 50, secs, false).map(drop))?;
+        dsr.push(ns);
+        packets.3 += n;
+        if let Some(mut l) = lbd {
+            l.stop()?;
+        }
+        undo();
         std::thread::sleep(Duration::from_millis(100));
     }
     let (t, k, c) = (median(&mut trivial), median(&mut keepalive), median(&mut close));
-    let p = median(&mut passing);
+    let (p, d) = (median(&mut passing), median(&mut dsr));
     println!(
         "| program, traffic (wrk -c50 through the balancer namespace) | ns/packet | × trivial | packets measured |\n\
          | --- | ---: | ---: | ---: |\n\
          | trivial XDP_PASS program on the balancer's interfaces, kernel routing, keep-alive | {t:.1} | 1.00 | {} |\n\
          | `lb` XDP, keep-alive (established flows, both directions) | {k:.1} | {:.2} | {} |\n\
          | `lb` XDP, Connection: close (a new flow every ~7 packets) | {c:.1} | {:.2} | {} |\n\
-         | `lb` XDP, traffic not for a VIP (passed to the kernel, which routes it) | {p:.1} | {:.2} | |\n\n\
+         | `lb` XDP, traffic not for a VIP (passed to the kernel, which routes it) | {p:.1} | {:.2} | |\n\
+         | `lb` XDP DSR, keep-alive (requests wrapped in IPIP; replies pass to the kernel, which routes them) | {d:.1} | {:.2} | {} |\n\n\
          Kernel BPF statistics (`BPF_ENABLE_STATS`: run time / run count of the attached program) \
          over {rounds} round(s) of {secs} s; medians. These are warm-cache costs on real traffic, \
          the figure that matters for throughput; the single-run table above shows cold costs.\n",
@@ -113,7 +130,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         packets.1,
         c / t,
         packets.2,
-        p / t
+        p / t,
+        d / t,
+        packets.3
     );
     Ok(())
 }

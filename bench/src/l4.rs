@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use lb_tests::{
-    lb::{Lb, pin_path},
+    lb::{Lb, decap::Decap, pin_path},
     topology::{Topology, VIP4},
 };
 
@@ -13,18 +13,30 @@ use super::{
     tools::{Wrk, iperf, start_backend, wrk},
 };
 
-const CONTENDERS: [&str; 4] = [
+const CONTENDERS: [&str; 5] = [
     "kernel routing (no NAT, no balancing)",
     "nftables DNAT numgen",
     "HAProxy 2.6 TCP mode (2 threads)",
     "lb XDP full NAT",
+    "lb XDP DSR (IPIP, lb decap on the backends)",
 ];
+/// The `lb` rows the ratio tables divide by.
+const LB_ROWS: [usize; 2] = [3, 4];
 
 /// A contender in place: the address to load, the daemon if it is `lb`, and how to undo it.
 pub(super) type Contender = (String, Option<Lb>, Box<dyn FnOnce()>);
 
 /// One contender's setup in the balancer namespace, balancing over the first `n` backends.
-pub(super) fn setup(topo: &Topology, which: usize, n: usize) -> anyhow::Result<Contender> {
+/// DSR (contender 4) also attaches `lb decap` on the backends, which takes the place of the
+/// topology's do-nothing program there (see [`Topology::release_pass`]).
+pub(super) fn setup(topo: &mut Topology, which: usize, n: usize) -> anyhow::Result<Contender> {
+    if which == 4 {
+        for b in 0..n {
+            let ns = topo.backends[b].ns.share();
+            topo.release_pass(&ns);
+        }
+    }
+    let topo = &*topo;
     let lb = &topo.lb;
     let backends: Vec<String> = topo.backends.iter().take(n).map(|b| b.v4.to_string()).collect();
     match which {
@@ -96,6 +108,7 @@ pub(super) fn setup(topo: &Topology, which: usize, n: usize) -> anyhow::Result<C
             ))
         }
         _ => {
+            let dsr = if which == 4 { "forwarding = \"dsr\"\n" } else { "" };
             let admin: SocketAddr = "127.0.0.1:9901".parse()?;
             let ifaces: Vec<String> =
                 topo.lb_interfaces().iter().map(|i| format!("{i:?}")).collect();
@@ -104,8 +117,8 @@ pub(super) fn setup(topo: &Topology, which: usize, n: usize) -> anyhow::Result<C
             };
             let config = format!(
                 "[admin]\nlisten = \"{admin}\"\n[xdp]\ninterfaces = [{}]\npin_path = \"{}\"\n\
-                 [[xdp.service]]\nname = \"web\"\nvip = \"{VIP4}:80\"\nhash = \"five-tuple\"\nbackends = [{}]\n\
-                 [[xdp.service]]\nname = \"bulk\"\nvip = \"{VIP4}:5201\"\nbackends = [{}]\n",
+                 [[xdp.service]]\nname = \"web\"\nvip = \"{VIP4}:80\"\nhash = \"five-tuple\"\n{dsr}backends = [{}]\n\
+                 [[xdp.service]]\nname = \"bulk\"\nvip = \"{VIP4}:5201\"\n{dsr}backends = [{}]\n",
                 ifaces.join(", "),
                 pin_path(),
                 list(80),
@@ -114,7 +127,14 @@ pub(super) fn setup(topo: &Topology, which: usize, n: usize) -> anyhow::Result<C
             let lbd = Lb::start(lb, &config, admin)?;
             let addrs: Vec<&str> = backends.iter().map(String::as_str).collect();
             lb_tests::topology::wait_neighbours(lb, &addrs)?;
-            Ok((VIP4.to_string(), Some(lbd), Box::new(|| {})))
+            let vip = VIP4.to_string();
+            let decaps = if which == 4 {
+                let on = |b: &lb_tests::topology::Backend| Decap::attach(&b.ns, "eth0", &[&vip]);
+                topo.backends.iter().take(n).map(on).collect::<anyhow::Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
+            Ok((vip, Some(lbd), Box::new(move || drop(decaps))))
         }
     }
 }
@@ -130,8 +150,8 @@ struct Samples {
 
 pub fn run(quick: bool) -> anyhow::Result<()> {
     let (rounds, secs) = if quick { (1, 3) } else { (3, 5) };
-    let one = table(1, &[0, 1, 2, 3], rounds, secs)?;
-    let three = table(3, &[1, 2, 3], rounds, secs)?;
+    let one = table(1, &[0, 1, 2, 3, 4], rounds, secs)?;
+    let three = table(3, &[1, 2, 3, 4], rounds, secs)?;
     println!(
         "One backend: every contender forwards to the same single nginx, so the table compares \
          the cost of each data path (the routing row is the floor: no NAT, no balancing).\n\n{one}\n\
@@ -169,8 +189,9 @@ fn table(n: usize, contenders: &[usize], rounds: usize, secs: u32) -> anyhow::Re
                 continue;
             }
             progress(&format!("{n} backend(s), round {round}/{rounds}: {}", CONTENDERS[i]));
-            let topo = &fresh(n)?;
+            let topo = &mut fresh(n)?;
             let (target, lbd, undo) = setup(topo, i, n)?;
+            let topo = &*topo;
             let url = format!("http://{target}/");
             // Warm up (ARP, neighbour entries, first connections), then measure.
             let _ = wrk(&topo.client, &url, 10, 1, false);
@@ -216,18 +237,21 @@ fn table(n: usize, contenders: &[usize], rounds: usize, secs: u32) -> anyhow::Re
             s.errors
         );
     }
-    let Some(lb) = results.get(&3) else {
-        return Ok(md);
-    };
-    md += "\n| `lb` XDP ÷ peer (medians) | keep-alive req/s | new connections/s | bulk |\n| --- | ---: | ---: | ---: |\n";
-    for (i, p) in results.iter().filter(|(i, _)| **i != 3) {
+    for row in LB_ROWS {
+        let Some(lb) = results.get(&row) else { continue };
         md += &format!(
-            "| ÷ {} | {:.2} | {:.2} | {:.2} |\n",
-            CONTENDERS[*i],
-            med(&lb.keepalive) / med(&p.keepalive),
-            med(&lb.close) / med(&p.close),
-            med(&lb.gbps) / med(&p.gbps)
+            "\n| {} ÷ peer (medians) | keep-alive req/s | new connections/s | bulk |\n| --- | ---: | ---: | ---: |\n",
+            CONTENDERS[row]
         );
+        for (i, p) in results.iter().filter(|(i, _)| **i != row) {
+            md += &format!(
+                "| ÷ {} | {:.2} | {:.2} | {:.2} |\n",
+                CONTENDERS[*i],
+                med(&lb.keepalive) / med(&p.keepalive),
+                med(&lb.close) / med(&p.close),
+                med(&lb.gbps) / med(&p.gbps)
+            );
+        }
     }
     Ok(md)
 }

@@ -22,7 +22,7 @@ use super::{
 
 const VIP: &str = "10.200.0.1";
 
-fn config(backends: usize) -> String {
+fn config(backends: usize, keys: &str) -> String {
     // Backends in 10.9.0.0/16, routed through the fixture's first backend neighbour.
     let list: Vec<String> =
         (0..backends).map(|i| format!("\"10.9.{}.{}:80\"", i / 250, 1 + i % 250)).collect();
@@ -30,12 +30,17 @@ fn config(backends: usize) -> String {
     // One service: backend ids are per service and 4095 in all, so the 4095-backend point
     // leaves no room for a second one.
     format!(
-        "[xdp]\ninterfaces = [\"c0\"]\n[[xdp.service]]\nname = \"web\"\nvip = \"{VIP}:80\"\nbackends = [{list}]\n"
+        "[xdp]\ninterfaces = [\"c0\"]\n[[xdp.service]]\nname = \"web\"\nvip = \"{VIP}:80\"\n{keys}backends = [{list}]\n"
     )
 }
 
 fn load(backends: usize, max_flows: u32) -> anyhow::Result<Dataplane> {
-    let c = Config::parse(&config(backends))?;
+    load_with(backends, max_flows, "")
+}
+
+/// [`load`] with more service keys (`forwarding = "dsr"`).
+fn load_with(backends: usize, max_flows: u32, keys: &str) -> anyhow::Result<Dataplane> {
+    let c = Config::parse(&config(backends, keys))?;
     let mut opts = LoadOptions::private();
     opts.max_flows = max_flows;
     let mut dp = Dataplane::load(&opts)?;
@@ -105,6 +110,26 @@ fn established(dp: &Dataplane, n: u32, samples: u32) -> anyhow::Result<f64> {
     Ok(median(&mut v))
 }
 
+/// [`established`] for a DSR service: each flow is confirmed by the client's ACK (no
+/// SYN-ACK passes a DSR balancer), and every packet is wrapped toward its backend.
+fn established_dsr(dp: &Dataplane, n: u32, samples: u32) -> anyhow::Result<f64> {
+    let prog = dp.balancer()?;
+    let acks: Vec<Vec<u8>> = (0..n)
+        .map(|k| {
+            let syn = syn(1_000_000 + k)?;
+            fixture::run_on(dp, "c0", &syn);
+            let mut ack = syn;
+            ack[14 + 20 + 13] = TCP_ACK;
+            fixture::run_on(dp, "c0", &ack);
+            Ok(ack)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut v: Vec<f64> = (0..samples)
+        .map(|i| per_packet(prog, &acks[(i % n) as usize], 1))
+        .collect::<Result<_, _>>()?;
+    Ok(median(&mut v))
+}
+
 /// Median over `rounds` of the per-packet ns of a frame that is not for a VIP (what all other
 /// traffic pays), repeated in the kernel.
 fn not_vip(dp: &Dataplane, rounds: usize, repeat: u32) -> anyhow::Result<f64> {
@@ -142,16 +167,25 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         let est = established(&dp, 1_000, samples)?;
         let new = open_flows(&dp, samples / 4)?;
         drop(dp);
+        progress("DSR: established and new flows, 3 backends");
+        let dp = load_with(3, lb_common::DEFAULT_MAX_FLOWS, "forwarding = \"dsr\"\n")?;
+        let dsr_est = established_dsr(&dp, 1_000, samples)?;
+        let dsr_new = open_flows(&dp, samples / 4)?;
+        drop(dp);
         md += &format!(
             "| case | ns/packet | × trivial |\n| --- | ---: | ---: |\n\
              | trivial XDP_PASS program, repeat {repeat} | {trivial_rep:.1} | 1.00 |\n\
              | `lb`, frame not for a VIP (passed), repeat {repeat} | {pass:.1} | {:.2} |\n\
              | trivial program, single runs (median of 20,000) | {trivial_single:.1} | 1.00 |\n\
              | `lb` established flow (TCP ACK over 1,000 flows, cached next hop), single runs | {est:.1} | {:.2} |\n\
-             | `lb` new flow (TCP SYN: Maglev, FIB, SNAT port, 2 inserts), single runs | {new:.1} | {:.2} |\n\n",
+             | `lb` new flow (TCP SYN: Maglev, FIB, SNAT port, 2 inserts), single runs | {new:.1} | {:.2} |\n\
+             | `lb` DSR established flow (TCP ACK over 1,000 flows, wrapped in IPIP), single runs | {dsr_est:.1} | {:.2} |\n\
+             | `lb` DSR new flow (TCP SYN: Maglev, FIB, 1 insert, wrapped), single runs | {dsr_new:.1} | {:.2} |\n\n",
             pass / trivial_rep,
             est / trivial_single,
-            new / trivial_single
+            new / trivial_single,
+            dsr_est / trivial_single,
+            dsr_new / trivial_single
         );
         // Each backend has its own SNAT port space (`nat_ports`, 31,744 ports): 64 backends
         // hold 2M flows, so the largest point measures tracking, not port exhaustion.

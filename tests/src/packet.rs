@@ -278,3 +278,48 @@ pub fn outer(frame: &[u8]) -> Result<Outer, String> {
     };
     Ok(Outer { dmac, src, dst, proto, udp, header_ok, inner })
 }
+
+/// `frame`'s IP packet wrapped as a DSR balancer sends it: in an outer IPv4 (protocol 4) or
+/// IPv6 (protocol 41) header from `src` to `dst`, or with `gue_sport` inside UDP to
+/// [`lb_common::GUE_PORT`] first. Built independently of the XDP program's encapsulation.
+pub fn wrap(frame: &[u8], src: IpAddr, dst: IpAddr, gue_sport: Option<u16>) -> Vec<u8> {
+    let inner = &frame[14..];
+    let mut payload = Vec::new();
+    let proto = match (gue_sport, src) {
+        (Some(sport), _) => {
+            payload.extend_from_slice(&sport.to_be_bytes());
+            payload.extend_from_slice(&lb_common::GUE_PORT.to_be_bytes());
+            payload.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
+            payload.extend_from_slice(&[0, 0]); // no UDP checksum, as tunnels send
+            17
+        }
+        (None, IpAddr::V4(_)) => 4,
+        (None, IpAddr::V6(_)) => 41,
+    };
+    payload.extend_from_slice(inner);
+    let mut out = frame[..12].to_vec();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.extend_from_slice(&0x0800u16.to_be_bytes());
+            let mut ip = vec![0x45, 0];
+            ip.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            let c = !fold(sum(&ip, 0));
+            ip[10..12].copy_from_slice(&c.to_ne_bytes());
+            out.extend_from_slice(&ip);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            out.extend_from_slice(&0x86ddu16.to_be_bytes());
+            out.extend_from_slice(&[0x60, 0, 0, 0]);
+            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            out.extend_from_slice(&[proto, 64]);
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+        }
+        _ => panic!("mixed address families"),
+    }
+    out.extend_from_slice(&payload);
+    out
+}

@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::Xdp,
 };
@@ -50,35 +50,52 @@ pub fn attach(opts: &DecapOptions) -> Result<link::Linked, DataplaneError> {
         .ok_or_else(|| DataplaneError::NoInterface(opts.interface.clone()))?;
     ensure_bpffs(&opts.pin)?;
     std::fs::create_dir_all(&opts.pin).map_err(|e| pin_err(&opts.pin, e))?;
+    let mut ebpf = load(Some(&opts.pin), &opts.vips)?;
+    let pin = link_pin(&opts.pin, &iface.name);
+    link::attach(program(&mut ebpf)?, &iface, aya_mode(opts.mode), opts.mode.as_str(), Some(&pin))
+}
+
+/// Loads the program and writes its VIP filter (`vips`; none: unwrap everything), without
+/// attaching it: maps pinned under `pin`, or private to the returned object (packet fixtures).
+pub fn load(pin: Option<&Path>, vips: &[IpAddr]) -> Result<Ebpf, DataplaneError> {
     let mut loader = EbpfLoader::new();
-    for name in MAPS {
-        loader.map_pin_path(name, opts.pin.join(name));
+    if let Some(pin) = pin {
+        for name in MAPS {
+            loader.map_pin_path(name, pin.join(name));
+        }
     }
     let mut ebpf = loader.load(super::DECAP_OBJECT).map_err(DataplaneError::Load)?;
     {
         let map = ebpf.map_mut(decap::VIPS).ok_or(DataplaneError::Missing(decap::VIPS))?;
-        let mut vips: HashMap<&mut MapData, DecapKey, u8> = HashMap::try_from(map)?;
-        let old: Vec<DecapKey> = vips.keys().filter_map(Result::ok).collect();
+        let mut map: HashMap<&mut MapData, DecapKey, u8> = HashMap::try_from(map)?;
+        let old: Vec<DecapKey> = map.keys().filter_map(Result::ok).collect();
         for k in old {
-            vips.remove(&k)?;
+            map.remove(&k)?;
         }
-        for vip in &opts.vips {
-            vips.insert(key(*vip), 1, 0)?;
+        for vip in vips {
+            map.insert(key(*vip), 1, 0)?;
         }
     }
     {
         let map = ebpf.map_mut(decap::SETTINGS).ok_or(DataplaneError::Missing(decap::SETTINGS))?;
         let mut settings: Array<&mut MapData, DecapSettings> = Array::try_from(map)?;
-        let filter = u32::from(!opts.vips.is_empty());
+        let filter = u32::from(!vips.is_empty());
         settings.set(0, DecapSettings { filter, _pad: 0 }, 0)?;
     }
-    let prog: &mut Xdp = ebpf
-        .program_mut(decap::PROGRAM)
-        .ok_or(DataplaneError::Missing(decap::PROGRAM))?
-        .try_into()?;
-    prog.load()?;
-    let pin = link_pin(&opts.pin, &iface.name);
-    link::attach(prog, &iface, aya_mode(opts.mode), opts.mode.as_str(), Some(&pin))
+    program(&mut ebpf)?.load()?;
+    Ok(ebpf)
+}
+
+/// The decap program of a loaded object.
+pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
+    let prog = ebpf.program_mut(decap::PROGRAM).ok_or(DataplaneError::Missing(decap::PROGRAM))?;
+    Ok(prog.try_into()?)
+}
+
+/// The counters of a loaded object (see [`counters`] for the pinned ones).
+pub fn counters_of(ebpf: &Ebpf) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
+    let map = ebpf.map(decap::STATS).ok_or(DataplaneError::Missing(decap::STATS))?;
+    sum(&PerCpuArray::try_from(map)?)
 }
 
 /// Unpins the link of `iface` (the program stops there), and the maps and directory once no
@@ -136,7 +153,12 @@ pub fn counters(pin: &Path) -> Result<Vec<(&'static str, u64)>, DataplaneError> 
     let path = pin.join(decap::STATS);
     let data = MapData::from_pin(&path).map_err(|e| pin_err(&path, e))?;
     let map = aya::maps::Map::PerCpuArray(data);
-    let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map)?;
+    sum(&PerCpuArray::try_from(map)?)
+}
+
+fn sum<T: std::borrow::Borrow<MapData>>(
+    stats: &PerCpuArray<T, u64>,
+) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
     (0..decap::stat::COUNT)
         .map(|i| {
             let v = stats.get(&i, 0)?;
