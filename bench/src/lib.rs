@@ -1,6 +1,7 @@
 //! The sections of `lb-bench` (each prints Markdown), its plots, and the peers and clients they
 //! drive; topology, namespaces and backends come from the test harness (`lb-tests`).
 pub mod clients;
+pub mod ecmp;
 pub mod insitu;
 pub mod l4;
 pub mod l4user;

@@ -17,7 +17,7 @@
 //! Plots (SVG) and their points (CSV) go to `LB_BENCH_PLOTS` (default `bench/plots`).
 use lb_bench as bench;
 
-const USAGE: &str = "usage: lb-bench xdp-micro|xdp-insitu|l4|l4user|l7|l7-scale [--quick|--full]\n       \
+const USAGE: &str = "usage: lb-bench xdp-micro|xdp-insitu|l4|ecmp|l4user|l7|l7-scale [--quick|--full]\n       \
                      lb-bench xdp-profile [SECS] [new]\n       lb-bench replot";
 
 fn main() {
@@ -43,6 +43,7 @@ fn main() {
         Some("xdp-micro") => bench::micro::run(quick),
         Some("l4") => bench::l4::run(quick),
         Some("xdp-insitu") => bench::insitu::run(quick),
+        Some("ecmp") => bench::ecmp::run(quick),
         Some("l4user") => bench::l4user::run(quick),
         Some("l7") => bench::l7::run(quick),
         Some("l7-scale") => bench::l7::scale(quick),

@@ -92,8 +92,17 @@ impl Fabric {
         Ok(Self { client, router, nodes, backends, _pass: pass })
     }
 
-    /// The router's kernel route to `addr` (`ip route get`).
+    /// The router's kernel route to `addr`.
     pub fn route_to(&self, addr: &str) -> String {
         self.router.ip(&["route", "show", addr]).unwrap_or_default()
+    }
+
+    /// How many next hops the router's route to `addr` has (0: no route).
+    pub fn paths_to(&self, addr: &str) -> usize {
+        let route = self.route_to(addr);
+        match route.matches("nexthop via").count() {
+            0 if route.contains(" via ") => 1,
+            n => n,
+        }
     }
 }

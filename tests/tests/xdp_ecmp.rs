@@ -42,15 +42,6 @@ fn node_config(backends: usize) -> String {
     .concat()
 }
 
-/// How many next hops the router's route to the VIP has (0: no route).
-fn paths(f: &Fabric) -> usize {
-    let route = f.route_to(&VIP4.to_string());
-    match route.matches("nexthop via").count() {
-        0 if route.contains(" via ") => 1,
-        n => n,
-    }
-}
-
 fn counter(lb: &Lb, name: &str) -> u64 {
     lb.reasons().map(|c| c.get(name).copied().unwrap_or(0)).unwrap_or(0)
 }
@@ -88,7 +79,7 @@ fn nodes_behind_ecmp_share_a_dsr_vip_and_survive_one_stopping() {
     let peers: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let router = Bird::router(&f.router, ROUTER_LAN, &peers, true).expect("bird router");
     assert!(
-        wait_until(Duration::from_secs(30), || paths(&f) == 2),
+        wait_until(Duration::from_secs(30), || f.paths_to(&VIP4.to_string()) == 2),
         "the router has an ECMP route over both nodes: {:?}; {}",
         f.route_to(&vip),
         router.birdc(&["show", "protocols"])
@@ -130,7 +121,10 @@ fn nodes_behind_ecmp_share_a_dsr_vip_and_survive_one_stopping() {
     assert!(wait_until(Duration::from_secs(10), || load.ok() >= 300), "load runs");
     let moved_before = counter(&nodes[1], "dsr_untracked");
     birds[0] = None;
-    assert!(wait_until(Duration::from_secs(15), || paths(&f) == 1), "node 1 withdrawn");
+    assert!(
+        wait_until(Duration::from_secs(15), || f.paths_to(&VIP4.to_string()) == 1),
+        "node 1 withdrawn"
+    );
     f.nodes[0].ip(&["link", "set", "eth0", "down"]).unwrap();
     let at = load.ok();
     assert!(wait_until(Duration::from_secs(10), || load.ok() >= at + 300), "load goes on");
@@ -143,9 +137,15 @@ fn nodes_behind_ecmp_share_a_dsr_vip_and_survive_one_stopping() {
 
     // No backend up: withdrawn within the health check's fall time; announced again.
     webs.clear();
-    assert!(wait_until(Duration::from_secs(15), || paths(&f) == 0), "withdrawn");
+    assert!(
+        wait_until(Duration::from_secs(15), || f.paths_to(&VIP4.to_string()) == 0),
+        "withdrawn"
+    );
     webs.push(HttpBackend::start(&f.backends[0], "0.0.0.0:80".parse().unwrap(), "b").unwrap());
-    assert!(wait_until(Duration::from_secs(15), || paths(&f) == 1), "announced again");
+    assert!(
+        wait_until(Duration::from_secs(15), || f.paths_to(&VIP4.to_string()) == 1),
+        "announced again"
+    );
     nodes.clear();
 }
 
