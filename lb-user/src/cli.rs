@@ -165,6 +165,21 @@ pub enum BackendAction {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Let a drained backend take new flows again.
+    Undrain {
+        service: String,
+        addr: SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Change a backend's weight (its share of new flows); open flows stay where they are.
+    Weight {
+        service: String,
+        addr: SocketAddr,
+        weight: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// List backends (of one service, or all).
     List {
         service: Option<String>,

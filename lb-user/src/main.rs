@@ -143,6 +143,17 @@ async fn backend(action: BackendAction) -> anyhow::Result<()> {
                 .await?;
             println!("draining {addr} in {service}: no new flows, open ones finish");
         }
+        BackendAction::Undrain { service, addr, admin } => {
+            let path = format!("/services/{service}/backends/{addr}/undrain");
+            call(&admin, Method::POST, &path, None).await?;
+            println!("undrained {addr} in {service}: it takes new flows again");
+        }
+        BackendAction::Weight { service, addr, weight, admin } => {
+            let body = serde_json::json!({ "weight": weight });
+            let path = format!("/services/{service}/backends/{addr}/weight");
+            call(&admin, Method::PUT, &path, Some(body)).await?;
+            println!("{addr} in {service} now has weight {weight}");
+        }
         BackendAction::List { service, admin } => {
             let path = service.map_or("/stats".to_string(), |s| format!("/services/{s}"));
             let v = call(&admin, Method::GET, &path, None).await?;

@@ -41,19 +41,26 @@ impl Admin {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<(u16, String)> {
+        let auth = self.token.as_ref().map(|t| format!("authorization: Bearer {t}\r\n"));
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        // As the CLI: every change says its body is JSON (the daemon refuses others).
+        let kind = if method == "GET" { "" } else { "content-type: application/json\r\n" };
+        self.raw(&format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\n{}{kind}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            self.addr,
+            auth.unwrap_or_default(),
+            body.len()
+        ))
+    }
+
+    /// Sends `request` exactly as given (head and body; it should say `connection: close`):
+    /// (status, body). For the requests the CLI never makes: a browser's, a rebinding one.
+    pub fn raw(&self, request: &str) -> anyhow::Result<(u16, String)> {
         let addr = self.addr;
         let mut s =
             self.ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(3)))??;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let auth = self.token.as_ref().map(|t| format!("authorization: Bearer {t}\r\n"));
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let kind = if body.is_empty() { "" } else { "content-type: application/json\r\n" };
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{}{kind}content-length: {}\r\nconnection: close\r\n\r\n{body}",
-            auth.unwrap_or_default(),
-            body.len()
-        )?;
+        s.write_all(request.as_bytes())?;
         let mut resp = String::new();
         s.read_to_string(&mut resp)?;
         let (head, body) = resp.split_once("\r\n\r\n").context("no end of headers")?;

@@ -276,6 +276,11 @@ impl Running {
         }
     }
 
+    /// The address each backend serves on.
+    pub fn backend_addrs(&self) -> &[SocketAddr] {
+        &self.backends
+    }
+
     /// Every backend address as the body of a TOML list.
     pub fn backend_list(&self) -> String {
         conf::list(&self.backends)

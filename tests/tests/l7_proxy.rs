@@ -278,7 +278,7 @@ async fn errors_map_to_502_503_504() {
     let r = get(p.addr(), "x", "/").await;
     assert_eq!((r.status, r.body.as_str()), (StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"));
     // 503: no backend available (all drained).
-    p.groups["u"].drain(dead).unwrap();
+    p.groups["u"].set_draining(dead, true).unwrap();
     let r = get(p.addr(), "x", "/").await;
     assert_eq!(
         (r.status, r.body.as_str()),

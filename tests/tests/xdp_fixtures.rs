@@ -168,7 +168,7 @@ fn drained_backend_keeps_flows_removed_backend_loses_them() {
     with_fixture("drained_backend_keeps_flows_removed_backend_loses_them", CONFIG, |dp| {
         let vip = ip("10.200.0.1");
         run(dp, &Frame::tcp(ip("10.0.0.2"), 43000, vip, 80, TCP_SYN).bytes());
-        dp.drain_backend("web", "10.1.1.2:80".parse().unwrap()).unwrap();
+        dp.set_draining("web", "10.1.1.2:80".parse().unwrap(), true).unwrap();
         let ack = Frame::tcp(ip("10.0.0.2"), 43000, vip, 80, TCP_ACK).bytes();
         assert_eq!(run(dp, &ack).0, XDP_REDIRECT, "drained: the open flow continues");
         let syn = Frame::tcp(ip("10.0.0.3"), 43000, vip, 80, TCP_SYN).bytes();

@@ -2,6 +2,7 @@
 pub mod admin;
 pub mod announce;
 pub mod client;
+pub mod guard;
 pub mod metrics;
 pub mod reload;
 pub mod state;

@@ -221,11 +221,15 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     }
     for (group, specs) in keep_sets {
         let before: Vec<(SocketAddr, u32)> =
-            group.backends().iter().map(|b| (b.addr, b.weight)).collect();
+            group.backends().iter().map(|b| (b.addr, b.weight())).collect();
         let after: Vec<(SocketAddr, u32)> = specs.iter().map(|b| (b.addr(), b.weight())).collect();
+        let undrained = group.set_backends(&specs);
         if before != after {
-            group.set_backends(&specs);
             changes.push(format!("upstream {}: backends {before:?} → {after:?}", group.name));
+        }
+        for addr in undrained {
+            changes
+                .push(format!("upstream {}: {addr} undrained (the file is the truth)", group.name));
         }
     }
     state.groups.store(Arc::new(groups));

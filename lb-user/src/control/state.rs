@@ -174,6 +174,12 @@ pub struct AddBackend {
     pub weight: u32,
 }
 
+/// The body of `PUT /services/NAME/backends/ADDR/weight`.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct SetWeight {
+    pub weight: u32,
+}
+
 fn one() -> u32 {
     1
 }
@@ -181,9 +187,15 @@ fn one() -> u32 {
 /// The kinds of backend change.
 #[derive(Debug, Clone, Copy)]
 pub enum Change {
+    /// A new backend with this weight.
     Add(u32),
     Remove,
+    /// No new flows; open ones finish.
     Drain,
+    /// The end of a drain.
+    Undrain,
+    /// A new weight for a backend already there.
+    Weight(u32),
 }
 
 impl State {
@@ -348,7 +360,9 @@ impl State {
                     dp.host_mut().keep_neighbour(addr.ip());
                 }
                 Change::Remove => dp.remove_backend(service, addr)?,
-                Change::Drain => dp.drain_backend(service, addr)?,
+                Change::Drain => dp.set_draining(service, addr, true)?,
+                Change::Undrain => dp.set_draining(service, addr, false)?,
+                Change::Weight(w) => dp.set_weight(service, addr, w)?,
             }
             log::info!("backend {addr} of XDP service {service}: {change:?}");
             return Ok(());
@@ -361,7 +375,9 @@ impl State {
         match change {
             Change::Add(w) => group.add(addr, w)?,
             Change::Remove => group.remove(addr)?,
-            Change::Drain => group.drain(addr)?,
+            Change::Drain => group.set_draining(addr, true)?,
+            Change::Undrain => group.set_draining(addr, false)?,
+            Change::Weight(w) => group.set_weight(addr, w)?,
         }
         log::info!("backend {addr} of upstream group {service}: {change:?}");
         Ok(())
@@ -426,7 +442,7 @@ impl State {
                 .iter()
                 .map(|b| BackendStats {
                     addr: b.addr,
-                    weight: b.weight,
+                    weight: b.weight(),
                     state: if b.draining.load(Ordering::Relaxed) {
                         "draining"
                     } else if !b.checked_up.load(Ordering::Relaxed) {

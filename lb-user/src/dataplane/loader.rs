@@ -316,12 +316,22 @@ impl Dataplane {
         Ok(self.tables.remove_backend(service, addr, &mut KernelMaps(&mut self.ebpf))?)
     }
 
-    pub fn drain_backend(
+    pub fn set_draining(
         &mut self,
         service: &str,
         addr: std::net::SocketAddr,
+        draining: bool,
     ) -> Result<(), DataplaneError> {
-        Ok(self.tables.drain_backend(service, addr, &mut KernelMaps(&mut self.ebpf))?)
+        Ok(self.tables.set_draining(service, addr, draining, &mut KernelMaps(&mut self.ebpf))?)
+    }
+
+    pub fn set_weight(
+        &mut self,
+        service: &str,
+        addr: std::net::SocketAddr,
+        weight: u32,
+    ) -> Result<(), DataplaneError> {
+        Ok(self.tables.set_weight(service, addr, weight, &mut KernelMaps(&mut self.ebpf))?)
     }
 
     pub fn set_health(

@@ -174,7 +174,9 @@ impl Tables {
             for b in &c.backends {
                 let svc = self.services.get_mut(&c.name).expect("inserted above");
                 if let Some(x) = svc.backends.iter_mut().find(|x| x.addr == b.addr()) {
+                    // The file is the truth: its weight, and a runtime drain ends.
                     x.weight = b.weight();
+                    x.draining = false;
                 } else {
                     self.insert_backend(&c.name, b.addr(), b.weight(), maps)?;
                 }
@@ -242,14 +244,31 @@ impl Tables {
         self.remove_backend_quiet(service, addr, maps)
     }
 
-    /// Drains a backend: no new flows; tracked flows keep going until they end.
-    pub fn drain_backend(
+    /// Drains a backend (no new flows; tracked flows keep going until they end), or ends a
+    /// drain (it takes new flows again).
+    pub fn set_draining(
         &mut self,
         service: &str,
         addr: SocketAddr,
+        draining: bool,
         maps: &mut dyn Maps,
     ) -> Result<(), TableError> {
-        self.backend_mut(service, addr)?.draining = true;
+        self.backend_mut(service, addr)?.draining = draining;
+        self.sync(service, maps)
+    }
+
+    /// Gives a backend a new weight: the ring is recomputed, tracked flows stay.
+    pub fn set_weight(
+        &mut self,
+        service: &str,
+        addr: SocketAddr,
+        weight: u32,
+        maps: &mut dyn Maps,
+    ) -> Result<(), TableError> {
+        if weight == 0 {
+            return Err(TableError::ZeroWeight);
+        }
+        self.backend_mut(service, addr)?.weight = weight;
         self.sync(service, maps)
     }
 

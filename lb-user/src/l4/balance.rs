@@ -118,7 +118,7 @@ fn build(set: Arc<Vec<Arc<Backend>>>, available: Vec<bool>, size: u32) -> Cached
     let members: Vec<Arc<Backend>> =
         set.iter().zip(&available).filter(|(_, a)| **a).map(|(b, _)| b.clone()).collect();
     let entries: Vec<maglev::Entry> =
-        members.iter().map(|b| maglev::Entry { addr: b.addr, weight: b.weight }).collect();
+        members.iter().map(|b| maglev::Entry { addr: b.addr, weight: b.weight() }).collect();
     let table = maglev::table(&entries, size);
     Cached { set, available, members, table }
 }
@@ -157,8 +157,11 @@ mod tests {
         let g = group(list);
         let picker = Picker::new(g.clone());
         // The same backends in another order, as an [[xdp.service]] might list them.
-        let mut entries: Vec<maglev::Entry> =
-            g.backends().iter().map(|b| maglev::Entry { addr: b.addr, weight: b.weight }).collect();
+        let mut entries: Vec<maglev::Entry> = g
+            .backends()
+            .iter()
+            .map(|b| maglev::Entry { addr: b.addr, weight: b.weight() })
+            .collect();
         entries.reverse();
         let mut seen = std::collections::HashSet::new();
         for i in 0..1000u32 {

@@ -26,14 +26,14 @@ impl Group {
         );
         if !keyed && !matches!(balance, Balance::LeastConn | Balance::P2cEwma) {
             // Round robin, the default: walked in place, without a candidate list per request.
-            let total: u64 = set.iter().filter(ok).map(|b| u64::from(b.weight)).sum();
+            let total: u64 = set.iter().filter(ok).map(|b| u64::from(b.weight())).sum();
             if total == 0 {
                 // Every candidate weighs 0 (or there is none): the first, as the walk below.
                 return set.iter().find(ok).cloned();
             }
             let mut n = self.next.fetch_add(1, Ordering::Relaxed) % total;
             for b in set.iter().filter(ok) {
-                let w = u64::from(b.weight);
+                let w = u64::from(b.weight());
                 if n < w {
                     return Some(b.clone());
                 }
@@ -81,10 +81,10 @@ pub fn hash_key(balance: &Balance, client: IpAddr, headers: &HeaderMap) -> Optio
 
 /// Walks the weights: with weights a=1, b=2 the order is a, b, b, a, b, b, ...
 fn weighted_round_robin<'a>(c: &[&'a Arc<Backend>], tick: u64) -> &'a Arc<Backend> {
-    let total: u64 = c.iter().map(|b| u64::from(b.weight)).sum();
+    let total: u64 = c.iter().map(|b| u64::from(b.weight())).sum();
     let mut n = tick % total.max(1);
     for b in c {
-        let w = u64::from(b.weight);
+        let w = u64::from(b.weight());
         if n < w {
             return b;
         }
@@ -96,7 +96,8 @@ fn weighted_round_robin<'a>(c: &[&'a Arc<Backend>], tick: u64) -> &'a Arc<Backen
 /// Fewest in flight per unit of weight; ties go round robin.
 fn least_conn<'a>(c: &[&'a Arc<Backend>], tick: u64) -> &'a Arc<Backend> {
     let start = (tick % c.len() as u64) as usize;
-    let load = |b: &Backend| (b.in_flight.load(Ordering::Relaxed) + 1, u64::from(b.weight.max(1)));
+    let load =
+        |b: &Backend| (b.in_flight.load(Ordering::Relaxed) + 1, u64::from(b.weight().max(1)));
     let mut best = c[start];
     for i in 1..c.len() {
         let b = c[(start + i) % c.len()];
@@ -120,7 +121,7 @@ fn p2c_ewma<'a>(c: &[&'a Arc<Backend>], tick: u64) -> &'a Arc<Backend> {
     let j = (i + 1 + ((r >> 32) % (c.len() as u64 - 1)) as usize) % c.len();
     let cost = |b: &Backend| {
         let ewma = b.latency.get_ns() as f64 + 1.0;
-        ewma * (b.in_flight.load(Ordering::Relaxed) + 1) as f64 / f64::from(b.weight.max(1))
+        ewma * (b.in_flight.load(Ordering::Relaxed) + 1) as f64 / f64::from(b.weight().max(1))
     };
     if cost(c[j]) < cost(c[i]) { c[j] } else { c[i] }
 }
@@ -134,7 +135,7 @@ fn rendezvous<'a>(c: &[&'a Arc<Backend>], key: &[u8]) -> &'a Arc<Backend> {
         b.addr.hash(&mut h);
         // A uniform value in (0, 1), then weight / -ln(u): the weighted HRW score.
         let u = ((h.finish() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        f64::from(b.weight.max(1)) / -u.ln()
+        f64::from(b.weight().max(1)) / -u.ln()
     };
     let mut best = c[0];
     let mut best_score = score(best);

@@ -27,7 +27,9 @@ use crate::config::{Balance, UpstreamConfig};
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
-    pub weight: u32,
+    /// Changed in place (`lb backend weight`, a reload), so counters and in-flight counts stay;
+    /// the group swaps its set at the same time, which tells the L4 picker's cache to rebuild.
+    weight: AtomicU32,
     /// No new connections or requests; established ones finish.
     pub draining: AtomicBool,
     /// The active health check's verdict (up until a check says otherwise, and always up
@@ -50,7 +52,7 @@ impl Backend {
     pub fn new(addr: SocketAddr, weight: u32) -> Self {
         Self {
             addr,
-            weight,
+            weight: AtomicU32::new(weight),
             draining: AtomicBool::new(false),
             checked_up: AtomicBool::new(true),
             ejected: AtomicBool::new(false),
@@ -59,6 +61,11 @@ impl Backend {
             latency: PeakEwma::default(),
             requests: stats::RequestStats::default(),
         }
+    }
+
+    /// The share of new work, relative to the group's other backends.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
     }
 
     /// May receive new work: checked up, not ejected, not draining.
@@ -228,34 +235,51 @@ impl Group {
         result
     }
 
-    /// Makes the backend set exactly `specs` (a reload): a backend kept with the same weight
-    /// keeps its `Arc<Backend>` (in-flight count, health, counters); one whose weight changed
-    /// is a new `Backend` that starts with the old one's health and drain state.
-    pub fn set_backends(&self, specs: &[crate::config::BackendSpec]) {
+    /// Makes the backend set exactly `specs` (a reload: the file is the truth). A kept backend
+    /// keeps its `Arc<Backend>` (in-flight count, health, counters) and takes the file's weight;
+    /// a drain made at runtime ends. Returns what changed beyond the set itself (undrained
+    /// backends), for the reload report.
+    pub fn set_backends(&self, specs: &[crate::config::BackendSpec]) -> Vec<SocketAddr> {
+        let mut undrained = Vec::new();
         self.backends.rcu(|cur| {
+            undrained.clear();
             let list: Vec<Arc<Backend>> = specs
                 .iter()
                 .map(|s| match cur.iter().find(|b| b.addr == s.addr()) {
-                    Some(b) if b.weight == s.weight() => b.clone(),
                     Some(b) => {
-                        let n = Backend::new(s.addr(), s.weight());
-                        n.checked_up.store(b.checked_up.load(Ordering::Relaxed), Ordering::Relaxed);
-                        n.ejected.store(b.ejected.load(Ordering::Relaxed), Ordering::Relaxed);
-                        n.draining.store(b.draining.load(Ordering::Relaxed), Ordering::Relaxed);
-                        Arc::new(n)
+                        b.weight.store(s.weight(), Ordering::Relaxed);
+                        if b.draining.swap(false, Ordering::Relaxed) {
+                            undrained.push(b.addr);
+                        }
+                        b.clone()
                     }
                     None => Arc::new(Backend::new(s.addr(), s.weight())),
                 })
                 .collect();
             Arc::new(list)
         });
+        undrained
     }
 
-    pub fn drain(&self, addr: SocketAddr) -> Result<(), GroupError> {
-        let set = self.backends();
-        let b = set.iter().find(|b| b.addr == addr).ok_or(GroupError::NotFound(addr))?;
-        b.draining.store(true, Ordering::Relaxed);
+    /// Stops new work to `addr` (`draining`) or lets it take new work again.
+    pub fn set_draining(&self, addr: SocketAddr, draining: bool) -> Result<(), GroupError> {
+        self.member(addr)?.draining.store(draining, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Gives `addr` a new weight; its counters, health and drain state stay.
+    pub fn set_weight(&self, addr: SocketAddr, weight: u32) -> Result<(), GroupError> {
+        if weight == 0 {
+            return Err(GroupError::ZeroWeight);
+        }
+        self.member(addr)?.weight.store(weight, Ordering::Relaxed);
+        // A new set pointer: the L4 picker rebuilds its Maglev table for the new weight.
+        self.backends.rcu(|cur| Arc::new(cur.to_vec()));
+        Ok(())
+    }
+
+    fn member(&self, addr: SocketAddr) -> Result<Arc<Backend>, GroupError> {
+        self.backends().iter().find(|b| b.addr == addr).cloned().ok_or(GroupError::NotFound(addr))
     }
 }
 
@@ -304,11 +328,23 @@ mod tests {
         assert_eq!(g.add(c, 0), Err(GroupError::ZeroWeight));
         assert_eq!(g.backends().len(), 3);
         assert_eq!(g.backends()[0].in_flight.load(Ordering::Relaxed), 5, "counters survive");
-        g.drain(a).unwrap();
+        g.set_draining(a, true).unwrap();
         assert!(!g.backends()[0].is_available());
+        g.set_draining(a, false).unwrap();
+        assert!(g.backends()[0].is_available(), "undrained");
+        let set = g.backends();
+        g.set_weight(a, 4).unwrap();
+        assert_eq!(g.backends()[0].weight(), 4);
+        assert_eq!(g.backends()[0].in_flight.load(Ordering::Relaxed), 5, "a weight keeps counters");
+        assert!(!Arc::ptr_eq(&set, &g.backends()), "a new set: the L4 table rebuilds");
+        assert_eq!(g.set_weight(a, 0), Err(GroupError::ZeroWeight));
+        assert_eq!(
+            g.set_weight("10.9.9.9:80".parse().unwrap(), 2),
+            Err(GroupError::NotFound("10.9.9.9:80".parse().unwrap()))
+        );
         g.remove(a).unwrap();
         assert_eq!(g.remove(a), Err(GroupError::NotFound(a)));
-        assert_eq!(g.backends().iter().map(|b| b.weight).collect::<Vec<_>>(), [3, 1]);
+        assert_eq!(g.backends().iter().map(|b| b.weight()).collect::<Vec<_>>(), [3, 1]);
     }
 
     #[test]
@@ -317,15 +353,18 @@ mod tests {
         let before = g.backends();
         before[0].in_flight.store(7, Ordering::Relaxed);
         before[1].checked_up.store(false, Ordering::Relaxed);
+        before[1].draining.store(true, Ordering::Relaxed);
         let specs: Vec<crate::config::BackendSpec> = toml::from_str::<UpstreamConfig>(
             r#"backends = ["10.0.0.1:80", { addr = "10.0.0.2:80", weight = 5 }, "10.0.0.9:80"]"#,
         )
         .unwrap()
         .backends;
-        g.set_backends(&specs);
+        assert_eq!(g.set_backends(&specs), ["10.0.0.2:80".parse().unwrap()], "undrained");
         let after = g.backends();
-        assert!(Arc::ptr_eq(&before[0], &after[0]), "same weight: the same Arc");
-        assert_eq!(after[1].weight, 5);
+        assert!(Arc::ptr_eq(&before[0], &after[0]), "a kept backend: the same Arc");
+        assert!(Arc::ptr_eq(&before[1], &after[1]), "a new weight: still the same Arc");
+        assert_eq!(after[1].weight(), 5);
+        assert!(!after[1].draining.load(Ordering::Relaxed), "the file is the truth");
         assert!(
             !after[1].checked_up.load(Ordering::Relaxed),
             "health carries over a weight change"

@@ -44,11 +44,32 @@ fn drain_keeps_the_backend_active_but_out_of_the_ring() {
     let a: SocketAddr = "10.1.0.2:80".parse().unwrap();
     let id = t.backends("web").unwrap()[0].id;
     let writes = m.ring_writes;
-    t.drain_backend("web", a, &mut m).unwrap();
+    let before = m.rings[&0].clone();
+    t.set_draining("web", a, true, &mut m).unwrap();
     assert!(m.rings[&0].values().all(|&x| x != id));
     assert_eq!(m.backends[&id].flags, BACKEND_F_ACTIVE, "tracked flows keep their backend");
     // Only the drained backend's slots were rewritten.
     assert!(m.ring_writes - writes < SIZE as usize / 2);
+    t.set_draining("web", a, false, &mut m).unwrap();
+    assert_eq!(m.rings[&0], before, "undrained: the same ring as before the drain");
+}
+
+#[test]
+fn a_weight_change_and_a_reload_follow_the_file() {
+    let mut t = Tables::new(SIZE);
+    let mut m = MemMaps::default();
+    t.apply(&services(WEB), &mut m).unwrap();
+    let a: SocketAddr = "10.1.0.2:80".parse().unwrap();
+    let slots = |t: &Tables| t.backends("web").unwrap()[0].slots;
+    let one = slots(&t);
+    t.set_weight("web", a, 4, &mut m).unwrap();
+    assert!(slots(&t) > 2 * one, "weight 4 takes more slots: {} then {}", one, slots(&t));
+    assert!(matches!(t.set_weight("web", a, 0, &mut m), Err(TableError::ZeroWeight)));
+    t.set_draining("web", a, true, &mut m).unwrap();
+    // A reload puts back the file's weight and ends the runtime drain.
+    t.apply(&services(WEB), &mut m).unwrap();
+    let view = &t.backends("web").unwrap()[0];
+    assert!(!view.draining && view.weight == 1 && view.slots == one, "{view:?}");
 }
 
 #[test]
