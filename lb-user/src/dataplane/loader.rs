@@ -27,7 +27,7 @@ use crate::config::{ServiceConfig, XdpConfig, XdpMode};
 #[derive(Debug, Error)]
 pub enum DataplaneError {
     #[error(
-        "cannot load the XDP program: {0}. lb needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) and a kernel with BPF enabled"
+        "cannot load the XDP program: {0}. lb needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; CAP_SYS_ADMIN instead of the first two where a seccomp profile admits bpf(2) only with it) and a kernel with BPF enabled"
     )]
     Load(#[source] aya::EbpfError),
     #[error("the XDP object has no {0}: the build is broken, rebuild with `cargo build`")]
