@@ -296,6 +296,28 @@ fn image_runs_with_the_daemonsets_security_context() {
     let setup = block(&configmap, "node-setup.sh").unwrap();
     assert!(lb_toml.contains(&format!("pin_path = \"{PIN_IN_CONTAINER}\"")), "{lb_toml}");
 
+    // The node: eth0 toward the client, b0 toward the ConfigMap's backends. Made before
+    // `cleanup`, so they are dropped after it: the containers go before their namespace.
+    let node = Netns::new("node").unwrap();
+    let client = Netns::new("c").unwrap();
+    let backend = Netns::new("b").unwrap();
+    let veth = |a: &Netns, an: &str, b: &Netns, bn: &str| {
+        a.ip(&["link", "add", an, "type", "veth", "peer", "name", bn, "netns", &b.name]).unwrap();
+        a.ip(&["link", "set", an, "up"]).unwrap();
+        b.ip(&["link", "set", bn, "up"]).unwrap();
+    };
+    veth(&node, "eth0", &client, "eth0");
+    veth(&node, "b0", &backend, "eth0");
+    node.ip(&["addr", "add", "10.0.0.1/16", "dev", "eth0"]).unwrap();
+    node.ip(&["addr", "add", "10.1.0.1/24", "dev", "b0"]).unwrap();
+    client.ip(&["addr", "add", "10.0.0.2/16", "dev", "eth0"]).unwrap();
+    client.ip(&["route", "add", "default", "via", "10.0.0.1"]).unwrap();
+    backend.ip(&["addr", "add", "10.1.0.2/24", "dev", "eth0"]).unwrap();
+    backend.ip(&["addr", "add", "10.1.0.3/24", "dev", "eth0"]).unwrap();
+    backend.ip(&["route", "add", "default", "via", "10.1.0.1"]).unwrap();
+    let _b1 = HttpBackend::start(&backend, "10.1.0.2:80".parse().unwrap(), "backend-1").unwrap();
+    let _b2 = HttpBackend::start(&backend, "10.1.0.3:80".parse().unwrap(), "backend-2").unwrap();
+
     base_image().expect("base image");
     let image = format!("localhost/lb:{}", lb_tests::netns::unique("img"));
     let mut cleanup = Cleanup {
@@ -323,27 +345,6 @@ fn image_runs_with_the_daemonsets_security_context() {
     std::fs::create_dir_all(&run).unwrap();
     std::fs::write(config.join("lb.toml"), &lb_toml).unwrap();
     std::fs::write(config.join("node-setup.sh"), &setup).unwrap();
-
-    // The node: eth0 toward the client, b0 toward the ConfigMap's backends.
-    let node = Netns::new("node").unwrap();
-    let client = Netns::new("c").unwrap();
-    let backend = Netns::new("b").unwrap();
-    let veth = |a: &Netns, an: &str, b: &Netns, bn: &str| {
-        a.ip(&["link", "add", an, "type", "veth", "peer", "name", bn, "netns", &b.name]).unwrap();
-        a.ip(&["link", "set", an, "up"]).unwrap();
-        b.ip(&["link", "set", bn, "up"]).unwrap();
-    };
-    veth(&node, "eth0", &client, "eth0");
-    veth(&node, "b0", &backend, "eth0");
-    node.ip(&["addr", "add", "10.0.0.1/16", "dev", "eth0"]).unwrap();
-    node.ip(&["addr", "add", "10.1.0.1/24", "dev", "b0"]).unwrap();
-    client.ip(&["addr", "add", "10.0.0.2/16", "dev", "eth0"]).unwrap();
-    client.ip(&["route", "add", "default", "via", "10.0.0.1"]).unwrap();
-    backend.ip(&["addr", "add", "10.1.0.2/24", "dev", "eth0"]).unwrap();
-    backend.ip(&["addr", "add", "10.1.0.3/24", "dev", "eth0"]).unwrap();
-    backend.ip(&["route", "add", "default", "via", "10.1.0.1"]).unwrap();
-    let _b1 = HttpBackend::start(&backend, "10.1.0.2:80".parse().unwrap(), "backend-1").unwrap();
-    let _b2 = HttpBackend::start(&backend, "10.1.0.3:80".parse().unwrap(), "backend-2").unwrap();
 
     // Without the node set-up lb refuses to start, naming the setting and the fix: its
     // /proc/sys is read-only. tcp_migrate_req is checked first (before XDP), forwarding next.
