@@ -4,12 +4,7 @@
 //! XDP attaches natively, the L7 listener on port 80 answers with a backend's reply, the probes
 //! pass, and `lb detach` in the same context removes every pin and the program.
 //!
-//! ```text
-//!  client ns                 node ns (lb's container)              backend ns
-//!  eth0 10.0.0.2/16  <->  eth0 10.0.0.1/16 (XDP)
-//!                         b0   10.1.0.1/24         <->   eth0 10.1.0.2/24, 10.1.0.3/24
-//! ```
-//! The backends are the ConfigMap's (10.1.0.2:80, 10.1.0.3:80). Skipped, saying so, without
+//! The network is [`lb_tests::container::Node`]'s, with the ConfigMap's backends. Skipped, saying so, without
 //! root or a podman that runs containers (a failure instead under `LB_REQUIRE_PRIVILEGED=1`,
 //! where the bootstrap has installed it). `LB_IMAGE_CAPS=BPF,NET_ADMIN,...` replaces the
 //! DaemonSet's capability list and `LB_IMAGE_SECCOMP=unconfined` (or a profile's path) the
@@ -21,62 +16,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
-use lb_tests::{admin::Admin, backends::HttpBackend, client::http_get, netns::Netns};
+use anyhow::bail;
+use lb_tests::{
+    admin::Admin,
+    client::http_get,
+    container::{
+        Node, base_image, block, cap_mask, podman, runtime_or_skip, say, status_field, workspace,
+    },
+};
 
-/// The base image the Containerfile builds on (its `BASE` default), made with debootstrap
-/// once and kept: it takes about two minutes from Debian's mirror.
-const BASE: &str = "localhost/lb-base";
 /// Where lb's directory of the host's bpffs appears in the container (daemonset.yaml).
 const BPFFS_IN_CONTAINER: &str = "/sys/fs/bpf";
 /// The ConfigMap's `[xdp] pin_path`, inside the container.
 const PIN_IN_CONTAINER: &str = "/sys/fs/bpf/lb";
 const ADMIN_SOCKET: &str = "unix:/run/lb/admin.sock";
 const VIP: &str = "203.0.113.10";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
-
-/// Written to stderr directly: libtest captures `eprintln!`, and what the test measured (and
-/// a skip) must be seen when it passes.
-fn say(line: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// Runs podman with `args`: stdout, or an error with stderr.
-fn podman(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("podman").args(args).output().context("spawn podman")?;
-    if !out.status.success() {
-        bail!("podman {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// True when podman can run a container here; otherwise says why and skips (or fails under
-/// `LB_REQUIRE_PRIVILEGED=1`).
-fn runtime_or_skip() -> bool {
-    let Err(e) = podman(&["info", "--format", "{{.Host.OCIRuntime.Name}}"]) else { return true };
-    let why = format!(
-        "no container runtime can run here ({e:#}); `cargo xtask bootstrap` installs podman and runc"
-    );
-    if std::env::var("LB_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{why}");
-    }
-    say(&format!("SKIPPED {}: {why}", lb_tests::test_name()));
-    false
-}
-
-/// The literal block `key: |` of a ConfigMap's `data`, dedented.
-fn block(yaml: &str, key: &str) -> anyhow::Result<String> {
-    let head = format!("  {key}: |");
-    let mut lines = yaml.lines().skip_while(|l| *l != head);
-    lines.next().with_context(|| format!("no {key} in the ConfigMap"))?;
-    let body: Vec<&str> = lines.take_while(|l| l.is_empty() || l.starts_with("    ")).collect();
-    let text: String = body.iter().map(|l| format!("{}\n", l.get(4..).unwrap_or(""))).collect();
-    Ok(text.trim_end().to_string() + "\n")
-}
 
 /// The lb container's `capabilities.add` list in the DaemonSet (the init container has none):
 /// the `- NAME` items after `add:`, comments between them skipped.
@@ -89,56 +43,6 @@ fn daemonset_caps(yaml: &str) -> Vec<String> {
         .map_while(|l| l.strip_prefix("- "))
         .map(|item| item.split('#').next().unwrap_or("").trim().to_string())
         .collect()
-}
-
-/// Capability numbers (linux/capability.h) of the names lb might need.
-fn cap_bit(name: &str) -> u32 {
-    match name {
-        "NET_BIND_SERVICE" => 10,
-        "NET_ADMIN" => 12,
-        "NET_RAW" => 13,
-        "IPC_LOCK" => 14,
-        "SYS_ADMIN" => 21,
-        "SYS_RESOURCE" => 24,
-        "PERFMON" => 38,
-        "BPF" => 39,
-        other => panic!("capability {other} is not in the test's table"),
-    }
-}
-
-/// Makes the base image unless it exists: Debian's minbase with iproute2 (lb runs `ip`).
-fn base_image() -> anyhow::Result<()> {
-    if Command::new("podman").args(["image", "exists", BASE]).status()?.success() {
-        return Ok(());
-    }
-    let dir = std::env::temp_dir().join(lb_tests::netns::unique("rootfs"));
-    say(&format!("k8s_image: building {BASE} with debootstrap (about 2 minutes, once)"));
-    let made = (|| {
-        let dir_s = dir.to_str().context("path")?;
-        lb_tests::netns::run(&[
-            "timeout",
-            "900",
-            "debootstrap",
-            "--variant=minbase",
-            "--include=iproute2,ca-certificates",
-            "bookworm",
-            dir_s,
-            "http://deb.debian.org/debian",
-        ])?;
-        // The package cache is half the tree and no use in an image.
-        lb_tests::netns::run(&[
-            "sh",
-            "-c",
-            &format!("rm -rf {dir_s}/var/cache/apt/archives/*.deb {dir_s}/var/lib/apt/lists/*"),
-        ])?;
-        lb_tests::netns::run(&[
-            "sh",
-            "-c",
-            &format!("tar -C {dir_s} -c . | podman import - {BASE}"),
-        ])
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    made.map(drop)
 }
 
 /// Removes what the test made, also when it fails: the container(s), the image, the
@@ -165,16 +69,10 @@ impl Drop for Cleanup {
 }
 
 /// The podman flags that give a container the lb container's context in daemonset.yaml.
-fn lb_context(
-    node: &Netns,
-    caps: &[String],
-    c: &Cleanup,
-    config: &Path,
-    run: &Path,
-) -> Vec<String> {
+fn lb_context(node: &Node, caps: &[String], c: &Cleanup, config: &Path, run: &Path) -> Vec<String> {
     let mut args: Vec<String> = [
         "--network",
-        &format!("ns:/run/netns/{}", node.name),
+        &node.network(),
         // securityContext: drop ALL, add each listed one; not privileged (podman's default).
         "--cap-drop=all",
     ]
@@ -228,13 +126,6 @@ fn wait_ready(name: &str) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// `key:` of /proc/PID/status.
-fn status_field(pid: &str, key: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_default();
-    line[line.find(':').map_or(0, |i| i + 1)..].trim().to_string()
 }
 
 /// The memory cgroup (v1 here) usage of `pid`'s container, in bytes: (now, peak, kernel part).
@@ -296,27 +187,10 @@ fn image_runs_with_the_daemonsets_security_context() {
     let setup = block(&configmap, "node-setup.sh").unwrap();
     assert!(lb_toml.contains(&format!("pin_path = \"{PIN_IN_CONTAINER}\"")), "{lb_toml}");
 
-    // The node: eth0 toward the client, b0 toward the ConfigMap's backends. Made before
-    // `cleanup`, so they are dropped after it: the containers go before their namespace.
-    let node = Netns::new("node").unwrap();
-    let client = Netns::new("c").unwrap();
-    let backend = Netns::new("b").unwrap();
-    let veth = |a: &Netns, an: &str, b: &Netns, bn: &str| {
-        a.ip(&["link", "add", an, "type", "veth", "peer", "name", bn, "netns", &b.name]).unwrap();
-        a.ip(&["link", "set", an, "up"]).unwrap();
-        b.ip(&["link", "set", bn, "up"]).unwrap();
-    };
-    veth(&node, "eth0", &client, "eth0");
-    veth(&node, "b0", &backend, "eth0");
-    node.ip(&["addr", "add", "10.0.0.1/16", "dev", "eth0"]).unwrap();
-    node.ip(&["addr", "add", "10.1.0.1/24", "dev", "b0"]).unwrap();
-    client.ip(&["addr", "add", "10.0.0.2/16", "dev", "eth0"]).unwrap();
-    client.ip(&["route", "add", "default", "via", "10.0.0.1"]).unwrap();
-    backend.ip(&["addr", "add", "10.1.0.2/24", "dev", "eth0"]).unwrap();
-    backend.ip(&["addr", "add", "10.1.0.3/24", "dev", "eth0"]).unwrap();
-    backend.ip(&["route", "add", "default", "via", "10.1.0.1"]).unwrap();
-    let _b1 = HttpBackend::start(&backend, "10.1.0.2:80".parse().unwrap(), "backend-1").unwrap();
-    let _b2 = HttpBackend::start(&backend, "10.1.0.3:80".parse().unwrap(), "backend-2").unwrap();
+    // Made before `cleanup`, so they are dropped after it: the containers go before their
+    // namespace.
+    let net = Node::new().expect("node namespaces and backends");
+    let (node, client) = (&net.node, &net.client);
 
     base_image().expect("base image");
     let image = format!("localhost/lb:{}", lb_tests::netns::unique("img"));
@@ -350,7 +224,7 @@ fn image_runs_with_the_daemonsets_security_context() {
     // /proc/sys is read-only. tcp_migrate_req is checked first (before XDP), forwarding next.
     let refused = |c: &Cleanup| {
         let mut args: Vec<String> = ["run", "--rm"].map(String::from).to_vec();
-        args.extend(lb_context(&node, &caps, c, &config, &run));
+        args.extend(lb_context(&net, &caps, c, &config, &run));
         args.extend([&image, "run", "--config", "/etc/lb/lb.toml"].map(String::from));
         let out = Command::new("podman").args(&args).output().unwrap();
         assert!(!out.status.success(), "lb ran without the node set-up");
@@ -372,14 +246,14 @@ fn image_runs_with_the_daemonsets_security_context() {
     node.sysctl("net.ipv4.tcp_migrate_req", "0").unwrap();
 
     // The init container: privileged, the image's sh running the ConfigMap's node-setup.sh.
-    let net = format!("ns:/run/netns/{}", node.name);
+    let network = net.network();
     let cfg_mount = format!("{}:/etc/lb:ro", config.display());
     let setup_out = podman(&[
         "run",
         "--rm",
         "--privileged",
         "--network",
-        &net,
+        &network,
         "-v",
         &cfg_mount,
         "--entrypoint",
@@ -396,7 +270,7 @@ fn image_runs_with_the_daemonsets_security_context() {
     let name = lb_tests::netns::unique("lb");
     cleanup.containers.push(name.clone());
     let mut args: Vec<String> = ["run", "-d", "--name", &name].map(String::from).to_vec();
-    args.extend(lb_context(&node, &caps, &cleanup, &config, &run));
+    args.extend(lb_context(&net, &caps, &cleanup, &config, &run));
     args.extend([&image, "run", "--config", "/etc/lb/lb.toml"].map(String::from));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     podman(&argv).expect("podman run lb");
@@ -404,7 +278,7 @@ fn image_runs_with_the_daemonsets_security_context() {
 
     // The context took: these capabilities only, no new privileges, a seccomp filter.
     let pid = podman(&["inspect", "-f", "{{.State.Pid}}", &name]).unwrap().trim().to_string();
-    let want: u64 = caps.iter().map(|c| 1u64 << cap_bit(c)).sum();
+    let want = cap_mask(&caps);
     let eff = u64::from_str_radix(&status_field(&pid, "CapEff"), 16).unwrap();
     assert_eq!(eff, want, "CapEff {eff:x}, want {want:x} ({caps:?})");
     assert_eq!(status_field(&pid, "NoNewPrivs"), "1");
@@ -428,12 +302,12 @@ fn image_runs_with_the_daemonsets_security_context() {
     let l7: SocketAddr = "10.0.0.1:80".parse().unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..200 {
-        let body = http_get(&client, None, l7, Duration::from_secs(3)).expect("GET through lb");
+        let body = http_get(client, None, l7, Duration::from_secs(3)).expect("GET through lb");
         assert!(body == "backend-1" || body == "backend-2", "{body}");
         seen.insert(body);
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
-    let admin = Admin::new(&node, "127.0.0.1:9901".parse().unwrap());
+    let admin = Admin::new(node, "127.0.0.1:9901".parse().unwrap());
     assert_eq!(admin.request("GET", "/ready").unwrap().0, 200);
     assert_eq!(admin.request("GET", "/live").unwrap().0, 200);
     let live = Command::new("podman")
@@ -469,7 +343,7 @@ fn image_runs_with_the_daemonsets_security_context() {
     let detach = lb_tests::netns::unique("detach");
     cleanup.containers.push(detach.clone());
     let mut args: Vec<String> = ["run", "--rm", "--name", &detach].map(String::from).to_vec();
-    args.extend(lb_context(&node, &caps, &cleanup, &config, &run));
+    args.extend(lb_context(&net, &caps, &cleanup, &config, &run));
     args.extend([&image, "detach", "--config", "/etc/lb/lb.toml"].map(String::from));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = podman(&argv).expect("lb detach");
