@@ -52,7 +52,9 @@ pub enum DataplaneError {
     IncompatiblePins { dir: PathBuf, map: &'static str, found: u32, expected: u32 },
     #[error(transparent)]
     Table(#[from] TableError),
-    #[error("host: {0}")]
+    /// Transparent: a prefix with `#[from]` (a source) printed every host error twice in an
+    /// error chain (`host: cannot set X: cannot set X`).
+    #[error(transparent)]
     Host(#[from] HostError),
     #[error(transparent)]
     Snat(#[from] super::snat::SnatError),
