@@ -19,6 +19,7 @@ use crate::{backends::HttpBackend, netns::Netns};
 /// The base image the Containerfile builds on (its `BASE` default), made with debootstrap
 /// once and kept: it takes about two minutes from Debian's mirror.
 pub const BASE: &str = "localhost/lb-base";
+
 /// The workspace root (deploy/, target/).
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
