@@ -201,7 +201,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     raise_nofile();
     let mut takeover = upgrade::begin(&config, upgrade)?;
-    upgrade::overlap::enable_migration(&config);
+    upgrade::overlap::enable_migration(&config)?;
     // The XDP maps have one writer: a process started beside a running one (every listener
     // `reuse_port`) takes them over once that one lets go.
     let (dataplane, later) = match &config.xdp {

@@ -10,7 +10,8 @@
 //!   frames through `BPF_PROG_TEST_RUN`, [`icmp`] the ICMP errors among them; [`flood`]: the
 //!   same frames sent from a namespace;
 //! - [`rel`], [`procs`], [`h2`]: reliability reports, process samples, hand-built h2 frames;
-//! - [`conformance`]: h2spec and real gRPC implementations (Python) run against the L7 proxy.
+//! - [`conformance`]: h2spec and real gRPC implementations (Python) run against the L7 proxy;
+//! - [`container`]: lb in podman containers (base image, ConfigMap pieces, a node namespace).
 //!
 //! Every name is unique to the run (pid and a counter), so concurrent runs never collide; every
 //! namespace is deleted on drop, which also runs when a test fails or panics.
@@ -22,6 +23,7 @@ pub mod bird;
 pub mod client;
 pub mod conf;
 pub mod conformance;
+pub mod container;
 pub mod fabric;
 pub mod fixture;
 pub mod flood;

@@ -1,6 +1,6 @@
 //! Puts a fresh machine of this kind in shape to build and test lb: Debian packages, the nightly
 //! rust-src the eBPF build needs, bpf-linker built against LLVM 22, cargo-fuzz, a mounted
-//! bpffs. Every step checks first and skips what is there; every failure is one sentence that
+//! bpffs, podman's settings for this machine. Every step checks first and skips what is there; every failure is one sentence that
 //! says what is wrong.
 use anyhow::{Context as _, bail};
 
@@ -20,6 +20,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/setpriv"),
     ("procps", "/usr/sbin/sysctl"),
     ("systemd", "/usr/bin/systemd-analyze"),
+    // The image test (`tests/tests/k8s_image.rs`): a local base image from Debian's mirror
+    // (no registry is reachable) and podman on runc (see [`containers_conf`]).
+    ("podman", "/usr/bin/podman"),
+    ("runc", "/usr/sbin/runc"),
+    ("debootstrap", "/usr/sbin/debootstrap"),
     // BGP: the node and router daemons of the `[announce]` tests (deploy/bgp/bird.conf).
     ("bird2", "/usr/sbin/bird"),
     // Go and the packaged Go libraries that ../shared/tools/h2spec/build.sh compiles h2spec
@@ -57,6 +62,7 @@ pub fn run() -> anyhow::Result<()> {
     packages()?;
     netns_check()?;
     bpffs()?;
+    containers_conf()?;
     rust()?;
     bpf_linker()?;
     crate::reliability::cargo_fuzz()?;
@@ -103,6 +109,32 @@ fn bpffs() -> anyhow::Result<()> {
     std::fs::create_dir_all("/sys/fs/bpf").ok();
     step("mount bpffs", &["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], &[])
         .context("cannot mount bpffs at /sys/fs/bpf; lb pins its program and maps there")
+}
+
+/// podman's settings for this machine kind: crun (Debian's default runtime) refuses its hybrid
+/// cgroup layout, and setting rlimits in a container is not permitted here, so every run would
+/// fail without `runtime = "runc"` and `default_ulimits = []`.
+const CONTAINERS_CONF: &str = "/etc/containers/containers.conf";
+const CONTAINERS_SETTINGS: &str =
+    "[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = \"runc\"\n";
+
+fn containers_conf() -> anyhow::Result<()> {
+    match std::fs::read_to_string(CONTAINERS_CONF) {
+        Ok(text)
+            if text.contains("default_ulimits = []") && text.contains("runtime = \"runc\"") =>
+        {
+            Ok(())
+        }
+        Ok(_) => bail!(
+            "{CONTAINERS_CONF} exists without lb's settings: add `default_ulimits = []` under [containers] and `runtime = \"runc\"` under [engine] (podman cannot run containers here otherwise)"
+        ),
+        Err(_) => {
+            println!("xtask: write {CONTAINERS_CONF} (runc, no default ulimits)");
+            std::fs::create_dir_all("/etc/containers")?;
+            std::fs::write(CONTAINERS_CONF, CONTAINERS_SETTINGS)
+                .with_context(|| format!("cannot write {CONTAINERS_CONF}"))
+        }
+    }
 }
 
 fn rust() -> anyhow::Result<()> {

@@ -27,6 +27,9 @@ enum Task {
     },
     /// Bootstrap, build, and show traffic through lb in a sandbox of namespaces.
     Demo,
+    /// Only the offline check of deploy/ (Kubernetes schemas, `systemd-analyze verify`), as
+    /// `test` runs it; needs `cargo build -p lb-user` first.
+    Deploy,
     /// Bootstrap, install the peers, and measure lb against them with `lb-bench` (the `bench/`
     /// crate); writes BENCHMARKS.md and the plots with their points in bench/plots/.
     Bench {
@@ -65,6 +68,7 @@ fn main() {
         Task::Bootstrap => bootstrap::run(),
         Task::Test { no_lint } => bootstrap::run().and_then(|()| test(!no_lint)),
         Task::Demo => bootstrap::run().and_then(|()| demo()),
+        Task::Deploy => deploy::bootstrap().and_then(|()| deploy::validate()),
         Task::Bench { replot: true, .. } => bootstrap::run().and_then(|()| bench::replot()),
         Task::Bench { quick, .. } => bootstrap::run().and_then(|()| bench::run(quick)),
         Task::Reliability { report_only: true, .. } => reliability::write_markdown(true),
@@ -120,6 +124,12 @@ fn test(lint: bool) -> anyhow::Result<()> {
     cmd::step(
         "build",
         &["cargo", "build", "--workspace", "--exclude", "lb-ebpf", "--all-targets"],
+        &[],
+    )?;
+    // tests/tests/k8s_image.rs builds the image from the release binary, as the README does.
+    cmd::step(
+        "build the release binary (the image test packs it)",
+        &["cargo", "build", "--release", "-p", "lb-user"],
         &[],
     )?;
     deploy::validate()?;

@@ -18,7 +18,7 @@ pub const RECORD_DIR: &str = "/run/lb";
 #[derive(Debug, Error)]
 pub enum HostError {
     #[error(
-        "cannot set {key} = {value}: {message}. lb needs root (CAP_NET_ADMIN) and a writable /proc/sys"
+        "cannot set {key} = {value}: {message}. Set it on the host (`sysctl -w {key}={value}`; the DaemonSet's init container does) or run lb as root (CAP_NET_ADMIN) with a writable /proc/sys"
     )]
     Sysctl { key: String, value: String, message: String },
     #[error("cannot {action}: {message}")]

@@ -27,7 +27,7 @@ use crate::config::{ServiceConfig, XdpConfig, XdpMode};
 #[derive(Debug, Error)]
 pub enum DataplaneError {
     #[error(
-        "cannot load the XDP program: {0}. lb needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) and a kernel with BPF enabled"
+        "cannot load the XDP program: {0}. lb needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; CAP_SYS_ADMIN instead of the first two where a seccomp profile admits bpf(2) only with it) and a kernel with BPF enabled"
     )]
     Load(#[source] aya::EbpfError),
     #[error("the XDP object has no {0}: the build is broken, rebuild with `cargo build`")]
@@ -52,7 +52,9 @@ pub enum DataplaneError {
     IncompatiblePins { dir: PathBuf, map: &'static str, found: u32, expected: u32 },
     #[error(transparent)]
     Table(#[from] TableError),
-    #[error("host: {0}")]
+    /// Transparent: a prefix with `#[from]` (a source) printed every host error twice in an
+    /// error chain (`host: cannot set X: cannot set X`).
+    #[error(transparent)]
     Host(#[from] HostError),
     #[error(transparent)]
     Snat(#[from] super::snat::SnatError),

@@ -31,27 +31,39 @@ pub fn set_reuse_port(socket: &impl AsFd, on: bool) -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
+/// `net.ipv4.tcp_migrate_req` is 0 and cannot be written (a container's read-only /proc/sys).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot set net.ipv4.tcp_migrate_req = 1 ({0}): with reuse_port, connections queued on a listener when this process stops would be reset. Set it on the host (`sysctl -w net.ipv4.tcp_migrate_req=1`, per network namespace; the DaemonSet's init container does) or give lb a writable /proc/sys"
+)]
+pub struct MigrationError(io::Error);
+
 /// Turns on `net.ipv4.tcp_migrate_req` (per network namespace) when a TCP listener of
 /// `config` has `reuse_port`: without it, connections queued on a closing listener are reset.
-pub fn enable_migration(config: &Config) {
+/// Refuses when it is off and cannot be written: a rolling update would then reset
+/// connections, which a warning in a log nobody reads does not prevent. A kernel without the
+/// setting (before 5.14) is only warned about: there is nothing to set.
+pub fn enable_migration(config: &Config) -> Result<(), MigrationError> {
     let tcp = config.tcp.listeners.iter().filter(|l| l.protocol == Protocol::Tcp);
     let shared = config.http.listener.iter().any(|l| l.reuse_port)
         || tcp.clone().any(|l| l.reuse_port)
         || config.admin.reuse_port;
     if !shared {
-        return;
+        return Ok(());
     }
     match std::fs::read_to_string(MIGRATE_REQ) {
         Ok(v) if v.trim() == "1" => log::info!("net.ipv4.tcp_migrate_req = 1 (reuse_port)"),
-        _ => match std::fs::write(MIGRATE_REQ, "1") {
-            Ok(()) => log::info!(
+        Err(e) if e.kind() == io::ErrorKind::NotFound => log::warn!(
+            "this kernel has no net.ipv4.tcp_migrate_req: with reuse_port, connections queued when this process stops will be reset"
+        ),
+        _ => {
+            std::fs::write(MIGRATE_REQ, "1").map_err(MigrationError)?;
+            log::info!(
                 "net.ipv4.tcp_migrate_req = 1: with reuse_port, connections queued on a listener this process closes move to the other process"
-            ),
-            Err(e) => log::warn!(
-                "cannot set net.ipv4.tcp_migrate_req = 1 ({e}): with reuse_port, connections queued when this process stops will be reset; set it on the host (sysctl -w net.ipv4.tcp_migrate_req=1)"
-            ),
-        },
+            );
+        }
     }
+    Ok(())
 }
 
 /// Steers the datagrams of the SO_REUSEPORT group of `socket` to the socket that joined it

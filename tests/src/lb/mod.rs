@@ -66,6 +66,13 @@ fn sweep_dead_pins() {
         let pid = name.strip_prefix("lbt").and_then(|r| r.split('x').next());
         let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else { continue };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // A directory standing for a host's bpffs (k8s_image.rs) holds the pin directory.
+            for sub in std::fs::read_dir(entry.path()).into_iter().flatten().filter_map(Result::ok)
+            {
+                if sub.path().is_dir() {
+                    let _ = lb_user::dataplane::detach(&sub.path());
+                }
+            }
             let _ = lb_user::dataplane::detach(&entry.path());
         }
     }
