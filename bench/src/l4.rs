@@ -10,7 +10,7 @@ use lb_tests::{
 
 use super::{
     median, progress,
-    tools::{Wrk, iperf, start_backend, wrk},
+    tools::{Wrk, iperf, iperf_dir, start_backend, wrk},
 };
 
 const CONTENDERS: [&str; 5] = [
@@ -145,6 +145,8 @@ struct Samples {
     close: Vec<f64>,
     p99: Vec<f64>,
     gbps: Vec<f64>,
+    /// iperf3 -R: the backend sends (responses), the client receives.
+    down: Vec<f64>,
     errors: u64,
 }
 
@@ -163,7 +165,12 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
          -t1 -c50 from one client address; nginx backends (1 worker each); HAProxy with 2 threads. \
          The web VIP balances per connection (lb: `hash = \"five-tuple\"`, nftables: numgen, \
          HAProxy: roundrobin); the bulk port keeps a client on one backend (lb: source-ip, \
-         nftables: jhash, HAProxy: source) because iperf3's two connections must meet.\n"
+         nftables: jhash, HAProxy: source) because iperf3's two connections must meet. Bulk is \
+         an upload (the client sends: every data packet crosses the balancer, wrapped under DSR); \
+         bulk download is `iperf3 -R` (the backend sends, as with web responses: under full NAT \
+         the data crosses lb's XDP program, under DSR it leaves the backend for the client's \
+         address directly; in this topology that route still runs through the balancer \
+         namespace's kernel, as kernel routing does).\n"
     );
     Ok(())
 }
@@ -198,11 +205,13 @@ fn table(n: usize, contenders: &[usize], rounds: usize, secs: u32) -> anyhow::Re
             let ka: Wrk = wrk(&topo.client, &url, 50, secs, false)?;
             let close: Wrk = wrk(&topo.client, &url, 50, secs, true)?;
             let gbps = iperf(&topo.client, &target, 5201, secs)?;
+            let down = iperf_dir(&topo.client, &target, 5201, secs, true)?;
             let s = results.entry(i).or_default();
             s.keepalive.push(ka.rps);
             s.close.push(close.rps);
             s.p99.push(ka.p99_ms);
             s.gbps.push(gbps);
+            s.down.push(down);
             s.errors += ka.errors + close.errors;
             if let Some(mut l) = lbd {
                 if std::env::var_os("LB_BENCH_DEBUG").is_some() {
@@ -224,32 +233,34 @@ fn table(n: usize, contenders: &[usize], rounds: usize, secs: u32) -> anyhow::Re
     }
     let med = |v: &Vec<f64>| median(&mut v.clone());
     let mut md = String::from(
-        "| path (client → balancer → backends) | keep-alive req/s | new connections/s (Connection: close) | keep-alive p99 ms | bulk Gbit/s (iperf3, 1 stream) | errors |\n| --- | ---: | ---: | ---: | ---: | ---: |\n",
+        "| path (client → balancer → backends) | keep-alive req/s | new connections/s (Connection: close) | keep-alive p99 ms | bulk Gbit/s (iperf3, 1 stream) | bulk download Gbit/s (iperf3 -R) | errors |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for (i, s) in &results {
         md += &format!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {} |\n",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} |\n",
             CONTENDERS[*i],
             med(&s.keepalive),
             med(&s.close),
             med(&s.p99),
             med(&s.gbps),
+            med(&s.down),
             s.errors
         );
     }
     for row in LB_ROWS {
         let Some(lb) = results.get(&row) else { continue };
         md += &format!(
-            "\n| {} ÷ peer (medians) | keep-alive req/s | new connections/s | bulk |\n| --- | ---: | ---: | ---: |\n",
+            "\n| {} ÷ peer (medians) | keep-alive req/s | new connections/s | bulk | bulk download |\n| --- | ---: | ---: | ---: | ---: |\n",
             CONTENDERS[row]
         );
         for (i, p) in results.iter().filter(|(i, _)| **i != row) {
             md += &format!(
-                "| ÷ {} | {:.2} | {:.2} | {:.2} |\n",
+                "| ÷ {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
                 CONTENDERS[*i],
                 med(&lb.keepalive) / med(&p.keepalive),
                 med(&lb.close) / med(&p.close),
-                med(&lb.gbps) / med(&p.gbps)
+                med(&lb.gbps) / med(&p.gbps),
+                med(&lb.down) / med(&p.down)
             );
         }
     }

@@ -123,16 +123,24 @@ fn parse_h2load(text: &str) -> Option<H2load> {
 
 /// Bulk TCP throughput in Gbit/s from `ns` to `host:port` (one stream) for `secs` seconds.
 pub fn iperf(ns: &Netns, host: &str, port: u16, secs: u32) -> anyhow::Result<f64> {
-    let out = ns.exec_output(&[
-        "iperf3",
-        "-c",
-        host,
-        "-p",
-        &port.to_string(),
-        "-t",
-        &secs.to_string(),
-        "-J",
-    ])?;
+    iperf_dir(ns, host, port, secs, false)
+}
+
+/// [`iperf`] in either direction: `download` (`-R`) has the server send, as a web backend's
+/// responses do, which is the traffic DSR keeps off the balancer.
+pub fn iperf_dir(
+    ns: &Netns,
+    host: &str,
+    port: u16,
+    secs: u32,
+    download: bool,
+) -> anyhow::Result<f64> {
+    let (port, secs) = (port.to_string(), secs.to_string());
+    let mut args = vec!["iperf3", "-c", host, "-p", &port, "-t", &secs, "-J"];
+    if download {
+        args.push("-R");
+    }
+    let out = ns.exec_output(&args)?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
     v["end"]["sum_received"]["bits_per_second"]
