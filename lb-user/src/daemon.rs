@@ -256,6 +256,8 @@ pub async fn run(
             );
         }
     }
+    // Not a condition of ready: an API that cannot be reached leaves its services as they are.
+    crate::discovery::sync(&state);
     state.ready.store(true, Ordering::Relaxed);
     takeover.ready();
     let (mut handed, offering) = successor.serve(&state);

@@ -170,7 +170,10 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
                     ));
                     policies.push((g.clone(), policy));
                 }
-                keep_sets.push((g.clone(), u.backends.clone()));
+                // With backends_from the API is the truth: its watcher keeps the set.
+                if u.backends_from.is_none() {
+                    keep_sets.push((g.clone(), u.backends.clone()));
+                }
                 g.clone()
             }
             None => {
@@ -210,7 +213,8 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     if let (Some(dp), Some(xdp)) = (state.dataplane.get(), &new.xdp) {
         let mut dp = dp.lock().unwrap_or_else(|e| e.into_inner());
         changes.extend(dp.apply_snat(&pools).map_err(|e| ReloadError::Apply(e.to_string()))?);
-        dp.apply(&xdp.services).map_err(|e| ReloadError::Apply(e.to_string()))?;
+        let services = crate::discovery::with_current_backends(&dp, &xdp.services);
+        dp.apply(&services).map_err(|e| ReloadError::Apply(e.to_string()))?;
         // VIPs that left the config stop being local; new ones become local.
         crate::daemon::sync_host(&mut dp, &xdp.interfaces, &xdp.services)
             .map_err(|e| ReloadError::Apply(e.to_string()))?;
@@ -284,6 +288,7 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     state.config.store(Arc::new(new));
     let config = state.config.load_full();
     runtime.check(state, &config);
+    crate::discovery::sync(state);
     Ok(ReloadReport { changes })
 }
 

@@ -1,0 +1,225 @@
+//! Backend sets that come from an API instead of the config file (`backends_from`): one
+//! watcher task per service, each change applied through the same path as `lb backend`, and
+//! whether each source is `synced` or `stale` for `lb status`.
+pub mod kubernetes;
+pub mod reconcile;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    config::{BackendsFrom, Config},
+    control::state::{Change, State},
+};
+use reconcile::{Step, Want};
+
+/// Where one service's backends come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The XDP service or upstream group.
+    pub service: String,
+    pub from: BackendsFrom,
+    /// `[kubernetes] kubeconfig`; `None`: in-cluster credentials.
+    pub kubeconfig: Option<PathBuf>,
+    /// Only IPv4 (`Some(true)`) or IPv6 (`Some(false)`) addresses: an XDP service's VIP
+    /// family (full NAT keeps the family); an upstream group takes both.
+    pub family: Option<bool>,
+}
+
+/// Every `backends_from` of `config`.
+pub fn sources(config: &Config) -> Vec<Source> {
+    let kubeconfig = config.kubernetes.kubeconfig.clone();
+    let xdp = config.xdp.iter().flat_map(|x| &x.services).filter_map(|s| {
+        let from = s.backends_from.clone()?;
+        Some((s.name.clone(), from, Some(s.vip.is_ipv4())))
+    });
+    let groups = config
+        .upstream
+        .iter()
+        .filter_map(|(name, u)| Some((name.clone(), u.backends_from.clone()?, None)));
+    xdp.chain(groups)
+        .map(|(service, from, family)| Source {
+            service,
+            from,
+            kubeconfig: kubeconfig.clone(),
+            family,
+        })
+        .collect()
+}
+
+/// How one source stands, as `/status` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceStatus {
+    pub service: String,
+    /// `kubernetes:NAMESPACE/SERVICE port NAME`.
+    pub source: String,
+    /// `synced` (the set is the API's latest) or `stale` (the API cannot be reached, or has
+    /// not answered yet: the last known set keeps serving).
+    pub state: String,
+    /// Backends the source lists now (as last applied).
+    pub backends: usize,
+    /// Why it is stale.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The running watchers and what they report; lives in [`State`].
+pub struct Registry {
+    status: Mutex<BTreeMap<String, SourceStatus>>,
+    tasks: Mutex<Vec<(Source, JoinHandle<()>)>>,
+    /// Bumped after a reload, so each watcher puts its set back.
+    resync: watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self { status: Mutex::default(), tasks: Mutex::default(), resync: watch::channel(0).0 }
+    }
+}
+
+impl Registry {
+    fn status(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SourceStatus>> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every source, by service name.
+    pub fn statuses(&self) -> Vec<SourceStatus> {
+        self.status().values().cloned().collect()
+    }
+
+    pub fn resyncs(&self) -> watch::Receiver<u64> {
+        self.resync.subscribe()
+    }
+
+    fn set(&self, service: &str, f: impl FnOnce(&mut SourceStatus)) {
+        if let Some(s) = self.status().get_mut(service) {
+            f(s);
+        }
+    }
+
+    /// The API answered and `backends` is its set.
+    pub fn synced(&self, service: &str, backends: usize) {
+        self.set(service, |s| {
+            if s.state != "synced" {
+                log::info!("backends of {service} from {}: synced", s.source);
+            }
+            s.state = "synced".into();
+            s.backends = backends;
+            s.error = None;
+        });
+    }
+
+    /// The API failed (`why`); the last known set keeps serving.
+    pub fn stale(&self, service: &str, why: &str) {
+        self.set(service, |s| {
+            if s.state != "stale" || s.error.is_none() {
+                log::warn!(
+                    "backends of {service} from {}: stale, keeping the last set: {why}",
+                    s.source
+                );
+            }
+            s.state = "stale".into();
+            s.error = Some(why.into());
+        });
+    }
+}
+
+/// Starts a watcher for each source of the running config and stops those it no longer has
+/// (at start, and after each reload); the others keep running and put their set back.
+pub fn sync(state: &Arc<State>) {
+    let wanted = sources(&state.config.load());
+    let reg = &state.discovery;
+    let mut tasks = reg.tasks.lock().unwrap_or_else(|e| e.into_inner());
+    tasks.retain(|(src, task)| {
+        let keep = wanted.contains(src);
+        if !keep {
+            task.abort();
+            reg.status().remove(&src.service);
+        }
+        keep
+    });
+    for src in wanted {
+        if tasks.iter().any(|(s, _)| *s == src) {
+            continue;
+        }
+        let status = SourceStatus {
+            service: src.service.clone(),
+            source: format!("kubernetes:{} port {}", src.from.kubernetes, src.from.port),
+            state: "stale".into(),
+            backends: 0,
+            error: Some("no list from the API yet".into()),
+        };
+        reg.status().insert(src.service.clone(), status);
+        let task = tokio::spawn(kubernetes::run(state.clone(), src.clone()));
+        tasks.push((src, task));
+    }
+    reg.resync.send_modify(|n| *n += 1);
+}
+
+/// Makes `source`'s service serve exactly `want`; returns how many backends that is. Holds the
+/// reload lock, so a reload never writes a set read before one of these changes.
+pub async fn apply(state: &State, source: &Source, want: &BTreeMap<SocketAddr, Want>) -> usize {
+    let _serial = state.runtime.lock().await;
+    let service = &source.service;
+    let have: Vec<(SocketAddr, bool)> = match state.stats(Some(service)) {
+        Ok(stats) => stats
+            .services
+            .iter()
+            .flat_map(|s| &s.backends)
+            .map(|b| (b.addr, b.state == "draining"))
+            .collect(),
+        Err(e) => {
+            log::warn!("backends of {service}: {e}");
+            return 0;
+        }
+    };
+    for (addr, step) in reconcile::diff(&have, want) {
+        let done = match step {
+            Step::Add => state.change(service, addr, Change::Add(1)),
+            Step::Remove => state.change(service, addr, Change::Remove),
+            Step::Drain => state.change(service, addr, Change::Drain),
+            // MERGE: main adds `Change::Undrain`; once it lands this arm is
+            // `state.change(service, addr, Change::Undrain)`. Until then: remove and add back,
+            // which ends the backend's tracked XDP flows (a proxied group loses nothing).
+            Step::Undrain => state
+                .change(service, addr, Change::Remove)
+                .and_then(|()| state.change(service, addr, Change::Add(1))),
+        };
+        if let Err(e) = done {
+            log::warn!(
+                "backend {addr} of {service} from {}: {step:?}: {e}",
+                source.from.kubernetes
+            );
+        }
+    }
+    want.values().filter(|w| **w == Want::Up).count()
+}
+
+/// `services` with the backends each `backends_from` service serves now in place of its
+/// (empty) list, so a reload's `apply` keeps the API's set, drains and all.
+pub fn with_current_backends(
+    dp: &crate::dataplane::Dataplane,
+    services: &[crate::config::ServiceConfig],
+) -> Vec<crate::config::ServiceConfig> {
+    let mut out = services.to_vec();
+    for s in out.iter_mut().filter(|s| s.backends_from.is_some()) {
+        s.backends = dp
+            .tables()
+            .backends(&s.name)
+            .map(|list| {
+                let spec = |b: &crate::dataplane::tables::BackendView| {
+                    crate::config::BackendSpec::Weighted { addr: b.addr, weight: b.weight }
+                };
+                list.iter().map(spec).collect()
+            })
+            .unwrap_or_default();
+    }
+    out
+}
