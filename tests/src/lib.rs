@@ -28,6 +28,7 @@ pub mod flood;
 pub mod h2;
 pub mod http;
 pub mod icmp;
+pub mod kubeapi;
 pub mod l4;
 pub mod lb;
 pub mod load;

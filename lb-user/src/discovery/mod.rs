@@ -63,12 +63,15 @@ pub struct SourceStatus {
     /// `synced` (the set is the API's latest) or `stale` (the API cannot be reached, or has
     /// not answered yet: the last known set keeps serving).
     pub state: String,
-    /// Backends the source lists now (as last applied).
+    /// Ready backends the source listed last (drained ones not counted).
     pub backends: usize,
     /// Why it is stale.
     #[serde(default)]
     pub error: Option<String>,
 }
+
+/// Why a source is stale before its first answer.
+const NOT_YET: &str = "no list from the API yet";
 
 /// The running watchers and what they report; lives in [`State`].
 pub struct Registry {
@@ -119,7 +122,7 @@ impl Registry {
     /// The API failed (`why`); the last known set keeps serving.
     pub fn stale(&self, service: &str, why: &str) {
         self.set(service, |s| {
-            if s.state != "stale" || s.error.is_none() {
+            if s.state != "stale" || s.error.as_deref() == Some(NOT_YET) {
                 log::warn!(
                     "backends of {service} from {}: stale, keeping the last set: {why}",
                     s.source
@@ -154,7 +157,7 @@ pub fn sync(state: &Arc<State>) {
             source: format!("kubernetes:{} port {}", src.from.kubernetes, src.from.port),
             state: "stale".into(),
             backends: 0,
-            error: Some("no list from the API yet".into()),
+            error: Some(NOT_YET.into()),
         };
         reg.status().insert(src.service.clone(), status);
         let task = tokio::spawn(kubernetes::run(state.clone(), src.clone()));

@@ -1,0 +1,399 @@
+//! Backends from Kubernetes EndpointSlices (`backends_from`), with kube-rs in `lb run` talking
+//! HTTPS to the tests' own API server (`lb_tests::kubeapi`). Every step is checked through
+//! `lb backend list` (the admin API) and through traffic to real backends: scale up and down,
+//! not ready, terminating (drained: the request in flight finishes, no new ones), a reload, the
+//! server vanishing (stale, still serving, ready) and coming back (synced, changes apply), a
+//! 410 Gone (relist, no backend dropped), an empty list against an unreachable API, and an XDP
+//! service in namespaces.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    backends::{HttpBackend, Reply},
+    client::{connect_in, http_get, keepalive_get},
+    conf,
+    kubeapi::{Endpoint, KubeApi},
+    lb::Lb,
+    netns::Netns,
+    scenario::{Scenario, Serve, WEB},
+    wait_until,
+};
+use serde_json::Value;
+
+const NS: &str = "prod";
+/// Every backend's port, as the slices' port `http` says.
+const PORT: u16 = 18080;
+const LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 18180);
+/// How soon a change must show: a second (the bound), for the poll itself too.
+const APPLY: Duration = Duration::from_secs(1);
+/// How soon a failed or recovered API must show in `/status`: the watcher's idle checks and
+/// its retry back-off (at most 2 s) allow this.
+const NOTICE: Duration = Duration::from_secs(8);
+const T: Duration = Duration::from_secs(3);
+
+fn ip(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
+}
+
+fn addr(n: u8) -> SocketAddr {
+    SocketAddr::new(ip(n), PORT)
+}
+
+fn config(api_kubeconfig: &std::path::Path, body: &str) -> String {
+    format!("[kubernetes]\nkubeconfig = \"{}\"\n{body}", api_kubeconfig.display())
+}
+
+fn l7_config(kubeconfig: &std::path::Path) -> String {
+    let from = "backends_from = { kubernetes = \"prod/web\", port = \"http\" }\n";
+    let body = conf::http_listener("public", LISTEN, "") + &conf::route("public", "app");
+    config(kubeconfig, &format!("{body}[upstream.app]\n{from}"))
+}
+
+/// Each backend of `service` and its state, from a `/services/NAME` body (what `lb backend
+/// list NAME --json` prints).
+fn parse(v: &Value) -> BTreeMap<SocketAddr, String> {
+    v["services"][0]["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            (b["addr"].as_str().unwrap().parse().unwrap(), b["state"].as_str().unwrap().into())
+        })
+        .collect()
+}
+
+fn admin_list(lb: &Lb, service: &str) -> BTreeMap<SocketAddr, String> {
+    lb.admin()
+        .get(&format!("/services/{service}"))
+        .ok()
+        .and_then(|b| serde_json::from_str(&b).ok())
+        .map(|v| parse(&v))
+        .unwrap_or_default()
+}
+
+fn want(list: &[(u8, &str)], port: Option<u16>) -> BTreeMap<SocketAddr, String> {
+    let at = |n: u8| port.map_or(addr(n), |p| SocketAddr::new(ip(n), p));
+    list.iter().map(|(n, s)| (at(*n), s.to_string())).collect()
+}
+
+/// Waits (at most [`APPLY`]) until the admin API lists exactly `expected`, then checks that
+/// `lb backend list` says the same.
+fn expect(lb: &Lb, service: &str, expected: &BTreeMap<SocketAddr, String>, what: &str) {
+    let start = Instant::now();
+    let ok = wait_until(APPLY, || admin_list(lb, service) == *expected);
+    assert!(
+        ok,
+        "{what}: after {:?} lb lists {:?}, want {expected:?}",
+        start.elapsed(),
+        admin_list(lb, service)
+    );
+    let cli = lb.json(&["backend", "list", service]).expect("lb backend list");
+    assert_eq!(parse(&cli), *expected, "{what}: lb backend list");
+}
+
+/// The one source in `/status`.
+fn source(lb: &Lb) -> Value {
+    let status: Value = serde_json::from_str(&lb.admin().get("/status").unwrap()).unwrap();
+    status["sources"][0].clone()
+}
+
+fn source_state(lb: &Lb) -> String {
+    source(lb)["state"].as_str().unwrap_or("").to_string()
+}
+
+/// Who answered `n` fresh requests to `target` from `ns`, by name.
+fn served(ns: &Netns, target: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let name = http_get(ns, None, target, T).expect("request through lb");
+        *out.entry(name).or_default() += 1;
+    }
+    out
+}
+
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn who(m: &BTreeMap<String, usize>) -> Vec<String> {
+    m.keys().cloned().collect()
+}
+
+/// Samples the admin list every 10 ms until stopped: every set lb served meanwhile.
+struct Monitor {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<BTreeMap<SocketAddr, String>>>,
+}
+
+impl Monitor {
+    fn start(lb: &Lb, service: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let admin = lb.admin();
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                if let Some(v) = admin
+                    .get(&format!("/services/{service}"))
+                    .ok()
+                    .and_then(|b| serde_json::from_str(&b).ok())
+                {
+                    seen.push(parse(&v));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            seen
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> Vec<BTreeMap<SocketAddr, String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+#[test]
+fn l7_upstream_follows_endpointslices() {
+    lb_tests::privileged!();
+    let ns = Netns::new("k8s").unwrap();
+    let mut api = KubeApi::start(&ns).unwrap();
+    api.set_slice(NS, "web-a", "web", ("http", PORT), &[Endpoint::ready(ip(1))]);
+    // Another Service's slice in the namespace: the label selector keeps it out.
+    api.set_slice(NS, "db-a", "db", ("http", PORT), &[Endpoint::ready(ip(9))]);
+    let _fast: Vec<HttpBackend> =
+        (1..=3).map(|n| HttpBackend::start(&ns, addr(n), &format!("b{n}")).unwrap()).collect();
+    let slow = HttpBackend::with(&ns, addr(4), "b4", Reply::Slow(Duration::from_secs(3))).unwrap();
+    let lb =
+        Lb::builder(&ns, l7_config(&api.kubeconfig())).wait_listening(&ns, LISTEN).start().unwrap();
+
+    expect(&lb, "app", &want(&[(1, "up")], None), "first list");
+    assert_eq!(source_state(&lb), "synced", "{}", source(&lb));
+    assert_eq!(who(&served(&ns, LISTEN, 6)), names(&["b1"]));
+
+    // Scale up: a slice grows, a second slice appears.
+    api.set_slice(
+        NS,
+        "web-a",
+        "web",
+        ("http", PORT),
+        &[Endpoint::ready(ip(1)), Endpoint::ready(ip(2))],
+    );
+    api.set_slice(NS, "web-b", "web", ("http", PORT), &[Endpoint::ready(ip(3))]);
+    expect(&lb, "app", &want(&[(1, "up"), (2, "up"), (3, "up")], None), "scale up");
+    assert_eq!(who(&served(&ns, LISTEN, 12)), names(&["b1", "b2", "b3"]));
+
+    // Not ready: removed, no traffic.
+    api.set_slice(
+        NS,
+        "web-a",
+        "web",
+        ("http", PORT),
+        &[Endpoint::ready(ip(1)), Endpoint::not_ready(ip(2))],
+    );
+    expect(&lb, "app", &want(&[(1, "up"), (3, "up")], None), "not ready");
+    assert_eq!(who(&served(&ns, LISTEN, 10)), names(&["b1", "b3"]));
+
+    // Terminating: drained. A request already at the backend finishes; new ones go elsewhere.
+    api.set_slice(
+        NS,
+        "web-b",
+        "web",
+        ("http", PORT),
+        &[Endpoint::ready(ip(3)), Endpoint::ready(ip(4))],
+    );
+    expect(&lb, "app", &want(&[(1, "up"), (3, "up"), (4, "up")], None), "slow backend up");
+    let mut in_flight = Vec::new();
+    for _ in 0..9 {
+        let client = ns.share();
+        in_flight.push(std::thread::spawn(move || {
+            http_get(&client, None, LISTEN, Duration::from_secs(10))
+        }));
+        if wait_until(Duration::from_millis(150), || !slow.arrived.lock().unwrap().is_empty()) {
+            break;
+        }
+    }
+    assert_eq!(slow.arrived.lock().unwrap().len(), 1, "one request in flight at the slow backend");
+    api.set_slice(
+        NS,
+        "web-b",
+        "web",
+        ("http", PORT),
+        &[Endpoint::ready(ip(3)), Endpoint::terminating(ip(4))],
+    );
+    expect(&lb, "app", &want(&[(1, "up"), (3, "up"), (4, "draining")], None), "terminating");
+    assert_eq!(who(&served(&ns, LISTEN, 10)), names(&["b1", "b3"]));
+    let answers: Vec<String> =
+        in_flight.into_iter().map(|t| t.join().unwrap().expect("in flight")).collect();
+    assert!(
+        answers.contains(&"b4".to_string()),
+        "the drained backend finished its request: {answers:?}"
+    );
+    assert_eq!(slow.arrived.lock().unwrap().len(), 1, "no new request reached the drained backend");
+
+    // Scale down: a slice goes, another shrinks and grows again.
+    api.delete_slice(NS, "web-b");
+    expect(&lb, "app", &want(&[(1, "up")], None), "slice deleted");
+    api.set_slice(
+        NS,
+        "web-a",
+        "web",
+        ("http", PORT),
+        &[Endpoint::ready(ip(1)), Endpoint::ready(ip(2))],
+    );
+    expect(&lb, "app", &want(&[(1, "up"), (2, "up")], None), "ready again");
+    assert_eq!(who(&served(&ns, LISTEN, 8)), names(&["b1", "b2"]));
+
+    // A reload keeps the API's set (the file lists no backends).
+    let (code, body) = lb.admin().send("POST", "/reload", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(admin_list(&lb, "app"), want(&[(1, "up"), (2, "up")], None), "after reload");
+
+    // The API vanishes: stale, the last set serves, /ready stays 200.
+    api.stop();
+    assert!(wait_until(NOTICE, || source_state(&lb) == "stale"), "{}", source(&lb));
+    assert!(source(&lb)["error"].as_str().is_some_and(|e| !e.is_empty()), "{}", source(&lb));
+    assert!(lb.cli(&["status"]).unwrap().contains(": stale"), "lb status names the stale source");
+    assert_eq!(lb.admin().request("GET", "/ready").unwrap().0, 200);
+    assert_eq!(admin_list(&lb, "app"), want(&[(1, "up"), (2, "up")], None), "kept while stale");
+    assert_eq!(who(&served(&ns, LISTEN, 8)), names(&["b1", "b2"]));
+
+    // Back, with what changed meanwhile: synced, and changes apply again.
+    api.set_slice(
+        NS,
+        "web-a",
+        "web",
+        ("http", PORT),
+        &[Endpoint::ready(ip(1)), Endpoint::ready(ip(3))],
+    );
+    api.restart().unwrap();
+    assert!(wait_until(NOTICE, || source_state(&lb) == "synced"), "{}", source(&lb));
+    expect(&lb, "app", &want(&[(1, "up"), (3, "up")], None), "after the restart");
+    assert!(lb.cli(&["status"]).unwrap().contains(": synced"));
+    let three = [Endpoint::ready(ip(1)), Endpoint::ready(ip(2)), Endpoint::ready(ip(3))];
+    api.set_slice(NS, "web-a", "web", ("http", PORT), &three);
+    expect(
+        &lb,
+        "app",
+        &want(&[(1, "up"), (2, "up"), (3, "up")], None),
+        "a change after the restart",
+    );
+
+    // 410 Gone: a relist, and no sample of the served set misses a backend.
+    let (lists, _) = api.counts();
+    let monitor = Monitor::start(&lb, "app");
+    api.expire();
+    assert!(wait_until(NOTICE, || api.counts().0 > lists), "lb listed again after the 410");
+    assert!(wait_until(NOTICE, || source_state(&lb) == "synced"), "{}", source(&lb));
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = monitor.finish();
+    let all = want(&[(1, "up"), (2, "up"), (3, "up")], None);
+    assert!(seen.len() > 10, "sampled the set {} times", seen.len());
+    assert!(seen.iter().all(|s| *s == all), "a backend dropped during the relist: {seen:?}");
+    api.set_slice(NS, "web-a", "web", ("http", PORT), &[Endpoint::ready(ip(1))]);
+    expect(&lb, "app", &want(&[(1, "up")], None), "a change after the relist");
+    assert_eq!(who(&served(&ns, LISTEN, 4)), names(&["b1"]));
+}
+
+#[test]
+fn an_empty_list_is_synced_an_unreachable_api_is_stale() {
+    lb_tests::privileged!();
+    let ns = Netns::new("k8s").unwrap();
+    let mut api = KubeApi::start(&ns).unwrap();
+    api.stop();
+    let _b1 = HttpBackend::start(&ns, addr(1), "b1").unwrap();
+    let lb =
+        Lb::builder(&ns, l7_config(&api.kubeconfig())).wait_listening(&ns, LISTEN).start().unwrap();
+    // Never reached: stale, ready, no backend.
+    let failed = || source(&lb)["error"].as_str().is_some_and(|e| e != "no list from the API yet");
+    assert!(wait_until(NOTICE, failed), "the connection error is reported: {}", source(&lb));
+    assert_eq!(source_state(&lb), "stale");
+    assert_eq!(
+        lb.admin().request("GET", "/ready").unwrap().0,
+        200,
+        "an unreachable API does not make lb unready"
+    );
+    assert!(admin_list(&lb, "app").is_empty());
+    // Reached, and it lists nothing: synced with no backend.
+    api.restart().unwrap();
+    assert!(wait_until(NOTICE, || source_state(&lb) == "synced"), "{}", source(&lb));
+    assert_eq!(source(&lb)["backends"], 0);
+    assert!(admin_list(&lb, "app").is_empty());
+    api.set_slice(NS, "web-a", "web", ("http", PORT), &[Endpoint::ready(ip(1))]);
+    expect(&lb, "app", &want(&[(1, "up")], None), "first endpoint");
+    assert_eq!(who(&served(&ns, LISTEN, 3)), names(&["b1"]));
+}
+
+#[test]
+fn xdp_service_follows_endpointslices() {
+    lb_tests::privileged!();
+    // The API runs in the balancer's namespace, which the scenario creates: the config names
+    // the kubeconfig first, lb retries until the server writes it.
+    let dir = std::env::temp_dir().join(lb_tests::netns::unique("kubeapi"));
+    let from = "backends_from = { kubernetes = \"prod/web\", port = \"80\" }\n";
+    let service = format!("[[xdp.service]]\nname = \"web\"\nvip = \"{WEB}\"\n{from}");
+    let s = Scenario::topology(2).serve(Serve::Http).xdp_raw(&service);
+    let backends = s.backend_addrs();
+    let s =
+        s.config(&format!("[kubernetes]\nkubeconfig = \"{}\"\n", dir.join("kubeconfig").display()));
+    let s = s.start().unwrap();
+    let api = KubeApi::start_at(s.balancer(), dir).unwrap();
+    let ep = |i: usize| backends[i].ip();
+    let list = |l: &[(usize, &str)]| -> BTreeMap<SocketAddr, String> {
+        l.iter().map(|(i, st)| (backends[*i], st.to_string())).collect()
+    };
+    let xdp_expect = |l: &[(usize, &str)], what: &str| {
+        let expected = list(l);
+        let ok = wait_until(NOTICE, || admin_list(s.lb(), "web") == expected);
+        assert!(ok, "{what}: lb lists {:?}, want {expected:?}", admin_list(s.lb(), "web"));
+        assert_eq!(parse(&s.lb().json(&["backend", "list", "web"]).unwrap()), expected, "{what}");
+    };
+    api.set_slice(NS, "web-a", "web", ("http", 80), &[Endpoint::ready(ep(0))]);
+    xdp_expect(&[(0, "up")], "first list");
+    assert!(wait_until(NOTICE, || source_state(s.lb()) == "synced"), "{}", source(s.lb()));
+    assert!((0..4).all(|_| s.get(WEB).unwrap() == "backend-1"));
+    api.set_slice(
+        NS,
+        "web-a",
+        "web",
+        ("http", 80),
+        &[Endpoint::ready(ep(0)), Endpoint::ready(ep(1))],
+    );
+    xdp_expect(&[(0, "up"), (1, "up")], "scale up");
+    let clients = s.topo().add_client_addresses(16).unwrap();
+    let answer = |c: &IpAddr| s.get_from(*c, WEB).unwrap();
+    let first: Vec<String> = clients.iter().map(answer).collect();
+    assert!(first.iter().any(|n| n == "backend-2"), "the new backend gets flows: {first:?}");
+    // A connection to backend-2 held open across its drain.
+    let c2 = clients[first.iter().position(|n| n == "backend-2").unwrap()];
+    let mut held = connect_in(s.client(), Some(c2), WEB, T).unwrap();
+    assert_eq!(keepalive_get(&mut held).unwrap(), "backend-2");
+    api.set_slice(
+        NS,
+        "web-a",
+        "web",
+        ("http", 80),
+        &[Endpoint::ready(ep(0)), Endpoint::terminating(ep(1))],
+    );
+    xdp_expect(&[(0, "up"), (1, "draining")], "terminating");
+    assert_eq!(
+        keepalive_get(&mut held).unwrap(),
+        "backend-2",
+        "a tracked flow keeps its drained backend"
+    );
+    let after: Vec<String> = clients.iter().map(answer).collect();
+    assert!(
+        after.iter().all(|n| n == "backend-1"),
+        "no new flow to the drained backend: {after:?}"
+    );
+    api.delete_slice(NS, "web-a");
+    xdp_expect(&[], "deleted");
+}
