@@ -98,8 +98,10 @@ fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
     for change in dp.apply_snat(&snat::resolve(&xdp.snat)?)? {
         log::info!("{change}");
     }
-    dp.apply(&xdp.services)?;
-    for s in &xdp.services {
+    // A `backends_from` service starts from what adopted maps hold (its watcher corrects it).
+    let services = crate::discovery::with_current_backends(dp, &xdp.services);
+    dp.apply(&services)?;
+    for s in &services {
         log::info!(
             "service {} on {} ({:?}), {} backends",
             s.name,
@@ -108,7 +110,7 @@ fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
             s.backends.len()
         );
     }
-    sync_host(dp, &xdp.interfaces, &xdp.services)
+    sync_host(dp, &xdp.interfaces, &services)
 }
 
 /// A hand-off target for each L7 TLS listener, for the L4 listeners' `terminate` routes;

@@ -332,6 +332,13 @@ fn an_empty_list_is_synced_an_unreachable_api_is_stale() {
     assert_eq!(who(&served(&ns, LISTEN, 3)), names(&["b1"]));
 }
 
+/// [`expect`] for the XDP service, whose changes may wait for the API to come up first.
+fn expect_slowly(lb: &Lb, expected: &BTreeMap<SocketAddr, String>, what: &str) {
+    let ok = wait_until(NOTICE, || admin_list(lb, "web") == *expected);
+    assert!(ok, "{what}: lb lists {:?}, want {expected:?}", admin_list(lb, "web"));
+    assert_eq!(parse(&lb.json(&["backend", "list", "web"]).unwrap()), *expected, "{what}");
+}
+
 #[test]
 fn xdp_service_follows_endpointslices() {
     lb_tests::privileged!();
@@ -342,58 +349,56 @@ fn xdp_service_follows_endpointslices() {
     let service = format!("[[xdp.service]]\nname = \"web\"\nvip = \"{WEB}\"\n{from}");
     let s = Scenario::topology(2).serve(Serve::Http).xdp_raw(&service);
     let backends = s.backend_addrs();
-    let s =
-        s.config(&format!("[kubernetes]\nkubeconfig = \"{}\"\n", dir.join("kubeconfig").display()));
-    let s = s.start().unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    let s = s.config(&format!("[kubernetes]\nkubeconfig = \"{}\"\n", kubeconfig.display()));
+    let mut s = s.start().unwrap();
     let api = KubeApi::start_at(s.balancer(), dir).unwrap();
     let ep = |i: usize| backends[i].ip();
     let list = |l: &[(usize, &str)]| -> BTreeMap<SocketAddr, String> {
         l.iter().map(|(i, st)| (backends[*i], st.to_string())).collect()
     };
-    let xdp_expect = |l: &[(usize, &str)], what: &str| {
-        let expected = list(l);
-        let ok = wait_until(NOTICE, || admin_list(s.lb(), "web") == expected);
-        assert!(ok, "{what}: lb lists {:?}, want {expected:?}", admin_list(s.lb(), "web"));
-        assert_eq!(parse(&s.lb().json(&["backend", "list", "web"]).unwrap()), expected, "{what}");
-    };
-    api.set_slice(NS, "web-a", "web", ("http", 80), &[Endpoint::ready(ep(0))]);
-    xdp_expect(&[(0, "up")], "first list");
+    let slice = |eps: &[Endpoint]| api.set_slice(NS, "web-a", "web", ("http", 80), eps);
+
+    slice(&[Endpoint::ready(ep(0))]);
+    expect_slowly(s.lb(), &list(&[(0, "up")]), "first list");
     assert!(wait_until(NOTICE, || source_state(s.lb()) == "synced"), "{}", source(s.lb()));
     assert!((0..4).all(|_| s.get(WEB).unwrap() == "backend-1"));
-    api.set_slice(
-        NS,
-        "web-a",
-        "web",
-        ("http", 80),
-        &[Endpoint::ready(ep(0)), Endpoint::ready(ep(1))],
-    );
-    xdp_expect(&[(0, "up"), (1, "up")], "scale up");
+
+    slice(&[Endpoint::ready(ep(0)), Endpoint::ready(ep(1))]);
+    expect(s.lb(), "web", &list(&[(0, "up"), (1, "up")]), "scale up");
     let clients = s.topo().add_client_addresses(16).unwrap();
-    let answer = |c: &IpAddr| s.get_from(*c, WEB).unwrap();
-    let first: Vec<String> = clients.iter().map(answer).collect();
+    let answers = |s: &lb_tests::scenario::Running| -> Vec<String> {
+        clients.iter().map(|c| s.get_from(*c, WEB).unwrap()).collect()
+    };
+    let first = answers(&s);
     assert!(first.iter().any(|n| n == "backend-2"), "the new backend gets flows: {first:?}");
-    // A connection to backend-2 held open across its drain.
+
+    // Terminating: a connection to backend-2 held open across its drain keeps it.
     let c2 = clients[first.iter().position(|n| n == "backend-2").unwrap()];
     let mut held = connect_in(s.client(), Some(c2), WEB, T).unwrap();
     assert_eq!(keepalive_get(&mut held).unwrap(), "backend-2");
-    api.set_slice(
-        NS,
-        "web-a",
-        "web",
-        ("http", 80),
-        &[Endpoint::ready(ep(0)), Endpoint::terminating(ep(1))],
-    );
-    xdp_expect(&[(0, "up"), (1, "draining")], "terminating");
+    slice(&[Endpoint::ready(ep(0)), Endpoint::terminating(ep(1))]);
+    expect(s.lb(), "web", &list(&[(0, "up"), (1, "draining")]), "terminating");
     assert_eq!(
         keepalive_get(&mut held).unwrap(),
         "backend-2",
         "a tracked flow keeps its drained backend"
     );
-    let after: Vec<String> = clients.iter().map(answer).collect();
+    let after = answers(&s);
     assert!(
         after.iter().all(|n| n == "backend-1"),
         "no new flow to the drained backend: {after:?}"
     );
+
+    // A restart adopts the pinned maps and starts from their backends: the held flow lives on,
+    // and the first list drains backend-2 again.
+    let stopped = s.lb_mut().stop().unwrap();
+    assert!(stopped.success(), "lb run exited with {stopped}");
+    s.lb_mut().restart().unwrap();
+    assert_eq!(keepalive_get(&mut held).unwrap(), "backend-2", "the held flow survives a restart");
+    expect_slowly(s.lb(), &list(&[(0, "up"), (1, "draining")]), "after the restart");
+
     api.delete_slice(NS, "web-a");
-    xdp_expect(&[], "deleted");
+    expect(s.lb(), "web", &list(&[]), "deleted");
+    assert!(s.get(WEB).is_err(), "no backend: nothing answers");
 }

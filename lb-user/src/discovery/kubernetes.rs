@@ -22,6 +22,8 @@ use crate::control::state::State;
 /// broke is retried soon, and every retry starts with a fresh list.
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The server-side length of one watch call, in seconds.
+const WATCH_SECS: u32 = 60;
 
 #[derive(Debug, Error)]
 pub enum KubeError {
@@ -107,8 +109,11 @@ pub async fn run(state: Arc<State>, source: Source) {
             }
         };
         let api: Api<EndpointSlice> = Api::namespaced(client, ns);
-        let mut events =
-            watcher::watcher(api, watcher::Config::default().labels(&selector)).boxed();
+        // Each watch call ends after WATCH_SECS, and one that stays silent longer fails over to
+        // a new call: an API cut off without a reset (a partition) shows as stale within
+        // about a minute and a half, not the default five.
+        let config = watcher::Config::default().labels(&selector).timeout(WATCH_SECS);
+        let mut events = watcher::watcher(api, config).boxed();
         let mut listing: Option<BTreeMap<String, Vec<(SocketAddr, Want)>>> = None;
         loop {
             let event = tokio::select! {

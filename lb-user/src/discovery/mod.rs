@@ -206,23 +206,26 @@ pub async fn apply(state: &State, source: &Source, want: &BTreeMap<SocketAddr, W
 }
 
 /// `services` with the backends each `backends_from` service serves now in place of its
-/// (empty) list, so a reload's `apply` keeps the API's set, drains and all.
+/// (empty) list, so that `apply` keeps the API's set: a reload keeps it as it is (drains and
+/// all); a start on adopted maps keeps the previous run's backends, and their tracked flows,
+/// until the first list says otherwise.
 pub fn with_current_backends(
     dp: &crate::dataplane::Dataplane,
     services: &[crate::config::ServiceConfig],
 ) -> Vec<crate::config::ServiceConfig> {
+    use crate::config::BackendSpec;
     let mut out = services.to_vec();
     for s in out.iter_mut().filter(|s| s.backends_from.is_some()) {
-        s.backends = dp
-            .tables()
-            .backends(&s.name)
-            .map(|list| {
-                let spec = |b: &crate::dataplane::tables::BackendView| {
-                    crate::config::BackendSpec::Weighted { addr: b.addr, weight: b.weight }
-                };
-                list.iter().map(spec).collect()
-            })
-            .unwrap_or_default();
+        s.backends = match dp.tables().backends(&s.name) {
+            Ok(list) => list
+                .iter()
+                .map(|b| BackendSpec::Weighted { addr: b.addr, weight: b.weight })
+                .collect(),
+            Err(_) => {
+                let adopted = dp.tables().recovered_backends(s.vip, s.protocol);
+                adopted.into_iter().map(BackendSpec::Addr).collect()
+            }
+        };
     }
     out
 }
