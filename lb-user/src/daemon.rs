@@ -185,7 +185,11 @@ async fn take_xdp_later(state: Arc<State>, xdp: XdpConfig, mut shutdown: watch::
     };
     log::info!("XDP maps under {}: the other lb let go; adopting them", xdp.pin_path.display());
     match tokio::task::spawn_blocking(move || start_xdp(&xdp)).await {
-        Ok(Ok(dp)) => state.install_dataplane(dp, lock),
+        Ok(Ok(dp)) => {
+            state.install_dataplane(dp, lock);
+            // The backends_from sets may have moved on while the other process wrote them.
+            state.discovery.resync();
+        }
         Ok(Err(e)) => log::error!(
             "XDP: {e}; the pinned program keeps forwarding with the maps as the other lb left them"
         ),

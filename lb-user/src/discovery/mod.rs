@@ -101,6 +101,12 @@ impl Registry {
         self.resync.subscribe()
     }
 
+    /// Makes every watcher apply its set again (after a reload, or once this process took the
+    /// XDP maps over from another).
+    pub fn resync(&self) {
+        self.resync.send_modify(|n| *n += 1);
+    }
+
     fn set(&self, service: &str, f: impl FnOnce(&mut SourceStatus)) {
         if let Some(s) = self.status().get_mut(service) {
             f(s);
@@ -163,12 +169,18 @@ pub fn sync(state: &Arc<State>) {
         let task = tokio::spawn(kubernetes::run(state.clone(), src.clone()));
         tasks.push((src, task));
     }
-    reg.resync.send_modify(|n| *n += 1);
+    reg.resync();
 }
 
 /// Makes `source`'s service serve exactly `want`; returns how many backends that is. Holds the
 /// reload lock, so a reload never writes a set read before one of these changes.
 pub async fn apply(state: &State, source: &Source, want: &BTreeMap<SocketAddr, Want>) -> usize {
+    let up = want.values().filter(|w| **w == Want::Up).count();
+    // An XDP service while another process writes the maps (an overlapping start or an
+    // upgrade): that one applies the API's set; this one catches up once it takes them over.
+    if source.family.is_some() && (state.dataplane.get().is_none() || state.xdp_paused()) {
+        return up;
+    }
     let _serial = state.runtime.lock().await;
     let service = &source.service;
     let have: Vec<(SocketAddr, bool)> = match state.stats(Some(service)) {
@@ -202,7 +214,7 @@ pub async fn apply(state: &State, source: &Source, want: &BTreeMap<SocketAddr, W
             );
         }
     }
-    want.values().filter(|w| **w == Want::Up).count()
+    up
 }
 
 /// `services` with the backends each `backends_from` service serves now in place of its
