@@ -47,14 +47,13 @@ fn addr(n: u8) -> SocketAddr {
     SocketAddr::new(ip(n), PORT)
 }
 
-fn config(api_kubeconfig: &std::path::Path, body: &str) -> String {
-    format!("[kubernetes]\nkubeconfig = \"{}\"\n{body}", api_kubeconfig.display())
-}
-
-fn l7_config(kubeconfig: &std::path::Path) -> String {
+/// An L7 listener on [`LISTEN`] to upstream `app` from Service prod/web, port `http`; with
+/// `[kubernetes] kubeconfig` when given.
+fn l7_config(kubeconfig: Option<&std::path::Path>) -> String {
     let from = "backends_from = { kubernetes = \"prod/web\", port = \"http\" }\n";
     let body = conf::http_listener("public", LISTEN, "") + &conf::route("public", "app");
-    config(kubeconfig, &format!("{body}[upstream.app]\n{from}"))
+    let k8s = kubeconfig.map(|p| format!("[kubernetes]\nkubeconfig = \"{}\"\n", p.display()));
+    format!("{}{body}[upstream.app]\n{from}", k8s.unwrap_or_default())
 }
 
 /// Each backend of `service` and its state, from a `/services/NAME` body (what `lb backend
@@ -172,8 +171,10 @@ fn l7_upstream_follows_endpointslices() {
     let _fast: Vec<HttpBackend> =
         (1..=3).map(|n| HttpBackend::start(&ns, addr(n), &format!("b{n}")).unwrap()).collect();
     let slow = HttpBackend::with(&ns, addr(4), "b4", Reply::Slow(Duration::from_secs(3))).unwrap();
-    let lb =
-        Lb::builder(&ns, l7_config(&api.kubeconfig())).wait_listening(&ns, LISTEN).start().unwrap();
+    let lb = Lb::builder(&ns, l7_config(Some(&api.kubeconfig())))
+        .wait_listening(&ns, LISTEN)
+        .start()
+        .unwrap();
 
     expect(&lb, "app", &want(&[(1, "up")], None), "first list");
     assert_eq!(source_state(&lb), "synced", "{}", source(&lb));
@@ -310,8 +311,13 @@ fn an_empty_list_is_synced_an_unreachable_api_is_stale() {
     let mut api = KubeApi::start(&ns).unwrap();
     api.stop();
     let _b1 = HttpBackend::start(&ns, addr(1), "b1").unwrap();
-    let lb =
-        Lb::builder(&ns, l7_config(&api.kubeconfig())).wait_listening(&ns, LISTEN).start().unwrap();
+    // No [kubernetes] table: lb infers its client as kube-rs does, here from $KUBECONFIG.
+    let kubeconfig = api.kubeconfig().display().to_string();
+    let lb = Lb::builder(&ns, l7_config(None))
+        .env("KUBECONFIG", &kubeconfig)
+        .wait_listening(&ns, LISTEN)
+        .start()
+        .unwrap();
     // Never reached: stale, ready, no backend.
     let failed = || source(&lb)["error"].as_str().is_some_and(|e| e != "no list from the API yet");
     assert!(wait_until(NOTICE, failed), "the connection error is reported: {}", source(&lb));
