@@ -179,6 +179,12 @@ fn l7_upstream_follows_endpointslices() {
     expect(&lb, "app", &want(&[(1, "up")], None), "first list");
     assert_eq!(source_state(&lb), "synced", "{}", source(&lb));
     assert_eq!(who(&served(&ns, LISTEN, 6)), names(&["b1"]));
+    // An idle watch: BOOKMARKs arrive and are taken (no error, no new list or watch).
+    let before = api.counts();
+    assert!(wait_until(NOTICE, || api.counts().bookmarks >= before.bookmarks + 2));
+    let after = api.counts();
+    assert_eq!((after.lists, after.watches), (before.lists, before.watches), "{after:?}");
+    assert_eq!(source_state(&lb), "synced");
 
     // Scale up: a slice grows, a second slice appears.
     api.set_slice(
@@ -289,10 +295,10 @@ fn l7_upstream_follows_endpointslices() {
     );
 
     // 410 Gone: a relist, and no sample of the served set misses a backend.
-    let (lists, _) = api.counts();
+    let lists = api.counts().lists;
     let monitor = Monitor::start(&lb, "app");
     api.expire();
-    assert!(wait_until(NOTICE, || api.counts().0 > lists), "lb listed again after the 410");
+    assert!(wait_until(NOTICE, || api.counts().lists > lists), "lb listed again after the 410");
     assert!(wait_until(NOTICE, || source_state(&lb) == "synced"), "{}", source(&lb));
     std::thread::sleep(Duration::from_millis(300));
     let seen = monitor.finish();

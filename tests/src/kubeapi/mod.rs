@@ -52,8 +52,15 @@ struct World {
     compacted: u64,
     /// Bumped by [`KubeApi::expire`]: open watches end with a 410.
     epoch: u64,
-    lists: u64,
-    watches: u64,
+    counts: Counts,
+}
+
+/// What the server has answered so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub lists: u64,
+    pub watches: u64,
+    pub bookmarks: u64,
 }
 
 /// The running server generation: its thread stops on the oneshot.
@@ -223,10 +230,9 @@ impl KubeApi {
         w.epoch += 1;
     }
 
-    /// Lists served, watches started.
-    pub fn counts(&self) -> (u64, u64) {
-        let w = self.world.lock().unwrap();
-        (w.lists, w.watches)
+    /// Lists served, watches started, BOOKMARKs sent.
+    pub fn counts(&self) -> Counts {
+        self.world.lock().unwrap().counts
     }
 }
 

@@ -102,7 +102,7 @@ fn handle(
     };
     let mut w = world.lock().unwrap();
     if query.get("watch").map(String::as_str) != Some("true") {
-        w.lists += 1;
+        w.counts.lists += 1;
         let items: Vec<&Value> =
             w.slices.iter().filter(|((ns, _), o)| matches(ns, o)).map(|(_, o)| o).collect();
         return reply(
@@ -113,7 +113,7 @@ fn handle(
             }),
         );
     }
-    w.watches += 1;
+    w.counts.watches += 1;
     let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(w.rv);
     let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
     let (mut tx, body) = Channel::<Bytes, Infallible>::new(16);
@@ -161,6 +161,7 @@ fn handle(
                 if tx.send(Frame::data(Bytes::from(mark.to_string() + "\n"))).await.is_err() {
                     return;
                 }
+                world.lock().unwrap().counts.bookmarks += 1;
                 sent = sent.max(rv);
             }
             tokio::time::sleep(POLL).await;
