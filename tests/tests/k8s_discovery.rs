@@ -259,10 +259,16 @@ fn l7_upstream_follows_endpointslices() {
     expect(&lb, "app", &want(&[(1, "up"), (2, "up")], None), "ready again");
     assert_eq!(who(&served(&ns, LISTEN, 8)), names(&["b1", "b2"]));
 
-    // A reload keeps the API's set (the file lists no backends).
+    // A reload keeps the API's set (the file lists no backends), not even emptying it for a
+    // moment.
+    let monitor = Monitor::start(&lb, "app");
     let (code, body) = lb.admin().send("POST", "/reload", None).unwrap();
     assert_eq!(code, 200, "{body}");
-    assert_eq!(admin_list(&lb, "app"), want(&[(1, "up"), (2, "up")], None), "after reload");
+    std::thread::sleep(Duration::from_millis(200));
+    let two = want(&[(1, "up"), (2, "up")], None);
+    let seen = monitor.finish();
+    assert!(seen.iter().all(|s| *s == two), "the set changed around the reload: {seen:?}");
+    assert_eq!(admin_list(&lb, "app"), two, "after reload");
 
     // The API vanishes: stale, the last set serves, /ready stays 200.
     api.stop();
@@ -401,6 +407,12 @@ fn xdp_service_follows_endpointslices() {
         after.iter().all(|n| n == "backend-1"),
         "no new flow to the drained backend: {after:?}"
     );
+
+    // A reload keeps the API's set, the drain included, and the held flow.
+    let (code, body) = s.admin().send("POST", "/reload", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(admin_list(s.lb(), "web"), list(&[(0, "up"), (1, "draining")]), "after reload");
+    assert_eq!(keepalive_get(&mut held).unwrap(), "backend-2", "the held flow survives a reload");
 
     // A restart adopts the pinned maps and starts from their backends: the held flow lives on,
     // and the first list drains backend-2 again.
