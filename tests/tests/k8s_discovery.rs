@@ -426,3 +426,74 @@ fn xdp_service_follows_endpointslices() {
     expect(s.lb(), "web", &list(&[]), "deleted");
     assert!(s.get(WEB).is_err(), "no backend: nothing answers");
 }
+
+/// `lb backend list SERVICE --json` over one process's own admin socket (two overlap).
+fn list_over(ns: &Netns, socket: &std::path::Path, service: &str) -> BTreeMap<SocketAddr, String> {
+    let lb = lb_tests::lb::lb_binary().unwrap().display().to_string();
+    let admin = format!("unix:{}", socket.display());
+    let out = ns.exec(&[&lb, "backend", "list", service, "--admin", &admin, "--json"]);
+    out.ok().and_then(|o| serde_json::from_str(&o).ok()).map(|v| parse(&v)).unwrap_or_default()
+}
+
+/// A DaemonSet rolling update on one node: a second `lb run` beside the first watches the API
+/// too but leaves the XDP maps to the first, which applies a change made meanwhile; once the
+/// first stops, the second takes the maps over and puts the API's set back (the drain, which
+/// adopted maps do not record), and applies changes from then on.
+#[test]
+fn overlapping_processes_hand_the_api_set_over() {
+    lb_tests::privileged!();
+    let dir = std::env::temp_dir().join(lb_tests::netns::unique("kubeapi"));
+    let from = "backends_from = { kubernetes = \"prod/web\", port = \"http\" }\n";
+    let service = format!("[[xdp.service]]\nname = \"web\"\nvip = \"{WEB}\"\n{from}");
+    let s = Scenario::topology(2).serve(Serve::Http).xdp_raw(&service);
+    let backends = s.backend_addrs();
+    let admin = conf::admin("127.0.0.1:9901") + "reuse_port = true\n";
+    let k8s = format!("[kubernetes]\nkubeconfig = \"{}\"\n", dir.join("kubeconfig").display());
+    let first_socket =
+        std::env::temp_dir().join(format!("{}.sock", lb_tests::netns::unique("adm")));
+    let socket = first_socket.display().to_string();
+    let mut s =
+        s.config(&(admin + &k8s)).start_with(|b| b.env("LB_ADMIN_SOCKET", &socket)).unwrap();
+    let api = KubeApi::start_at(s.balancer(), dir).unwrap();
+    let ep = |i: usize| backends[i].ip();
+    let list = |l: &[(usize, &str)]| -> BTreeMap<SocketAddr, String> {
+        l.iter().map(|(i, st)| (backends[*i], st.to_string())).collect()
+    };
+    let slice = |eps: &[Endpoint]| api.set_slice(NS, "web-a", "web", ("http", 80), eps);
+    let ns = s.balancer().share();
+
+    slice(&[Endpoint::ready(ep(0)), Endpoint::ready(ep(1))]);
+    let both = list(&[(0, "up"), (1, "up")]);
+    assert!(wait_until(NOTICE, || list_over(&ns, &first_socket, "web") == both), "first process");
+
+    let mut old = s.lb_mut().start_beside().unwrap();
+    let second_socket = s.lb().admin_socket().unwrap();
+    let says = s.lb().own_status().unwrap();
+    assert_eq!(says["xdp_writer"], format!("pid {}", old.pid()), "{says}");
+    let synced = || s.lb().own_status().is_ok_and(|v| v["sources"][0]["state"] == "synced");
+    assert!(wait_until(NOTICE, synced), "the second process watches too");
+
+    // A change while both run: the writer applies it.
+    slice(&[Endpoint::ready(ep(0)), Endpoint::terminating(ep(1))]);
+    let drained = list(&[(0, "up"), (1, "draining")]);
+    let ok = wait_until(APPLY, || list_over(&ns, &first_socket, "web") == drained);
+    assert!(ok, "the writer drains: {:?}", list_over(&ns, &first_socket, "web"));
+
+    // The first stops (the kubelet's SIGTERM); the second takes the maps and the API's set.
+    old.terminate();
+    let took = || s.lb().own_status().is_ok_and(|v| v["xdp_writer"] == "this process");
+    assert!(wait_until(Duration::from_secs(15), took), "the second process took the maps");
+    let ok = wait_until(NOTICE, || list_over(&ns, &second_socket, "web") == drained);
+    assert!(ok, "the drain is put back: {:?}", list_over(&ns, &second_socket, "web"));
+    let after: Vec<String> = (0..6).map(|_| s.get(WEB).unwrap()).collect();
+    assert!(
+        after.iter().all(|n| n == "backend-1"),
+        "no new flow to the drained backend: {after:?}"
+    );
+    assert!(old.wait(Duration::from_secs(40)).unwrap().success(), "the first process exits");
+
+    // Changes apply in the second process from then on.
+    slice(&[Endpoint::ready(ep(0)), Endpoint::ready(ep(1))]);
+    let ok = wait_until(APPLY, || list_over(&ns, &second_socket, "web") == both);
+    assert!(ok, "undrained: {:?}", list_over(&ns, &second_socket, "web"));
+}
