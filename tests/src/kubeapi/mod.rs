@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::netns::Netns;
 
+pub mod observe;
 mod serve;
 
 /// One endpoint of a slice and its conditions (`None`: the field is absent).
