@@ -181,12 +181,12 @@ fn l7_upstream_follows_endpointslices() {
 
     // A reload keeps the API's set (the file lists no backends), not even emptying it for a
     // moment.
-    let monitor = Sampler::start(&lb, "app");
+    let sampler = Sampler::start(&lb, "app");
     let (code, body) = lb.admin().send("POST", "/reload", None).unwrap();
     assert_eq!(code, 200, "{body}");
     std::thread::sleep(Duration::from_millis(200));
     let two = want(&[(1, "up"), (2, "up")]);
-    let seen = monitor.finish();
+    let seen = sampler.finish();
     assert!(seen.iter().all(|s| *s == two), "the set changed around the reload: {seen:?}");
     assert_eq!(listed(&lb, "app"), two, "after reload");
 
@@ -217,18 +217,31 @@ fn l7_upstream_follows_endpointslices() {
 
     // 410 Gone: a relist, and no sample of the served set misses a backend.
     let lists = api.counts().lists;
-    let monitor = Sampler::start(&lb, "app");
+    let sampler = Sampler::start(&lb, "app");
     api.expire();
     assert!(wait_until(NOTICE, || api.counts().lists > lists), "lb listed again after the 410");
     assert!(wait_until(NOTICE, || source_state(&lb) == "synced"), "{}", source(&lb));
     std::thread::sleep(Duration::from_millis(300));
-    let seen = monitor.finish();
+    let seen = sampler.finish();
     let all = want(&[(1, "up"), (2, "up"), (3, "up")]);
     assert!(seen.len() > 10, "sampled the set {} times", seen.len());
     assert!(seen.iter().all(|s| *s == all), "a backend dropped during the relist: {seen:?}");
     api.set_slice(NS, "web-a", "web", ("http", PORT), &[Endpoint::ready(ip(1))]);
     expect(&lb, "app", &want(&[(1, "up")]), "a change after the relist");
     assert_eq!(who(&served(&ns, LISTEN, 4)), names(&["b1"]));
+
+    // A restart with nothing changed: stale, then synced, and no sample misses the backend.
+    let lists = api.counts().lists;
+    let sampler = Sampler::start(&lb, "app");
+    api.stop();
+    assert!(wait_until(NOTICE, || source_state(&lb) == "stale"), "{}", source(&lb));
+    api.restart().unwrap();
+    assert!(wait_until(NOTICE, || api.counts().lists > lists), "lb listed again");
+    assert!(wait_until(NOTICE, || source_state(&lb) == "synced"), "{}", source(&lb));
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = sampler.finish();
+    let one = want(&[(1, "up")]);
+    assert!(seen.iter().all(|s| *s == one), "a backend dropped across the restart: {seen:?}");
 }
 
 #[test]
