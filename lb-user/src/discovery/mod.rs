@@ -270,3 +270,35 @@ pub fn redrain(state: &State, drains: &[(String, SocketAddr)]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_the_backends_from_of_the_config_with_their_family() {
+        let c = Config::parse(
+            r#"
+            [kubernetes]
+            kubeconfig = "/k"
+            [xdp]
+            interfaces = ["eth0"]
+            [[xdp.service]]
+            name = "web6"
+            vip = "[2001:db8::1]:80"
+            backends_from = { kubernetes = "prod/web", port = "http" }
+            [[xdp.service]]
+            name = "static"
+            vip = "10.0.0.1:80"
+            backends = ["10.1.0.2:80"]
+            [upstream.api]
+            backends_from = { kubernetes = "prod/api", port = "8080" }
+            "#,
+        )
+        .unwrap();
+        let got: Vec<(String, Option<bool>)> =
+            sources(&c).into_iter().map(|s| (s.service, s.family)).collect();
+        assert_eq!(got, [("web6".to_string(), Some(false)), ("api".to_string(), None)]);
+        assert!(sources(&c).iter().all(|s| s.kubeconfig.as_deref() == Some("/k".as_ref())));
+    }
+}
