@@ -195,6 +195,7 @@ fn l7_upstream_follows_endpointslices() {
     assert!(wait_until(NOTICE, || source_state(&lb) == "stale"), "{}", source(&lb));
     assert!(source(&lb)["error"].as_str().is_some_and(|e| !e.is_empty()), "{}", source(&lb));
     assert!(lb.cli(&["status"]).unwrap().contains(": stale"), "lb status names the stale source");
+    assert_eq!(lb.admin().metric("lb_backends_from_synced{service=\"app\"}"), 0);
     assert_eq!(lb.admin().request("GET", "/ready").unwrap().0, 200);
     assert_eq!(listed(&lb, "app"), want(&[(1, "up"), (2, "up")]), "kept while stale");
     assert_eq!(who(&served(&ns, LISTEN, 8)), names(&["b1", "b2"]));
@@ -211,6 +212,7 @@ fn l7_upstream_follows_endpointslices() {
     assert!(wait_until(NOTICE, || source_state(&lb) == "synced"), "{}", source(&lb));
     expect(&lb, "app", &want(&[(1, "up"), (3, "up")]), "after the restart");
     assert!(lb.cli(&["status"]).unwrap().contains(": synced"));
+    assert_eq!(lb.admin().metric("lb_backends_from_synced{service=\"app\"}"), 1);
     let three = [Endpoint::ready(ip(1)), Endpoint::ready(ip(2)), Endpoint::ready(ip(3))];
     api.set_slice(NS, "web-a", "web", ("http", PORT), &three);
     expect(&lb, "app", &want(&[(1, "up"), (2, "up"), (3, "up")]), "a change after the restart");
