@@ -98,8 +98,10 @@ fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
     for change in dp.apply_snat(&snat::resolve(&xdp.snat)?)? {
         log::info!("{change}");
     }
-    dp.apply(&xdp.services)?;
-    for s in &xdp.services {
+    // A `backends_from` service starts from what adopted maps hold (its watcher corrects it).
+    let services = crate::discovery::with_current_backends(dp, &xdp.services);
+    dp.apply(&services)?;
+    for s in &services {
         log::info!(
             "service {} on {} ({:?}), {} backends",
             s.name,
@@ -108,7 +110,7 @@ fn fill_xdp(dp: &mut Dataplane, xdp: &XdpConfig) -> Result<(), DataplaneError> {
             s.backends.len()
         );
     }
-    sync_host(dp, &xdp.interfaces, &xdp.services)
+    sync_host(dp, &xdp.interfaces, &services)
 }
 
 /// A hand-off target for each L7 TLS listener, for the L4 listeners' `terminate` routes;
@@ -183,7 +185,11 @@ async fn take_xdp_later(state: Arc<State>, xdp: XdpConfig, mut shutdown: watch::
     };
     log::info!("XDP maps under {}: the other lb let go; adopting them", xdp.pin_path.display());
     match tokio::task::spawn_blocking(move || start_xdp(&xdp)).await {
-        Ok(Ok(dp)) => state.install_dataplane(dp, lock),
+        Ok(Ok(dp)) => {
+            state.install_dataplane(dp, lock);
+            // The backends_from sets may have moved on while the other process wrote them.
+            state.discovery.resync();
+        }
         Ok(Err(e)) => log::error!(
             "XDP: {e}; the pinned program keeps forwarding with the maps as the other lb left them"
         ),
@@ -256,6 +262,8 @@ pub async fn run(
             );
         }
     }
+    // Not a condition of ready: an API that cannot be reached leaves its services as they are.
+    crate::discovery::sync(&state);
     state.ready.store(true, Ordering::Relaxed);
     takeover.ready();
     let (mut handed, offering) = successor.serve(&state);

@@ -4,6 +4,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod discovery;
 pub mod health;
 pub mod l4;
 pub mod l7;

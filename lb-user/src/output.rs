@@ -28,6 +28,13 @@ pub fn status(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     for u in &s.unavailable {
         println!("UNAVAILABLE {u}");
     }
+    for src in &s.sources {
+        let why = src.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+        println!(
+            "backends of {} from {}: {}, {} up{why}",
+            src.service, src.source, src.state, src.backends
+        );
+    }
     for (listener, relay) in &s.relays {
         println!("tcp listener {listener}: relay {relay}");
     }

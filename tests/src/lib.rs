@@ -9,6 +9,7 @@
 //! - [`l4`], [`http`]: the L4 and L7 proxies in-process (no root); [`fixture`], [`packet`]: XDP
 //!   frames through `BPF_PROG_TEST_RUN`, [`icmp`] the ICMP errors among them; [`flood`]: the
 //!   same frames sent from a namespace;
+//! - [`kubeapi`]: a Kubernetes API server for EndpointSlices over HTTPS (list, watch, 410, restart);
 //! - [`rel`], [`procs`], [`h2`]: reliability reports, process samples, hand-built h2 frames;
 //! - [`conformance`]: h2spec and real gRPC implementations (Python) run against the L7 proxy;
 //! - [`container`]: lb in podman containers (base image, ConfigMap pieces, a node namespace).
@@ -30,6 +31,7 @@ pub mod flood;
 pub mod h2;
 pub mod http;
 pub mod icmp;
+pub mod kubeapi;
 pub mod l4;
 pub mod lb;
 pub mod load;

@@ -173,7 +173,7 @@ fn anchors(msg: &str) -> Vec<Anchor> {
                 out.push(Anchor::Quoted(name.to_string()));
             }
         } else if w.contains('.')
-            && ["admin.", "xdp.", "http.", "upstream.", "health.", "tcp."]
+            && ["admin.", "xdp.", "http.", "upstream.", "health.", "tcp.", "kubernetes."]
                 .iter()
                 .any(|p| w.starts_with(p))
         {
@@ -293,6 +293,23 @@ mod tests {
         assert!(line_of(&e, "listed twice").starts_with("line 10: "), "{e:#?}");
         // A key left at its default has no line of its own: the table's header.
         assert!(line_of(&e, "timeouts must be").starts_with("line 9: "), "{e:#?}");
+    }
+
+    #[test]
+    fn backends_and_backends_from_together_name_their_line() {
+        let from = "backends_from = { kubernetes = \"default/web\", port = \"http\" }";
+        let e = errors(&format!(
+            "[xdp]\ninterfaces = [\"eth0\"]\n[[xdp.service]]\nname = \"a\"\nvip = \"10.0.0.1:80\"\n{from}\n[[xdp.service]]\nname = \"b\"\nvip = \"10.0.0.2:80\"\nbackends = [\"10.1.0.2:80\"]\n{from}\n[upstream.api]\nbackends = [\"10.0.0.1:80\"]\nbackends_from = {{ kubernetes = \"Default/web\", port = \"\" }}\n"
+        ));
+        assert_eq!(e.len(), 4, "{e:#?}");
+        assert!(
+            line_of(&e, "service \"b\": xdp.service.backends and backends_from")
+                .starts_with("line 10: "),
+            "{e:#?}"
+        );
+        assert!(line_of(&e, "upstream.api.backends and").starts_with("line 13: "), "{e:#?}");
+        assert!(line_of(&e, "is not NAMESPACE/SERVICE").starts_with("line 14: "), "{e:#?}");
+        assert!(line_of(&e, "port is empty").starts_with("line 14: "), "{e:#?}");
     }
 
     #[test]

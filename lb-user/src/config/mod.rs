@@ -18,7 +18,7 @@ use std::{
 use serde::Deserialize;
 use thiserror::Error;
 
-pub use backend::BackendSpec;
+pub use backend::{BackendSpec, BackendsFrom};
 pub use env::{ENV_VARS, redacted};
 pub use health::{CheckKind, HealthConfig};
 pub use http::{AccessLog, CertConfig, Cidr, HttpConfig, ListenerConfig, RouteConfig};
@@ -51,6 +51,9 @@ pub struct Config {
     pub health: BTreeMap<String, HealthConfig>,
     /// Routes for the XDP VIPs in a kernel table, for a BGP daemon to announce.
     pub announce: Option<AnnounceConfig>,
+    /// How to reach the Kubernetes API for `backends_from` (absent: in-cluster credentials).
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
     /// The text this config was parsed from (for `GET /config`, redacted there).
     #[serde(skip)]
     pub source: String,
@@ -84,6 +87,15 @@ impl AnnounceConfig {
             errors.push(format!("announce.table = {} is the kernel's {name} table: a blackhole route for each VIP there would change this host's forwarding; use a table of its own, e.g. table = 100", self.table));
         }
     }
+}
+
+/// `[kubernetes]`: the API server that `backends_from = { kubernetes = ... }` watches.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file (its current context); absent: the pod's service account
+    /// (KUBERNETES_SERVICE_HOST/PORT and /var/run/secrets/kubernetes.io/serviceaccount).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Where the admin API listens.
@@ -211,6 +223,9 @@ impl Config {
             u.validate(name, &mut errors);
         }
         config.http.validate(&config.upstream, &mut errors);
+        if config.kubernetes.kubeconfig.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            errors.push("kubernetes.kubeconfig is empty: name a kubeconfig file, or remove the key to use the pod's service account".into());
+        }
         if errors.is_empty() {
             Ok(config)
         } else {
@@ -310,6 +325,35 @@ mod tests {
         assert!(err.contains("no [upstream.missing]"), "{err}");
         assert!(err.contains("one leading *"), "{err}");
         assert!(err.contains("must start with /"), "{err}");
+    }
+
+    #[test]
+    fn parses_backends_from_and_the_kubeconfig() {
+        let c = Config::parse(
+            r#"
+            [kubernetes]
+            kubeconfig = "/etc/lb/kubeconfig"
+            [xdp]
+            interfaces = ["eth0"]
+            [[xdp.service]]
+            name = "web"
+            vip = "10.0.0.100:80"
+            backends_from = { kubernetes = "prod/web", port = "http" }
+            [upstream.api]
+            backends_from = { kubernetes = "prod/api", port = "8080" }
+            "#,
+        )
+        .unwrap();
+        let from = c.xdp.unwrap().services[0].backends_from.clone().unwrap();
+        assert_eq!(from.service(), Some(("prod", "web")));
+        assert_eq!(from.port, "http");
+        assert_eq!(
+            c.upstream["api"].backends_from.as_ref().unwrap().service(),
+            Some(("prod", "api"))
+        );
+        assert_eq!(c.kubernetes.kubeconfig.as_deref(), Some(Path::new("/etc/lb/kubeconfig")));
+        let none = Config::parse("[upstream.api]\nbackends = []\n").unwrap();
+        assert_eq!(none.kubernetes, KubernetesConfig::default());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
 
 use serde::Deserialize;
 
-use super::BackendSpec;
+use super::{BackendSpec, BackendsFrom};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -16,6 +16,8 @@ pub struct UpstreamConfig {
     pub balance: Option<Balance>,
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+    /// The backend set from Kubernetes EndpointSlices instead of `backends`.
+    pub backends_from: Option<BackendsFrom>,
     /// TCP connect timeout to one backend, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -75,6 +77,9 @@ impl UpstreamConfig {
     }
 
     pub(super) fn validate(&self, name: &str, errors: &mut Vec<String>) {
+        if let Some(from) = &self.backends_from {
+            from.validate(&format!("upstream.{name}"), !self.backends.is_empty(), errors);
+        }
         let mut seen = std::collections::HashSet::new();
         for b in &self.backends {
             if b.weight() == 0 {

@@ -8,7 +8,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::BackendSpec;
+use super::{BackendSpec, BackendsFrom};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -205,6 +205,8 @@ pub struct ServiceConfig {
     pub encap: Option<Encap>,
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+    /// The backend set from Kubernetes EndpointSlices instead of `backends`.
+    pub backends_from: Option<BackendsFrom>,
 }
 
 impl XdpConfig {
@@ -273,6 +275,10 @@ impl XdpConfig {
             }
             if s.encap.is_some() && s.forwarding != Forwarding::Dsr {
                 errors.push(format!("service {:?}: encap applies to forwarding = \"dsr\" only: remove it, or set forwarding = \"dsr\"", s.name));
+            }
+            if let Some(from) = &s.backends_from {
+                let at = format!("service {:?}: xdp.service", s.name);
+                from.validate(&at, !s.backends.is_empty(), errors);
             }
             for b in &s.backends {
                 if s.forwarding == Forwarding::Dsr && b.addr().port() != s.vip.port() {

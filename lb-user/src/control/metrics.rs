@@ -208,6 +208,16 @@ pub fn render(state: &State) -> String {
             h.changes,
         );
     }
+    let sources = state.discovery.statuses();
+    o.head(
+        "lb_backends_from_synced",
+        "gauge",
+        "backends_from: 1 while the set is the API's latest, 0 while stale (the last set serves)",
+    );
+    for src in &sources {
+        let synced = u8::from(src.state == "synced");
+        o.sample("lb_backends_from_synced", &[("service", &src.service)], synced);
+    }
     o.0
 }
 

@@ -49,6 +49,8 @@ pub struct State {
     /// The right to write the XDP maps (`dataplane::writer`), while this process has it;
     /// without it (see [`State::xdp_paused`]) it writes them no more.
     pub xdp_writer: Mutex<Option<WriterLock>>,
+    /// The `backends_from` watchers and whether each is synced.
+    pub discovery: crate::discovery::Registry,
 }
 
 #[derive(Debug, Error)]
@@ -113,6 +115,9 @@ pub struct Status {
     /// kernel relay is not used when it is not.
     #[serde(default)]
     pub relays: std::collections::BTreeMap<String, String>,
+    /// Each service whose backends come from an API (`backends_from`): `synced` or `stale`.
+    #[serde(default)]
+    pub sources: Vec<crate::discovery::SourceStatus>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -219,6 +224,7 @@ impl State {
             ready: AtomicBool::new(false),
             runtime: tokio::sync::Mutex::new(Runtime::default()),
             xdp_writer: Mutex::new(writer),
+            discovery: crate::discovery::Registry::default(),
         }
     }
 
@@ -324,6 +330,7 @@ impl State {
             xdp_writer: self.xdp_writer_status(),
             announce,
             relays: self.relays(),
+            sources: self.discovery.statuses(),
         }
     }
 

@@ -18,7 +18,7 @@ use super::{
     vip_key,
 };
 use crate::{
-    config::{Encap, Forwarding, HashMode, ServiceConfig},
+    config::{Encap, Forwarding, HashMode, Protocol, ServiceConfig},
     maglev,
 };
 
@@ -308,6 +308,17 @@ impl Tables {
                 slots: svc.ring.iter().filter(|&&id| id == b.id).count() as u32,
             })
             .collect())
+    }
+
+    /// The backends adopted maps hold for the service at `vip` (a previous run's), until
+    /// `apply` keeps or retires them: a service whose set comes from an API starts from these.
+    pub fn recovered_backends(&self, vip: SocketAddr, protocol: Protocol) -> Vec<SocketAddr> {
+        let key = vip_key(vip, protocol);
+        let Some(&sid) = self.recovered.service_ids.get(&key) else { return Vec::new() };
+        let mut out: Vec<SocketAddr> =
+            self.recovered.backend_ids.keys().filter(|(s, _)| *s == sid).map(|(_, a)| *a).collect();
+        out.sort();
+        out
     }
 
     /// The ring of a service as last written (slot → backend id, 0 = none).

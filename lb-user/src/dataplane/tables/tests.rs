@@ -130,6 +130,30 @@ fn recovery_keeps_ids_and_retires_what_the_config_dropped() {
 }
 
 #[test]
+fn recovered_backends_are_the_adopted_services_until_apply() {
+    let mut t = Tables::new(SIZE);
+    let mut m = MemMaps::default();
+    t.apply(&services(WEB), &mut m).unwrap();
+    let vips: Vec<_> = m.vips.iter().map(|(k, v)| (*k, *v)).collect();
+    let backends: Vec<_> = m.backends.iter().map(|(k, v)| (*k, *v)).collect();
+    let mut t2 = Tables::new(SIZE);
+    t2.recover(&vips, &backends);
+    let vip: SocketAddr = "10.0.0.100:80".parse().unwrap();
+    let addrs: Vec<String> =
+        t2.recovered_backends(vip, Protocol::Tcp).iter().map(|a| a.to_string()).collect();
+    assert_eq!(addrs, ["10.1.0.2:80", "10.1.0.3:80", "10.1.0.4:80"]);
+    assert!(t2.recovered_backends(vip, Protocol::Udp).is_empty(), "another VIP key");
+    // Written back as the service's list (what a backends_from service does), the ids stay.
+    let before = t.backends("web").unwrap();
+    let list = addrs.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+    let same = format!("[[xdp.service]]\nname = \"web\"\nvip = \"{vip}\"\nbackends = [{list}]\n");
+    t2.apply(&services(&same), &mut m).unwrap();
+    let ids = |v: &[BackendView]| v.iter().map(|b| (b.addr, b.id)).collect::<Vec<_>>();
+    assert_eq!(ids(&t2.backends("web").unwrap()), ids(&before));
+    assert!(t2.recovered_backends(vip, Protocol::Tcp).is_empty(), "apply consumed them");
+}
+
+#[test]
 fn removing_a_service_clears_its_vip_ring_and_backends() {
     let mut t = Tables::new(SIZE);
     let mut m = MemMaps::default();
