@@ -34,7 +34,10 @@ const SECTIONS: &[(&str, &str)] = &[
     ("xdp-micro", "XDP per-packet cost (BPF_PROG_TEST_RUN)"),
     ("xdp-insitu", "XDP per-packet cost on real traffic (kernel BPF statistics)"),
     ("l4", "L4 end to end: lb XDP against kernel routing, nftables DNAT and HAProxy"),
-    ("ecmp", "DSR scale-out: lb nodes behind a BGP router's ECMP, one against two"),
+    (
+        "ecmp",
+        "DSR on a routed LAN: against full NAT and routing; two lb nodes behind ECMP against one",
+    ),
     ("l4user", "Userspace L4: lb TCP proxy and SNI passthrough against HAProxy and nginx stream"),
     ("l7", "L7 HTTP/TLS proxy: lb against nginx, HAProxy and Pingora"),
     ("l7-scale", "L7 scaling: keep-alive requests/s against concurrent connections"),

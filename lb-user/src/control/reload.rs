@@ -210,21 +210,17 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
     // Apply. XDP first: `apply` is idempotent and keeps service and backend ids, so tracked
     // flows keep their backend; only changed services' rings are rewritten. SNAT pools before
     // services, so new backends' first flows already spread over added addresses.
-    let mut api_drains = Vec::new();
     if let (Some(dp), Some(xdp)) = (state.dataplane.get(), &new.xdp) {
         let mut dp = dp.lock().unwrap_or_else(|e| e.into_inner());
         changes.extend(dp.apply_snat(&pools).map_err(|e| ReloadError::Apply(e.to_string()))?);
         // backends_from services keep the API's set (their file lists none).
         let services = crate::discovery::with_current_backends(&dp, &xdp.services);
-        api_drains = crate::discovery::drained(&dp, &services);
         dp.apply(&services).map_err(|e| ReloadError::Apply(e.to_string()))?;
         // VIPs that left the config stop being local; new ones become local.
         crate::daemon::sync_host(&mut dp, &xdp.interfaces, &services)
             .map_err(|e| ReloadError::Apply(e.to_string()))?;
         changes.push(format!("xdp: {} services applied", xdp.services.len()));
     }
-    // The API's drains stay drained, also where a reload ends runtime drains.
-    crate::discovery::redrain(state, &api_drains);
     for (group, policy) in policies {
         group.set_policy(policy);
     }

@@ -174,9 +174,10 @@ impl Tables {
             for b in &c.backends {
                 let svc = self.services.get_mut(&c.name).expect("inserted above");
                 if let Some(x) = svc.backends.iter_mut().find(|x| x.addr == b.addr()) {
-                    // The file is the truth: its weight, and a runtime drain ends.
+                    // The file is the truth: its weight, and a runtime drain ends; with
+                    // `backends_from` the API is, and its drains stay.
                     x.weight = b.weight();
-                    x.draining = false;
+                    x.draining &= c.backends_from.is_some();
                 } else {
                     self.insert_backend(&c.name, b.addr(), b.weight(), maps)?;
                 }

@@ -200,12 +200,7 @@ pub async fn apply(state: &State, source: &Source, want: &BTreeMap<SocketAddr, W
             Step::Add => state.change(service, addr, Change::Add(1)),
             Step::Remove => state.change(service, addr, Change::Remove),
             Step::Drain => state.change(service, addr, Change::Drain),
-            // MERGE: main adds `Change::Undrain`; once it lands this arm is
-            // `state.change(service, addr, Change::Undrain)`. Until then: remove and add back,
-            // which ends the backend's tracked XDP flows (a proxied group loses nothing).
-            Step::Undrain => state
-                .change(service, addr, Change::Remove)
-                .and_then(|()| state.change(service, addr, Change::Add(1))),
+            Step::Undrain => state.change(service, addr, Change::Undrain),
         };
         if let Err(e) = done {
             log::warn!(
@@ -240,35 +235,6 @@ pub fn with_current_backends(
         };
     }
     out
-}
-
-/// The draining backends of the `backends_from` services among `services`, before a reload's
-/// `apply`.
-pub fn drained(
-    dp: &crate::dataplane::Dataplane,
-    services: &[crate::config::ServiceConfig],
-) -> Vec<(String, SocketAddr)> {
-    let from_api = services.iter().filter(|s| s.backends_from.is_some());
-    from_api
-        .flat_map(|s| {
-            let list = dp.tables().backends(&s.name).unwrap_or_default();
-            list.into_iter().filter(|b| b.draining).map(|b| (s.name.clone(), b.addr))
-        })
-        .collect()
-}
-
-/// Drains `drains` again after a reload's `apply`: a no-op while `apply` keeps drains, and
-/// what keeps the API's drains once a reload ends runtime drains ("the file is the truth",
-/// which a `backends_from` service's file is not).
-// MERGE: main's `Tables::apply` sets `draining = false` for every listed backend; this undoes
-// it for API-driven services within the same reload (the clean fix: let `apply` skip the
-// reset for services with `backends_from`).
-pub fn redrain(state: &State, drains: &[(String, SocketAddr)]) {
-    for (service, addr) in drains {
-        if let Err(e) = state.change(service, *addr, Change::Drain) {
-            log::warn!("backend {addr} of {service}: keeping the API's drain: {e}");
-        }
-    }
 }
 
 #[cfg(test)]
