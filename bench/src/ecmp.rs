@@ -127,6 +127,15 @@ fn path(path: Path, secs: u32) -> anyhow::Result<[f64; 4]> {
     let close = wrk(&f.client, &url, 50, secs, true)?.rps;
     let up = iperf(&f.client, &vip, 5201, secs)?;
     let down = iperf_dir(&f.client, &vip, 5201, secs, true)?;
+    // LB_BENCH_DEBUG: lb's counters (too-big answers, wrapped packets) and the client's
+    // retransmissions, as the l4 section prints them.
+    if let (Some(lb), Some(_)) = (&held.1, std::env::var_os("LB_BENCH_DEBUG")) {
+        eprintln!("{}", lb.cli(&["stats"])?);
+        eprintln!(
+            "client: {}",
+            f.client.exec(&["nstat", "-az", "TcpRetransSegs", "TcpExtTCPLostRetransmit"])?
+        );
+    }
     drop(held);
     Ok([ka, close, up, down])
 }
