@@ -5,15 +5,12 @@ use std::{net::SocketAddr, time::Duration};
 use lb_tests::{
     lb::Lb,
     netns::Netns,
-    privileged_or_skip,
     servers::{HttpBackend, http_get},
 };
 
 #[test]
 fn lb_run_balances_http_from_its_config() {
-    if !privileged_or_skip("lb_run_balances_http_from_its_config") {
-        return;
-    }
+    lb_tests::privileged!();
     let ns = Netns::new("l7").expect("namespace");
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let a = HttpBackend::start(&ns, any, "a").expect("backend a");

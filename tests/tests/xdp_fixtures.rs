@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use lb_tests::{
     fixture::*,
     packet::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, checksums_valid, fields},
-    privileged_or_skip,
 };
 use lb_user::dataplane::Dataplane;
 
@@ -25,14 +24,8 @@ backends = ["[fd01:1::2]:53"]
 "#;
 
 /// Runs `body` inside a fresh fixture namespace with the program loaded.
-fn with_fixture(
-    name: &str,
-    config: &'static str,
-    body: impl FnOnce(&mut Dataplane) + Send + 'static,
-) {
-    if !privileged_or_skip(name) {
-        return;
-    }
+fn with_fixture(config: &'static str, body: impl FnOnce(&mut Dataplane) + Send + 'static) {
+    lb_tests::privileged!();
     let ns = namespace().expect("fixture namespace");
     ns.run(move || {
         let mut dp = dataplane(config).expect("load program");
@@ -47,7 +40,7 @@ fn stats(dp: &Dataplane) -> HashMap<&'static str, u64> {
 
 #[test]
 fn tcp_v4_full_nat_both_ways() {
-    with_fixture("tcp_v4_full_nat_both_ways", CONFIG, |dp| {
+    with_fixture(CONFIG, |dp| {
         let syn = Frame::tcp(ip("10.0.0.2"), 40000, ip("10.200.0.1"), 80, TCP_SYN).bytes();
         let (action, out) = run(dp, &syn);
         assert_eq!(action, XDP_REDIRECT, "to b1 through the devmap");
@@ -82,7 +75,7 @@ fn tcp_v4_full_nat_both_ways() {
 
 #[test]
 fn udp_v6_full_nat_both_ways() {
-    with_fixture("udp_v6_full_nat_both_ways", CONFIG, |dp| {
+    with_fixture(CONFIG, |dp| {
         let q = Frame::udp(ip("fd00::2"), 5353, ip("fd00:200::1"), 53, b"query").bytes();
         let (action, out) = run(dp, &q);
         assert_eq!(action, XDP_REDIRECT);
@@ -103,7 +96,7 @@ fn udp_v6_full_nat_both_ways() {
 
 #[test]
 fn only_new_flows_consult_the_ring() {
-    with_fixture("only_new_flows_consult_the_ring", CONFIG, |dp| {
+    with_fixture(CONFIG, |dp| {
         // A TCP packet that is not a SYN and matches no flow cannot be resumed.
         let ack = Frame::tcp(ip("10.0.0.2"), 41000, ip("10.200.0.1"), 80, TCP_ACK).bytes();
         assert_eq!(run(dp, &ack).0, XDP_DROP);
@@ -139,7 +132,7 @@ fn only_new_flows_consult_the_ring() {
 
 #[test]
 fn tcp_close_and_port_reuse() {
-    with_fixture("tcp_close_and_port_reuse", CONFIG, |dp| {
+    with_fixture(CONFIG, |dp| {
         let c = ip("10.0.0.2");
         let vip = ip("10.200.0.1");
         let (_, out) = run(dp, &Frame::tcp(c, 42000, vip, 80, TCP_SYN).bytes());
@@ -165,7 +158,7 @@ fn tcp_close_and_port_reuse() {
 
 #[test]
 fn drained_backend_keeps_flows_removed_backend_loses_them() {
-    with_fixture("drained_backend_keeps_flows_removed_backend_loses_them", CONFIG, |dp| {
+    with_fixture(CONFIG, |dp| {
         let vip = ip("10.200.0.1");
         run(dp, &Frame::tcp(ip("10.0.0.2"), 43000, vip, 80, TCP_SYN).bytes());
         dp.set_draining("web", "10.1.1.2:80".parse().unwrap(), true).unwrap();
@@ -182,7 +175,7 @@ fn drained_backend_keeps_flows_removed_backend_loses_them() {
 
 #[test]
 fn stated_policies_for_other_packets() {
-    with_fixture("stated_policies_for_other_packets", CONFIG, |dp| {
+    with_fixture(CONFIG, |dp| {
         let vip = ip("10.200.0.1");
         let pass_untouched = |dp: &Dataplane, frame: &[u8], what: &str| {
             let (a, out) = run(dp, frame);
@@ -259,7 +252,7 @@ name = "web"
 vip = "10.200.0.1:80"
 backends = ["10.1.1.2:80", "10.1.2.2:80"]
 "#;
-    with_fixture("per_backend_counters_match_a_golden_table", TWO, |dp| {
+    with_fixture(TWO, |dp| {
         // 20 clients, 2 packets each (SYN, ACK), 54-byte frames.
         for i in 1..=20 {
             let c = ip(&format!("10.0.9.{i}"));
@@ -302,9 +295,7 @@ const GOLDEN: [(&str, u64, u64, u64); 2] =
 
 #[test]
 fn snat_ports_run_out_and_are_reclaimed_from_finished_flows() {
-    if !privileged_or_skip("snat_ports_run_out_and_are_reclaimed_from_finished_flows") {
-        return;
-    }
+    lb_tests::privileged!();
     let ns = namespace().expect("fixture namespace");
     ns.run(|| {
         let mut opts = lb_user::dataplane::LoadOptions::private();
@@ -344,7 +335,7 @@ fn snat_ports_run_out_and_are_reclaimed_from_finished_flows() {
 /// served while any VIP uses it, and a port no VIP uses any more passes untouched.
 #[test]
 fn vip_port_filter_follows_service_changes() {
-    with_fixture("vip_port_filter_follows_service_changes", CONFIG, |dp| {
+    with_fixture(CONFIG, |dp| {
         let vip = ip("10.200.0.1");
         let two_vips_on_80 = lb_user::config::Config::parse(
             "[xdp]\ninterfaces = [\"c0\"]\n\
@@ -388,14 +379,11 @@ fn vip_port_filter_follows_service_changes() {
 
 /// Runs `body` in a fresh fixture namespace with the program loaded under `opts`.
 fn with_options(
-    name: &str,
     config: &'static str,
     opts: lb_user::dataplane::LoadOptions,
     body: impl FnOnce(&mut Dataplane) + Send + 'static,
 ) {
-    if !privileged_or_skip(name) {
-        return;
-    }
+    lb_tests::privileged!();
     let ns = namespace().expect("fixture namespace");
     ns.run(move || {
         let mut dp = dataplane_with(config, opts).expect("load program");
@@ -442,7 +430,7 @@ fn handshake(dp: &Dataplane, client: &str, sport: u16) -> u16 {
 fn unconfirmed_tcp_flow_expires_and_frees_its_port() {
     let mut opts = short_timeouts(2000, 2001, 1.0);
     opts.settings.tcp_idle_ns = 30_000_000_000;
-    with_options("unconfirmed_tcp_flow_expires_and_frees_its_port", CONFIG, opts, |dp| {
+    with_options(CONFIG, opts, |dp| {
         let vip = ip("10.200.0.1");
         let confirmed = handshake(dp, "10.0.0.2", 47000);
         let (a, out) = run(dp, &Frame::tcp(ip("10.0.0.3"), 47000, vip, 80, TCP_SYN).bytes());
@@ -482,7 +470,7 @@ fn unconfirmed_tcp_flow_expires_and_frees_its_port() {
 #[test]
 fn established_tcp_flow_expires_when_idle_both_ways() {
     let opts = short_timeouts(2000, 2001, 1.0);
-    with_options("established_tcp_flow_expires_when_idle_both_ways", CONFIG, opts, |dp| {
+    with_options(CONFIG, opts, |dp| {
         let vip = ip("10.200.0.1");
         let silent = handshake(dp, "10.0.0.2", 48000);
         let pushed = handshake(dp, "10.0.0.3", 48000);
@@ -513,7 +501,7 @@ fn established_tcp_flow_expires_when_idle_both_ways() {
 fn port_search_tries_every_port_of_the_range() {
     let mut opts = short_timeouts(3000, 3063, 30.0);
     opts.settings.tcp_closed_ns = 0;
-    with_options("port_search_tries_every_port_of_the_range", CONFIG, opts, |dp| {
+    with_options(CONFIG, opts, |dp| {
         let vip = ip("10.200.0.1");
         let mut holders = HashMap::new();
         for i in 0..64u16 {
@@ -542,7 +530,7 @@ fn port_search_tries_every_port_of_the_range() {
 #[test]
 fn a_nat_entry_belongs_to_one_flow() {
     let opts = short_timeouts(4000, 4000, 1.0);
-    with_options("a_nat_entry_belongs_to_one_flow", CONFIG, opts, |dp| {
+    with_options(CONFIG, opts, |dp| {
         let vip = ip("fd00:200::1");
         let a = Frame::udp(ip("fd00::2"), 5000, vip, 53, b"from A").bytes();
         let b = Frame::udp(ip("fd00::3"), 5001, vip, 53, b"from B").bytes();
@@ -579,7 +567,7 @@ fn a_syn_flood_ten_times_max_flows_leaves_established_flows_working() {
     opts.max_flows = 1024;
     opts.max_unconfirmed_flows = 256;
     opts.settings.cpus = 1;
-    with_options("a_syn_flood_leaves_established_flows_working", CONFIG, opts, |dp| {
+    with_options(CONFIG, opts, |dp| {
         let vip = ip("10.200.0.1");
         let held: Vec<(u16, u16)> =
             (0..30).map(|i| (50000 + i, handshake(dp, "10.0.0.2", 50000 + i))).collect();
@@ -631,7 +619,7 @@ backends = ["[fd01:1::2]:80"]
 "#;
     let mut opts = lb_user::dataplane::LoadOptions::private();
     opts.settings.tcp_closed_ns = 0;
-    with_options("blind_client_rst_does_not_end_the_flow", V6, opts, |dp| {
+    with_options(V6, opts, |dp| {
         for (client, vip) in [("10.0.0.2", "10.200.0.1"), ("fd00::2", "fd00:200::1")] {
             let (c, v) = (ip(client), ip(vip));
             let (a, out) = run(dp, &Frame::tcp(c, 52000, v, 80, TCP_SYN).bytes());
@@ -667,7 +655,7 @@ backends = ["[fd01:1::2]:80"]
 /// which its backend is reached; the same bytes from elsewhere are a spoof and are dropped.
 #[test]
 fn replies_count_only_from_the_backends_interface() {
-    with_fixture("replies_count_only_from_the_backends_interface", CONFIG, |dp| {
+    with_fixture(CONFIG, |dp| {
         let (_, out) =
             run(dp, &Frame::tcp(ip("10.0.0.2"), 53000, ip("10.200.0.1"), 80, TCP_SYN).bytes());
         let port = fields(&out).sport;
@@ -694,9 +682,7 @@ fn replies_count_only_from_the_backends_interface() {
 /// and `NatState`) are refused with the fix named, not adopted into a verifier error.
 #[test]
 fn pins_of_another_layout_are_refused_with_the_fix() {
-    if !privileged_or_skip("pins_of_another_layout_are_refused_with_the_fix") {
-        return;
-    }
+    lb_tests::privileged!();
     let ns = namespace().expect("fixture namespace");
     ns.run(|| {
         // A private bpffs in the root mount namespace, removed whatever happens below.
