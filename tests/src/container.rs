@@ -25,6 +25,17 @@ pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
+/// The release binary the images pack; fails with the command that builds it.
+pub fn release_binary() -> PathBuf {
+    let binary = workspace().join("target/release/lb");
+    assert!(
+        binary.is_file(),
+        "{} is missing: the images pack the release binary; run `cargo build --release -p lb-user` first",
+        binary.display()
+    );
+    binary
+}
+
 /// Written to stderr directly: libtest captures `eprintln!`, and what the test measured (and
 /// a skip) must be seen when it passes.
 pub fn say(line: &str) {

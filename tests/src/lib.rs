@@ -92,13 +92,18 @@ pub fn privileged_or_skip(test: &str) -> bool {
 }
 
 /// Polls `f` every 20 ms until it returns true; false once `limit` has passed.
-pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub fn wait_until(limit: Duration, f: impl FnMut() -> bool) -> bool {
+    poll_until(limit, Duration::from_millis(20), f)
+}
+
+/// [`wait_until`] polling every `every`, for checks that spawn a process (`podman exec`).
+pub fn poll_until(limit: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if f() {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(every);
     }
     f()
 }

@@ -21,7 +21,8 @@ use lb_tests::{
     admin::Admin,
     client::http_get,
     container::{
-        Node, base_image, block, cap_mask, podman, runtime_or_skip, say, status_field, workspace,
+        Node, base_image, block, cap_mask, podman, release_binary, runtime_or_skip, say,
+        status_field, workspace,
     },
 };
 
@@ -155,12 +156,8 @@ fn image_runs_with_the_daemonsets_security_context() {
         return;
     }
     let root = workspace();
-    let binary = root.join("target/release/lb");
-    assert!(
-        binary.is_file(),
-        "{} is missing: the image is built from the release binary; run `cargo build --release -p lb-user` first",
-        binary.display()
-    );
+    // The image packs it (podman build with the workspace as context).
+    release_binary();
     let daemonset = std::fs::read_to_string(root.join("deploy/kubernetes/daemonset.yaml")).unwrap();
     let configmap = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
     // The podman flags below stand for these lines; the test must change with them.

@@ -6,21 +6,22 @@
 //! sysctls, serve L7 on port 80, reload and stop cleanly; `lb detach` afterwards must find the
 //! record the unit's preserved `/run/lb` keeps and undo every change. Skipped like
 //! `k8s_image.rs` without root or podman.
-use std::{
-    net::SocketAddr,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use anyhow::bail;
 use lb_tests::{
     admin::Admin,
     client::http_get,
-    container::{Node, base_image, block, cap_mask, podman, runtime_or_skip, say, workspace},
+    container::{
+        Node, base_image, block, cap_mask, podman, release_binary, runtime_or_skip, say, workspace,
+    },
+    poll_until,
 };
 
 /// The base image with systemd (and procps: the unit's ExecReload is `/bin/kill`), kept.
 const IMAGE: &str = "localhost/lb-systemd";
+/// How often the checks (each a `podman exec`) poll.
+const EVERY: Duration = Duration::from_millis(200);
 
 fn systemd_image() -> anyhow::Result<()> {
     if Command::new("podman").args(["image", "exists", IMAGE]).status()?.success() {
@@ -70,18 +71,6 @@ fn exec(name: &str, script: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Polls `f` every 200 ms for at most `limit`.
-fn wait(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    f()
-}
-
 #[test]
 fn the_hardened_unit_runs_lb_under_systemd() {
     lb_tests::privileged!();
@@ -89,12 +78,7 @@ fn the_hardened_unit_runs_lb_under_systemd() {
         return;
     }
     let root = workspace();
-    let binary = root.join("target/release/lb");
-    assert!(
-        binary.is_file(),
-        "{} is missing: `cargo build --release -p lb-user`",
-        binary.display()
-    );
+    let binary = release_binary();
     systemd_image().expect("systemd image");
     let net = Node::new().expect("node namespaces and backends");
     let configmap = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
@@ -119,7 +103,7 @@ fn the_hardened_unit_runs_lb_under_systemd() {
     }
     args.extend([IMAGE, "/sbin/init"]);
     podman(&args).expect("start systemd");
-    let booted = wait(Duration::from_secs(30), || {
+    let booted = poll_until(Duration::from_secs(30), EVERY, || {
         exec(&name, "systemctl is-system-running").is_ok_and(|s| s == "running" || s == "degraded")
     });
     assert!(booted, "systemd did not come up: {}", podman(&["logs", &name]).unwrap_or_default());
@@ -146,7 +130,7 @@ fn the_hardened_unit_runs_lb_under_systemd() {
     assert!(link.contains("prog/xdp") && !link.contains("xdpgeneric"), "{link}");
     assert_eq!(net.node.sysctl_value("net.ipv4.conf.eth0.forwarding").unwrap(), "1");
     let l7: SocketAddr = "10.0.0.1:80".parse().unwrap();
-    let ok = wait(Duration::from_secs(5), || {
+    let ok = poll_until(Duration::from_secs(5), EVERY, || {
         http_get(&net.client, None, l7, Duration::from_secs(2))
             .is_ok_and(|b| b == "backend-1" || b == "backend-2")
     });
@@ -156,7 +140,9 @@ fn the_hardened_unit_runs_lb_under_systemd() {
 
     // `systemctl reload` (ExecReload, SIGHUP), then a stop: lb exits 0.
     exec(&name, "timeout 30 systemctl reload lb").unwrap();
-    assert!(wait(Duration::from_secs(5), || journal().contains("SIGHUP: config reloaded")));
+    assert!(
+        poll_until(Duration::from_secs(5), EVERY, || journal().contains("SIGHUP: config reloaded"))
+    );
     exec(&name, "timeout 60 systemctl stop lb").unwrap();
     let result = exec(&name, "systemctl show -p Result --value lb").unwrap();
     assert_eq!(result, "success", "{}", journal());
