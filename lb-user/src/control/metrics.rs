@@ -215,7 +215,7 @@ pub fn render(state: &State) -> String {
         "backends_from: 1 while the set is the API's latest, 0 while stale (the last set serves)",
     );
     for src in &sources {
-        let synced = u8::from(src.state == "synced");
+        let synced = u8::from(src.state == crate::discovery::SourceState::Synced);
         o.sample("lb_backends_from_synced", &[("service", &src.service)], synced);
     }
     o.0

@@ -60,14 +60,31 @@ pub struct SourceStatus {
     pub service: String,
     /// `kubernetes:NAMESPACE/SERVICE port NAME`.
     pub source: String,
-    /// `synced` (the set is the API's latest) or `stale` (the API cannot be reached, or has
-    /// not answered yet: the last known set keeps serving).
-    pub state: String,
+    pub state: SourceState,
     /// Ready backends the source listed last (drained ones not counted).
     pub backends: usize,
     /// Why it is stale.
     #[serde(default)]
     pub error: Option<String>,
+}
+
+/// Whether a source's set is the API's latest.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceState {
+    /// The set is what the API said last.
+    Synced,
+    /// The API cannot be reached, or has not answered yet: the last known set keeps serving.
+    Stale,
+}
+
+impl std::fmt::Display for SourceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Synced => "synced",
+            Self::Stale => "stale",
+        })
+    }
 }
 
 /// Why a source is stale before its first answer.
@@ -116,10 +133,10 @@ impl Registry {
     /// The API answered and `backends` is its set.
     pub fn synced(&self, service: &str, backends: usize) {
         self.set(service, |s| {
-            if s.state != "synced" {
+            if s.state != SourceState::Synced {
                 log::info!("backends of {service} from {}: synced", s.source);
             }
-            s.state = "synced".into();
+            s.state = SourceState::Synced;
             s.backends = backends;
             s.error = None;
         });
@@ -128,13 +145,13 @@ impl Registry {
     /// The API failed (`why`); the last known set keeps serving.
     pub fn stale(&self, service: &str, why: &str) {
         self.set(service, |s| {
-            if s.state != "stale" || s.error.as_deref() == Some(NOT_YET) {
+            if s.state != SourceState::Stale || s.error.as_deref() == Some(NOT_YET) {
                 log::warn!(
                     "backends of {service} from {}: stale, keeping the last set: {why}",
                     s.source
                 );
             }
-            s.state = "stale".into();
+            s.state = SourceState::Stale;
             s.error = Some(why.into());
         });
     }
@@ -161,7 +178,7 @@ pub fn sync(state: &Arc<State>) {
         let status = SourceStatus {
             service: src.service.clone(),
             source: format!("kubernetes:{} port {}", src.from.kubernetes, src.from.port),
-            state: "stale".into(),
+            state: SourceState::Stale,
             backends: 0,
             error: Some(NOT_YET.into()),
         };
