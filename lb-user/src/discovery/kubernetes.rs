@@ -27,9 +27,13 @@ const WATCH_SECS: u32 = 60;
 
 #[derive(Debug, Error)]
 pub enum KubeError {
-    #[error("kubeconfig {path}: {source}")]
+    #[error(
+        "cannot use the kubeconfig {path}: {source}; fix the file or point [kubernetes] kubeconfig at another"
+    )]
     Kubeconfig { path: String, source: kube::config::KubeconfigError },
-    #[error("no in-cluster credentials and no kubeconfig: {0}")]
+    #[error(
+        "no in-cluster credentials and no kubeconfig: {0}; run in a pod with a service account, or set [kubernetes] kubeconfig = \"PATH\""
+    )]
     Infer(#[from] kube::config::InferConfigError),
     #[error("kubernetes client: {0}")]
     Client(#[from] kube::Error),
