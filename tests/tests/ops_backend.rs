@@ -61,7 +61,11 @@ fn drain_undrain_weight_and_a_reload_that_restores_the_file() {
         s.lb().cli(&["backend", "drain", service, &b2]).expect("drain");
     }
     let out = s.lb().cli(&["reload"]).expect("lb reload");
-    assert!(out.contains(&format!("{b2} undrained")), "the reload says what it undid: {out}");
+    for line in
+        [format!("xdp service web: {b2} undrained"), format!("upstream app: {b2} undrained")]
+    {
+        assert!(out.contains(&line), "the reload says what it undid ({line}): {out}");
+    }
     for (service, target) in [("web", WEB), ("app", L7)] {
         for b in [&b1, &b2] {
             assert_eq!(listed(&s, service, b), ("up".to_string(), 1), "{service} {b} after reload");

@@ -215,7 +215,11 @@ pub async fn reload(state: &Arc<State>) -> Result<ReloadReport, ReloadError> {
         changes.extend(dp.apply_snat(&pools).map_err(|e| ReloadError::Apply(e.to_string()))?);
         // backends_from services keep the API's set (their file lists none).
         let services = crate::discovery::with_current_backends(&dp, &xdp.services);
-        dp.apply(&services).map_err(|e| ReloadError::Apply(e.to_string()))?;
+        let undrained = dp.apply(&services).map_err(|e| ReloadError::Apply(e.to_string()))?;
+        for (service, addr) in undrained {
+            changes
+                .push(format!("xdp service {service}: {addr} undrained (the file is the truth)"));
+        }
         // VIPs that left the config stop being local; new ones become local.
         crate::daemon::sync_host(&mut dp, &xdp.interfaces, &services)
             .map_err(|e| ReloadError::Apply(e.to_string()))?;

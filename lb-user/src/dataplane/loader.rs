@@ -295,10 +295,13 @@ impl Dataplane {
         Ok(self.tables.apply_snat(pools, &mut KernelMaps(&mut self.ebpf))?)
     }
 
-    /// Makes the kernel's services exactly `services`.
-    pub fn apply(&mut self, services: &[ServiceConfig]) -> Result<(), DataplaneError> {
-        self.tables.apply(services, &mut KernelMaps(&mut self.ebpf))?;
-        Ok(())
+    /// Makes the kernel's services exactly `services`; returns the backends whose runtime
+    /// drain that ended ([`Tables::apply`]).
+    pub fn apply(
+        &mut self,
+        services: &[ServiceConfig],
+    ) -> Result<Vec<(String, std::net::SocketAddr)>, DataplaneError> {
+        Ok(self.tables.apply(services, &mut KernelMaps(&mut self.ebpf))?)
     }
 
     pub fn add_backend(

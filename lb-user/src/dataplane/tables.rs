@@ -139,12 +139,14 @@ impl Tables {
     }
 
     /// Makes the services exactly `configs` (adds, updates and removes), keeping the ids of
-    /// services and backends that stay.
+    /// services and backends that stay. Returns the (service, backend) pairs whose runtime
+    /// drain it ended, for the reload's report.
     pub fn apply(
         &mut self,
         configs: &[ServiceConfig],
         maps: &mut dyn Maps,
-    ) -> Result<(), TableError> {
+    ) -> Result<Vec<(String, SocketAddr)>, TableError> {
+        let mut undrained = Vec::new();
         let gone: Vec<String> = self
             .services
             .keys()
@@ -177,7 +179,10 @@ impl Tables {
                     // The file is the truth: its weight, and a runtime drain ends; with
                     // `backends_from` the API is, and its drains stay.
                     x.weight = b.weight();
-                    x.draining &= c.backends_from.is_some();
+                    if x.draining && c.backends_from.is_none() {
+                        x.draining = false;
+                        undrained.push((c.name.clone(), x.addr));
+                    }
                 } else {
                     self.insert_backend(&c.name, b.addr(), b.weight(), maps)?;
                 }
@@ -195,7 +200,7 @@ impl Tables {
         for key in stale {
             maps.remove_vip(&key)?;
         }
-        Ok(())
+        Ok(undrained)
     }
 
     /// Makes the SNAT address pools exactly `pools` (see [`SnatPools::apply`]); returns what

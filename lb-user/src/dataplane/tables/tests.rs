@@ -66,8 +66,8 @@ fn a_weight_change_and_a_reload_follow_the_file() {
     assert!(slots(&t) > 2 * one, "weight 4 takes more slots: {} then {}", one, slots(&t));
     assert!(matches!(t.set_weight("web", a, 0, &mut m), Err(TableError::ZeroWeight)));
     t.set_draining("web", a, true, &mut m).unwrap();
-    // A reload puts back the file's weight and ends the runtime drain.
-    t.apply(&services(WEB), &mut m).unwrap();
+    // A reload puts back the file's weight and ends the runtime drain, and says so.
+    assert_eq!(t.apply(&services(WEB), &mut m).unwrap(), [("web".to_string(), a)]);
     let view = &t.backends("web").unwrap()[0];
     assert!(!view.draining && view.weight == 1 && view.slots == one, "{view:?}");
 }
